@@ -1,0 +1,31 @@
+"""The `lowbit` command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lowbit.cli import formats_cmd, size_cmd
+from lowbit.cli.common import fail
+
+app = typer.Typer(
+    name="lowbit",
+    help="Quantize PyTorch models: exact number formats, packed low-bit tensors, honest numbers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+formats_cmd.register(app)
+size_cmd.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app; a ValueError/TypeError becomes one red line and exit code 2."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=True)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,75 @@
+"""Dense bit packing of 1..8-bit unsigned codes into bytes.
+
+Bit order (pinned by golden-byte tests): each row (the last dim) is one little-endian bit stream.
+Code ``i`` of a row occupies stream bits ``[i*b, (i+1)*b)``, least significant bit first, and
+stream bit ``k`` is bit ``k % 8`` (LSB = 0) of byte ``k // 8``. So for 4 bits byte j holds
+``code[2j] | code[2j+1] << 4``; for 3 bits, bytes 0..2 hold codes 0..7 as one 24-bit
+little-endian integer. A row of n codes takes ``ceil(n*b/8)`` bytes: the padding is less than
+one byte per row, and padding bits are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = {b: torch.arange(8, dtype=torch.int64) * b for b in range(1, 9)}
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes taken by a row of ``n`` codes of ``bits`` bits."""
+    return (n * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits!r}; allowed: an int from 1 to 8")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes ``[..., n]`` (each < 2**bits) into uint8 ``[..., ceil(n*bits/8)]``."""
+    _check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+        raise TypeError(f"pack needs an integer tensor of codes, got dtype {codes.dtype}")
+    if codes.dim() == 0:
+        raise ValueError("pack needs at least one dim (the row to pack), got a 0-d tensor")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(
+            f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got range "
+            f"[{int(codes.min())}, {int(codes.max())}]"
+        )
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    *lead, n = codes.shape
+    out_len = packed_length(n, bits)
+    groups = -(-n // 8)
+    padded = torch.zeros(*lead, groups * 8, dtype=torch.int64, device=codes.device)
+    padded[..., :n] = codes
+    # 8 codes of b bits -> one integer of 8*b <= 56 bits -> b little-endian bytes.
+    words = (padded.view(*lead, groups, 8) << _SHIFTS[bits].to(codes.device)).sum(-1)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
+    stream = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(*lead, groups * bits)
+    return stream[..., :out_len].to(torch.uint8).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 ``[..., ceil(n*bits/8)]`` -> uint8 codes ``[..., n]``."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack needs a uint8 tensor, got dtype {packed.dtype}")
+    if packed.dim() == 0:
+        raise ValueError("unpack needs at least one dim, got a 0-d tensor")
+    expected = packed_length(n, bits)
+    if packed.shape[-1] != expected:
+        raise ValueError(
+            f"packed rows have {packed.shape[-1]} bytes; {n} codes of {bits} bits need {expected}"
+        )
+    if bits == 8:
+        return packed.clone()
+    *lead, _ = packed.shape
+    groups = -(-n // 8)
+    stream = torch.zeros(*lead, groups * bits, dtype=torch.int64, device=packed.device)
+    stream[..., :expected] = packed
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    words = (stream.view(*lead, groups, bits) << byte_shifts).sum(-1)
+    codes = (words.unsqueeze(-1) >> _SHIFTS[bits].to(packed.device)) & ((1 << bits) - 1)
+    return codes.reshape(*lead, groups * 8)[..., :n].to(torch.uint8)

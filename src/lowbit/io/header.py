@@ -1,0 +1,89 @@
+"""Tensor names, dtypes and shapes of safetensors files, read from their JSON headers only.
+
+A safetensors file starts with an 8-byte little-endian header length, then a JSON header mapping
+each name to ``{"dtype", "shape", "data_offsets"}``; nothing here touches the tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bytes per element of safetensors dtype names.
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
+
+
+def read_safetensors_header(path: str | Path) -> list[TensorInfo]:
+    """Every tensor of one safetensors file; ValueError if the file is not one or is truncated."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
+    infos = []
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        if end > data_size:
+            raise ValueError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} but the file holds "
+                f"{data_size} data bytes"
+            )
+        infos.append(TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name))
+    return infos
+
+
+def model_tensor_infos(model_dir: str | Path) -> list[TensorInfo]:
+    """Tensors of a Hugging Face model folder (single or sharded safetensors)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"MODEL_DIR {str(model_dir)!r} is not a folder")
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).exists()]
+        if missing:
+            raise ValueError(f"{model_dir}: index names missing shard files {missing}")
+        files = [model_dir / s for s in shards]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"MODEL_DIR {str(model_dir)!r} holds no *.safetensors files; a Hugging Face model "
+            "folder is expected"
+        )
+    return [info for f in files for info in read_safetensors_header(f)]

@@ -1,0 +1,229 @@
+"""Q and Q^-1: choose_qparams, quantize, dequantize and fake_quantize from one source.
+
+Every map works on the canonical blocked view (see :mod:`lowbit.quant.layout`) in float32:
+
+- affine (intN/uintN): ``q = clamp(round(x/s + z), qmin, qmax)``, ``x~ = (q - z) * s``;
+  stored code ``q - qmin`` (so signed formats are stored offset-binary).
+- float grids (fp8/fp6/fp4): ``q = encode(x/s)`` (round to nearest even, saturating),
+  ``x~ = decode(q) * s``; the stored code is the format's bit pattern.
+- fixed codebooks (nf4, pow2): ``q = argmin |x/s - v|``, ``x~ = v[q] * s``, ``s = absmax``.
+- k-means codebooks: ``q = argmin |x - c|`` with a learned codebook ``c`` per block, ``x~ = c[q]``.
+
+Scale and zero-point are cast to their stored dtypes *before* the codes are computed, so that
+``fake_quantize(x) == dequantize(quantize(x))`` bit for bit and the stored tensors are the ones used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.quant.layout import Layout, layout_for
+from lowbit.spec import QuantSpec, torch_dtype
+
+
+@dataclass
+class QParams:
+    """Quantization parameters in natural orientation ``[R/bh, C/bw]`` (codebook: ``[..., 2**b]``)."""
+
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def qrange(spec: QuantSpec) -> tuple[int, int]:
+    """Integer code range ``(qmin, qmax)`` of an affine spec."""
+    b = spec.bits
+    return (-(1 << (b - 1)), (1 << (b - 1)) - 1) if spec.signed else (0, (1 << b) - 1)
+
+
+def _symmetric_zero(spec: QuantSpec) -> int:
+    """Zero-point implied by a symmetric affine spec: 0 (signed) or 2**(b-1) (unsigned)."""
+    return 0 if spec.signed else 1 << (spec.bits - 1)
+
+
+def _grid(spec: QuantSpec):
+    from lowbit.formats.registry import get_format
+
+    return get_format(spec.format)
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
+    """Raise a one-line ValueError if ``x`` holds NaN or Inf (naming how many and where)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} has {int(bad.sum())} NaN/Inf values (first at "
+            f"index {first}); quantization needs finite values"
+        )
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    check_finite(x)
+
+
+def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a positive scale to its stored dtype without producing 0 or inf."""
+    info = torch.finfo(dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.clamp(min=info.tiny, max=info.max).to(dtype)
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> QParams:
+    """Scale (and zero-point) from per-block ranges ``[R/bh, C/bw]`` (observers use this).
+
+    Symmetric and fixed grids use ``absmax = max(|min|, |max|)``; asymmetric integer zero-points
+    widen the range to include 0 so that zero stays exactly representable.
+    """
+    if spec.kind == "kmeans":
+        raise ValueError(f"format={spec.format!r} learns a codebook; it has no range-based qparams")
+    lo = min_val.float() * spec.clip_ratio
+    hi = max_val.float() * spec.clip_ratio
+    scale_dtype = torch_dtype(spec.scale_dtype)
+    if spec.kind == "affine":
+        qmin, qmax = qrange(spec)
+        if spec.symmetric:
+            absmax = torch.maximum(lo.abs(), hi.abs())
+            scale = _store_scale(absmax / (qmax - _symmetric_zero(spec)), scale_dtype)
+            return QParams(scale=scale)
+        if spec.zero_point == "int":
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = _store_scale((hi - lo) / (qmax - qmin), scale_dtype)
+        zero = qmin - lo / scale.float()
+        if spec.zero_point == "int":
+            zero = zero.round().clamp(qmin, qmax)
+        return QParams(scale=scale, zero_point=zero.to(torch_dtype(spec.zero_dtype)))
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    top = _grid(spec).max if spec.kind == "float" else 1.0
+    return QParams(scale=_store_scale(absmax / top, scale_dtype))
+
+
+def choose_qparams(
+    x: torch.Tensor, spec: QuantSpec, *, generator: torch.Generator | None = None
+) -> QParams:
+    """Quantization parameters of ``x`` under ``spec`` (min-max / absmax; k-means for kmeansB)."""
+    _check_input(x)
+    layout = layout_for(x.shape, spec)
+    xb = layout.blocked(layout.to_2d(x.detach()).float())
+    if spec.kind == "kmeans":
+        from lowbit.quant.kmeans import fit_codebooks
+
+        codebook = fit_codebooks(xb, 1 << spec.bits)
+        return QParams(codebook=codebook.to(torch_dtype(spec.scale_dtype)))
+    return qparams_from_range(xb.amin(-1), xb.amax(-1), spec)
+
+
+def _nearest_index(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted ``grid`` (ties go to the lower entry).
+
+    ``grid`` is ``[K]`` or batched ``[..., K]`` matching ``values``' leading dims.
+    """
+    mids = (grid[..., 1:] + grid[..., :-1]) / 2
+    if grid.dim() == 1:
+        return torch.bucketize(values, mids)
+    return torch.searchsorted(mids.contiguous(), values.contiguous())
+
+
+def _round(v: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
+    if spec.rounding == "nearest":
+        return torch.round(v)  # round half to even
+    noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    return torch.floor(v + noise)
+
+
+def _expand(p: torch.Tensor) -> torch.Tensor:
+    """Block parameter ``[R/bh, C/bw]`` -> broadcastable against the blocked view."""
+    return p.float().unsqueeze(-1)
+
+
+def _codes_blocked(
+    xb: torch.Tensor, spec: QuantSpec, qp: QParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    kind = spec.kind
+    if kind == "kmeans":
+        return _nearest_index(xb, qp.codebook.float())
+    if qp.scale is None:
+        raise ValueError(f"spec {spec} needs a scale; QParams.scale is None")
+    v = xb / _expand(qp.scale)
+    if kind == "affine":
+        qmin, qmax = qrange(spec)
+        zero = _expand(qp.zero_point) if spec.has_zero_point else _symmetric_zero(spec)
+        return (_round(v + zero, spec, generator).clamp(qmin, qmax) - qmin).to(torch.int32)
+    if spec.rounding != "nearest":
+        raise ValueError(
+            f"rounding='stochastic' is implemented for integer formats; {spec.format!r} "
+            "rounds to nearest"
+        )
+    if kind == "float":
+        return _grid(spec).encode(v, saturate=True)
+    return _nearest_index(v, _grid_values(spec))
+
+
+def _grid_values(spec: QuantSpec) -> torch.Tensor:
+    return torch.tensor(_grid(spec).values, dtype=torch.float32)
+
+
+def _values_blocked(codes: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tensor:
+    """Q^-1 on the blocked view: integer codes ``[R/bh, C/bw, n]`` -> float32 values."""
+    kind = spec.kind
+    if kind == "kmeans":
+        return torch.gather(qp.codebook.float(), -1, codes.long())
+    scale = _expand(qp.scale)
+    if kind == "affine":
+        qmin, _ = qrange(spec)
+        zero = _expand(qp.zero_point) if spec.has_zero_point else _symmetric_zero(spec)
+        return ((codes.float() + qmin) - zero) * scale
+    if kind == "float":
+        return _grid(spec).decode(codes) * scale
+    return _grid_values(spec)[codes.long()] * scale
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    qparams: QParams | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, QParams, Layout]:
+    """Q: ``x`` -> (stored codes uint8 ``[R, C]`` in the canonical view, qparams, layout)."""
+    _check_input(x)
+    layout = layout_for(x.shape, spec)
+    qp = qparams if qparams is not None else choose_qparams(x, spec, generator=generator)
+    xb = layout.blocked(layout.to_2d(x.detach()).float())
+    codes = _codes_blocked(xb, spec, qp, generator)
+    return layout.unblocked(codes).to(torch.uint8), qp, layout
+
+
+def dequantize(
+    codes: torch.Tensor,
+    qparams: QParams,
+    spec: QuantSpec,
+    layout: Layout,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Q^-1: stored codes ``[R, C]`` -> values of the logical shape, in ``dtype``."""
+    values = _values_blocked(layout.blocked(codes), spec, qparams)
+    return layout.from_2d(layout.unblocked(values)).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    qparams: QParams | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype, without packing (bit-identical to it)."""
+    codes, qp, layout = quantize(x, spec, qparams, generator=generator)
+    return dequantize(codes, qp, spec, layout, x.dtype)

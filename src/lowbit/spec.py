@@ -1,0 +1,308 @@
+"""QuantSpec: what a quantized tensor is, as a frozen value, and the named presets.
+
+A spec says *what* the codes mean (format, granularity, symmetric or not, scale dtype); it holds no
+data and no algorithm. Presets are a table of specs, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+GRANULARITIES = ("tensor", "channel", "group", "block", "token")
+ROUNDINGS = ("nearest", "stochastic")
+ZERO_POINTS = ("int", "float")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+GRID_KINDS = ("affine", "float", "codebook", "kmeans")
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a spec's dtype name ("float32", "float16", "bfloat16")."""
+    return _TORCH_DTYPES[name]
+
+
+def _int_format(name: str) -> tuple[bool, int] | None:
+    """('int4' -> (True, 4)), ('uint3' -> (False, 3)); None for non-integer names."""
+    for prefix, signed in (("uint", False), ("int", True)):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return signed, int(name[len(prefix) :])
+    return None
+
+
+# Formats a spec can name besides intN/uintN; value: (grid kind, bits).
+_NON_INT_FORMATS: dict[str, tuple[str, int]] = {
+    "nf4": ("codebook", 4),
+    "fp8_e4m3fn": ("float", 8),
+    "fp8_e5m2": ("float", 8),
+    "fp6_e3m2": ("float", 6),
+    "fp6_e2m3": ("float", 6),
+    "fp4_e2m1": ("float", 4),
+    **{f"pow2_{b}": ("codebook", b) for b in range(2, 9)},
+    **{f"kmeans{b}": ("kmeans", b) for b in range(1, 9)},
+}
+
+
+def spec_format_names() -> list[str]:
+    """Every format name a QuantSpec accepts."""
+    ints = [f"{p}{b}" for p in ("int", "uint") for b in range(1, 9)]
+    return ints + list(_NON_INT_FORMATS)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a tensor is quantized.
+
+    format: "int1".."int8", "uint1".."uint8" (uniform affine grid); "fp8_e4m3fn", "fp8_e5m2",
+        "fp6_e3m2", "fp6_e2m3", "fp4_e2m1" (float value grids times a scale); "nf4", "pow2_B"
+        (fixed codebooks times an absmax scale); "kmeansB" (a learned 2**B-entry codebook per block).
+    granularity: "tensor" | "channel" (one scale per index of ``axis``) | "group" (``group_size``
+        consecutive elements along the last, reduction, dim) | "block" (``block`` = (rows, cols)
+        tiles of the 2-D view) | "token" (one scale per row of the last dim; for activations).
+    symmetric: zero maps to code zero and the scale comes from absmax; otherwise min-max with a
+        zero-point, integer (``zero_point="int"``) or float (``"float"``, as HQQ).
+    act: the activation spec of a W*A* scheme (quantized at run time when ``act.dynamic``).
+    """
+
+    format: str = "uint4"
+    granularity: str = "group"
+    group_size: int | None = 128
+    block: tuple[int, int] | None = None
+    axis: int = 0
+    symmetric: bool = False
+    zero_point: str = "int"
+    scale_dtype: str = "float16"
+    zero_dtype: str = "float16"
+    clip_ratio: float = 1.0
+    rounding: str = "nearest"
+    dynamic: bool = False
+    act: QuantSpec | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.format not in spec_format_names():
+            raise ValueError(
+                f"format={self.format!r} is not a known format; allowed: "
+                f"{', '.join(spec_format_names())}"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={self.granularity!r}; allowed: {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"group_size={self.group_size!r}; granularity='group' needs a positive int"
+                )
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        if self.granularity == "block":
+            if (
+                self.block is None
+                or len(self.block) != 2
+                or not all(isinstance(b, int) and b >= 1 for b in self.block)
+            ):
+                raise ValueError(
+                    f"block={self.block!r}; granularity='block' needs (rows, cols), "
+                    "two positive ints"
+                )
+            object.__setattr__(self, "block", tuple(self.block))
+        elif self.block is not None:
+            object.__setattr__(self, "block", None)
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point={self.zero_point!r}; allowed: int, float")
+        for name in ("scale_dtype", "zero_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}; allowed: {', '.join(FLOAT_DTYPES)}"
+                )
+        if not (0.0 < float(self.clip_ratio) <= 1.0):
+            raise ValueError(f"clip_ratio={self.clip_ratio!r}; allowed: 0 < clip_ratio <= 1")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={self.rounding!r}; allowed: nearest, stochastic")
+        kind = self.kind
+        if kind == "affine" and self.symmetric and self.bits == 1:
+            raise ValueError(
+                f"format={self.format!r} with symmetric=True: a 1-bit grid has no level above "
+                "zero; use symmetric=False (levels {min, max}) or bits >= 2"
+            )
+        if kind in ("float", "codebook") and not self.symmetric:
+            raise ValueError(
+                f"format={self.format!r} is a fixed signed grid scaled by absmax; it needs "
+                "symmetric=True"
+            )
+        if self.act is not None and not isinstance(self.act, QuantSpec):
+            raise TypeError(f"act must be a QuantSpec or None, got {type(self.act).__name__}")
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """'affine' (intN/uintN), 'float' (fp grids), 'codebook' (nf4, pow2) or 'kmeans'."""
+        return "affine" if _int_format(self.format) else _NON_INT_FORMATS[self.format][0]
+
+    @property
+    def bits(self) -> int:
+        parsed = _int_format(self.format)
+        return parsed[1] if parsed else _NON_INT_FORMATS[self.format][1]
+
+    @property
+    def signed(self) -> bool:
+        """Signed integer range (int) or unsigned (uint); fixed grids count as signed."""
+        parsed = _int_format(self.format)
+        return parsed[0] if parsed else True
+
+    @property
+    def has_zero_point(self) -> bool:
+        return self.kind == "affine" and not self.symmetric
+
+    @property
+    def has_scale(self) -> bool:
+        return self.kind != "kmeans"
+
+    def __str__(self) -> str:
+        gran = {
+            "tensor": "tensor",
+            "channel": "ch" if self.axis == 0 else f"ch{self.axis}",
+            "group": f"g{self.group_size}",
+            "block": f"b{self.block[0]}x{self.block[1]}" if self.block else "b",
+            "token": "token",
+        }[self.granularity]
+        parts = [self.format, gran]
+        if self.kind == "affine":
+            parts.append("sym" if self.symmetric else "asym")
+            if not self.symmetric and self.zero_point == "float":
+                parts.append("fz")
+        if self.clip_ratio != 1.0:
+            parts.append(f"clip{self.clip_ratio:g}")
+        if self.rounding == "stochastic":
+            parts.append("sr")
+        if self.dynamic:
+            parts.append("dyn")
+        text = "-".join(parts)
+        return f"{text}+a:{self.act}" if self.act is not None else text
+
+    # ---- serialization -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "act":
+                value = None if value is None else value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantSpec.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec fields {unknown}; allowed: {sorted(known)}")
+        kwargs = dict(data)
+        if kwargs.get("act") is not None:
+            kwargs["act"] = cls.from_dict(kwargs["act"])
+        if kwargs.get("block") is not None:
+            kwargs["block"] = tuple(kwargs["block"])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantSpec:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+
+_ACT_INT8_TOKEN = {
+    "format": "int8",
+    "granularity": "token",
+    "symmetric": True,
+    "scale_dtype": "float32",
+    "dynamic": True,
+}
+
+# Presets as data: name -> QuantSpec fields (and a one-line description for tables and --help).
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8": {
+        "doc": "int8 symmetric, one scale per output channel",
+        "spec": {"format": "int8", "granularity": "channel", "symmetric": True},
+    },
+    "w4g128": {
+        "doc": "uint4 asymmetric, groups of 128, fp16 scale + zero",
+        "spec": {"format": "uint4", "granularity": "group", "group_size": 128},
+    },
+    "w4g64": {
+        "doc": "uint4 asymmetric, groups of 64, fp16 scale + zero",
+        "spec": {"format": "uint4", "granularity": "group", "group_size": 64},
+    },
+    "w4g128-sym": {
+        "doc": "int4 symmetric, groups of 128, fp16 scale",
+        "spec": {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": True},
+    },
+    "w3g128": {
+        "doc": "uint3 asymmetric, groups of 128, fp16 scale + zero",
+        "spec": {"format": "uint3", "granularity": "group", "group_size": 128},
+    },
+    "w2g64": {
+        "doc": "uint2 asymmetric, groups of 64, fp16 scale + zero",
+        "spec": {"format": "uint2", "granularity": "group", "group_size": 64},
+    },
+    "nf4g64": {
+        "doc": "NormalFloat-4 codebook, absmax per group of 64 (QLoRA)",
+        "spec": {"format": "nf4", "granularity": "group", "group_size": 64, "symmetric": True},
+    },
+    "fp4g32": {
+        "doc": "fp4 e2m1 values, absmax scale per group of 32 (MXFP4-like, fp16 scale)",
+        "spec": {"format": "fp4_e2m1", "granularity": "group", "group_size": 32,
+                 "symmetric": True},
+    },
+    "fp8": {
+        "doc": "fp8 e4m3fn values, absmax scale per output channel",
+        "spec": {"format": "fp8_e4m3fn", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32"},
+    },
+    "km4": {
+        "doc": "k-means 16-entry codebook per output channel (palettization)",
+        "spec": {"format": "kmeans4", "granularity": "channel", "symmetric": True},
+    },
+    "km3": {
+        "doc": "k-means 8-entry codebook per output channel (palettization)",
+        "spec": {"format": "kmeans3", "granularity": "channel", "symmetric": True},
+    },
+    "w8a8": {
+        "doc": "int8 per-channel weights, int8 per-token dynamic activations",
+        "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32", "act": _ACT_INT8_TOKEN},
+    },
+}
+
+
+def preset(name: str) -> QuantSpec:
+    """The QuantSpec of a named preset (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return QuantSpec.from_dict(PRESETS[name]["spec"])
+
+
+def as_spec(spec: str | QuantSpec | dict[str, Any]) -> QuantSpec:
+    """Accept a preset name, a QuantSpec, or a dict of QuantSpec fields."""
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, str):
+        return preset(spec)
+    if isinstance(spec, dict):
+        return QuantSpec.from_dict(spec)
+    raise TypeError(
+        f"spec must be a preset name, QuantSpec or dict, got {type(spec).__name__}"
+    )

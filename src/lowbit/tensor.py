@@ -1,0 +1,188 @@
+"""QuantizedTensor: packed codes + scale + zero-point (+ codebook) + spec + logical shape/dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.packing import pack, packed_length, unpack
+from lowbit.quant.layout import Layout, layout_for
+from lowbit.quant.maps import QParams, dequantize, qrange, quantize
+from lowbit.spec import QuantSpec, as_spec, torch_dtype
+
+# Stored tensors, in state-dict order; each is optional except qdata.
+_FIELDS = ("qdata", "scale", "zero_point", "codebook", "g_idx")
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized tensor as stored.
+
+    qdata: uint8 ``[R, ceil(C*bits/8)]``, each row of the canonical 2-D view (see
+        :mod:`lowbit.quant.layout`) packed as in :mod:`lowbit.formats.packing`.
+    scale, zero_point: ``[R/bh, C/bw]`` in the spec's dtypes (None where the spec has none).
+    codebook: ``[R/bh, C/bw, 2**bits]`` for k-means specs.
+    g_idx: optional int32 ``[C]`` group index per input column (GPTQ act-order).
+    """
+
+    qdata: torch.Tensor
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_float(
+        cls,
+        w: torch.Tensor,
+        spec: str | QuantSpec,
+        qparams: QParams | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> QuantizedTensor:
+        """Quantize ``w`` with ``spec`` (a preset name or QuantSpec) and pack the codes."""
+        spec = as_spec(spec)
+        codes, qp, layout = quantize(w, spec, qparams, generator=generator)
+        return cls(
+            qdata=pack(codes, spec.bits),
+            spec=spec,
+            shape=tuple(w.shape),
+            dtype=w.dtype,
+            scale=qp.scale,
+            zero_point=qp.zero_point,
+            codebook=qp.codebook,
+        )
+
+    # ---- views ---------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        return layout_for(self.shape, self.spec)
+
+    @property
+    def qparams(self) -> QParams:
+        return QParams(scale=self.scale, zero_point=self.zero_point, codebook=self.codebook)
+
+    def codes(self) -> torch.Tensor:
+        """Stored (unsigned) codes, uint8 ``[R, C]`` in the canonical view."""
+        layout = self.layout
+        return unpack(self.qdata, self.spec.bits, layout.cols)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Q^-1: float values of the logical shape (``dtype`` defaults to the original dtype)."""
+        return dequantize(
+            self.codes(), self.qparams, self.spec, self.layout, dtype or self.dtype
+        )
+
+    def int_repr(self) -> torch.Tensor:
+        """Integer codes in the logical shape: signed int8 for intN, uint8 otherwise.
+
+        For affine formats these are the q of ``(q - z) * s``; for codebooks, the entry index;
+        for float grids, the bit pattern.
+        """
+        layout = self.layout
+        codes = self.codes()
+        if self.spec.kind == "affine" and self.spec.signed:
+            codes = (codes.to(torch.int16) + qrange(self.spec)[0]).to(torch.int8)
+        return layout.from_2d(codes)
+
+    # ---- sizes ---------------------------------------------------------------------------
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            name: getattr(self, name) for name in _FIELDS if getattr(self, name) is not None
+        }
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Real bytes of every stored tensor (codes, scale, zero-point, codebook, g_idx)."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / self.numel
+
+    # ---- state dict ----------------------------------------------------------------------
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Stored tensors plus the logical shape (int64), keyed ``prefix + name``."""
+        out = {prefix + k: v for k, v in self.stored_tensors().items()}
+        out[prefix + "shape"] = torch.tensor(self.shape, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        spec: str | QuantSpec,
+        prefix: str = "",
+        dtype: torch.dtype = torch.float32,
+    ) -> QuantizedTensor:
+        """Rebuild from :meth:`state_dict`, validating every stored tensor's shape and dtype."""
+        spec = as_spec(spec)
+        if prefix + "qdata" not in state or prefix + "shape" not in state:
+            raise ValueError(f"state dict lacks {prefix}qdata or {prefix}shape")
+        shape = tuple(int(s) for s in state[prefix + "shape"].tolist())
+        qt = cls(
+            qdata=state[prefix + "qdata"],
+            spec=spec,
+            shape=shape,
+            dtype=dtype,
+            **{k: state.get(prefix + k) for k in _FIELDS[1:]},
+        )
+        qt.validate()
+        return qt
+
+    def validate(self) -> None:
+        """Raise ValueError if stored tensors disagree with the spec and logical shape."""
+        for name, (shape, dtype) in stored_shapes(self.spec, self.shape).items():
+            t = getattr(self, name)
+            if t is None:
+                raise ValueError(f"spec {self.spec} needs '{name}' but it is missing")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"'{name}' has shape {tuple(t.shape)} dtype {t.dtype}; spec {self.spec} "
+                    f"with logical shape {self.shape} needs shape {shape} dtype {dtype}"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(shape={self.shape}, spec={self.spec}, dtype={self.dtype}, "
+            f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f})"
+        )
+
+
+def stored_shapes(
+    spec: QuantSpec, shape: tuple[int, ...]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor a QuantizedTensor of ``shape`` stores under ``spec``."""
+    layout = layout_for(shape, spec)
+    nb = layout.n_blocks
+    out = {"qdata": ((layout.rows, packed_length(layout.cols, spec.bits)), torch.uint8)}
+    if spec.has_scale:
+        out["scale"] = (nb, torch_dtype(spec.scale_dtype))
+    if spec.has_zero_point:
+        out["zero_point"] = (nb, torch_dtype(spec.zero_dtype))
+    if spec.kind == "kmeans":
+        out["codebook"] = ((*nb, 1 << spec.bits), torch_dtype(spec.scale_dtype))
+    return out
+
+
+def stored_nbytes(spec: str | QuantSpec, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of ``shape`` takes once quantized with ``spec`` (no data needed)."""
+    total = 0
+    for dims, dtype in stored_shapes(as_spec(spec), tuple(shape)).values():
+        n = 1
+        for d in dims:
+            n *= d
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total

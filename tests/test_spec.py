@@ -1,0 +1,69 @@
+import pytest
+
+from lowbit.spec import PRESETS, QuantSpec, as_spec, preset, spec_format_names
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_json_and_are_hashable(name):
+    spec = preset(name)
+    assert QuantSpec.from_json(spec.to_json()) == spec
+    assert hash(spec) == hash(QuantSpec.from_dict(spec.to_dict()))
+
+
+def test_required_presets_exist():
+    for name in ["w8", "w4g128", "w4g64", "w3g128", "w2g64", "nf4g64", "fp8", "w8a8"]:
+        assert name in PRESETS
+
+
+def test_short_names():
+    assert str(preset("w4g128")) == "uint4-g128-asym"
+    assert str(preset("w8")) == "int8-ch-sym"
+    assert str(preset("nf4g64")) == "nf4-g64"
+    assert str(preset("w8a8")) == "int8-ch-sym+a:int8-token-sym-dyn"
+    assert str(QuantSpec("uint4", "group", 64, zero_point="float")) == "uint4-g64-asym-fz"
+
+
+def test_w8a8_has_dynamic_int8_activation():
+    act = preset("w8a8").act
+    assert act is not None and act.dynamic and act.bits == 8 and act.granularity == "token"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"format": "int9"}, "format='int9'"),
+        ({"format": "uint0"}, "format='uint0'"),
+        ({"format": "fp7"}, "allowed"),
+        ({"granularity": "row"}, "granularity"),
+        ({"group_size": 0}, "group_size"),
+        ({"granularity": "block"}, "block"),
+        ({"clip_ratio": 1.5}, "clip_ratio"),
+        ({"rounding": "up"}, "rounding"),
+        ({"scale_dtype": "float64"}, "scale_dtype"),
+        ({"format": "int1", "symmetric": True}, "1-bit"),
+        ({"format": "nf4", "symmetric": False}, "symmetric=True"),
+    ],
+)
+def test_bad_specs_raise_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        QuantSpec(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_as_spec_and_unknown_preset():
+    assert as_spec("w4g64") == preset("w4g64")
+    assert as_spec({"format": "int8", "granularity": "tensor", "symmetric": True}).bits == 8
+    with pytest.raises(ValueError, match="unknown preset 'w5'"):
+        as_spec("w5")
+    with pytest.raises(TypeError):
+        as_spec(4)
+    with pytest.raises(ValueError, match="unknown QuantSpec fields"):
+        QuantSpec.from_dict({"bitz": 4})
+
+
+def test_every_format_name_builds_a_spec():
+    for name in spec_format_names():
+        fixed_grid = not name.startswith(("int", "uint", "kmeans"))
+        one_bit = name in ("int1", "uint1")
+        spec = QuantSpec(name, "channel", symmetric=fixed_grid or not one_bit)
+        assert 1 <= spec.bits <= 8

@@ -72,10 +72,18 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast a positive scale to its stored dtype without producing 0 or inf."""
-    info = torch.finfo(dtype)
+    """Cast a scale to its stored dtype, rounding up (the grid must still span the range) and
+    never producing 0 or inf; a zero range gets scale 1."""
+    zero = torch.zeros((), dtype=dtype)
+    smallest = float(torch.nextafter(zero, torch.ones((), dtype=dtype)))  # a subnormal
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale.clamp(min=info.tiny, max=info.max).to(dtype)
+    scale = scale.clamp(min=smallest, max=torch.finfo(dtype).max)
+    stored = scale.to(dtype)
+    below = stored.float() < scale
+    if bool(below.any()):
+        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+        stored = torch.where(below, up, stored)
+    return stored
 
 
 def qparams_from_range(

@@ -1,0 +1,177 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.quant import choose_qparams, dequantize, fake_quantize, layout_for, quantize
+from lowbit.spec import QuantSpec, preset
+from lowbit.tensor import QuantizedTensor
+
+
+def affine_specs():
+    return st.builds(
+        QuantSpec,
+        format=st.sampled_from([f"{p}{b}" for p in ("int", "uint") for b in range(2, 9)]),
+        granularity=st.sampled_from(["tensor", "channel", "group", "block"]),
+        group_size=st.sampled_from([4, 8, 16]),
+        block=st.sampled_from([(2, 4), (1, 8), (4, 4)]),
+        symmetric=st.booleans(),
+        zero_point=st.sampled_from(["int", "float"]),
+        scale_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+        zero_dtype=st.sampled_from(["float32", "float16"]),
+    )
+
+
+def _tensor(seed, shape=(8, 32), heavy=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if heavy:
+        x = x / torch.rand(shape, generator=g).clamp(min=0.05)
+    return x
+
+
+def _expanded(param, layout):
+    nr, nc = layout.n_blocks
+    p = param.float().reshape(nr, 1, nc, 1).expand(nr, layout.block_rows, nc, layout.block_cols)
+    return layout.from_2d(p.reshape(layout.rows, layout.cols))
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=affine_specs(), seed=st.integers(0, 1000), heavy=st.booleans())
+def test_fake_quantize_equals_dequantize_of_packed(spec, seed, heavy):
+    x = _tensor(seed, heavy=heavy)
+    qt = QuantizedTensor.from_float(x, spec)
+    assert torch.equal(qt.dequantize(), fake_quantize(x, spec))
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=affine_specs(), seed=st.integers(0, 1000))
+def test_error_at_most_half_a_step_inside_the_range(spec, seed):
+    x = _tensor(seed)
+    codes, qp, layout = quantize(x, spec)
+    err = (x - dequantize(codes, qp, spec, layout)).abs()
+    step = _expanded(qp.scale, layout)
+    # Inside the clip range (no saturation) the error is at most half a step; the float zero-point
+    # of a reduced-precision dtype may push the grid by up to half a step of its own rounding.
+    slack = 1e-5 * x.abs() + 1e-6
+    if spec.has_zero_point and spec.zero_point == "float" and spec.zero_dtype != "float32":
+        zero = _expanded(qp.zero_point, layout)
+        slack = slack + step * zero.abs() * 2**-10
+    assert bool((err <= step / 2 + slack).all())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_in_range_integers_survive_exactly(bits):
+    top = (1 << (bits - 1)) - 1
+    signed = torch.arange(-top, top + 1, dtype=torch.float32).repeat(3, 1)
+    spec = QuantSpec(f"int{bits}", "channel", symmetric=True, scale_dtype="float32")
+    assert torch.equal(fake_quantize(signed, spec), signed)
+    unsigned = torch.arange(0, 1 << bits, dtype=torch.float32).repeat(3, 1)
+    spec = QuantSpec(f"uint{bits}", "channel", scale_dtype="float32")
+    assert torch.equal(fake_quantize(unsigned, spec), unsigned)
+    qt = QuantizedTensor.from_float(unsigned, spec)
+    assert torch.equal(qt.int_repr().float(), unsigned)
+
+
+@pytest.mark.parametrize("spec", [preset("w4g128-sym"), preset("w4g128"), preset("w8")])
+def test_zero_maps_to_zero_exactly(spec):
+    x = _tensor(3, (4, 256)) + 0.3  # shifted: asymmetric ranges
+    x[:, ::7] = 0.0
+    assert bool((fake_quantize(x, spec)[:, ::7] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["w8", "w4g128", "w3g128", "w2g64", "w4g128-sym"])
+@pytest.mark.parametrize("value", [0.0, 3.0, -1e-3])
+def test_constant_tensor_has_no_division_by_zero(name, value):
+    x = torch.full((4, 128), value)
+    fq = fake_quantize(x, preset(name))
+    assert bool(torch.isfinite(fq).all())
+    assert torch.allclose(fq, x, rtol=1e-2, atol=0)  # fp16 scales of tiny ranges are subnormal
+
+
+def test_1bit_asymmetric_keeps_min_and_max():
+    x = torch.tensor([[-2.0, -1.0, 0.6, 3.0]])
+    spec = QuantSpec("uint1", "tensor", zero_point="float", scale_dtype="float32",
+                     zero_dtype="float32")
+    assert fake_quantize(x, spec).tolist() == [[-2.0, -2.0, 3.0, 3.0]]
+
+
+def test_clip_ratio_shrinks_the_scale():
+    x = _tensor(1, (4, 128))
+    full = choose_qparams(x, preset("w4g128-sym"))
+    clipped = choose_qparams(x, preset("w4g128-sym").replace(clip_ratio=0.8))
+    assert torch.allclose(clipped.scale.float(), full.scale.float() * 0.8, rtol=2e-3)
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    spec = QuantSpec("int4", "tensor", symmetric=True, rounding="stochastic",
+                     scale_dtype="float32")
+    x = torch.linspace(-0.9, 0.9, 64).reshape(1, -1)
+    x[0, 0] = 7.0  # scale = 1
+    qp = choose_qparams(x, spec)
+    draws = torch.stack([
+        fake_quantize(x, spec, qp, generator=torch.Generator().manual_seed(i)) for i in range(400)
+    ])
+    assert (draws.mean(0) - x).abs().max() < 0.12
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = QuantizedTensor.from_float(x, spec, generator=g1).dequantize()
+    assert torch.equal(a, fake_quantize(x, spec, generator=g2))
+
+
+def test_granularities_shapes_and_any_channel_axis():
+    x = _tensor(2, (6, 4, 8))
+    for axis, n in [(0, 6), (1, 4), (2, 8), (-1, 8)]:
+        spec = QuantSpec("int8", "channel", axis=axis, symmetric=True)
+        qp = choose_qparams(x, spec)
+        assert qp.scale.shape == (n, 1)
+        # Each slice along the axis has its own absmax.
+        amax = x.abs().movedim(axis, 0).reshape(n, -1).amax(1)
+        assert torch.allclose(qp.scale.float()[:, 0], amax / 127, rtol=1e-3)
+        assert QuantizedTensor.from_float(x, spec).dequantize().shape == x.shape
+    assert choose_qparams(x, QuantSpec("uint4", "group", 8)).scale.shape == (6, 4)
+    assert choose_qparams(x, QuantSpec("uint4", "tensor")).scale.shape == (1, 1)
+    assert choose_qparams(x, QuantSpec("uint4", "block", None, (3, 16))).scale.shape == (2, 2)
+    tok = QuantSpec("int8", "token", symmetric=True)
+    assert choose_qparams(x, tok).scale.shape == (24, 1)
+
+
+def test_per_block_scales_cover_their_tiles():
+    x = torch.zeros(4, 4)
+    x[0, 0], x[3, 3] = 1.0, 10.0
+    qp = choose_qparams(x, QuantSpec("int8", "block", None, (2, 2), symmetric=True,
+                                     scale_dtype="float32"))
+    assert torch.allclose(qp.scale, torch.tensor([[1.0, 0.0], [0.0, 10.0]]) / 127 +
+                          torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # empty tiles: scale 1
+
+
+@pytest.mark.parametrize(
+    "x,spec,err,match",
+    [
+        (torch.tensor([[1.0, float("nan")]]), preset("w8"), ValueError, "NaN/Inf"),
+        (torch.tensor([[1.0, float("inf")]]), preset("w8"), ValueError, "NaN/Inf"),
+        (torch.zeros(0, 4), preset("w8"), ValueError, "empty"),
+        (torch.zeros(4, 100), preset("w4g128"), ValueError, "group_size=128 does not divide"),
+        (torch.zeros(4, 8, dtype=torch.int32), preset("w8"), TypeError, "floating-point"),
+        (torch.zeros(3, 8), QuantSpec("int8", "block", None, (2, 8), symmetric=True),
+         ValueError, "does not tile"),
+        (torch.zeros(3, 8), QuantSpec("int8", "channel", axis=2, symmetric=True),
+         ValueError, "axis=2"),
+    ],
+)
+def test_bad_input_one_line_errors(x, spec, err, match):
+    with pytest.raises(err, match=match) as info:
+        fake_quantize(x, spec)
+    assert "\n" not in str(info.value)
+
+
+def test_group_error_suggests_divisors():
+    with pytest.raises(ValueError, match=r"e.g. 25, 50, 100"):
+        layout_for((4, 100), preset("w4g128"))
+
+
+def test_bf16_and_fp16_inputs_keep_their_dtype():
+    for dtype in (torch.float16, torch.bfloat16):
+        x = _tensor(4, (4, 128)).to(dtype)
+        fq = fake_quantize(x, preset("w4g128"))
+        assert fq.dtype == dtype
+        assert torch.equal(QuantizedTensor.from_float(x, "w4g128").dequantize(), fq)

@@ -41,7 +41,7 @@ def test_from_state_dict_rejects_mismatches():
     bad = dict(sd, scale=sd["scale"].float())
     with pytest.raises(ValueError, match="'scale' has shape"):
         QuantizedTensor.from_state_dict(bad, "w4g128")
-    bad = dict(sd, qdata=sd["qdata"][:, :-1])
+    bad = dict(sd, packed=sd["packed"][:, :-1])
     with pytest.raises(ValueError, match="'qdata'"):
         QuantizedTensor.from_state_dict(bad, "w4g128")
     bad = {k: v for k, v in sd.items() if k != "zero_point"}

@@ -1,6 +1,11 @@
-"""lowbit: quantize PyTorch models with exact formats, packed low-bit tensors and honest numbers."""
+"""lowbit: quantize PyTorch models with exact formats, packed low-bit tensors and honest numbers.
 
-from lowbit.quant import choose_qparams, dequantize, fake_quantize, quantize
+``lowbit.quantize(model, spec)`` works on whole models; the tensor-level maps live in
+``lowbit.quant`` (``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``).
+"""
+
+from lowbit.api import QuantizeSummary, quantize
+from lowbit.quant import choose_qparams, fake_quantize
 from lowbit.spec import PRESETS, QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
 
@@ -9,10 +14,10 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "QuantSpec",
+    "QuantizeSummary",
     "QuantizedTensor",
     "as_spec",
     "choose_qparams",
-    "dequantize",
     "fake_quantize",
     "preset",
     "quantize",

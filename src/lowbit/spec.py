@@ -61,7 +61,8 @@ class QuantSpec:
 
     format: "int1".."int8", "uint1".."uint8" (uniform affine grid); "fp8_e4m3fn", "fp8_e5m2",
         "fp6_e3m2", "fp6_e2m3", "fp4_e2m1" (float value grids times a scale); "nf4", "pow2_B"
-        (fixed codebooks times an absmax scale); "kmeansB" (a learned 2**B-entry codebook per block).
+        (fixed codebooks times an absmax scale); "kmeansB" (a learned 2**B-entry codebook per
+        block).
     granularity: "tensor" | "channel" (one scale per index of ``axis``) | "group" (``group_size``
         consecutive elements along the last, reduction, dim) | "block" (``block`` = (rows, cols)
         tiles of the 2-D view) | "token" (one scale per row of the last dim; for activations).

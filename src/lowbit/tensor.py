@@ -11,8 +11,16 @@ from lowbit.quant.layout import Layout, layout_for
 from lowbit.quant.maps import QParams, dequantize, qrange, quantize
 from lowbit.spec import QuantSpec, as_spec, torch_dtype
 
-# Stored tensors, in state-dict order; each is optional except qdata.
+# Stored tensors, in state-dict order; each is optional except qdata. Their state-dict names
+# follow compressed-tensors (``<module>.weight_packed``, ``.weight_scale``, ...).
 _FIELDS = ("qdata", "scale", "zero_point", "codebook", "g_idx")
+STATE_NAMES = {
+    "qdata": "packed",
+    "scale": "scale",
+    "zero_point": "zero_point",
+    "codebook": "codebook",
+    "g_idx": "g_idx",
+}
 
 
 @dataclass
@@ -34,6 +42,9 @@ class QuantizedTensor:
     zero_point: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
+    # Static activation qparams (per tensor) of a W*A* spec; set by the module, not stored here.
+    act_scale: torch.Tensor | None = None
+    act_zero_point: torch.Tensor | None = None
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -90,6 +101,23 @@ class QuantizedTensor:
             codes = (codes.to(torch.int16) + qrange(self.spec)[0]).to(torch.int8)
         return layout.from_2d(codes)
 
+    def select_rows(self, index: torch.Tensor) -> QuantizedTensor:
+        """The quantized rows ``index`` of a 2-D tensor whose blocks lie within rows (no unpack).
+
+        Used by embeddings: only the looked-up rows are dequantized.
+        """
+        layout = self.layout
+        if len(self.shape) != 2 or layout.block_rows != 1 or layout.channel_axis is not None:
+            raise ValueError(f"select_rows needs row-wise blocks; spec {self.spec} on {self.shape}")
+        index = index.reshape(-1)
+        pick = {
+            name: (t.index_select(0, index) if name != "g_idx" else t)
+            for name, t in self.stored_tensors().items()
+        }
+        return QuantizedTensor(
+            spec=self.spec, shape=(index.numel(), self.shape[1]), dtype=self.dtype, **pick
+        )
+
     # ---- sizes ---------------------------------------------------------------------------
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -114,8 +142,11 @@ class QuantizedTensor:
 
     # ---- state dict ----------------------------------------------------------------------
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Stored tensors plus the logical shape (int64), keyed ``prefix + name``."""
-        out = {prefix + k: v for k, v in self.stored_tensors().items()}
+        """Stored tensors plus the logical shape (int64), keyed ``prefix + name``.
+
+        Names: ``packed`` (qdata), ``scale``, ``zero_point``, ``codebook``, ``g_idx``, ``shape``.
+        """
+        out = {prefix + STATE_NAMES[k]: v for k, v in self.stored_tensors().items()}
         out[prefix + "shape"] = torch.tensor(self.shape, dtype=torch.int64)
         return out
 
@@ -129,15 +160,15 @@ class QuantizedTensor:
     ) -> QuantizedTensor:
         """Rebuild from :meth:`state_dict`, validating every stored tensor's shape and dtype."""
         spec = as_spec(spec)
-        if prefix + "qdata" not in state or prefix + "shape" not in state:
-            raise ValueError(f"state dict lacks {prefix}qdata or {prefix}shape")
+        if prefix + "packed" not in state or prefix + "shape" not in state:
+            raise ValueError(f"state dict lacks {prefix}packed or {prefix}shape")
         shape = tuple(int(s) for s in state[prefix + "shape"].tolist())
         qt = cls(
-            qdata=state[prefix + "qdata"],
+            qdata=state[prefix + "packed"],
             spec=spec,
             shape=shape,
             dtype=dtype,
-            **{k: state.get(prefix + k) for k in _FIELDS[1:]},
+            **{k: state.get(prefix + STATE_NAMES[k]) for k in _FIELDS[1:]},
         )
         qt.validate()
         return qt

@@ -73,7 +73,7 @@ def _divisors_hint(n: int, near: int) -> str:
 
 
 def layout_for(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> Layout:
-    """The canonical view of a tensor of ``shape`` under ``spec``; clear errors when it can't tile."""
+    """The canonical view of ``shape`` under ``spec``; a clear error when it can't be tiled."""
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:

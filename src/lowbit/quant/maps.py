@@ -10,7 +10,8 @@ Every map works on the canonical blocked view (see :mod:`lowbit.quant.layout`) i
 - k-means codebooks: ``q = argmin |x - c|`` with a learned codebook ``c`` per block, ``x~ = c[q]``.
 
 Scale and zero-point are cast to their stored dtypes *before* the codes are computed, so that
-``fake_quantize(x) == dequantize(quantize(x))`` bit for bit and the stored tensors are the ones used.
+``fake_quantize(x) == dequantize(quantize(x))`` bit for bit, and the stored tensors are the
+ones used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lowbit.spec import QuantSpec, torch_dtype
 
 @dataclass
 class QParams:
-    """Quantization parameters in natural orientation ``[R/bh, C/bw]`` (codebook: ``[..., 2**b]``)."""
+    """Quantization parameters, oriented ``[R/bh, C/bw]`` (a codebook: ``[R/bh, C/bw, 2**b]``)."""
 
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None

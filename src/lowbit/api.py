@@ -1,0 +1,155 @@
+"""The one-call API: quantize (save and load come with the io module). Thin: no algorithm code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.models.select import first_match, resolve_spec
+from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
+from lowbit.spec import QuantSpec
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    kind: str  # Linear, Conv1D, Conv2d, Embedding
+    spec: str | None
+    status: str  # "quantized" | "skipped"
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantizeSummary:
+    """What ``quantize`` did, module by module (attached to the model as ``lowbit_summary``)."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[ModuleReport]:
+        return [m for m in self.modules if m.status == "quantized"]
+
+    @property
+    def skipped(self) -> list[ModuleReport]:
+        return [m for m in self.modules if m.status == "skipped"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(m.bytes_before for m in self.modules)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(m.bytes_after for m in self.modules)
+
+    def __str__(self) -> str:
+        q, s = len(self.quantized), len(self.skipped)
+        return (
+            f"quantized {q} modules, skipped {s}; weights {self.bytes_before:,} -> "
+            f"{self.bytes_after:,} bytes"
+        )
+
+
+_KINDS = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, (QuantLinear, QuantConv2d, QuantEmbedding)):
+        return None
+    if isinstance(module, _KINDS):
+        return type(module).__name__ if not isinstance(module, nn.Linear) else "Linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "Conv1D"
+    return None
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters()
+               if n == "weight")
+
+
+def quantize(
+    model: nn.Module,
+    spec: str | QuantSpec | Mapping[str, Any],
+    algorithm: str = "rtn",
+    calib: Any = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> nn.Module:
+    """Replace Linear / GPT-2 Conv1D / Conv2d / Embedding modules with quantized ones, in place.
+
+    spec: a preset name, a QuantSpec, or ``{pattern: spec}`` (glob or ``re:`` patterns, first
+        match wins; ``None`` keeps matching modules in float) for mixed precision.
+    include / exclude: name patterns selecting which modules are considered.
+    Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
+    """
+    if algorithm != "rtn":
+        raise ValueError(f"algorithm={algorithm!r}; allowed: rtn")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    summary = QuantizeSummary()
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        before = _weight_bytes(module)
+
+        def skip(reason: str, spec_text: str | None = None, _n=name, _k=kind, _b=before) -> None:
+            summary.modules.append(ModuleReport(_n, _k, spec_text, "skipped", reason, _b, _b))
+
+        if include is not None and first_match(name, include) is None:
+            skip("not matched by include")
+            continue
+        hit = first_match(name, exclude)
+        if hit is not None:
+            skip(f"excluded by {hit!r}")
+            continue
+        layer_spec, _ = resolve_spec(name, spec)
+        if layer_spec is None:
+            skip("no spec pattern matches")
+            continue
+        try:
+            new = _quantize_module(module, kind, layer_spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"layer {name!r} ({kind}): {e}") from None
+        replacements.append((name, new))
+        summary.modules.append(ModuleReport(
+            name, kind, str(layer_spec), "quantized",
+            "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else "",
+            before, new.weight_nbytes,
+        ))
+    for name, new in replacements:
+        _set_submodule(model, name, new)
+    if any(m.kind in ("Linear", "Conv1D", "Conv2d") for m in summary.quantized):
+        summary.notes.append("biases are kept in float")
+    model.lowbit_summary = summary
+    return model
+
+
+def _quantize_module(module: nn.Module, kind: str, spec: QuantSpec) -> nn.Module:
+    if kind in ("Linear", "Conv1D"):
+        weight, _ = linear_weight(module)
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ValueError(f"weight has {bad} NaN/Inf values")
+        return QuantLinear.from_float(module, spec)
+    if spec.act is not None:
+        raise ValueError(f"{kind} supports weight-only specs; {spec} quantizes activations")
+    if kind == "Conv2d":
+        return QuantConv2d(module, spec)
+    return QuantEmbedding(module, spec)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

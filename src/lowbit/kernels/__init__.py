@@ -1,0 +1,5 @@
+"""How quantized layers compute: a dispatch table with an always-present reference kernel."""
+
+from lowbit.kernels.dispatch import KERNELS, Kernel, linear, register_kernel, select_kernel
+
+__all__ = ["KERNELS", "Kernel", "linear", "register_kernel", "select_kernel"]

@@ -1,0 +1,88 @@
+"""Kernel dispatch for quantized linear layers, keyed by (spec kind, device type, activation).
+
+Every kernel computes ``y = x @ W^T + b`` for a QuantizedTensor W ``[out, in]``. The reference
+kernel (dequantize + ``F.linear``) is always registered and is the oracle the others are tested
+against. ``LOWBIT_KERNEL=<name>`` (or ``kernel=`` on the call) forces a kernel by name.
+Kernels may cache an execution layout on the ``cache`` dict they are handed (never saved).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.tensor import QuantizedTensor
+
+KernelFn = Callable[[torch.Tensor, QuantizedTensor, "torch.Tensor | None", dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fn: KernelFn
+    supports: Callable[[QuantizedTensor, torch.Tensor], bool]
+    priority: int = 0  # higher wins among kernels that support a call
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def _act_mode(qt: QuantizedTensor) -> str:
+    act = qt.spec.act
+    if act is None:
+        return "none"
+    return "dynamic" if act.dynamic else "static"
+
+
+def reference_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """Dequantize the weight and run ``F.linear`` in the activation dtype (weight-only)."""
+    return F.linear(x, qt.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+register_kernel(
+    Kernel("reference", reference_linear, lambda qt, x: _act_mode(qt) == "none", priority=0)
+)
+
+
+def select_kernel(qt: QuantizedTensor, x: torch.Tensor, kernel: str | None = None) -> Kernel:
+    """The kernel for this call: the forced one, else the highest-priority one that supports it."""
+    forced = kernel or os.environ.get("LOWBIT_KERNEL") or None
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"kernel={forced!r} is not registered; allowed: {', '.join(KERNELS)}")
+        chosen = KERNELS[forced]
+        if not chosen.supports(qt, x):
+            raise ValueError(
+                f"kernel {forced!r} does not support spec {qt.spec} on {x.device.type} "
+                f"with {x.dtype} activations"
+            )
+        return chosen
+    candidates = [k for k in KERNELS.values() if k.supports(qt, x)]
+    if not candidates:
+        raise ValueError(
+            f"no kernel supports spec {qt.spec} on {x.device.type} with {x.dtype} activations"
+        )
+    return max(candidates, key=lambda k: k.priority)
+
+
+def linear(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel: str | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """``x @ W^T + b`` with the selected kernel."""
+    return select_kernel(qt, x, kernel).fn(x, qt, bias, {} if cache is None else cache)

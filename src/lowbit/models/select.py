@@ -1,0 +1,44 @@
+"""Select modules by name: glob patterns (``model.layers.*.mlp.*``) or regexes (``re:...``)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lowbit.spec import QuantSpec, as_spec
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Glob match on the full module name, or ``re:`` regex search."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def first_match(name: str, patterns: Iterable[str]) -> str | None:
+    for p in patterns:
+        if matches(name, p):
+            return p
+    return None
+
+
+def resolve_spec(
+    name: str, spec: str | QuantSpec | Mapping[str, Any]
+) -> tuple[QuantSpec | None, str | None]:
+    """The spec for module ``name``: one spec for all, or the first matching ``{pattern: spec}``.
+
+    Returns ``(spec, pattern)``; ``(None, None)`` when no pattern of a mapping matches. A mapping
+    value of ``None`` leaves matching modules unquantized.
+    """
+    if isinstance(spec, Mapping) and not _looks_like_spec_fields(spec):
+        for pattern, value in spec.items():
+            if matches(name, pattern):
+                return (None if value is None else as_spec(value)), pattern
+        return None, None
+    return as_spec(spec), None
+
+
+def _looks_like_spec_fields(d: Mapping[str, Any]) -> bool:
+    return "format" in d and not any(k.startswith("re:") or "*" in k for k in d)

@@ -1,0 +1,177 @@
+"""Quantized modules: Linear (also GPT-2 Conv1D, transposed), Conv2d and Embedding.
+
+Each holds its weight as the buffers of a QuantizedTensor, named as on disk
+(``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_codebook``, ``weight_g_idx``,
+``weight_shape``), so ``state_dict()``/``load_state_dict()``, ``.to()`` and meta-device
+construction work as for any module. The bias stays in float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels import dispatch
+from lowbit.spec import QuantSpec, as_spec
+from lowbit.tensor import STATE_NAMES, QuantizedTensor, stored_shapes
+
+_PREFIX = "weight_"
+
+
+class _QuantWeightMixin(nn.Module):
+    """Buffers of one quantized weight and their QuantizedTensor view."""
+
+    spec: QuantSpec
+    weight_dtype: torch.dtype
+
+    def _init_weight(
+        self, shape: tuple[int, ...], spec: QuantSpec, dtype: torch.dtype, device=None
+    ) -> None:
+        self.spec = spec
+        self.weight_dtype = dtype
+        self.kernel: str | None = None  # force a kernel by name (None: dispatch decides)
+        self._kernel_cache: dict = {}
+        for name, (dims, dt) in stored_shapes(spec, shape).items():
+            self.register_buffer(_PREFIX + STATE_NAMES[name], torch.empty(dims, dtype=dt,
+                                                                          device=device))
+        self.register_buffer(_PREFIX + "shape", torch.tensor(shape, dtype=torch.int64))
+
+    def set_weight(self, qt: QuantizedTensor) -> None:
+        """Adopt the stored tensors of ``qt`` (shape and spec must match the module's)."""
+        if qt.spec != self.spec or tuple(qt.shape) != self.weight_logical_shape:
+            raise ValueError(
+                f"weight {qt.spec} {qt.shape} does not match module {self.spec} "
+                f"{self.weight_logical_shape}"
+            )
+        for field, t in qt.stored_tensors().items():
+            setattr(self, _PREFIX + STATE_NAMES[field], t)
+        self._kernel_cache.clear()
+
+    @property
+    def weight_logical_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.weight_shape.tolist())
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        fields = {
+            field: getattr(self, _PREFIX + name, None) for field, name in STATE_NAMES.items()
+        }
+        return QuantizedTensor(
+            spec=self.spec, shape=self.weight_logical_shape, dtype=self.weight_dtype, **fields
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.qweight.nbytes
+
+
+class QuantLinear(_QuantWeightMixin):
+    """``y = x @ W^T + b`` with ``W [out, in]`` quantized; computed by a dispatched kernel."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: str | QuantSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight((out_features, in_features), as_spec(spec), dtype, device)
+        self.register_buffer(
+            "bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None
+        )
+        act = self.spec.act
+        if act is not None and not act.dynamic:
+            # Static activation quantization: per-tensor qparams fixed by calibration.
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
+            if not act.symmetric:
+                self.register_buffer(
+                    "input_zero_point", torch.zeros(1, dtype=torch.float32, device=device)
+                )
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, spec: str | QuantSpec, qweight: QuantizedTensor | None = None
+    ) -> QuantLinear:
+        """From ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is ``[in, out]``)."""
+        weight, bias = linear_weight(module)
+        spec = as_spec(spec)
+        out_f, in_f = weight.shape
+        q = cls(in_f, out_f, spec, bias is not None, weight.dtype, weight.device)
+        q.set_weight(qweight if qweight is not None else QuantizedTensor.from_float(weight, spec))
+        if bias is not None:
+            q.bias = bias.detach().clone()
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qt = self.qweight
+        if hasattr(self, "input_scale"):
+            qt.act_scale = self.input_scale
+            qt.act_zero_point = getattr(self, "input_zero_point", None)
+        return dispatch.linear(x, qt, self.bias, kernel=self.kernel, cache=self._kernel_cache)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}"
+
+
+class QuantConv2d(_QuantWeightMixin):
+    """``nn.Conv2d`` with its weight ``[out, in/groups, kh, kw]`` quantized (reference compute)."""
+
+    def __init__(self, conv: nn.Conv2d, spec: str | QuantSpec) -> None:
+        super().__init__()
+        spec = as_spec(spec)
+        w = conv.weight.detach()
+        self._init_weight(tuple(w.shape), spec, w.dtype, w.device)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups, self.padding_mode = conv.groups, conv.padding_mode
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv2d padding_mode={conv.padding_mode!r}; supported: 'zeros'")
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.set_weight(QuantizedTensor.from_float(w, spec))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight.dequantize(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight_logical_shape}, stride={self.stride}, spec={self.spec}"
+
+
+class QuantEmbedding(_QuantWeightMixin):
+    """``nn.Embedding`` with its table quantized; only the looked-up rows are dequantized."""
+
+    def __init__(self, emb: nn.Embedding, spec: str | QuantSpec) -> None:
+        super().__init__()
+        spec = as_spec(spec)
+        w = emb.weight.detach()
+        self._init_weight(tuple(w.shape), spec, w.dtype, w.device)
+        self.padding_idx = emb.padding_idx
+        self.set_weight(QuantizedTensor.from_float(w, spec))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        qt = self.qweight
+        if qt.layout.block_rows == 1 and qt.layout.channel_axis is None:
+            rows = qt.select_rows(ids.reshape(-1)).dequantize()
+            return rows.reshape(*ids.shape, qt.shape[1])
+        return F.embedding(ids, qt.dequantize())
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_logical_shape[0]}, {self.weight_logical_shape[1]}, spec={self.spec}"
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W [out, in], bias)`` of a Linear-like module; GPT-2 Conv1D's ``[in, out]`` transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().t().contiguous(), module.bias
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.kernels import select_kernel
+from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from lowbit.quant import fake_quantize
+
+
+def test_quant_linear_equals_fake_quantized_float_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 32)
+    q = QuantLinear.from_float(lin, "w4g128")
+    x = torch.randn(5, 256)
+    ref = torch.nn.functional.linear(x, fake_quantize(lin.weight.detach(), q.spec), lin.bias)
+    assert torch.equal(q(x), ref)
+    assert q.weight_packed.dtype == torch.uint8 and q.weight_packed.shape == (32, 128)
+
+
+def test_gpt2_conv1d_is_transposed_into_quant_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 128)  # nf=48 outputs, nx=128 inputs; weight [128, 48]
+    q = QuantLinear.from_float(conv, "w8")
+    x = torch.randn(2, 7, 128)
+    assert q.weight_logical_shape == (48, 128)
+    assert torch.allclose(q(x), conv(x), atol=0.02)
+
+
+def test_conv2d_and_embedding():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    qc = QuantConv2d(conv, "w8")
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(qc(x), conv(x), atol=0.02)
+    emb = nn.Embedding(50, 64)
+    qe = QuantEmbedding(emb, "w4g64")
+    ids = torch.tensor([[1, 2, 49], [0, 0, 7]])
+    full = fake_quantize(emb.weight.detach(), qe.spec)
+    assert torch.equal(qe(ids), full[ids])
+
+
+def test_state_dict_round_trip_through_a_fresh_module():
+    lin = nn.Linear(128, 16)
+    q = QuantLinear.from_float(lin, "w3g128")
+    sd = q.state_dict()
+    assert {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"} <= set(sd)
+    fresh = QuantLinear(128, 16, "w3g128")
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_meta_device_construction_allocates_nothing():
+    q = QuantLinear(4096, 4096, "w4g128", device="meta")
+    assert q.weight_packed.is_meta and q.weight_packed.shape == (4096, 2048)
+
+
+def test_reference_kernel_is_forced_by_env(monkeypatch):
+    q = QuantLinear.from_float(nn.Linear(64, 8), "w8")
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    assert select_kernel(q.qweight, x).name == "reference"
+    monkeypatch.setenv("LOWBIT_KERNEL", "nope")
+    with pytest.raises(ValueError, match="kernel='nope' is not registered"):
+        q(x)
+
+
+def test_model_quantize_with_patterns_and_summary():
+    model = nn.Sequential()
+    model.add_module("embed", nn.Embedding(100, 64))
+    model.add_module("proj", nn.Linear(64, 128))
+    model.add_module("head", nn.Linear(128, 100))
+    lowbit.quantize(model, {"head": None, "re:^pro": "w4g64", "*": "w8"})
+    s = model.lowbit_summary
+    status = {m.name: (m.status, m.spec) for m in s.modules}
+    assert status["proj"] == ("quantized", "uint4-g64-asym")
+    assert status["embed"] == ("quantized", "int8-ch-sym")
+    assert status["head"][0] == "skipped"
+    assert isinstance(model.head, nn.Linear) and isinstance(model.proj, QuantLinear)
+    assert s.bytes_after < s.bytes_before
+    assert "biases are kept in float" in s.notes
+
+
+def test_model_quantize_include_exclude_and_errors():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    lowbit.quantize(model, "w8", exclude=["1"])
+    assert isinstance(model[0], QuantLinear) and isinstance(model[1], nn.Linear)
+    bad = nn.Sequential(nn.Linear(100, 8))
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\): group_size=128"):
+        lowbit.quantize(bad, "w4g128")
+    nan = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        nan[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '0'.*NaN"):
+        lowbit.quantize(nan, "w8")
+    with pytest.raises(ValueError, match="algorithm="):
+        lowbit.quantize(model, "w8", algorithm="magic")

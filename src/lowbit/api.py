@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,12 +81,18 @@ def quantize(
     calib: Any = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    *,
+    observer: str = "minmax",
+    tokenizer: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Replace Linear / GPT-2 Conv1D / Conv2d / Embedding modules with quantized ones, in place.
 
     spec: a preset name, a QuantSpec, or ``{pattern: spec}`` (glob or ``re:`` patterns, first
         match wins; ``None`` keeps matching modules in float) for mixed precision.
     include / exclude: name patterns selecting which modules are considered.
+    calib, observer, tokenizer: calibration data for static activation specs (see ``calib/``).
+    progress: called with each module name as it is quantized (CLI progress bars).
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """
     if algorithm != "rtn":
@@ -117,6 +123,8 @@ def quantize(
         if layer_spec is None:
             skip("no spec pattern matches")
             continue
+        if progress is not None:
+            progress(name)
         try:
             new = _quantize_module(module, kind, layer_spec)
         except (ValueError, TypeError) as e:

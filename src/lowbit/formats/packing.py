@@ -40,6 +40,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     *lead, n = codes.shape
+    per_byte = 8 // bits
+    if 8 % bits == 0 and n % per_byte == 0:  # 1, 2, 4 bits: whole codes per byte, uint8 math
+        grouped = codes.to(torch.uint8).reshape(*lead, n // per_byte, per_byte)
+        out = grouped[..., 0].clone()
+        for j in range(1, per_byte):
+            out |= grouped[..., j] << (j * bits)
+        return out
     out_len = packed_length(n, bits)
     groups = -(-n // 8)
     padded = torch.zeros(*lead, groups * 8, dtype=torch.int64, device=codes.device)
@@ -66,6 +73,11 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed.clone()
     *lead, _ = packed.shape
+    per_byte = 8 // bits
+    if 8 % bits == 0 and n % per_byte == 0:
+        mask = (1 << bits) - 1
+        parts = [(packed >> (j * bits)) & mask for j in range(per_byte)]
+        return torch.stack(parts, -1).reshape(*lead, n)
     groups = -(-n // 8)
     stream = torch.zeros(*lead, groups * bits, dtype=torch.int64, device=packed.device)
     stream[..., :expected] = packed

@@ -63,13 +63,13 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
 
 
 def _check_input(x: torch.Tensor) -> None:
+    """Type, dtype and emptiness; finiteness is checked on block statistics where they exist."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"expected a floating-point tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
-    check_finite(x)
 
 
 def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,9 +128,13 @@ def choose_qparams(
     if spec.kind == "kmeans":
         from lowbit.quant.kmeans import fit_codebooks
 
+        check_finite(x)
         codebook = fit_codebooks(xb, 1 << spec.bits)
         return QParams(codebook=codebook.to(torch_dtype(spec.scale_dtype)))
-    return qparams_from_range(xb.amin(-1), xb.amax(-1), spec)
+    lo, hi = xb.amin(-1), xb.amax(-1)  # NaN propagates, so checking the stats suffices
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        check_finite(x)
+    return qparams_from_range(lo, hi, spec)
 
 
 def _nearest_index(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -145,10 +149,11 @@ def _nearest_index(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _round(v: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """Round ``v`` in place: to nearest (half to even) or stochastically (floor(v + U[0,1)))."""
     if spec.rounding == "nearest":
-        return torch.round(v)  # round half to even
+        return v.round_()
     noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-    return torch.floor(v + noise)
+    return v.add_(noise).floor_()
 
 
 def _expand(p: torch.Tensor) -> torch.Tensor:
@@ -167,8 +172,13 @@ def _codes_blocked(
     v = xb / _expand(qp.scale)
     if kind == "affine":
         qmin, qmax = qrange(spec)
-        zero = _expand(qp.zero_point) if spec.has_zero_point else _symmetric_zero(spec)
-        return (_round(v + zero, spec, generator).clamp(qmin, qmax) - qmin).to(torch.int32)
+        if spec.has_zero_point:
+            v.add_(_expand(qp.zero_point))
+        elif _symmetric_zero(spec):
+            v.add_(_symmetric_zero(spec))
+        # In place: this runs on every weight (and inside GPTQ's column loop).
+        v = _round(v, spec, generator).clamp_(qmin, qmax).sub_(qmin)
+        return v.to(torch.uint8)
     if spec.rounding != "nearest":
         raise ValueError(
             f"rounding='stochastic' is implemented for integer formats; {spec.format!r} "
@@ -192,7 +202,7 @@ def _values_blocked(codes: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.
     if kind == "affine":
         qmin, _ = qrange(spec)
         zero = _expand(qp.zero_point) if spec.has_zero_point else _symmetric_zero(spec)
-        return ((codes.float() + qmin) - zero) * scale
+        return codes.float().add_(qmin - zero).mul_(scale)
     if kind == "float":
         return _grid(spec).decode(codes) * scale
     return _grid_values(spec)[codes.long()] * scale
@@ -210,8 +220,10 @@ def quantize(
     layout = layout_for(x.shape, spec)
     qp = qparams if qparams is not None else choose_qparams(x, spec, generator=generator)
     xb = layout.blocked(layout.to_2d(x.detach()).float())
+    if qparams is not None:
+        check_finite(x)
     codes = _codes_blocked(xb, spec, qp, generator)
-    return layout.unblocked(codes).to(torch.uint8), qp, layout
+    return layout.unblocked(codes.to(torch.uint8)), qp, layout
 
 
 def dequantize(

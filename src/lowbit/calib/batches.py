@@ -1,0 +1,101 @@
+"""Turn the many shapes of calibration data into a list of model-input batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+_ALLOWED = (
+    "a list of strings (with tokenizer=...), a tensor of token ids [N, T] or [T], a float "
+    "tensor of inputs [N, ...], or an iterable (e.g. DataLoader) of tensors or dicts with "
+    "'input_ids'"
+)
+
+
+def _tokenize(texts: list[str], tokenizer: Any, n_samples: int, seq_len: int) -> torch.Tensor:
+    """Concatenate ``texts`` (blank line between), tokenize, cut into windows ``[n, seq_len]``."""
+    if tokenizer is None:
+        raise ValueError("calib is a list of strings; pass tokenizer=... to turn it into tokens")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("calib mixes strings and other objects; pass only strings")
+    encoded = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)
+    ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded.input_ids
+    ids = ids.reshape(-1)
+    n_windows = min(n_samples, ids.numel() // seq_len)
+    if n_windows == 0:
+        raise ValueError(
+            f"calib text gives {ids.numel()} tokens; one window needs seq_len={seq_len} tokens "
+            "(pass more text or a smaller seq_len)"
+        )
+    return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+def _tensor_rows(t: torch.Tensor) -> torch.Tensor:
+    """Token ids ``[T] -> [1, T]``; anything else is taken as ``[rows, ...]``."""
+    if t.dim() == 0:
+        raise ValueError(f"calib tensor has shape {tuple(t.shape)}; expected [N, T] or [T]")
+    if not t.dtype.is_floating_point and t.dim() == 1:
+        return t.unsqueeze(0)
+    return t
+
+
+def as_batches(
+    calib: Any,
+    tokenizer: Any = None,
+    n_samples: int = 128,
+    seq_len: int = 512,
+    *,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """Calibration data -> a list of model inputs, each ``[b, ...]`` with ``b <= batch_size``.
+
+    Strings are joined by a blank line, tokenized (no special tokens) and cut into at most
+    ``n_samples`` windows of ``seq_len`` tokens (int64 ``[b, seq_len]``). Tensors and iterables
+    are used as given, up to ``n_samples`` rows in all; dict batches contribute ``input_ids``
+    only (an attention mask is not used, so padded batches calibrate on the padding too).
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}; allowed: a positive int")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r}; allowed: a positive int")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; allowed: a positive int")
+    if calib is None:
+        raise ValueError(f"calib is None; pass {_ALLOWED}")
+    if isinstance(calib, str):
+        calib = [calib]
+    if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], str):
+        rows = _tokenize(list(calib), tokenizer, n_samples, seq_len)
+        return list(rows.split(batch_size))
+    if isinstance(calib, torch.Tensor):
+        if calib.numel() == 0:
+            raise ValueError(f"calib is empty (a tensor of shape {tuple(calib.shape)})")
+        return list(_tensor_rows(calib)[:n_samples].split(batch_size))
+    if isinstance(calib, (Mapping, bytes)) or not isinstance(calib, Iterable):
+        raise TypeError(f"calib is a {type(calib).__name__}; allowed: {_ALLOWED}")
+    batches: list[torch.Tensor] = []
+    rows_left = n_samples
+    for i, item in enumerate(calib):
+        if isinstance(item, Mapping):
+            if "input_ids" not in item:
+                raise ValueError(
+                    f"calib batch {i} is a dict without 'input_ids' (keys: {sorted(item)})"
+                )
+            item = item["input_ids"]
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(
+                f"calib batch {i} is a {type(item).__name__}; allowed: a tensor or a dict "
+                "with 'input_ids'"
+            )
+        if item.numel() == 0:
+            continue
+        item = _tensor_rows(item)[:rows_left]
+        batches.append(item)
+        rows_left -= item.shape[0]
+        if rows_left <= 0:
+            break
+    if not batches:
+        raise ValueError(f"calib is empty (it yielded no non-empty batch); pass {_ALLOWED}")
+    return batches

@@ -286,6 +286,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
                  "scale_dtype": "float32", "act": _ACT_INT8_TOKEN},
     },
+    "w8a8-static": {
+        # Symmetric int8 activations: the int8 x int8 GEMM needs no zero-point correction term,
+        # and the inputs of transformer Linears (normed residual stream, attention output,
+        # SiLU(gate) * up) are signed and roughly centred, so uint8's extra level buys little.
+        "doc": "int8 per-channel weights, int8 per-tensor static activations (calibrated, "
+               "symmetric)",
+        "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32",
+                 "act": {"format": "int8", "granularity": "tensor", "symmetric": True,
+                         "scale_dtype": "float32", "dynamic": False}},
+    },
 }
 
 

@@ -109,6 +109,13 @@ def calibrate_static(
 ) -> StaticCalibration:
     """Observe the float model's inputs to the modules named in ``act_specs`` and turn each
     observer into per-tensor qparams for that module's activation spec."""
+    for name, spec in act_specs.items():
+        if spec.granularity != "tensor" or spec.kind == "kmeans":
+            raise ValueError(
+                f"layer {name!r}: static activation spec {spec} needs granularity='tensor' and "
+                "a range-based format (one calibrated scale per layer input)"
+            )
+    get_observer(observer)  # fail on a bad name before running the model
     batches = as_batches(calib, tokenizer, n_samples, seq_len)
     observers = observe_inputs(model, list(act_specs), batches, observer, progress=progress)
     qparams = {name: observers[name].qparams(spec) for name, spec in act_specs.items()}
@@ -117,3 +124,15 @@ def calibrate_static(
     n_tok = sum(b.numel() if not b.dtype.is_floating_point else b.numel() // b.shape[-1]
                 for b in batches)
     return StaticCalibration(qparams, observer, n_seq, n_tok)
+
+
+def set_input_qparams(module: nn.Module, qparams: QParams) -> None:
+    """Copy calibrated per-tensor qparams into a static QuantLinear's ``input_scale`` (and
+    ``input_zero_point``) buffers, float32 ``[1]``."""
+    if not hasattr(module, "input_scale"):
+        raise ValueError(f"{type(module).__name__} has no input_scale buffer (not a static spec)")
+    module.input_scale.copy_(qparams.scale.reshape(1).float())
+    if hasattr(module, "input_zero_point") and module.input_zero_point is not None:
+        if qparams.zero_point is None:
+            raise ValueError("module has input_zero_point but the qparams carry no zero-point")
+        module.input_zero_point.copy_(qparams.zero_point.reshape(1).float())

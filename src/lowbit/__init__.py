@@ -5,6 +5,7 @@
 """
 
 from lowbit.api import QuantizeSummary, quantize
+from lowbit.io import load, save
 from lowbit.quant import choose_qparams, fake_quantize
 from lowbit.spec import PRESETS, QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
@@ -19,6 +20,8 @@ __all__ = [
     "as_spec",
     "choose_qparams",
     "fake_quantize",
+    "load",
     "preset",
     "quantize",
+    "save",
 ]

@@ -1,0 +1,223 @@
+"""``lowbit.save``: a quantized transformers model as safetensors + config.json, atomically.
+
+Layout (see docs/format.md): one ``model.safetensors`` holding the quantized modules' buffers under
+compressed-tensors-style names (``<module>.weight_packed``, ``.weight_scale``, ...) and every other
+tensor in float, and ``config.json`` = the model's config plus a ``quantization_config`` saying
+which spec each module was quantized with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from lowbit.spec import QuantSpec
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "lowbit"
+WEIGHTS_NAME = "model.safetensors"
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
+
+# Files of a source folder that hold weights (replaced by ours) rather than tokenizer/config data.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Where a checkpoint went and how its bytes split up.
+
+    quantized_bytes: stored tensors of every QuantizedTensor (codes, scales, zero-points,
+        codebooks, g_idx), i.e. the sum of their ``nbytes``.
+    other_bytes: every other tensor (float weights, biases, norms, activation qparams, and the
+        int64 ``weight_shape`` of each quantized module).
+    header_bytes: the safetensors length prefix and JSON header.
+    """
+
+    path: Path
+    file_bytes: int
+    header_bytes: int
+    quantized_bytes: int
+    other_bytes: int
+
+    @property
+    def theoretical_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every QuantLinear / QuantConv2d / QuantEmbedding in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_MODULES):
+            yield name, module
+
+
+def float_module_kind(module: nn.Module) -> str | None:
+    """'Linear', 'Conv1D', 'Conv2d' or 'Embedding' for a float module lowbit can quantize."""
+    if isinstance(module, QUANT_MODULES):
+        return None
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "Conv1D"
+    return None
+
+
+def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for ``model`` (see docs/format.md)."""
+    groups: dict[QuantSpec, list[str]] = {}
+    for name, module in quant_modules(model):
+        groups.setdefault(module.spec, []).append(name)
+    summary = getattr(model, "lowbit_summary", None)
+    reasons = {m.name: m.reason for m in summary.skipped} if summary is not None else {}
+    ignore = [name for name, m in model.named_modules() if float_module_kind(m) is not None]
+    out: dict[str, Any] = {
+        "quant_method": QUANT_METHOD,
+        "version": FORMAT_VERSION,
+        "format": "packed",
+        "config_groups": {
+            f"group_{i}": {"spec": spec.to_dict(), "spec_str": str(spec), "targets": names}
+            for i, (spec, names) in enumerate(groups.items())
+        },
+        "ignore": ignore,
+        "ignore_reasons": {n: reasons[n] for n in ignore if reasons.get(n)},
+        "tied": dict(tied or {}),
+        "notes": list(summary.notes) if summary is not None else [],
+    }
+    return out
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors can write, and ``{alias: source}`` for names sharing one tensor.
+
+    Identical views of one storage (tied embeddings) are saved once; other overlaps are copied.
+    """
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen_views: dict[tuple, str] = {}
+    seen_storages: set[int] = set()
+    for name, t in state.items():
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device (never loaded); cannot save")
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and view in seen_views:
+            tied[name] = seen_views[view]
+            continue
+        if t.numel() > 0 and (ptr in seen_storages or not t.is_contiguous()):
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif t.numel() > 0:
+            seen_storages.add(ptr)
+            seen_views[view] = name
+        out[name] = t.contiguous()
+    return out, tied
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file; a folder path is expected")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} exists and is not empty; pass overwrite=True "
+            "(CLI: --overwrite) or choose another folder"
+        )
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Raise ValueError now if ``save`` would refuse ``out_dir`` (lets callers fail early)."""
+    path = Path(out_dir)
+    _check_out_dir(path, overwrite)
+    return path
+
+
+def _copy_source_files(source: Path, dest: Path) -> None:
+    """Tokenizer files and other non-weight files (e.g. sentence-transformers' 1_Pooling/)."""
+    for item in sorted(source.iterdir()):
+        if item.name in _NOT_COPIED or (item.name.startswith(".git") and item.is_dir()):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name,
+                            ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
+        elif not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, dest / item.name)
+
+
+def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> SaveResult:
+    """Write ``model`` (a transformers model, quantized or not) to ``out_dir``.
+
+    Everything is written to a temporary sibling folder that is renamed to ``out_dir`` at the end;
+    on error nothing is left behind. An existing non-empty ``out_dir`` is refused unless
+    ``overwrite=True``. Tied tensors are stored once and re-tied by ``lowbit.load``.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise TypeError(
+            f"model ({type(model).__name__}) has no transformers config; lowbit.save writes "
+            "Hugging Face models (use model.state_dict() for plain modules)"
+        )
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors, tied = _dedupe(model.state_dict())
+    quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+
+    config_dict = json.loads(config.to_json_string(use_diff=False))
+    config_dict["dtype"] = str(_model_float_dtype(model)).removeprefix("torch.")
+    config_dict["quantization_config"] = quantization_config(model, tied)
+
+    tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"
+    old = out_dir.parent / f".{out_dir.name}.lowbit-old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        source = getattr(model, "_lowbit_source", None)
+        if source is not None and Path(source).is_dir():
+            _copy_source_files(Path(source), tmp)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        weights = tmp / WEIGHTS_NAME
+        with weights.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+        file_bytes = weights.stat().st_size
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return SaveResult(
+        path=out_dir,
+        file_bytes=file_bytes,
+        header_bytes=8 + header_len,
+        quantized_bytes=quantized_bytes,
+        other_bytes=total_bytes - quantized_bytes,
+    )

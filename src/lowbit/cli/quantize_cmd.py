@@ -1,0 +1,205 @@
+"""`lowbit quantize`: load a Hugging Face model folder, quantize it, save the packed checkpoint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from lowbit.cli.common import console, err_console, fail, human_bytes
+from lowbit.spec import PRESETS, QuantSpec, preset
+
+MODES = ("weight", "dynamic", "static")
+DYNAMIC_PRESET = "w8a8"
+STATIC_PRESET = "w8a8-static"
+# Skip reasons listed one module per row up to this many; beyond, rows are collapsed by reason.
+MAX_SKIP_ROWS = 6
+
+
+def resolve_scheme(scheme: str, mode: str | None) -> tuple[QuantSpec, str]:
+    """The spec for ``--scheme`` under ``--mode``; returns ``(spec, mode)``.
+
+    weight: the preset as is. dynamic / static: an int8 weight scheme becomes the W8A8 preset with
+    dynamic per-token or calibrated per-tensor activations; other weight formats are refused.
+    """
+    if scheme not in PRESETS:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
+    spec = preset(scheme)
+    if mode is None:
+        mode = "weight" if spec.act is None else ("dynamic" if spec.act.dynamic else "static")
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r}; allowed: {', '.join(MODES)}")
+    if mode == "weight":
+        if spec.act is not None:
+            raise ValueError(
+                f"scheme {scheme!r} quantizes activations; use --mode "
+                f"{'dynamic' if spec.act.dynamic else 'static'} or a weight-only scheme"
+            )
+        return spec, mode
+    if spec.format != "int8":
+        raise ValueError(
+            f"--mode {mode} runs int8 x int8 (W8A8); scheme {scheme!r} has {spec.format} weights; "
+            "use --scheme w8 or --mode weight"
+        )
+    return preset(DYNAMIC_PRESET if mode == "dynamic" else STATIC_PRESET), mode
+
+
+def read_calib(path: Path) -> list[str]:
+    """The calibration text file as a list of non-empty paragraphs."""
+    if not path.is_file():
+        raise ValueError(f"--calib {str(path)!r} is not a file; a UTF-8 text file is expected")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--calib {str(path)!r} is not UTF-8 text") from None
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError(f"--calib {str(path)!r} is empty; calibration needs text")
+    return paragraphs
+
+
+def _candidates(model, include: list[str] | None, exclude: list[str]) -> int:
+    """Number of modules quantize() will consider after --include / --exclude."""
+    from lowbit.io.save import float_module_kind
+    from lowbit.models.select import first_match
+
+    n = 0
+    for name, module in model.named_modules():
+        if float_module_kind(module) is None:
+            continue
+        if include and first_match(name, include) is None:
+            continue
+        if first_match(name, exclude) is not None:
+            continue
+        n += 1
+    return n
+
+
+def _explain(error: str) -> str:
+    """Add the CLI remedy to errors quantize() reports for one layer."""
+    if error.startswith("layer ") and "does not divide" in error:
+        layer = error.split("'")[1]
+        return f"{error}; or keep it in float with --exclude {layer!r}"
+    return error
+
+
+def quantize_command(
+    model_dir: str = typer.Argument(..., help="A Hugging Face model folder (or a hub id)."),
+    scheme: str = typer.Option("w4g128", "--scheme", "-s", help="A preset (lowbit formats)."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="weight | dynamic (W8A8 per-token) | static (W8A8, needs --calib)."
+    ),
+    calib: Path | None = typer.Option(None, "--calib", help="Calibration text file (static)."),
+    observer: str | None = typer.Option(
+        None, "--observer", help="Activation observer for --mode static (default minmax)."
+    ),
+    include: list[str] | None = typer.Option(
+        None, "--include", help="Only modules matching this glob / re: pattern (repeatable)."
+    ),
+    exclude: list[str] | None = typer.Option(
+        None, "--exclude", help="Keep modules matching this pattern in float (repeatable)."
+    ),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Quantize a model and write safetensors + config.json (see docs/format.md)."""
+    import lowbit
+    from lowbit.io.save import check_out_dir
+    from lowbit.models.hf import load_hf_model
+
+    try:
+        spec, mode = resolve_scheme(scheme, mode)
+        texts = None
+        if mode == "static":
+            if calib is None:
+                raise ValueError("--mode static needs --calib FILE (a text file)")
+            texts = read_calib(calib)
+        elif calib is not None:
+            raise ValueError(f"--calib is used by --mode static only (mode is {mode})")
+        if observer is not None:
+            from lowbit.observers import OBSERVERS
+
+            if mode != "static":
+                raise ValueError(f"--observer is used by --mode static only (mode is {mode})")
+            if observer not in OBSERVERS:
+                raise ValueError(
+                    f"unknown observer {observer!r}; allowed: {', '.join(sorted(OBSERVERS))}"
+                )
+        check_out_dir(out_dir, overwrite)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
+        model, tokenizer, kind = load_hf_model(model_dir)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+
+    include_list = list(include) if include else None
+    exclude_list = list(exclude or [])
+    total = _candidates(model, include_list, exclude_list)
+    progress = Progress(
+        TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), console=err_console, transient=True,
+    )
+    try:
+        with progress:
+            task = progress.add_task("", total=total)
+
+            def advance(name: str) -> None:
+                progress.update(task, advance=1, description=name)
+
+            lowbit.quantize(
+                model, spec, calib=texts, include=include_list, exclude=exclude_list,
+                observer=observer or "minmax", tokenizer=tokenizer, progress=advance,
+            )
+        result = lowbit.save(model, out_dir, overwrite=overwrite)
+    except (ValueError, TypeError) as e:
+        fail(_explain(str(e)))
+    _print_report(model, result, model_dir, mode, kind)
+
+
+def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
+    summary = model.lowbit_summary
+    quantized, skipped = summary.quantized, summary.skipped
+    numel = sum(model.get_submodule(m.name).qweight.numel for m in quantized)
+    table = Table(title=f"lowbit quantize {model_dir} ({kind}) -> {result.path}",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    specs = Counter(m.spec for m in quantized)
+    table.add_row("mode", mode)
+    table.add_row(
+        "modules quantized",
+        (f"{len(quantized)}: " + ", ".join(f"{n} x {s}" for s, n in specs.items()))
+        if quantized else "0",
+    )
+    table.add_row("modules skipped", str(len(skipped)))
+    if len(skipped) <= MAX_SKIP_ROWS:
+        for m in skipped:
+            table.add_row(f"  {m.name}", m.reason)
+    else:
+        for reason, n in Counter(m.reason for m in skipped).most_common():
+            table.add_row("  ", f"{n} modules: {reason}")
+    before = summary.bytes_before
+    after = summary.bytes_after
+    table.add_row("weights before", f"{human_bytes(before)} ({before:,} B)")
+    table.add_row("weights after", f"{human_bytes(after)} ({after:,} B)")
+    if numel:
+        q_after = sum(m.bytes_after for m in quantized)
+        table.add_row("bits per weight", f"{q_after * 8 / numel:.3f} (quantized modules, "
+                      "scales and zero-points included)")
+    theoretical = result.theoretical_bytes
+    table.add_row(
+        "file on disk",
+        f"{result.file_bytes:,} B = {theoretical:,} B of tensors ({result.quantized_bytes:,} "
+        f"quantized + {result.other_bytes:,} other) + {result.header_bytes:,} B header",
+    )
+    for note in summary.notes:
+        table.add_row("note", note)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)

@@ -143,8 +143,8 @@ def _explain_float(value: float, fmt: FloatFormat, saturate: bool) -> Explanatio
                 reason.append(f"overflow: saturated to max {max_s}")
             elif fmt.nan_encoding == "fn":
                 reason.append(
-                    f"overflow: {fmt.name} has no inf; saturated to max {max_s} as torch 2.13's "
-                    f"cast does (torch < 2.12 and OCP's non-saturating mode give NaN)"
+                    f"overflow: {fmt.name} has no inf; saturated to max {max_s} as this torch's "
+                    f"cast does (OCP's non-saturating conversion gives NaN)"
                 )
             else:
                 reason.append(f"overflow: {fmt.name} has no inf or nan; saturated to max {max_s}")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.calib import calibrate_static, set_input_qparams
 from lowbit.models.select import first_match, resolve_spec
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
@@ -103,6 +104,7 @@ def quantize(
     exclude = list(exclude or [])
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []
+    static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
@@ -123,6 +125,14 @@ def quantize(
         if layer_spec is None:
             skip("no spec pattern matches")
             continue
+        act = layer_spec.act
+        if act is not None and not act.dynamic and kind in ("Linear", "Conv1D"):
+            if calib is None:
+                raise ValueError(
+                    f"spec {layer_spec} quantizes activations statically (layer {name!r}); "
+                    "pass calib=..."
+                )
+            static_acts[name] = act
         if progress is not None:
             progress(name)
         try:
@@ -135,6 +145,16 @@ def quantize(
             "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else "",
             before, new.weight_nbytes,
         ))
+    if static_acts:  # observe the float model before any module is swapped
+        calibration = calibrate_static(
+            model, static_acts, calib, tokenizer=tokenizer, observer=observer
+        )
+        for name, new in replacements:
+            if name in calibration.qparams:
+                set_input_qparams(new, calibration.qparams[name])
+        summary.notes.append(calibration.describe())
+    elif calib is not None:
+        summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
     if any(m.kind in ("Linear", "Conv1D", "Conv2d") for m in summary.quantized):

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lowbit.calib import as_batches
+
+
+class CharTokenizer:
+    """One token per character (enough to test windowing without a real vocabulary)."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+
+def test_strings_are_joined_tokenized_and_windowed():
+    batches = as_batches(["abcd", "efgh"], CharTokenizer(), n_samples=2, seq_len=4, batch_size=1)
+    assert [b.tolist() for b in batches] == [[[97, 98, 99, 100]], [[10, 10, 101, 102]]]
+    many = as_batches("x" * 100, CharTokenizer(), n_samples=20, seq_len=10, batch_size=4)
+    assert [tuple(b.shape) for b in many] == [(4, 10), (4, 10), (2, 10)]
+    capped = as_batches("x" * 100, CharTokenizer(), n_samples=3, seq_len=10)
+    assert [tuple(b.shape) for b in capped] == [(3, 10)]
+
+
+def test_too_little_text_says_how_many_tokens():
+    with pytest.raises(ValueError, match="gives 5 tokens; one window needs seq_len=8"):
+        as_batches(["hello"], CharTokenizer(), seq_len=8)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        as_batches(["hello"])
+
+
+def test_token_id_tensors():
+    one = as_batches(torch.arange(10))
+    assert len(one) == 1 and one[0].shape == (1, 10)
+    rows = as_batches(torch.zeros(20, 6, dtype=torch.long), n_samples=10, batch_size=4)
+    assert [b.shape[0] for b in rows] == [4, 4, 2]
+    feats = as_batches(torch.randn(5, 3))  # float inputs of a non-LM model pass through
+    assert feats[0].shape == (5, 3) and feats[0].dtype == torch.float32
+
+
+def test_dataloader_of_dicts_and_iterables_of_tensors():
+    data = [{"input_ids": torch.full((7,), i), "attention_mask": torch.ones(7)} for i in range(6)]
+    batches = as_batches(DataLoader(data, batch_size=4), n_samples=5)
+    assert [tuple(b.shape) for b in batches] == [(4, 7), (1, 7)]
+    assert batches[1].tolist() == [[4] * 7]
+    gen = as_batches(torch.ones(2, 3, dtype=torch.long) for _ in range(3))
+    assert len(gen) == 3
+
+
+@pytest.mark.parametrize("calib", [[], torch.empty(0, dtype=torch.long), iter([])])
+def test_empty_calib(calib):
+    with pytest.raises(ValueError, match="calib is empty"):
+        as_batches(calib)
+
+
+def test_bad_calib_types():
+    with pytest.raises(ValueError, match="calib is None"):
+        as_batches(None)
+    with pytest.raises(TypeError, match="calib is a int"):
+        as_batches(3)
+    with pytest.raises(TypeError, match="calib batch 0 is a float"):
+        as_batches([1.5])
+    with pytest.raises(ValueError, match="without 'input_ids'"):
+        as_batches([{"ids": torch.ones(3)}])
+    with pytest.raises(ValueError, match="n_samples"):
+        as_batches(torch.ones(3, dtype=torch.long), n_samples=0)
+
+
+def test_real_tokenizer(fixture_lm):
+    tok, _, text = fixture_lm
+    batches = as_batches([text[:5000]], tok, n_samples=3, seq_len=64)
+    assert [tuple(b.shape) for b in batches] == [(3, 64)] and batches[0].dtype == torch.long
+    expected = tok(text[:5000], add_special_tokens=False)["input_ids"][:64]
+    assert batches[0][0].tolist() == expected

@@ -57,7 +57,8 @@ def table(data):
 
 @pytest.mark.parametrize("name", list(THRESHOLDS_DB))
 def test_sqnr_meets_threshold(name, table):
-    for measured, threshold, dist in zip(table[name], THRESHOLDS_DB[name], ("gauss", "t4")):
+    pairs = zip(table[name], THRESHOLDS_DB[name], ("gauss", "t4"), strict=True)
+    for measured, threshold, dist in pairs:
         assert measured >= threshold, f"{name} on {dist}: {measured:.2f} dB < {threshold} dB"
 
 

@@ -111,3 +111,15 @@ def test_hub_id_offline(monkeypatch):
 def test_bad_dtype(llama_dir):
     with pytest.raises(TypeError, match="dtype"):
         load_hf_model(llama_dir, dtype=torch.int8)
+
+
+def test_hub_id_without_network(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(ValueError, match=r"not a local folder and could not be fetched"):
+        load_hf_model("someone/some-model")

@@ -64,7 +64,22 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE is set, or the hub endpoint does not answer within a few seconds.
+
+    Probing first avoids huggingface_hub's retry loop (tens of seconds of warnings) offline.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def _offline_error(name: str) -> ValueError:

@@ -92,7 +92,11 @@ def quantize(
     spec: a preset name, a QuantSpec, or ``{pattern: spec}`` (glob or ``re:`` patterns, first
         match wins; ``None`` keeps matching modules in float) for mixed precision.
     include / exclude: name patterns selecting which modules are considered.
-    calib, observer, tokenizer: calibration data for static activation specs (see ``calib/``).
+    calib, observer, tokenizer: required when a Linear's spec quantizes activations statically
+        (``act.dynamic=False``): the float model runs on ``calib`` (texts with ``tokenizer``,
+        token ids, or a DataLoader; see ``lowbit.calib.as_batches``) and the ``observer``'s
+        per-tensor range of each layer's input sets its ``input_scale`` / ``input_zero_point``.
+        Ignored (and noted in the summary) for weight-only and dynamic specs.
     progress: called with each module name as it is quantized (CLI progress bars).
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """

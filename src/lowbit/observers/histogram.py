@@ -141,7 +141,7 @@ class MSEObserver(HistogramObserver):
         weights = counts[used]
         row_spec = spec.replace(granularity="channel", axis=0)  # one candidate range per row
         out = []
-        for chunk in ratios.split(32):
+        for chunk in ratios.split(max(1, 4_000_000 // max(len(centres), 1))):
             n = len(chunk)
             lo = (self.min_val * chunk).float().reshape(n, 1)
             hi = (self.max_val * chunk).float().reshape(n, 1)

@@ -85,6 +85,8 @@ def quantize(
     *,
     observer: str = "minmax",
     tokenizer: Any = None,
+    calib_samples: int = 128,
+    calib_seq_len: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Replace Linear / GPT-2 Conv1D / Conv2d / Embedding modules with quantized ones, in place.
@@ -97,6 +99,8 @@ def quantize(
         token ids, or a DataLoader; see ``lowbit.calib.as_batches``) and the ``observer``'s
         per-tensor range of each layer's input sets its ``input_scale`` / ``input_zero_point``.
         Ignored (and noted in the summary) for weight-only and dynamic specs.
+    calib_samples, calib_seq_len: at most this many calibration sequences; texts are cut into
+        windows of ``calib_seq_len`` tokens.
     progress: called with each module name as it is quantized (CLI progress bars).
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """
@@ -151,7 +155,8 @@ def quantize(
         ))
     if static_acts:  # observe the float model before any module is swapped
         calibration = calibrate_static(
-            model, static_acts, calib, tokenizer=tokenizer, observer=observer
+            model, static_acts, calib, tokenizer=tokenizer, observer=observer,
+            n_samples=calib_samples, seq_len=calib_seq_len,
         )
         for name, new in replacements:
             if name in calibration.qparams:

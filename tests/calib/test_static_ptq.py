@@ -99,8 +99,10 @@ def _top1_agreement(fixture_lm, observer):
     with torch.no_grad():
         ref = model(test).logits
     lowbit.quantize(model, "w8a8-static", calib=[text[:3_000]], tokenizer=tok,
-                    observer=observer, exclude=["*embed_tokens"])
+                    observer=observer, exclude=["*embed_tokens"],
+                    calib_samples=3, calib_seq_len=128)  # a few hundred tokens
     assert len(model.lowbit_summary.quantized) == 29  # 4 layers x 7 projections + lm_head
+    assert any("3 sequences (384 tokens)" in n for n in model.lowbit_summary.notes)
     with torch.no_grad():
         out = model(test).logits
     return float((out.argmax(-1) == ref.argmax(-1)).float().mean())

@@ -1,11 +1,13 @@
 """Entropy (KL) calibration, as TensorRT's int8 calibrator describes it.
 
-Histogram ``|x|`` into ``bins`` bins over ``[0, max |x|]``. For every candidate threshold of
-``i`` bins (``levels <= i <= bins``): P is the first ``i`` bins with all the clipped mass added to
-bin ``i - 1``; Q merges the first ``i`` bins *without* the clipped mass into ``levels`` chunks and
-spreads each chunk's mass evenly over the bins where P is non-zero. Both are normalised and the
-threshold minimises KL(P || Q). Where P has mass and Q none (clipped mass landing in an empty
-chunk) the divergence is infinite, so such a candidate is never chosen; no smoothing epsilon.
+Histogram ``|x|`` into ``bins`` bins over ``[0, max |x|]`` (pooled from the observer's finer
+histogram, so the top edge is within ``1.25 * max |x|`` with the default sizes). For every
+candidate threshold of ``i`` bins (``levels <= i <= bins``): P is the first ``i`` bins with all
+the clipped mass added to bin ``i - 1``; Q merges the first ``i`` bins *without* the clipped mass
+into ``levels`` chunks and spreads each chunk's mass evenly over the bins where P is non-zero.
+Both are normalised and the threshold minimises KL(P || Q). Where P has mass and Q none (clipped
+mass landing in an empty chunk) the divergence is infinite, so such a candidate is never chosen;
+no smoothing epsilon.
 """
 
 from __future__ import annotations

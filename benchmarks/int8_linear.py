@@ -1,0 +1,248 @@
+"""W8A8 linear on CPU: fp32 F.linear vs lowbit's int8 kernels vs torch's dynamic quantized Linear.
+
+Protocol: for each (M, K, N) the contenders run round-robin (one call each per round, after one
+warm-up call each), so machine load hits them alike; the table gives the median over rounds and
+each contender's speedup over fp32 from the same rounds. Weights are Gaussian, inputs Gaussian;
+lowbit's prepacked weight is built before timing (it is a per-layer cache). Writes
+benchmarks/results/int8_linear.md.
+
+    python benchmarks/int8_linear.py [--quick] [--rounds 7] [--threads 1,2] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_line  # noqa: E402
+
+from lowbit.kernels import int8 as int8_kernels  # noqa: E402
+from lowbit.kernels.int8 import (  # noqa: E402
+    int8_fbgemm_linear,
+    int8_reference_linear,
+    prepack_weight,
+)
+from lowbit.tensor import QuantizedTensor  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+MS = [1, 16, 128, 2048]
+REFERENCE_MAX_M = 16  # the float64 integer oracle is slow; timed only for small M
+
+
+def torch_dynamic_linear(lin: nn.Linear) -> nn.Module:
+    """torch's own peer: quantize_dynamic (int8 per-tensor weights, 7-bit dynamic activations)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def single_pass(qt: QuantizedTensor, packed):
+    """One fbgemm pass on full-range codes (not exact: int16 pair sums saturate without VNNI)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+        scale = torch.maximum(lo.abs(), hi.abs()) / 127
+        codes = torch.empty(x.shape[0] + 1, k)
+        torch.div(x, scale, out=codes[:-1]).round_().clamp_(-128, 127)
+        codes[-1].zero_()
+        codes[-1, :2] = torch.tensor([-128.0, 127.0])
+        acc = torch.ops.quantized.linear_dynamic(codes, packed, False)[:-1]
+        return acc.mul_(scale).mul_(qt.scale.reshape(1, -1))
+
+    return run
+
+
+def time_round_robin(fns: dict, rounds: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_shape(m: int, k: int, n: int, rounds: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    qt = QuantizedTensor.from_float(w, "w8a8")
+    cache: dict = {}
+    int8_fbgemm_linear(x[:1], qt, bias, cache)  # build the prepacked weight
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(bias)
+    peer = torch_dynamic_linear(lin)
+    one_pass = single_pass(qt, cache["int8-fbgemm"][1])
+    fns = {
+        "fp32": lambda: F.linear(x, w, bias),
+        "fast": lambda: int8_fbgemm_linear(x, qt, bias, cache),
+        "torch_dyn": lambda: peer(x),
+        "one_pass": lambda: one_pass(x),
+    }
+    if m <= REFERENCE_MAX_M:
+        fns["reference"] = lambda: int8_reference_linear(x, qt, bias, {})
+    with torch.no_grad():
+        return time_round_robin(fns, rounds if m <= 128 else max(3, rounds // 2))
+
+
+def engine_table(rounds: int) -> list[str]:
+    """The fast kernel's time per quantized engine (weights prepacked under each)."""
+    k = n = 4096
+    gen = torch.Generator().manual_seed(0)
+    qt = QuantizedTensor.from_float(torch.randn(n, k, generator=gen), "w8a8")
+    engines = [e for e in ("fbgemm", "x86", "onednn") if e in
+               torch.backends.quantized.supported_engines]
+    lines = ["| M | " + " | ".join(f"{e} ms" for e in engines) + " | fp32 ms |",
+             "|---:|" + "---:|" * (len(engines) + 1)]
+    w = qt.dequantize()
+    for m in (16, 128):
+        x = torch.randn(m, k, generator=gen)
+        fns = {"fp32": lambda x=x: F.linear(x, w)}
+        for e in engines:
+            cache = {"int8-fbgemm": ((e, qt.qdata.data_ptr(), qt.qdata._version, qt.shape),
+                                     prepack_weight(qt, e))}
+            fns[e] = lambda x=x, c=cache, e=e: _with_engine(e, x, qt, c)
+        med = time_round_robin(fns, rounds)
+        lines.append(f"| {m} | " + " | ".join(f"{med[e] * 1e3:.2f}" for e in engines)
+                     + f" | {med['fp32'] * 1e3:.2f} |")
+    return lines
+
+
+def _with_engine(name: str, x: torch.Tensor, qt: QuantizedTensor, cache: dict) -> torch.Tensor:
+    saved = int8_kernels.engine
+    int8_kernels.engine = name  # the cache key names the engine its weight was packed under
+    try:
+        return int8_fbgemm_linear(x, qt, None, cache)
+    finally:
+        int8_kernels.engine = saved
+
+
+def measure(shapes, ms, rounds: int, threads: int) -> tuple[list, list[str], str]:
+    """Rows (M, K, N, medians), the engine table and the load/thread note, at ``threads``."""
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for k, n in shapes:
+        for m in ms:
+            med = run_shape(m, k, n, rounds)
+            rows.append((m, k, n, med))
+            print(threads, m, k, n, {name: round(t * 1e3, 2) for name, t in med.items()},
+                  flush=True)
+    engines = engine_table(rounds)
+    note = (f"{threads} torch thread(s); 1-min load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after (the machine is shared with other jobs).")
+    return rows, engines, note
+
+
+def section(rows: list, engines: list[str], note: str, threads: int) -> list[str]:
+    def cell(med: dict, name: str) -> str:
+        if name not in med:
+            return "–"
+        return f"{med[name] * 1e3:.2f} ({med['fp32'] / med[name]:.2f}x)"
+
+    out = [
+        f"## {threads} thread(s)",
+        "",
+        note,
+        "",
+        "| M | K x N | fp32 ms | lowbit fast ms | lowbit reference ms | torch dynamic ms | "
+        "1-pass (inexact) ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for m, k, n, med in rows:
+        out.append(
+            f"| {m} | {k}x{n} | {med['fp32'] * 1e3:.2f} | {cell(med, 'fast')} | "
+            f"{cell(med, 'reference')} | {cell(med, 'torch_dyn')} | {cell(med, 'one_pass')} |"
+        )
+    target = [med for m, k, n, med in rows if (m, k, n) == (128, 4096, 4096)]
+    if target:
+        speedup = target[0]["fp32"] / target[0]["fast"]
+        verdict = "met" if speedup >= 1.5 else "NOT met"
+        out += ["", f"Issue target (W8A8 dynamic, M=128, 4096x4096, >= 1.5x fp32): measured "
+                    f"{speedup:.2f}x, **{verdict}** at {threads} thread(s)."]
+    out += ["", f"Quantized engine under lowbit's fast kernel (4096x4096, no bias, {threads} "
+                "thread(s), median ms):", "", *engines, ""]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="M in (16, 128), 4096x4096 only")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per contender")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated torch thread counts, one table each "
+                             "(default: torch's default)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "int8_linear.md")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        raise SystemExit(f"--threads={args.threads!r}; expected e.g. 1 or 1,2") from None
+    if any(t < 1 for t in thread_counts):
+        raise SystemExit("--threads: every count must be >= 1")
+    if int8_kernels.engine is None:
+        raise SystemExit("this torch build has no quantized CPU engine; nothing to measure")
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    ms = [16, 128] if args.quick else MS
+    default_threads = torch.get_num_threads()
+    sections = [section(*measure(shapes, ms, args.rounds, t), t) for t in thread_counts]
+    torch.set_num_threads(default_threads)
+    out = [
+        "# W8A8 int8 linear on CPU",
+        "",
+        f"Machine: {machine_line()}. CPU capability: "
+        f"{torch.backends.cpu.get_cpu_capability()} (no VNNI). Quantized engine for lowbit's "
+        f"prepack: `{int8_kernels.engine}` (torch's default engine: "
+        f"`{torch.backends.quantized.engine}`).",
+        "",
+        "Protocol: `python benchmarks/int8_linear.py"
+        + (" --quick" if args.quick else "")
+        + f" --rounds {args.rounds} --threads {args.threads}`. Per shape, every contender runs "
+        "once per round, round-robin, after one warm-up call; cells are the median ms over the "
+        "rounds (half the rounds, at least 3, for M=2048) and, in brackets, the speedup over "
+        "fp32 from the same rounds. Weights and inputs Gaussian, with bias. "
+        "y = x @ W^T + b, x [M, K], W [N, K].",
+        "",
+        "- **fp32**: `F.linear` on the float weight.",
+        "- **lowbit fast** (`int8-fbgemm`, the kernel dispatch picks): lowbit's per-token int8 "
+        "codes, split into two non-negative halves and run through `quantized::linear_dynamic` "
+        "with a prepacked per-channel int8 weight; exact integer sums (equal to the reference).",
+        "- **lowbit reference** (`int8-reference`): the exact integer oracle (float64 matmul of "
+        f"integer codes); timed only for M <= {REFERENCE_MAX_M}.",
+        "- **torch dynamic**: `torch.ao.quantization.quantize_dynamic` Linear (its own "
+        "quantization: per-tensor weight scale, per-tensor 7-bit activations via reduce_range).",
+        "- **1-pass (inexact)**: a single fbgemm pass on lowbit's full-range codes; shown to "
+        "price exactness. Without VNNI it saturates int16 pair sums and gives wrong outputs "
+        "(about 3% of them on 4096x4096 Gaussian data), so lowbit does not use it.",
+        "",
+    ]
+    for lines in sections:
+        out += lines
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

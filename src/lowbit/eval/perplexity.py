@@ -4,7 +4,9 @@ Protocol (as in the fixture models' README and Hugging Face's perplexity guide):
 cut into windows of ``context`` tokens whose starts move by ``stride``. The first window scores all
 of its ``context - 1`` targets; every later window scores only the targets not scored before (the
 last ``stride``, fewer in the final window), so each target after the first token is scored exactly
-once and, past the first window, with at least ``context - stride`` tokens of context.
+once and, past the first window, with at least ``context - stride`` tokens of context. A window
+holds ``context`` tokens, so it predicts ``context - 1`` targets; with ``stride == context`` each
+window therefore starts one token before the first target it scores (scoring ``context - 1``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
         end = min(begin + context, n_tokens)
         windows.append(Window(begin, end, scored_until))
         scored_until = end
-        begin += stride
+        # The next window must hold the token before its first target (matters when
+        # stride == context: it then starts one token early).
+        begin = min(begin + stride, scored_until - 1)
     return windows
 
 

@@ -62,6 +62,26 @@ def test_fast_static_equals_reference(x_shape, n, with_bias):
 
 
 @needs_engine
+def test_fast_equals_reference_for_per_tensor_weight_and_activation_scales():
+    act = QuantSpec(format="int8", granularity="tensor", symmetric=True, scale_dtype="float32",
+                    dynamic=True)
+    spec = QuantSpec(format="int8", granularity="tensor", symmetric=True, scale_dtype="float32",
+                     act=act)
+    qt = QuantizedTensor.from_float(torch.randn(19, 45), spec)
+    x, bias = torch.randn(3, 4, 45), torch.randn(19)
+    assert select_kernel(qt, x).name == "int8-fbgemm"
+    assert torch.equal(int8_fbgemm_linear(x, qt, bias, {}), int8_reference_linear(x, qt, bias, {}))
+
+
+def test_stochastic_activation_rounding_stays_on_the_reference():
+    spec = lowbit.preset("w8a8")
+    spec = spec.replace(act=spec.act.replace(rounding="stochastic"))
+    qt = QuantizedTensor.from_float(torch.randn(4, 8), spec)
+    assert not KERNELS["int8-fbgemm"].supports(qt, torch.zeros(2, 8))
+    assert KERNELS["int8-reference"].supports(qt, torch.zeros(2, 8))
+
+
+@needs_engine
 def test_fast_is_exact_where_a_single_uint8_pass_saturates_int16():
     """Codes at the extremes: pairs 255*127 + 255*127 overflow int16 in fbgemm's AVX2 path; the
     two-half split must still give the exact integer sum 127 * 127 * K (and -128 * -127 * K)."""

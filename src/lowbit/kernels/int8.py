@@ -93,7 +93,7 @@ def _fast_supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
         and _fits(qt, x)
         and _signed_symmetric(qt.spec)
         and _signed_symmetric(act)
-        and (mode == "static" or act.rounding == "nearest")
+        and act.rounding == "nearest"
     )
 
 

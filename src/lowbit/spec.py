@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -141,17 +142,17 @@ class QuantSpec:
             raise TypeError(f"act must be a QuantSpec or None, got {type(self.act).__name__}")
 
     # ---- derived facts -------------------------------------------------------------------
-    @property
+    @cached_property
     def kind(self) -> str:
         """'affine' (intN/uintN), 'float' (fp grids), 'codebook' (nf4, pow2) or 'kmeans'."""
         return "affine" if _int_format(self.format) else _NON_INT_FORMATS[self.format][0]
 
-    @property
+    @cached_property
     def bits(self) -> int:
         parsed = _int_format(self.format)
         return parsed[1] if parsed else _NON_INT_FORMATS[self.format][1]
 
-    @property
+    @cached_property
     def signed(self) -> bool:
         """Signed integer range (int) or unsigned (uint); fixed grids count as signed."""
         parsed = _int_format(self.format)

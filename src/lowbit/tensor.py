@@ -85,6 +85,9 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Q^-1: float values of the logical shape (``dtype`` defaults to the original dtype)."""
+        if self.g_idx is not None:
+            spec, qp, layout = elementwise_view(self.spec, self.shape, self.qparams, self.g_idx)
+            return dequantize(self.codes(), qp, spec, layout, dtype or self.dtype)
         return dequantize(
             self.codes(), self.qparams, self.spec, self.layout, dtype or self.dtype
         )
@@ -175,6 +178,20 @@ class QuantizedTensor:
 
     def validate(self) -> None:
         """Raise ValueError if stored tensors disagree with the spec and logical shape."""
+        if self.g_idx is not None:
+            layout = self.layout
+            if (
+                self.spec.granularity != "group"
+                or tuple(self.g_idx.shape) != (layout.cols,)
+                or self.g_idx.dtype != torch.int32
+                or int(self.g_idx.min()) < 0
+                or int(self.g_idx.max()) >= layout.n_blocks[1]
+            ):
+                raise ValueError(
+                    f"'g_idx' must be int32 [{layout.cols}] with group indices below "
+                    f"{layout.n_blocks[1]} for spec {self.spec}; got {tuple(self.g_idx.shape)} "
+                    f"{self.g_idx.dtype}"
+                )
         for name, (shape, dtype) in stored_shapes(self.spec, self.shape).items():
             t = getattr(self, name)
             if t is None:
@@ -217,3 +234,20 @@ def stored_nbytes(spec: str | QuantSpec, shape: tuple[int, ...]) -> int:
             n *= d
         total += n * torch.empty((), dtype=dtype).element_size()
     return total
+
+
+def elementwise_view(
+    spec: QuantSpec, shape: tuple[int, ...], qparams: QParams, g_idx: torch.Tensor
+) -> tuple[QuantSpec, QParams, Layout]:
+    """Group qparams ``[R, G]`` expanded to one per element ``[R, C]`` through ``g_idx``.
+
+    The same elementwise formula as the grouped map, so values are bit-identical to quantizing
+    each column with its group's qparams (as GPTQ with act-order does).
+    """
+    cols = g_idx.long()
+    per_element = spec.replace(granularity="block", group_size=None, block=(1, 1))
+    expanded = QParams(
+        scale=None if qparams.scale is None else qparams.scale[:, cols],
+        zero_point=None if qparams.zero_point is None else qparams.zero_point[:, cols],
+    )
+    return per_element, expanded, layout_for(shape, per_element)

@@ -40,7 +40,7 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
     return (-(1 << (b - 1)), (1 << (b - 1)) - 1) if spec.signed else (0, (1 << b) - 1)
 
 
-def _symmetric_zero(spec: QuantSpec) -> int:
+def symmetric_zero(spec: QuantSpec) -> int:
     """Zero-point implied by a symmetric affine spec: 0 (signed) or 2**(b-1) (unsigned)."""
     return 0 if spec.signed else 1 << (spec.bits - 1)
 
@@ -104,7 +104,7 @@ def qparams_from_range(
         qmin, qmax = qrange(spec)
         if spec.symmetric:
             absmax = torch.maximum(lo.abs(), hi.abs())
-            scale = _store_scale(absmax / (qmax - _symmetric_zero(spec)), scale_dtype)
+            scale = _store_scale(absmax / (qmax - symmetric_zero(spec)), scale_dtype)
             return QParams(scale=scale)
         if spec.zero_point == "int":
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
@@ -169,16 +169,9 @@ def _codes_blocked(
         return _nearest_index(xb, qp.codebook.float())
     if qp.scale is None:
         raise ValueError(f"spec {spec} needs a scale; QParams.scale is None")
-    v = xb / _expand(qp.scale)
     if kind == "affine":
-        qmin, qmax = qrange(spec)
-        if spec.has_zero_point:
-            v.add_(_expand(qp.zero_point))
-        elif _symmetric_zero(spec):
-            v.add_(_symmetric_zero(spec))
-        # In place: this runs on every weight (and inside GPTQ's column loop).
-        v = _round(v, spec, generator).clamp_(qmin, qmax).sub_(qmin)
-        return v.to(torch.uint8)
+        return affine_codes(xb, _expand(qp.scale), _affine_zero(spec, qp), spec, generator)
+    v = xb / _expand(qp.scale)
     if spec.rounding != "nearest":
         raise ValueError(
             f"rounding='stochastic' is implemented for integer formats; {spec.format!r} "
@@ -193,6 +186,37 @@ def _grid_values(spec: QuantSpec) -> torch.Tensor:
     return torch.tensor(_grid(spec).values, dtype=torch.float32)
 
 
+def _affine_zero(spec: QuantSpec, qp: QParams) -> torch.Tensor | int:
+    return _expand(qp.zero_point) if spec.has_zero_point else symmetric_zero(spec)
+
+
+def affine_codes(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | int,
+    spec: QuantSpec,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Affine Q with float32 ``scale``/``zero`` broadcast against ``x``: stored uint8 codes.
+
+    The single elementwise definition of Q for integer grids (GPTQ's column loop calls it too).
+    """
+    qmin, qmax = qrange(spec)
+    v = x / scale
+    if not isinstance(zero, int) or zero:
+        v.add_(zero)
+    # In place: this runs on every weight (and once per column inside GPTQ).
+    return _round(v, spec, generator).clamp_(qmin, qmax).sub_(qmin).to(torch.uint8)
+
+
+def affine_values(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int, spec: QuantSpec
+) -> torch.Tensor:
+    """Affine Q^-1: stored codes -> float32 ``(code + qmin - zero) * scale``."""
+    qmin, _ = qrange(spec)
+    return codes.float().add_(qmin - zero).mul_(scale)
+
+
 def _values_blocked(codes: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tensor:
     """Q^-1 on the blocked view: integer codes ``[R/bh, C/bw, n]`` -> float32 values."""
     kind = spec.kind
@@ -200,9 +224,7 @@ def _values_blocked(codes: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.
         return torch.gather(qp.codebook.float(), -1, codes.long())
     scale = _expand(qp.scale)
     if kind == "affine":
-        qmin, _ = qrange(spec)
-        zero = _expand(qp.zero_point) if spec.has_zero_point else _symmetric_zero(spec)
-        return codes.float().add_(qmin - zero).mul_(scale)
+        return affine_values(codes, scale, _affine_zero(spec, qp), spec)
     if kind == "float":
         return _grid(spec).decode(codes) * scale
     return _grid_values(spec)[codes.long()] * scale

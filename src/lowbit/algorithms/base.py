@@ -1,0 +1,72 @@
+"""Algorithm objects: hyper-parameters on the object, a pure core ``(W, spec, stats) -> QT``.
+
+An algorithm never runs the model (calib/ does) and never switches on format types: it talks to
+the spec through the maps (``choose_qparams``, ``quantize``, ``fake_quantize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.spec import QuantSpec
+from lowbit.tensor import QuantizedTensor
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input ``x [tokens, in]``.
+
+    hessian: ``sum_t x_t x_t^T`` (float32 ``[in, in]``, GPTQ's H up to the 2/n factor);
+    abs_mean: mean |x| per input channel (AWQ); abs_max: max |x| per channel (SmoothQuant);
+    tokens: how many rows were accumulated.
+    """
+
+    hessian: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
+    tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def update(self, x: torch.Tensor, hessian: bool = True) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if hessian:
+            xtx = x.t() @ x
+            self.hessian = xtx if self.hessian is None else self.hessian.add_(xtx)
+        a = x.abs()
+        s, m = a.sum(0), a.amax(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+        self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
+        self.tokens += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        if self.abs_sum is None or self.tokens == 0:
+            raise ValueError("no calibration tokens were observed for this layer")
+        return self.abs_sum / self.tokens
+
+
+class Algorithm:
+    """Base: ``quantize_weight(W [out, in], spec, stats) -> QuantizedTensor``."""
+
+    name = "base"
+    needs_calibration = False
+    needs_hessian = False
+
+    def quantize_weight(
+        self, weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None
+    ) -> QuantizedTensor:
+        raise NotImplementedError
+
+
+@dataclass
+class RTN(Algorithm):
+    """Round to nearest with min-max / absmax qparams: the baseline every algorithm must beat."""
+
+    name = "rtn"
+
+    def quantize_weight(
+        self, weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None
+    ) -> QuantizedTensor:
+        return QuantizedTensor.from_float(weight, spec)

@@ -6,6 +6,7 @@ the spec through the maps (``choose_qparams``, ``quantize``, ``fake_quantize``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +48,45 @@ class LayerStats:
         return self.abs_sum / self.tokens
 
 
+@dataclass
+class BlockContext:
+    """What the layer-by-layer runner (calib/sequential.py) hands an algorithm for one block.
+
+    block: the float decoder/encoder block (an nn.Module), about to be quantized.
+    arch: the model's ``config.model_type`` (e.g. "llama", "gpt2", "bert"), for mapping tables.
+    stats: LayerStats of each linear's input, keyed by its name relative to the block.
+    spec_for: the QuantSpec chosen for a linear (relative name), None if it is left in float.
+    run_block: runs the block on the captured calibration inputs and returns its outputs
+        (a list of tensors, one per calibration batch), with whatever weights it has now.
+    inputs: the captured inputs of the block's linears' shared sources when an algorithm
+        needs raw activations: name -> list of ``[tokens, in]`` tensors (subsampled).
+    """
+
+    block: torch.nn.Module
+    arch: str
+    stats: dict[str, LayerStats]
+    spec_for: Callable[[str], QuantSpec | None]
+    run_block: Callable[[], list[torch.Tensor]]
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
 class Algorithm:
-    """Base: ``quantize_weight(W [out, in], spec, stats) -> QuantizedTensor``."""
+    """Base: ``quantize_weight(W [out, in], spec, stats) -> QuantizedTensor``.
+
+    Algorithms that transform a block before its weights are quantized (AWQ, SmoothQuant fold
+    scales into the preceding norm/linear) override ``prepare_block``; the runner then collects
+    the statistics again if ``restat_after_prepare``.
+    """
 
     name = "base"
     needs_calibration = False
     needs_hessian = False
+    needs_inputs = False
+    restat_after_prepare = False
+
+    def prepare_block(self, ctx: BlockContext) -> list[str]:
+        """Transform ``ctx.block`` in place, float outputs unchanged; return summary notes."""
+        return []
 
     def quantize_weight(
         self, weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None

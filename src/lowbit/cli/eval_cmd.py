@@ -37,8 +37,12 @@ def _folder_tokenizer(path: Path) -> Any:
 
 def load_model(path: Path) -> tuple[torch.nn.Module, Any, str]:
     """``(model, tokenizer or None, kind)`` from a plain HF folder or a ``lowbit.save`` folder."""
+    from transformers.utils import logging as hf_logging
+
     from lowbit.io import load
     from lowbit.models.hf import load_hf_model, model_kind
+
+    hf_logging.disable_progress_bar()  # keep the CLI output to our table (and errors one line)
 
     if not path.exists():
         raise ValueError(f"MODEL_DIR {str(path)!r} does not exist")
@@ -148,6 +152,8 @@ def eval_command(
     """Accuracy against a reference (perplexity, KL divergence, top-1 / embedding cosine), latency
     and weight memory of a model."""
     try:
+        if text is not None and not text.is_file():
+            raise ValueError(f"--text {str(text)!r} does not exist or is not a file")
         model, tokenizer, kind = load_model(model_dir)
         ref_model = ref_tok = None
         if reference is not None:

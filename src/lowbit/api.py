@@ -134,6 +134,9 @@ def quantize(
             skip("no spec pattern matches")
             continue
         act = layer_spec.act
+        note = ""
+        if act is not None and kind in ("Embedding", "Conv2d"):
+            layer_spec, note = layer_spec.replace(act=None), f"{kind}: weight part of the spec only"
         if act is not None and not act.dynamic and kind in ("Linear", "Conv1D"):
             if calib is None:
                 raise ValueError(
@@ -150,7 +153,7 @@ def quantize(
         replacements.append((name, new))
         summary.modules.append(ModuleReport(
             name, kind, str(layer_spec), "quantized",
-            "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else "",
+            "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else note,
             before, new.weight_nbytes,
         ))
     if static_acts:  # observe the float model before any module is swapped
@@ -179,8 +182,6 @@ def _quantize_module(module: nn.Module, kind: str, spec: QuantSpec) -> nn.Module
             bad = int((~torch.isfinite(weight)).sum())
             raise ValueError(f"weight has {bad} NaN/Inf values")
         return QuantLinear.from_float(module, spec)
-    if spec.act is not None:
-        raise ValueError(f"{kind} supports weight-only specs; {spec} quantizes activations")
     if kind == "Conv2d":
         return QuantConv2d(module, spec)
     return QuantEmbedding(module, spec)

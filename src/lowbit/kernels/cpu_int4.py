@@ -1,0 +1,278 @@
+"""Fast CPU weight-only kernel for 4-bit group-wise affine specs (w4g128, w4g64, w4g128-sym).
+
+Why a small compiled kernel: on AVX2 CPUs without AVX-512 (this project's machines) torch's own
+int4 CPU op ``_weight_int4pack_mm_for_cpu`` is several times *slower* than fp32 ``F.linear``
+(measured in benchmarks/results/kernels.md); ``_weight_int8pack_mm`` and a ``torch.compile``d
+fused dequant-GEMV were also slower than fp32 when tried during development (not kept).
+
+The kernel reads lowbit's canonical packed bytes directly (no repack) and, per output row and
+group, unpacks nibbles to fp32 in AVX2 registers and accumulates against the activations:
+
+    y[m, n] = sum_g s[n, g] * sum_{k in g} u[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
+
+where ``u`` are the stored unsigned codes, ``zc`` the zero-point in code units (``z - qmin``;
+8 for signed symmetric int4) and ``xs[m, g]`` the activation sum of group g. Weights never exist
+as fp32, so M=1 moves ~8x fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes into
+an fp32 buffer (C++) and calls ``F.linear`` (compute-bound there; fp32 speed minus the dequant).
+
+The kernel is plain C++ (AVX2 intrinsics + OpenMP, no torch headers) compiled on first use with
+the system C++ compiler (a second or two) into ``~/.cache/lowbit/kernels/`` (``LOWBIT_CACHE``
+overrides), keyed by a hash of source and flags, and called through ctypes (which releases the
+GIL). If it cannot be built, the kernel reports itself unsupported (the reason is in a
+RuntimeWarning) and dispatch falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.quant.maps import qrange
+from lowbit.tensor import QuantizedTensor
+
+NAME = "cpu_int4"
+GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows m0..m0+MT of out for output channel n. XE/XO: even/odd activation columns [M, K/2].
+template <int MT>
+static inline void row_tile(const float* XE, const float* XO, const float* XS,
+                            const uint8_t* prow, const float* S, const float* ZS,
+                            float* OUT, int64_t m0, int64_t n, int64_t H, int64_t G,
+                            int64_t hg, int64_t N) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m256 tot[MT];
+  float corr[MT];
+  for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t j = g * hg; j < (g + 1) * hg; j += 16) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(prow + j));
+      __m128i lo = _mm_and_si128(b, mask);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      for (int t = 0; t < MT; ++t) {
+        const float* e = XE + (m0 + t) * H + j;
+        const float* o = XO + (m0 + t) * H + j;
+        acc[t] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(e), acc[t]);
+        acc[t] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), acc[t]);
+        acc[t] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(o), acc[t]);
+        acc[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), acc[t]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(S[n * G + g]);
+    const float zs = ZS[n * G + g];
+    for (int t = 0; t < MT; ++t) {
+      tot[t] = _mm256_fmadd_ps(acc[t], sv, tot[t]);
+      corr[t] += zs * XS[(m0 + t) * G + g];
+    }
+  }
+  for (int t = 0; t < MT; ++t) OUT[(m0 + t) * N + n] = hsum(tot[t]) - corr[t];
+}
+
+extern "C" void int4_gemv(const float* XE, const float* XO, const float* XS, const uint8_t* P,
+                          const float* S, const float* ZS, float* OUT, int64_t M, int64_t H,
+                          int64_t N, int64_t G, int64_t hg, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* prow = P + n * H;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) row_tile<4>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N);
+    switch (M - m0) {
+      case 3: row_tile<3>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
+      case 2: row_tile<2>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
+      case 1: row_tile<1>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
+      default: break;
+    }
+  }
+}
+
+// fp32 weights [N, 2H]: w[n, 2j] = lo * s - zs, w[n, 2j+1] = hi * s - zs.
+extern "C" void int4_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
+                             int64_t N, int64_t H, int64_t G, int64_t hg, int threads) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
+      const uint8_t* p = P + n * H + g * hg;
+      float* o = W + n * 2 * H + g * 2 * hg;
+      for (int64_t j = 0; j < hg; j += 16) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+        __m128i lo = _mm_and_si128(b, mask);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  // code order
+        __m128i parts[4] = {c0, _mm_srli_si128(c0, 8), c1, _mm_srli_si128(c1, 8)};
+        for (int q = 0; q < 4; ++q) {
+          __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[q]));
+          _mm256_storeu_ps(o + 2 * j + 8 * q, _mm256_fmsub_ps(u, sv, zv));
+        }
+      }
+    }
+  }
+}
+"""
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except AttributeError:  # very old torch
+        return False
+
+
+def _build_library() -> ctypes.CDLL:
+    """Compile ``_SOURCE`` once per source/flags hash into the user cache; load it."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    library = cache_dir / "kernels" / f"cpu_int4_{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            src = Path(tmp) / "cpu_int4.cpp"
+            src.write_text(_SOURCE)
+            out = Path(tmp) / library.name
+            run = subprocess.run(
+                [compiler, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True
+            )
+            if run.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[:300]}")
+            os.replace(out, library)  # atomic: concurrent builders agree on one file
+    lib = ctypes.CDLL(str(library))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.int4_gemv.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int]
+    lib.int4_gemv.restype = None
+    lib.int4_dequant.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
+    lib.int4_dequant.restype = None
+    return lib
+
+
+def extension() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None if it cannot be built here (reason warned once)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if not _cpu_has_avx2():
+            _state["error"] = "CPU lacks AVX2/FMA"
+        else:
+            try:
+                module = _build_library()
+            except Exception as exc:  # compiler missing, OpenMP missing, ...
+                _state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                warnings.warn(
+                    f"lowbit cpu_int4 kernel unavailable ({_state['error']}); using the "
+                    "reference kernel",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _state["module"] = module
+        return module
+
+
+def spec_supported(qt: QuantizedTensor) -> bool:
+    """4-bit affine group-wise weight-only 2-D specs with groups a multiple of 32."""
+    spec = qt.spec
+    return (
+        spec.act is None
+        and spec.kind == "affine"
+        and spec.bits == 4
+        and spec.granularity == "group"
+        and spec.group_size % 32 == 0
+        and len(qt.shape) == 2
+        and qt.g_idx is None
+    )
+
+
+def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and qt.qdata.device.type == "cpu"
+        and spec_supported(qt)
+        and extension() is not None
+    )
+
+
+def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[torch.Tensor, ...]:
+    """(packed uint8 [N, K/2], scale fp32 [N, G], scale*zero fp32 [N, G]); built once, cached."""
+    entry = cache.get(NAME)
+    if entry is None or entry[0] is not qt.qdata:
+        spec = qt.spec
+        qmin, _ = qrange(spec)
+        scale = qt.scale.float().contiguous()
+        if spec.has_zero_point:
+            zero_code = qt.zero_point.float() - qmin
+        else:
+            zero_code = torch.full_like(scale, float((0 if spec.signed else 8) - qmin))
+        entry = (qt.qdata, qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
+        cache[NAME] = entry
+    return entry[1:]
+
+
+def cpu_int4_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """``x [..., K] float32 @ W^T`` for a 4-bit group-wise W ``[N, K]``; returns ``[..., N]``."""
+    lib = extension()
+    packed, scale, scale_zero = _execution_layout(qt, cache)
+    n_out, k_in = qt.shape
+    group = qt.spec.group_size
+    n_groups = k_in // group
+    threads = torch.get_num_threads()
+    x2 = x.reshape(-1, k_in).contiguous()
+    m = x2.shape[0]
+    if m > GEMV_MAX_ROWS:
+        w = torch.empty(n_out, k_in)
+        lib.int4_dequant(
+            packed.data_ptr(), scale.data_ptr(), scale_zero.data_ptr(), w.data_ptr(),
+            n_out, k_in // 2, n_groups, group // 2, threads,
+        )
+        y = F.linear(x2, w)
+    else:
+        x_even, x_odd = x2[:, 0::2].contiguous(), x2[:, 1::2].contiguous()
+        x_sums = x2.view(m, n_groups, group).sum(-1)
+        y = torch.empty(m, n_out)
+        lib.int4_gemv(
+            x_even.data_ptr(), x_odd.data_ptr(), x_sums.data_ptr(), packed.data_ptr(),
+            scale.data_ptr(), scale_zero.data_ptr(), y.data_ptr(),
+            m, k_in // 2, n_out, n_groups, group // 2, threads,
+        )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+KERNEL = register_kernel(Kernel(NAME, cpu_int4_linear, _supports, priority=10))

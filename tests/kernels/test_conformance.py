@@ -1,0 +1,95 @@
+"""Every registered kernel x every preset it supports, against the reference kernel.
+
+Random inputs with odd M, 3-D inputs, with and without bias; forced selection via LOWBIT_KERNEL.
+Kernels that don't support CPU tensors (Triton/CUDA) have no case here: they are checked in
+their own tests (the Triton one under the interpreter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels import KERNELS, cpu_int4, dispatch
+from lowbit.spec import PRESETS, preset
+from lowbit.tensor import QuantizedTensor
+
+K, N = 256, 40
+
+
+def _quantized(name: str) -> QuantizedTensor:
+    torch.manual_seed(sum(map(ord, name)))
+    qt = QuantizedTensor.from_float(torch.randn(N, K) * torch.rand(N, 1) * 2, name)
+    spec = preset(name)
+    if spec.act is not None and not spec.act.dynamic:  # static activations: a calibrated scale
+        qt.act_scale = torch.tensor(4.0 / 127)
+        if spec.act.has_zero_point:
+            qt.act_zero_point = torch.tensor(0.0)
+    return qt
+
+
+_QUANTIZED = {name: _quantized(name) for name in PRESETS}
+_INPUTS = {
+    "odd-2d": lambda: torch.randn(7, K),
+    "3d": lambda: torch.randn(2, 3, K),
+}
+
+
+def _cases():
+    for kernel in sorted(KERNELS):
+        for name in PRESETS:
+            if KERNELS[kernel].supports(_QUANTIZED[name], torch.randn(1, K)):
+                yield kernel, name
+
+
+CASES = list(_cases())
+
+
+def _tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """fp32 reassociation bound: sqrt(K) * eps growth on sum_k |x||w| with a 16x margin (the
+    weight magnitude is bounded by its dequantized values plus the zero-point term)."""
+    w = qt.dequantize(torch.float32).abs()
+    mag = x.abs().reshape(-1, K) @ (w + w.amax(dim=1, keepdim=True)).T
+    return 16 * K**0.5 * torch.finfo(torch.float32).eps * mag + 1e-6
+
+
+def test_every_fast_kernel_has_a_case() -> None:
+    cpu_kernels = {k for k, _ in CASES}
+    assert "reference" in cpu_kernels
+    if cpu_int4.extension() is not None:
+        assert "cpu_int4" in cpu_kernels, f"cpu_int4 supports no preset here: {CASES}"
+
+
+@pytest.mark.parametrize("input_kind", sorted(_INPUTS))
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("kernel", "name"), CASES)
+def test_kernel_matches_reference(kernel: str, name: str, input_kind: str, with_bias: bool):
+    qt = _QUANTIZED[name]
+    torch.manual_seed(7)
+    x = _INPUTS[input_kind]()
+    bias = torch.randn(N) if with_bias else None
+    y = KERNELS[kernel].fn(x, qt, bias, {})
+    ref = KERNELS["reference"].fn(x, qt, bias, {})
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == ref.dtype
+    err = (y - ref).abs().reshape(-1, N)
+    tol = _tolerance(x, qt)
+    assert bool((err <= tol).all()), f"{kernel} on {name}: max err {err.max():.3g}"
+
+
+@pytest.mark.parametrize(("kernel", "name"), CASES)
+def test_forced_by_environment(monkeypatch, kernel: str, name: str) -> None:
+    qt = _QUANTIZED[name]
+    x = torch.randn(3, K)
+    monkeypatch.setenv("LOWBIT_KERNEL", kernel)
+    assert dispatch.select_kernel(qt, x).name == kernel
+    # the forced kernel is the one that ran: bit-identical to calling it directly
+    assert torch.equal(dispatch.linear(x, qt), KERNELS[kernel].fn(x, qt, None, {}))
+
+
+def test_forcing_an_unsupporting_kernel_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("LOWBIT_KERNEL", "cpu_int4")
+    with pytest.raises(ValueError, match="does not support"):
+        dispatch.select_kernel(_QUANTIZED["w8"], torch.randn(1, K))
+    monkeypatch.setenv("LOWBIT_KERNEL", "no-such-kernel")
+    with pytest.raises(ValueError, match="not registered"):
+        dispatch.select_kernel(_QUANTIZED["w4g128"], torch.randn(1, K))

@@ -1,0 +1,103 @@
+"""The AVX2 int4 CPU kernel against the reference kernel, its cache and its dispatch rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels import cpu_int4, dispatch
+from lowbit.kernels.dispatch import reference_linear
+from lowbit.nn.modules import QuantLinear
+from lowbit.spec import preset
+from lowbit.tensor import QuantizedTensor
+
+INT4_PRESETS = ("w4g128", "w4g64", "w4g128-sym")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if cpu_int4.extension() is None:
+        pytest.skip(f"cpu_int4 extension unavailable here: {cpu_int4._state.get('error')}")
+
+
+def rounding_tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """Per-output bound on fp32 reassociation error between two correct kernels.
+
+    Both sum K products whose magnitudes are at most |x| * 16 * s (codes and zero-points lie in
+    [0, 16] code units); fp32 rounding errors of such sums grow like sqrt(K) * eps in practice
+    (random-walk model, Higham 2002 sec. 3.4), times a 16x margin. A wrong nibble, group or
+    zero-point gives errors of the order of the magnitude itself, far above this.
+    """
+    k = qt.shape[1]
+    s = qt.scale.float().repeat_interleave(qt.spec.group_size, dim=1)
+    magnitude = x.abs().reshape(-1, k) @ (16 * s).T
+    return 16 * k**0.5 * torch.finfo(torch.float32).eps * magnitude + 1e-6
+
+
+def check_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = (y - ref).abs().reshape(-1, qt.shape[0])
+    tol = rounding_tolerance(x, qt)
+    assert bool((err <= tol).all()), f"max err {err.max():.3g}, max tol {tol.max():.3g}"
+
+
+@pytest.mark.parametrize("name", INT4_PRESETS)
+@pytest.mark.parametrize("m", [1, 3, 4, 7, cpu_int4.GEMV_MAX_ROWS + 1])
+def test_matches_reference(name: str, m: int) -> None:
+    torch.manual_seed(m)
+    w = torch.randn(72, 384) * torch.rand(72, 1) * 3
+    qt = QuantizedTensor.from_float(w, name)
+    x = torch.randn(m, 384)
+    bias = torch.randn(72)
+    y = cpu_int4.cpu_int4_linear(x, qt, bias, {})
+    check_close(y, reference_linear(x, qt, bias, {}), x, qt)
+
+
+def test_float_zero_point_and_3d_input() -> None:
+    torch.manual_seed(1)
+    spec = preset("w4g64").replace(zero_point="float")
+    qt = QuantizedTensor.from_float(torch.randn(40, 256) + 0.5, spec)
+    x = torch.randn(2, 5, 256)
+    y = cpu_int4.cpu_int4_linear(x, qt, None, {})
+    assert y.shape == (2, 5, 40)
+    check_close(y, reference_linear(x, qt, None, {}), x, qt)
+
+
+def test_wrong_nibble_order_would_fail() -> None:
+    """The tolerance is tight enough to catch swapped nibbles (the test can fail)."""
+    torch.manual_seed(2)
+    qt = QuantizedTensor.from_float(torch.randn(32, 128), "w4g128")
+    swapped = QuantizedTensor(
+        qdata=(qt.qdata >> 4) | (qt.qdata << 4), spec=qt.spec, shape=qt.shape,
+        scale=qt.scale, zero_point=qt.zero_point,
+    )
+    x = torch.randn(3, 128)
+    err = (cpu_int4.cpu_int4_linear(x, swapped, None, {}) - reference_linear(x, qt, None, {}))
+    assert bool((err.abs() > rounding_tolerance(x, qt)).any())
+
+
+def test_execution_layout_is_cached_not_saved() -> None:
+    torch.manual_seed(3)
+    layer = QuantLinear.from_float(torch.nn.Linear(128, 48), "w4g128")
+    keys_before = set(layer.state_dict())
+    x = torch.randn(2, 128)
+    layer(x)
+    entry = layer._kernel_cache[cpu_int4.NAME]
+    layer(x)
+    assert layer._kernel_cache[cpu_int4.NAME] is entry  # built once, reused
+    assert set(layer.state_dict()) == keys_before  # never saved
+
+
+def test_dispatch_picks_cpu_int4_only_where_supported(monkeypatch) -> None:
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g128")
+    assert dispatch.select_kernel(qt, torch.randn(1, 128)).name == cpu_int4.NAME
+    assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
+        "reference"
+    )
+    for other in ("w3g128", "nf4g64"):
+        q = QuantizedTensor.from_float(torch.randn(16, 128), other)
+        assert dispatch.select_kernel(q, torch.randn(1, 128)).name == "reference"
+    small_groups = QuantizedTensor.from_float(torch.randn(16, 128), preset("w4g64").replace(
+        group_size=16))
+    assert not cpu_int4.spec_supported(small_groups)

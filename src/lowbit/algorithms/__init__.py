@@ -1,12 +1,16 @@
-"""Weight-updating algorithms, registered by name: rtn, gptq, hqq."""
+"""Weight-updating algorithms, registered by name: rtn, gptq, hqq, awq, smoothquant."""
 
 from __future__ import annotations
 
+from lowbit.algorithms.awq import AWQ
 from lowbit.algorithms.base import RTN, Algorithm, LayerStats
 from lowbit.algorithms.gptq import GPTQ
 from lowbit.algorithms.hqq import HQQ
+from lowbit.algorithms.smoothquant import SmoothQuant
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "gptq": GPTQ, "hqq": HQQ}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "rtn": RTN, "gptq": GPTQ, "hqq": HQQ, "awq": AWQ, "smoothquant": SmoothQuant,
+}
 
 
 def get_algorithm(algorithm: str | Algorithm) -> Algorithm:
@@ -25,4 +29,7 @@ def get_algorithm(algorithm: str | Algorithm) -> Algorithm:
     )
 
 
-__all__ = ["ALGORITHMS", "GPTQ", "HQQ", "RTN", "Algorithm", "LayerStats", "get_algorithm"]
+__all__ = [
+    "ALGORITHMS", "AWQ", "GPTQ", "HQQ", "RTN", "Algorithm", "LayerStats", "SmoothQuant",
+    "get_algorithm",
+]

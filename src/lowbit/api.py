@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.calib import calibrate_static, set_input_qparams
+from lowbit.algorithms import Algorithm, get_algorithm
+from lowbit.calib import as_batches, calibrate_static, set_input_qparams
 from lowbit.models.select import first_match, resolve_spec
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
@@ -24,6 +27,7 @@ class ModuleReport:
     reason: str
     bytes_before: int
     bytes_after: int
+    error: float | None = None  # relative output error on calibration inputs (sequential runs)
 
 
 @dataclass
@@ -76,9 +80,9 @@ def _weight_bytes(module: nn.Module) -> int:
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     spec: str | QuantSpec | Mapping[str, Any],
-    algorithm: str = "rtn",
+    algorithm: str | Algorithm = "rtn",
     calib: Any = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
@@ -88,6 +92,7 @@ def quantize(
     calib_samples: int = 128,
     calib_seq_len: int = 512,
     progress: Callable[[str], None] | None = None,
+    show_progress: bool = False,
 ) -> nn.Module:
     """Replace Linear / GPT-2 Conv1D / Conv2d / Embedding modules with quantized ones, in place.
 
@@ -102,12 +107,38 @@ def quantize(
     calib_samples, calib_seq_len: at most this many calibration sequences; texts are cut into
         windows of ``calib_seq_len`` tokens.
     progress: called with each module name as it is quantized (CLI progress bars).
+    algorithm: a name ("rtn", "gptq", "gptq-act-order", "hqq", ...; see
+        ``lowbit.algorithms.ALGORITHMS``) or an object such as ``GPTQ(act_order=True)``.
+        Calibration-free algorithms quantize module by module; algorithms that need calibration
+        (``calib`` required) run layer by layer (``lowbit.calib.sequential``): each block's
+        statistics come from the outputs of the blocks already quantized.
+    model: a module, or a Hugging Face model folder: then the model is built on the meta device
+        and only one block at a time is read from disk in full precision (memory bounded).
+    show_progress: a progress bar over blocks with each layer's error (layer-by-layer runs).
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """
-    if algorithm != "rtn":
-        raise ValueError(f"algorithm={algorithm!r}; allowed: rtn")
+    alg = get_algorithm(algorithm)
+    reader = None
+    if isinstance(model, (str, os.PathLike)):
+        from lowbit.calib.sequential import open_pretrained
+        from lowbit.models.hf import _load_tokenizer
+
+        source = os.fspath(model)
+        model, reader = open_pretrained(source)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(Path(source))
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a torch.nn.Module or a model folder, got {type(model).__name__}"
+        )
+    if alg.needs_calibration and calib is None:
+        raise ValueError(
+            f"algorithm {alg.name!r} needs calibration data; pass calib=... (texts with "
+            "tokenizer=..., token ids [N, T] or a DataLoader)"
+        )
+    sequential = alg.needs_calibration or reader is not None
+    chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
+    before_bytes: dict[str, int] = {}
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
     summary = QuantizeSummary()
@@ -144,10 +175,13 @@ def quantize(
                     "pass calib=..."
                 )
             static_acts[name] = act
+        if sequential:
+            chosen[name], before_bytes[name] = layer_spec, before
+            continue
         if progress is not None:
             progress(name)
         try:
-            new = _quantize_module(module, kind, layer_spec)
+            new = _quantize_module(module, kind, layer_spec, alg)
         except (ValueError, TypeError) as e:
             raise ValueError(f"layer {name!r} ({kind}): {e}") from None
         replacements.append((name, new))
@@ -156,7 +190,12 @@ def quantize(
             "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else note,
             before, new.weight_nbytes,
         ))
-    if static_acts:  # observe the float model before any module is swapped
+    if sequential:
+        _run_sequential(model, chosen, before_bytes, alg, calib, reader, summary, static_acts,
+                        tokenizer=tokenizer, observer=observer, calib_samples=calib_samples,
+                        calib_seq_len=calib_seq_len, progress=progress,
+                        show_progress=show_progress)
+    elif static_acts:  # observe the float model before any module is swapped
         calibration = calibrate_static(
             model, static_acts, calib, tokenizer=tokenizer, observer=observer,
             n_samples=calib_samples, seq_len=calib_seq_len,
@@ -175,13 +214,60 @@ def quantize(
     return model
 
 
-def _quantize_module(module: nn.Module, kind: str, spec: QuantSpec) -> nn.Module:
+def _run_sequential(
+    model: nn.Module, chosen: dict[str, QuantSpec], before_bytes: dict[str, int],
+    alg: Algorithm, calib: Any, reader: Any, summary: QuantizeSummary,
+    static_acts: dict[str, QuantSpec], *, tokenizer: Any, observer: str, calib_samples: int,
+    calib_seq_len: int, progress: Callable[[str], None] | None, show_progress: bool,
+) -> None:
+    """Layer-by-layer quantization of ``chosen`` (lowbit.calib.sequential); fills ``summary``."""
+    from lowbit.calib.sequential import quantize_sequential
+
+    uses_calib = alg.needs_calibration or bool(static_acts)
+    batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len)
+               if uses_calib else None)
+    result = quantize_sequential(
+        model, chosen, alg, batches, reader=reader, observer=observer,
+        show_progress=show_progress,
+        on_layer=None if progress is None else (lambda layer: progress(layer.name)),
+    )
+    for layer in result.layers:
+        new = model.get_submodule(layer.name)
+        reason = layer.note or ("weight transposed from Conv1D [in, out]"
+                                if layer.kind == "Conv1D" else "")
+        summary.modules.append(ModuleReport(
+            layer.name, layer.kind, str(layer.spec), "quantized", reason,
+            before_bytes[layer.name], new.weight_nbytes, layer.error,
+        ))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    summary.modules.sort(key=lambda m: order.get(m.name, len(order)))
+    if batches is not None:
+        n_seq = sum(int(b.shape[0]) for b in batches)
+        n_tok = sum(b.numel() if not b.dtype.is_floating_point else b.numel() // b.shape[-1]
+                    for b in batches)
+        summary.notes.append(
+            f"algorithm {alg!r} run layer by layer over {result.blocks} blocks on {n_seq} "
+            f"calibration sequences ({n_tok:,} tokens)"
+        )
+    elif calib is not None:
+        summary.notes.append("calib ignored: no spec quantizes activations statically")
+    if reader is not None:
+        summary.notes.append("memory bounded: blocks were read from disk one at a time")
+    summary.notes.extend(result.notes)
+
+
+def _quantize_module(
+    module: nn.Module, kind: str, spec: QuantSpec, alg: Algorithm | None = None
+) -> nn.Module:
     if kind in ("Linear", "Conv1D"):
         weight, _ = linear_weight(module)
         if not torch.isfinite(weight).all():
             bad = int((~torch.isfinite(weight)).sum())
             raise ValueError(f"weight has {bad} NaN/Inf values")
-        return QuantLinear.from_float(module, spec)
+        if alg is None or alg.name == "rtn":
+            return QuantLinear.from_float(module, spec)
+        return QuantLinear.from_float(module, spec, qweight=alg.quantize_weight(
+            weight.detach(), spec, None))
     if kind == "Conv2d":
         return QuantConv2d(module, spec)
     return QuantEmbedding(module, spec)

@@ -1,0 +1,590 @@
+"""Layer-by-layer (sequential) calibration: quantize a model one block at a time.
+
+The inputs of the first block of the model's block stack (``model.layers`` of Llama,
+``transformer.h`` of GPT-2, ``encoder.layer`` of BERT) are captured for every calibration batch by
+running the model up to that block. Then, block by block: hooks collect ``LayerStats`` of every
+linear's input, the algorithm may transform the block (``prepare_block``; AWQ, SmoothQuant), the
+statistics are collected again if it asks, each selected linear is quantized and swapped for a
+``QuantLinear``, and the *quantized* block is run on the captured inputs to give the next block's
+inputs. Linears outside the stack (``lm_head``) are quantized last, with statistics from one pass
+of the (by then quantized) model.
+
+With a ``CheckpointReader`` the model lives on the meta device and each block's tensors are read
+from the safetensors files just before the block is processed, so only one block is ever held in
+full precision (the memory-bounded path of ``lowbit.quantize(path, ...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats
+from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
+from lowbit.spec import QuantSpec
+
+INPUT_SAMPLE_TOKENS = 4096  # tokens kept per linear for algorithms that need raw inputs
+ERROR_SAMPLE_TOKENS = 512  # tokens kept per linear to measure the error without a Hessian
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook on the first block: the rest of the forward is not needed."""
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    )
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return type(module).__name__
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(name, ModuleList)`` of the model's block stack, or None when it has none.
+
+    The first ``nn.ModuleList`` (in module order) of two or more children of one type, each
+    holding Linear / Conv1D layers.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        first = type(module[0])
+        if any(type(child) is not first for child in module):
+            continue
+        if any(_is_linear(m) for m in module[0].modules()):
+            return name, module
+    return None
+
+
+@dataclass
+class LayerResult:
+    """One quantized module: relative output error ``||X(W - Q)^T|| / ||X W^T||`` on the
+    calibration inputs (None where no inputs were observed)."""
+
+    name: str
+    kind: str
+    spec: QuantSpec
+    error: float | None
+    tokens: int
+    note: str = ""
+
+
+@dataclass
+class SequentialResult:
+    layers: list[LayerResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    blocks: int = 0
+
+
+class CheckpointReader:
+    """Reads single tensors of a (sharded) safetensors model folder into a meta-device model.
+
+    Checkpoint names may carry or lack the model's ``base_model_prefix`` (BERT's ``bert.``).
+    """
+
+    def __init__(self, model_dir: str | Path, model: nn.Module) -> None:
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            single = self.model_dir / "model.safetensors"
+            if not single.is_file():
+                raise ValueError(f"{self.model_dir} has no model.safetensors(.index.json)")
+            from safetensors import safe_open
+
+            with safe_open(str(single), "pt") as f:
+                weight_map = {k: single.name for k in f.keys()}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self._where: dict[str, tuple[str, str]] = {}  # model key -> (file, checkpoint name)
+        for ckpt_name, file in weight_map.items():
+            self._where[ckpt_name] = (file, ckpt_name)
+            if prefix and ckpt_name.startswith(prefix + "."):
+                self._where.setdefault(ckpt_name[len(prefix) + 1 :], (file, ckpt_name))
+            elif prefix:
+                self._where.setdefault(f"{prefix}.{ckpt_name}", (file, ckpt_name))
+        self.bytes_read = 0
+
+    def tensors(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for the model state-dict keys found in the checkpoint."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key in self._where:
+                by_file.setdefault(self._where[key][0], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_keys in by_file.items():
+            with safe_open(str(self.model_dir / file), "pt") as f:
+                for key in file_keys:
+                    t = f.get_tensor(self._where[key][1])
+                    self.bytes_read += t.numel() * t.element_size()
+                    out[key] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype,
+                  skip: Callable[[str], bool] = lambda k: False) -> None:
+        """Assign ``module``'s persistent tensors (model keys ``prefix + name``) from disk."""
+        keys = [k for k in module.state_dict(keep_vars=True) if not skip(prefix + k)]
+        found = self.tensors([prefix + k for k in keys], dtype)
+        missing = [prefix + k for k in keys if prefix + k not in found]
+        tied = _tied_keys(module, prefix)
+        missing = [k for k in missing if k not in tied]
+        if missing:
+            raise ValueError(
+                f"{self.model_dir}: no tensor {missing[0]!r} in the checkpoint "
+                f"({len(missing)} missing); the folder does not match config.json"
+            )
+        module.load_state_dict(
+            {k[len(prefix):]: v for k, v in found.items()}, strict=False, assign=True
+        )
+
+
+def _tied_keys(module: nn.Module, prefix: str) -> set[str]:
+    """Keys of parameters that share a Parameter object with an earlier key (tied weights)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for k, v in module.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            tied.add(prefix + k)
+        else:
+            seen[id(v)] = k
+    return tied
+
+
+def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
+                    ) -> tuple[nn.Module, CheckpointReader]:
+    """A transformers model built on the meta device from ``model_dir``'s config.json, with
+    every tensor outside its block stack read from disk; blocks stay on meta until
+    ``quantize_sequential`` loads them one at a time. Returns ``(model, reader)``."""
+    from transformers import AutoConfig
+
+    from lowbit.io.load import _rebuild_meta_buffers
+    from lowbit.models.hf import build_on_meta, model_kind
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {str(model_dir)!r} is not a Hugging Face model folder "
+                         "(no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    model = build_on_meta(config, model_kind(config), dtype)
+    reader = CheckpointReader(path, model)
+    found = find_blocks(model)
+    block_prefix = (found[0] + ".") if found else None
+
+    def in_blocks(key: str) -> bool:
+        return block_prefix is not None and key.startswith(block_prefix)
+
+    reader.load_into(model, "", dtype, skip=in_blocks)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    model.eval()
+    model._lowbit_source = str(path.resolve())
+    return model, reader
+
+
+class _Progress:
+    """A rich progress bar over blocks with the last layer's relative error (stderr)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(
+                TextColumn("quantizing block"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+
+    def layer(self, result: LayerResult) -> None:
+        if self.bar is not None:
+            err = "-" if result.error is None else f"{result.error:.4f}"
+            self.bar.update(self.task, description=f"{result.name}  rel. error {err}")
+
+    def block_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def capture_first_block_inputs(
+    model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
+) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` the model passes ``block`` for each batch (the forward stops there)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        captured.append((args, dict(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    try:
+        if use_cache is not None:
+            config.use_cache = False  # no KV cache objects in the captured kwargs
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(batch)
+                except _StopForward:
+                    continue
+                raise ValueError("the model's forward did not reach its first block")
+    finally:
+        handle.remove()
+        if use_cache is not None:
+            config.use_cache = use_cache
+    return captured
+
+
+class _Collector:
+    """Forward pre-hooks gathering LayerStats (and input samples) of named linears."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], hessian: set[str],
+                 sample: Mapping[str, int], n_batches: int, observers: Mapping[str, Any]
+                 ) -> None:
+        self.stats = {n: LayerStats() for n in modules}
+        self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in sample}
+        self._gen = torch.Generator().manual_seed(0)
+        self._per_batch = {n: max(1, math.ceil(k / max(n_batches, 1))) for n, k in sample.items()}
+        self._handles = [m.register_forward_pre_hook(self._hook(n, n in hessian, observers.get(n)))
+                         for n, m in modules.items()]
+
+    def _hook(self, name: str, hessian: bool, observer: Any):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            self.stats[name].update(x, hessian=hessian)
+            if observer is not None:
+                observer.update(x)
+            if name in self.samples:
+                k = min(self._per_batch[name], x.shape[0])
+                rows = torch.randperm(x.shape[0], generator=self._gen)[:k]
+                self.samples[name].append(x[rows].float().clone())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def relative_error(weight: torch.Tensor, qweight: torch.Tensor, stats: LayerStats | None,
+                   sample: list[torch.Tensor] | None) -> float | None:
+    """``||X (W - Q)^T|| / ||X W^T||``: from the Hessian ``sum x x^T`` as
+    ``sqrt(tr(E H E^T) / tr(W H W^T))``, else from sampled input rows."""
+    W = weight.float()
+    E = W - qweight.float()
+    if stats is not None and stats.hessian is not None:
+        H = stats.hessian
+        num, den = float(((E @ H) * E).sum()), float(((W @ H) * W).sum())
+    elif sample:
+        X = torch.cat(sample)
+        num, den = float((X @ E.t()).pow(2).sum()), float((X @ W.t()).pow(2).sum())
+    else:
+        return None
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else None
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _overrides_prepare(algorithm: Algorithm) -> bool:
+    return type(algorithm).prepare_block is not Algorithm.prepare_block
+
+
+def quantize_sequential(
+    model: nn.Module,
+    specs: Mapping[str, QuantSpec],
+    algorithm: Algorithm,
+    batches: list[torch.Tensor] | None,
+    *,
+    reader: CheckpointReader | None = None,
+    observer: str = "minmax",
+    show_progress: bool = False,
+    on_layer: Callable[[LayerResult], None] | None = None,
+) -> SequentialResult:
+    """Quantize the modules named in ``specs`` (full names -> spec) block by block, in place.
+
+    batches: calibration model inputs (``as_batches``); None runs no calibration (RTN, HQQ):
+        the blocks are still streamed one by one when ``reader`` is given.
+    reader: the model's blocks are on meta and are read from the checkpoint one at a time.
+    observer: per-tensor range of the inputs of linears whose spec quantizes activations
+        statically (observed on the quantized model's inputs, after ``prepare_block``).
+    On ValueError the swapped modules of an in-memory model are put back (and blocks an
+    algorithm transformed are restored), so the model is left as it was.
+    """
+    if algorithm.needs_calibration and batches is None:
+        raise ValueError(f"algorithm {algorithm.name!r} needs calibration data; pass calib=...")
+    result = SequentialResult()
+    found = find_blocks(model)
+    block_name, blocks = found if found else ("", nn.ModuleList())
+    inside = {n for n in specs if found and n.startswith(block_name + ".")}
+    undo: list[tuple[str, nn.Module]] = []  # (name, original module) for in-memory rollback
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    progress = _Progress(show_progress, len(blocks))
+    if batches is not None:
+        _check_tokens(model, specs, algorithm, batches)
+    try:
+        inputs = None
+        if found and (batches is not None or reader is not None):
+            if batches is not None:
+                inputs = capture_first_block_inputs(model, blocks[0], batches)
+            for i, block in enumerate(blocks):
+                prefix = f"{block_name}.{i}."
+                if reader is not None:
+                    reader.load_into(block, prefix, _model_dtype(model))
+                rel_specs = {n[len(prefix):]: s for n, s in specs.items() if n.startswith(prefix)}
+                if reader is None and _overrides_prepare(algorithm) and inputs is not None:
+                    snapshots[i] = {k: v.detach().clone() for k, v in block.state_dict().items()}
+                inputs = _quantize_block(
+                    block, i, prefix, rel_specs, algorithm, inputs, model, result, observer,
+                    undo if reader is None else None, progress, on_layer,
+                )
+                progress.block_done()
+            result.blocks = len(blocks)
+        elif not found:
+            result.notes.append("no block stack found: statistics come from one pass of the "
+                                "float model")
+        outside = {n: s for n, s in specs.items() if n not in inside}
+        if outside:
+            _quantize_outside(model, outside, algorithm, batches, result, observer,
+                              undo if reader is None else None, on_layer)
+    except ValueError:
+        for name, original in reversed(undo):
+            _set_submodule(model, name, original)
+        for i, state in snapshots.items():
+            blocks[i].load_state_dict(state)
+        raise
+    finally:
+        progress.close()
+    return result
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _check_tokens(model: nn.Module, specs: Mapping[str, QuantSpec], algorithm: Algorithm,
+                  batches: list[torch.Tensor]) -> None:
+    """A full-rank Hessian needs at least in_features calibration tokens."""
+    if not algorithm.needs_hessian:
+        return
+    n_tokens = sum(b.numel() if not b.dtype.is_floating_point else b.numel() // b.shape[-1]
+                   for b in batches)
+    named = dict(model.named_modules())
+    widest, where = 0, ""
+    for name in specs:
+        module = named.get(name)
+        if module is None or not _is_linear(module):
+            continue
+        in_f = module.in_features if isinstance(module, nn.Linear) else module.nx
+        if in_f > widest:
+            widest, where = in_f, name
+    if n_tokens < widest:
+        raise ValueError(
+            f"calib gives {n_tokens} tokens; {algorithm.name} needs at least {widest} (the "
+            f"in_features of {where!r}) for a full-rank Hessian; pass more calibration text or "
+            "raise calib_samples / calib_seq_len"
+        )
+
+
+def _quantize_block(
+    block: nn.Module, index: int, prefix: str, rel_specs: dict[str, QuantSpec],
+    algorithm: Algorithm, inputs: list[tuple[tuple, dict]] | None, model: nn.Module,
+    result: SequentialResult, observer: str, undo: list | None, progress: _Progress,
+    on_layer: Callable[[LayerResult], None] | None,
+) -> list[tuple[tuple, dict]] | None:
+    linears = {n: m for n, m in block.named_modules() if n and _is_linear(m)}
+    selected = {n: s for n, s in rel_specs.items() if n in linears}
+    others = {n: s for n, s in rel_specs.items() if n not in linears}
+    if others:
+        raise ValueError(
+            f"block {prefix[:-1]!r}: {sorted(others)[:3]} are not Linear/Conv1D; inside a block "
+            "only linears are quantized by a calibration algorithm (exclude them)"
+        )
+    stats: dict[str, LayerStats] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    observers: dict[str, Any] = {}
+
+    def run_block() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [_run(block, a, k) for a, k in (inputs or [])]
+
+    def collect(final: bool) -> None:
+        nonlocal stats, samples, observers
+        observers = _observers(selected, observer) if final else {}
+        hess = set(selected) if algorithm.needs_hessian else set()
+        sample = {n: INPUT_SAMPLE_TOKENS for n in linears} if algorithm.needs_inputs else {}
+        if not algorithm.needs_hessian:
+            for n in selected:
+                sample.setdefault(n, ERROR_SAMPLE_TOKENS)
+        collector = _Collector(linears, hess, sample, len(inputs or []), observers)
+        try:
+            outs = run_block()
+        finally:
+            collector.remove()
+        _check_finite(outs, f"block {prefix[:-1]!r} (float, before quantization)")
+        stats, samples = collector.stats, collector.samples
+
+    if inputs is not None:
+        collect(final=not algorithm.restat_after_prepare)
+    ctx = BlockContext(
+        block=block, arch=getattr(getattr(model, "config", None), "model_type", "") or "",
+        stats=stats, spec_for=lambda n: selected.get(n), run_block=run_block,
+        inputs=samples if algorithm.needs_inputs else {},
+    )
+    for note in algorithm.prepare_block(ctx) if inputs is not None else []:
+        result.notes.append(f"block {index}: {note}")
+    if inputs is not None and algorithm.restat_after_prepare:
+        collect(final=True)
+    for rel, spec in selected.items():
+        name = prefix + rel
+        module = linears[rel]
+        new, layer = _quantize_linear(name, module, spec, algorithm, stats.get(rel),
+                                      samples.get(rel), observers.get(rel))
+        _set_submodule(block, rel, new)
+        if undo is not None:
+            undo.append((name, module))
+        result.layers.append(layer)
+        progress.layer(layer)
+        if on_layer is not None:
+            on_layer(layer)
+    if inputs is None:
+        return None
+    outs = run_block()
+    _check_finite(outs, f"block {prefix[:-1]!r} after quantization")
+    return [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs, strict=True)]
+
+
+def _observers(selected: Mapping[str, QuantSpec], observer: str) -> dict[str, Any]:
+    from lowbit.observers import get_observer
+
+    return {n: get_observer(observer) for n, s in selected.items()
+            if s.act is not None and not s.act.dynamic}
+
+
+def _check_finite(outs: list[torch.Tensor], where: str) -> None:
+    for o in outs:
+        if not torch.isfinite(o).all():
+            raise ValueError(f"NaN/Inf in the outputs of {where}; nothing was written")
+
+
+def _quantize_linear(
+    name: str, module: nn.Module, spec: QuantSpec, algorithm: Algorithm,
+    stats: LayerStats | None, sample: list[torch.Tensor] | None, observer: Any,
+) -> tuple[QuantLinear, LayerResult]:
+    from lowbit.calib.observe import set_input_qparams
+
+    weight, _ = linear_weight(module)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer {name!r}: weight has NaN/Inf values")
+    try:
+        qt = algorithm.quantize_weight(weight.detach(), spec, stats)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"layer {name!r} ({_kind(module)}): {e}") from None
+    deq = qt.dequantize(torch.float32)
+    if not torch.isfinite(deq).all():
+        raise ValueError(f"layer {name!r}: {algorithm.name} produced NaN/Inf weights")
+    new = QuantLinear.from_float(module, spec, qweight=qt)
+    if observer is not None:
+        set_input_qparams(new, observer.qparams(spec.act))
+    error = relative_error(weight.detach(), deq, stats, sample)
+    tokens = stats.tokens if stats is not None else 0
+    return new, LayerResult(name, _kind(module), spec, error, tokens)
+
+
+def _quantize_outside(
+    model: nn.Module, specs: Mapping[str, QuantSpec], algorithm: Algorithm,
+    batches: list[torch.Tensor] | None, result: SequentialResult, observer: str,
+    undo: list | None, on_layer: Callable[[LayerResult], None] | None,
+) -> None:
+    """Modules outside the block stack: linears with stats from one pass of the model as
+    quantized so far; Embedding / Conv2d by round to nearest."""
+    named = dict(model.named_modules())
+    linears = {n: named[n] for n in specs if _is_linear(named[n])}
+    stats: dict[str, LayerStats] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    observers = _observers({n: specs[n] for n in linears}, observer)
+    if batches is not None and linears:
+        hess = set(linears) if algorithm.needs_hessian else set()
+        sample = {} if algorithm.needs_hessian else {n: ERROR_SAMPLE_TOKENS for n in linears}
+        collector = _Collector(linears, hess, sample, len(batches), observers)
+        config = getattr(model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        try:
+            if use_cache is not None:
+                config.use_cache = False
+            with torch.no_grad():
+                for batch in batches:
+                    model(batch)
+        finally:
+            collector.remove()
+            if use_cache is not None:
+                config.use_cache = use_cache
+        stats, samples = collector.stats, collector.samples
+        result.notes.append(
+            f"{', '.join(linears)}: {algorithm.name} with statistics of the quantized model's "
+            "inputs (outside the block stack)"
+        )
+    for name, spec in specs.items():
+        module = named[name]
+        if name in linears:
+            alg = algorithm
+            if name not in stats and algorithm.needs_calibration:
+                alg = _rtn()
+            new, layer = _quantize_linear(name, module, spec, alg, stats.get(name),
+                                          samples.get(name), observers.get(name))
+        else:
+            if spec.act is not None:
+                raise ValueError(f"layer {name!r} ({_kind(module)}) supports weight-only specs; "
+                                 f"{spec} quantizes activations")
+            new = (QuantEmbedding if isinstance(module, nn.Embedding) else QuantConv2d)(
+                module, spec)
+            layer = LayerResult(name, _kind(module), spec, None, 0, "round to nearest")
+        _set_submodule(model, name, new)
+        if undo is not None:
+            undo.append((name, module))
+        result.layers.append(layer)
+        if on_layer is not None:
+            on_layer(layer)
+
+
+def _rtn() -> Algorithm:
+    from lowbit.algorithms.base import RTN
+
+    return RTN()

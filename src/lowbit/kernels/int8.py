@@ -226,7 +226,7 @@ def _pick_engine() -> str | None:
 
 
 # Quantized engine used to prepack weights (None: no int8 engine, the fast kernel is off).
-# fbgemm and x86 measured alike here; see benchmarks/results/int8_linear.md.
+# fbgemm measured fastest or tied with x86/onednn here (benchmarks/results/int8_linear.md).
 engine: str | None = _pick_engine()
 
 

@@ -88,7 +88,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not MODEL.exists():
         raise SystemExit(f"fixture model not found at {MODEL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +137,8 @@ def main() -> None:
         "(8 layers, hidden 384, MLP 1024, vocab 8192), loaded float32; quantized with "
         "`lowbit.quantize(model, scheme)` (RTN, every Linear and the embedding).",
         "",
-        f"Protocol: `python benchmarks/decode.py --rounds {args.rounds} --new-tokens "
+        f"Protocol: `python benchmarks/decode.py --threads {torch.get_num_threads()} "
+        f"--rounds {args.rounds} --new-tokens "
         f"{args.new_tokens}`; `model.generate` greedy with KV cache, 32-token prompts from the "
         f"val text, exactly {args.new_tokens} new tokens; one warm-up call per model, then "
         f"{args.rounds} rounds, each running every scheme once in turn; tokens/s = batch x new "

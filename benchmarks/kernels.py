@@ -87,7 +87,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M in (1, 16), 4096x4096 only")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--spec", default="w4g128")
+    parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = ROWS[:2] if args.quick else ROWS
     if cpu_int4.extension() is None:
@@ -131,7 +134,8 @@ def main() -> None:
             f"({qt.bits_per_weight:.3f} bits/weight stored). Measured copy bandwidth: "
             f"**{bandwidth:.1f} GB/s** (512 MiB `copy_`, read + write bytes).",
             "",
-            f"Protocol: `python benchmarks/kernels.py{' --quick' if args.quick else ''}`; "
+            f"Protocol: `python benchmarks/kernels.py{' --quick' if args.quick else ''} "
+            f"--threads {torch.get_num_threads()}`; "
             f"random fp32 weights and activations; per shape one warm-up call of each kernel, "
             f"then {args.repeats} rounds (half for the largest products) in which every kernel "
             "runs once in turn (interleaved, so all see the same machine load); medians. "

@@ -47,6 +47,7 @@ GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is 
 _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -55,12 +56,13 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows m0..m0+MT of out for output channel n. XE/XO: even/odd activation columns [M, K/2].
+// Execution layout: each 16-byte chunk holds 32 consecutive codes, codes 0..15 in the low
+// nibbles and 16..31 in the high nibbles, so the activations are read contiguously.
+// Rows m0..m0+MT of out for output channel n; X [M, K], XS [M, G] group sums of X.
 template <int MT>
-static inline void row_tile(const float* XE, const float* XO, const float* XS,
-                            const uint8_t* prow, const float* S, const float* ZS,
-                            float* OUT, int64_t m0, int64_t n, int64_t H, int64_t G,
-                            int64_t hg, int64_t N) {
+static inline void row_tile(const float* X, const float* XS, const uint8_t* prow,
+                            const float* S, const float* ZS, const float* B, float* OUT,
+                            int64_t m0, int64_t n, int64_t K, int64_t G, int64_t hg, int64_t N) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   __m256 tot[MT];
   float corr[MT];
@@ -72,17 +74,16 @@ static inline void row_tile(const float* XE, const float* XO, const float* XS,
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(prow + j));
       __m128i lo = _mm_and_si128(b, mask);
       __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-      __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-      __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
       for (int t = 0; t < MT; ++t) {
-        const float* e = XE + (m0 + t) * H + j;
-        const float* o = XO + (m0 + t) * H + j;
-        acc[t] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(e), acc[t]);
-        acc[t] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), acc[t]);
-        acc[t] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(o), acc[t]);
-        acc[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), acc[t]);
+        const float* x = X + (m0 + t) * K + 2 * j;
+        acc[t] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x), acc[t]);
+        acc[t] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x + 8), acc[t]);
+        acc[t] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x + 16), acc[t]);
+        acc[t] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x + 24), acc[t]);
       }
     }
     const __m256 sv = _mm256_set1_ps(S[n * G + g]);
@@ -92,45 +93,57 @@ static inline void row_tile(const float* XE, const float* XO, const float* XS,
       corr[t] += zs * XS[(m0 + t) * G + g];
     }
   }
-  for (int t = 0; t < MT; ++t) OUT[(m0 + t) * N + n] = hsum(tot[t]) - corr[t];
+  const float bias = B ? B[n] : 0.f;
+  for (int t = 0; t < MT; ++t) OUT[(m0 + t) * N + n] = (hsum(tot[t]) - corr[t]) + bias;
 }
 
-extern "C" void int4_gemv(const float* XE, const float* XO, const float* XS, const uint8_t* P,
-                          const float* S, const float* ZS, float* OUT, int64_t M, int64_t H,
-                          int64_t N, int64_t G, int64_t hg, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+// OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null); W from P [N, K/2], S and ZS [N, G].
+extern "C" int int4_gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
+                         const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                         int64_t G, int threads) {
+  const int64_t group = K / G, hg = group / 2, H = K / 2;
+  float* XS = static_cast<float*>(malloc(sizeof(float) * M * G));
+  if (!XS) return 1;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
+      XS[m * G + g] = s;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* prow = P + n * H;
     int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) row_tile<4>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N);
+    for (; m0 + 4 <= M; m0 += 4) row_tile<4>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, hg, N);
     switch (M - m0) {
-      case 3: row_tile<3>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
-      case 2: row_tile<2>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
-      case 1: row_tile<1>(XE, XO, XS, prow, S, ZS, OUT, m0, n, H, G, hg, N); break;
+      case 3: row_tile<3>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, hg, N); break;
+      case 2: row_tile<2>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, hg, N); break;
+      case 1: row_tile<1>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, hg, N); break;
       default: break;
     }
   }
+  free(XS);
+  return 0;
 }
 
-// fp32 weights [N, 2H]: w[n, 2j] = lo * s - zs, w[n, 2j+1] = hi * s - zs.
+// fp32 weights W [N, K] = code * s - zs, from the execution layout.
 extern "C" void int4_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
-                             int64_t N, int64_t H, int64_t G, int64_t hg, int threads) {
+                             int64_t N, int64_t K, int64_t G, int threads) {
   const __m128i mask = _mm_set1_epi8(0x0F);
+  const int64_t hg = K / G / 2, H = K / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
-      const uint8_t* p = P + n * H + g * hg;
-      float* o = W + n * 2 * H + g * 2 * hg;
-      for (int64_t j = 0; j < hg; j += 16) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+      for (int64_t j = g * hg; j < (g + 1) * hg; j += 16) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(P + n * H + j));
         __m128i lo = _mm_and_si128(b, mask);
         __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  // code order
-        __m128i parts[4] = {c0, _mm_srli_si128(c0, 8), c1, _mm_srli_si128(c1, 8)};
+        __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        float* o = W + n * K + 2 * j;
         for (int q = 0; q < 4; ++q) {
           __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[q]));
-          _mm256_storeu_ps(o + 2 * j + 8 * q, _mm256_fmsub_ps(u, sv, zv));
+          _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(u, sv, zv));
         }
       }
     }
@@ -172,9 +185,9 @@ def _build_library() -> ctypes.CDLL:
             os.replace(out, library)  # atomic: concurrent builders agree on one file
     lib = ctypes.CDLL(str(library))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.int4_gemv.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int]
-    lib.int4_gemv.restype = None
-    lib.int4_dequant.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
+    lib.int4_gemv.argtypes = [ptr] * 6 + [i64] * 4 + [ctypes.c_int]
+    lib.int4_gemv.restype = ctypes.c_int
+    lib.int4_dequant.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
     lib.int4_dequant.restype = None
     return lib
 
@@ -227,7 +240,11 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
 
 
 def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[torch.Tensor, ...]:
-    """(packed uint8 [N, K/2], scale fp32 [N, G], scale*zero fp32 [N, G]); built once, cached."""
+    """(repacked uint8 [N, K/2], scale fp32 [N, G], scale*zero fp32 [N, G]); built once, cached.
+
+    Repacked: each 16-byte chunk holds 32 consecutive codes, codes 0..15 in the low nibbles and
+    16..31 in the high nibbles (lowbit's canonical bytes interleave even/odd codes instead).
+    """
     entry = cache.get(NAME)
     if entry is None or entry[0] is not qt.qdata:
         spec = qt.spec
@@ -237,7 +254,10 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[torch.Tensor, .
             zero_code = qt.zero_point.float() - qmin
         else:
             zero_code = torch.full_like(scale, float((0 if spec.signed else 8) - qmin))
-        entry = (qt.qdata, qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
+        n_out, k_in = qt.shape
+        codes = torch.stack([qt.qdata & 15, qt.qdata >> 4], dim=-1).reshape(n_out, -1, 2, 16)
+        repacked = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n_out, k_in // 2)
+        entry = (qt.qdata, repacked.contiguous(), scale, (scale * zero_code).contiguous())
         cache[NAME] = entry
     return entry[1:]
 
@@ -249,8 +269,7 @@ def cpu_int4_linear(
     lib = extension()
     packed, scale, scale_zero = _execution_layout(qt, cache)
     n_out, k_in = qt.shape
-    group = qt.spec.group_size
-    n_groups = k_in // group
+    n_groups = k_in // qt.spec.group_size
     threads = torch.get_num_threads()
     x2 = x.reshape(-1, k_in).contiguous()
     m = x2.shape[0]
@@ -258,20 +277,19 @@ def cpu_int4_linear(
         w = torch.empty(n_out, k_in)
         lib.int4_dequant(
             packed.data_ptr(), scale.data_ptr(), scale_zero.data_ptr(), w.data_ptr(),
-            n_out, k_in // 2, n_groups, group // 2, threads,
+            n_out, k_in, n_groups, threads,
         )
-        y = F.linear(x2, w)
+        y = F.linear(x2, w, None if bias is None else bias.float())
     else:
-        x_even, x_odd = x2[:, 0::2].contiguous(), x2[:, 1::2].contiguous()
-        x_sums = x2.view(m, n_groups, group).sum(-1)
         y = torch.empty(m, n_out)
-        lib.int4_gemv(
-            x_even.data_ptr(), x_odd.data_ptr(), x_sums.data_ptr(), packed.data_ptr(),
-            scale.data_ptr(), scale_zero.data_ptr(), y.data_ptr(),
-            m, k_in // 2, n_out, n_groups, group // 2, threads,
+        b = None if bias is None else bias.float().contiguous()
+        status = lib.int4_gemv(
+            x2.data_ptr(), packed.data_ptr(), scale.data_ptr(), scale_zero.data_ptr(),
+            None if b is None else b.data_ptr(), y.data_ptr(), m, k_in, n_out, n_groups,
+            threads,
         )
-    if bias is not None:
-        y = y + bias.to(y.dtype)
+        if status:
+            raise MemoryError(f"cpu_int4: could not allocate {m}x{n_groups} group sums")
     return y.reshape(*x.shape[:-1], n_out)
 
 

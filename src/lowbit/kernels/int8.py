@@ -26,12 +26,14 @@ per-tensor activation quantization is made the identity: the input holds only in
 ``[0, 128]`` plus one extra row ``[255, 0, ...]``, so its range is exactly ``[0, 255]``, its
 scale exactly 1 and its zero-point 0. Without VNNI, fbgemm multiplies uint8 x int8 pairs with
 ``vpmaddubsw``, which saturates pair sums at int16: ``a0*w0 + a1*w1`` with ``a`` up to 255 can
-overflow (measured: ~3% of outputs wrong on 4096x4096 Gaussian data). Keeping ``a <= 128`` bounds
+overflow (about 2% of outputs wrong on Gaussian data; benchmarks/int8_linear.py measures
+it). Keeping ``a <= 128`` bounds
 every pair sum by ``2 * 128 * 128 = 32768`` in magnitude (``-32768`` fits, and ``+`` needs
 ``w <= 127``), so the kernel splits signed codes into ``qx = pos - neg`` with
 ``pos, neg in [0, 128]`` and runs both halves in one call of ``2M + 1`` rows: exact, at twice the
 integer work of a single (saturating) pass. The float32 operations after the integer sum are the
-reference's, so the two agree bit for bit while ``|acc| < 2**24`` for each half.
+reference's, so the two agree bit for bit while each half's ``|acc|`` (and a static
+``|bias_q|``) stays below ``2**24``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ LM_PATH = SHARED / "models" / "llama-3m-shakespeare-mix"
 VAL_TEXT = SHARED / "data" / "shakespeare-mix-val.txt"
 
 
-# ---- helpers: a BlockContext from a real model (what calib/sequential.py provides) -------------
+# ---- helpers: a BlockContext from a real model (what calib/sequential.py provides) ----
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
@@ -38,18 +38,19 @@ def collect_stats(model, block, batches) -> dict[str, LayerStats]:
 
 
 def block_runner(model, block, batches):
+    """Runs ``block`` alone on the inputs it received in one pass of ``model`` over ``batches``."""
+    captured: list[tuple[tuple, dict]] = []
+    h = block.register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    h.remove()
+
     def run() -> list[torch.Tensor]:
-        outs: list[torch.Tensor] = []
-
-        def hook(_m, _a, out):
-            outs.append((out[0] if isinstance(out, tuple) else out).detach().clone())
-
-        h = block.register_forward_hook(hook)
         with torch.no_grad():
-            for ids in batches:
-                model(ids)
-        h.remove()
-        return outs
+            outs = [block(*args, **kwargs) for args, kwargs in captured]
+        return [(o[0] if isinstance(o, tuple) else o).detach().clone() for o in outs]
 
     return run
 
@@ -107,7 +108,7 @@ def tiny_bert():
                    for i in range(2)]
 
 
-# ---- mapping tables ------------------------------------------------------------------------
+# ---- mapping tables ----
 def test_llama_table_names_exist_in_fixture_block(llama):
     load, _ = llama
     block = load().layers[0]
@@ -168,7 +169,7 @@ def test_random_scale_folding_keeps_outputs(arch):
     torch.testing.assert_close(out(), ref, rtol=1e-4, atol=1e-4)
 
 
-# ---- AWQ on a synthetic layer with outlier input channels ----------------------------------------
+# ---- AWQ on a synthetic layer with outlier input channels ----
 class _AttnInput(nn.Module):
     """The part of a Llama block AWQ's first mapping touches: a norm feeding q/k/v."""
 
@@ -245,7 +246,7 @@ def test_awq_clip_search_never_increases_output_error():
                        RTN().quantize_weight(w, spec).dequantize())
 
 
-# ---- AWQ on real blocks ------------------------------------------------------------------------
+# ---- AWQ on real blocks ----
 def test_awq_folding_keeps_fixture_llama_output(llama):
     load, batches = llama
     model = load()

@@ -239,8 +239,9 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     )
 
 
-def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[torch.Tensor, ...]:
-    """(repacked uint8 [N, K/2], scale fp32 [N, G], scale*zero fp32 [N, G]); built once, cached.
+def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
+    """Data pointers of (repacked uint8 [N, K/2], scale fp32 [N, G], scale*zero fp32 [N, G]),
+    tensors built once and held in ``cache``.
 
     Repacked: each 16-byte chunk holds 32 consecutive codes, codes 0..15 in the low nibbles and
     16..31 in the high nibbles (lowbit's canonical bytes interleave even/odd codes instead).
@@ -257,9 +258,11 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[torch.Tensor, .
         n_out, k_in = qt.shape
         codes = torch.stack([qt.qdata & 15, qt.qdata >> 4], dim=-1).reshape(n_out, -1, 2, 16)
         repacked = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n_out, k_in // 2)
-        entry = (qt.qdata, repacked.contiguous(), scale, (scale * zero_code).contiguous())
+        tensors = (repacked.contiguous(), scale, (scale * zero_code).contiguous())
+        # the tensors keep the pointers valid; the ints save per-call ctypes work
+        entry = (qt.qdata, tensors, tuple(t.data_ptr() for t in tensors))
         cache[NAME] = entry
-    return entry[1:]
+    return entry[2]
 
 
 def cpu_int4_linear(
@@ -267,16 +270,16 @@ def cpu_int4_linear(
 ) -> torch.Tensor:
     """``x [..., K] float32 @ W^T`` for a 4-bit group-wise W ``[N, K]``; returns ``[..., N]``."""
     lib = extension()
-    packed, scale, scale_zero = _execution_layout(qt, cache)
+    packed, scale, scale_zero = _execution_layout(qt, cache)  # pointers
     n_out, k_in = qt.shape
     n_groups = k_in // qt.spec.group_size
     threads = torch.get_num_threads()
-    x2 = x.reshape(-1, k_in).contiguous()
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k_in)).contiguous()
     m = x2.shape[0]
     if m > GEMV_MAX_ROWS:
         w = torch.empty(n_out, k_in)
         lib.int4_dequant(
-            packed.data_ptr(), scale.data_ptr(), scale_zero.data_ptr(), w.data_ptr(),
+            packed, scale, scale_zero, w.data_ptr(),
             n_out, k_in, n_groups, threads,
         )
         y = F.linear(x2, w, None if bias is None else bias.float())
@@ -284,13 +287,13 @@ def cpu_int4_linear(
         y = torch.empty(m, n_out)
         b = None if bias is None else bias.float().contiguous()
         status = lib.int4_gemv(
-            x2.data_ptr(), packed.data_ptr(), scale.data_ptr(), scale_zero.data_ptr(),
+            x2.data_ptr(), packed, scale, scale_zero,
             None if b is None else b.data_ptr(), y.data_ptr(), m, k_in, n_out, n_groups,
             threads,
         )
         if status:
             raise MemoryError(f"cpu_int4: could not allocate {m}x{n_groups} group sums")
-    return y.reshape(*x.shape[:-1], n_out)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
 
 
 KERNEL = register_kernel(Kernel(NAME, cpu_int4_linear, _supports, priority=10))

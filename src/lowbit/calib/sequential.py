@@ -458,6 +458,10 @@ def _quantize_block(
             outs = run_block()
         finally:
             collector.remove()
+        for n, st in collector.stats.items():
+            if st.abs_max is not None and not torch.isfinite(st.abs_max).all():
+                raise ValueError(f"NaN/Inf in the input of layer {prefix + n!r}; stopped, "
+                                 "nothing was written")
         _check_finite(outs, f"block {prefix[:-1]!r} (float, before quantization)")
         stats, samples = collector.stats, collector.samples
 
@@ -501,7 +505,7 @@ def _observers(selected: Mapping[str, QuantSpec], observer: str) -> dict[str, An
 def _check_finite(outs: list[torch.Tensor], where: str) -> None:
     for o in outs:
         if not torch.isfinite(o).all():
-            raise ValueError(f"NaN/Inf in the outputs of {where}; nothing was written")
+            raise ValueError(f"NaN/Inf in the outputs of {where}; stopped, nothing was written")
 
 
 def _quantize_linear(

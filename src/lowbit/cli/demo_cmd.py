@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from torch import nn
 
-from lowbit.cli.common import console, fail, human_bytes
+from lowbit.cli.common import console, fail
 from lowbit.eval.embeddings import SENTENCES, compare_embeddings, embed
 from lowbit.eval.speed import latency, weight_bytes
 from lowbit.nn.modules import QuantLinear
@@ -100,9 +100,9 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
                 notes.append(f"{scheme}: skipped, no kernel is registered for dynamic int8 "
                              "activations on this device")
                 continue
-            notes.append(f"{scheme}: kernel {name!r}")
         candidates.append((scheme, model))
     rows = []
+    kernels: list[str] = []
     for scheme, model in candidates:
         emb = embed(model, tokenizer, sentences, batch_size=len(sentences))
         fid = compare_embeddings(emb, ref_emb)
@@ -111,6 +111,9 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
         lin_bytes, lin_numel = linear_weight_stats(model)
         rows.append(DemoRow(scheme, lin_bytes, lin_numel, weight_bytes(model), fid.mean_cosine,
                             fid.min_cosine, fid.nn_agreement, seconds))
+        if scheme != "fp32":
+            kernels.append(f"{scheme} {kernel_for(model)}")
+    notes.append("Linear kernels: " + ", ".join(kernels))
     notes.append(
         f"{len(sentences)} built-in sentences; latency on a batch of "
         f"{list(batch['input_ids'].shape)} tokens; cosine and nearest neighbour vs fp32 embeddings "
@@ -134,20 +137,24 @@ def demo_command(
         rows, notes = run_demo(dynamic, repeats)
     except (ValueError, TypeError, ImportError, OSError) as e:
         fail(str(e))
-    table = Table(title="all-MiniLM-L6-v2 (sentence embeddings), fp32 vs lowbit.quantize")
-    for name in ("scheme", "Linear weights", "bits/weight", "all weights", "cosine mean",
-                 "cosine min", "NN agreement", "latency"):
-        table.add_column(name, justify="left" if name == "scheme" else "right")
+    table = Table(
+        title="all-MiniLM-L6-v2 sentence embeddings: fp32 vs lowbit.quantize",
+        caption="Linear / total: weight bytes of the Linear layers / of all parameters and "
+        "buffers; bits/w: Linear bits per weight incl. scales and zeros; cos: cosine to the fp32 "
+        "embeddings; NN: same nearest other sentence as fp32",
+    )
+    for name in ("scheme", "Linear", "bits/w", "total", "cos mean", "cos min", "NN", "latency"):
+        table.add_column(name, justify="left" if name == "scheme" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r.scheme,
-            human_bytes(r.linear_bytes),
+            f"{r.linear_bytes / 1e6:.1f} MB",
             f"{r.bits_per_weight:.2f}",
-            human_bytes(r.total_bytes),
-            f"{r.mean_cosine:.5f}",
-            f"{r.min_cosine:.5f}",
-            f"{100 * r.nn_agreement:.1f} %",
-            f"{1000 * r.latency_s:.1f} ms",
+            f"{r.total_bytes / 1e6:.1f} MB",
+            f"{r.mean_cosine:.4f}",
+            f"{r.min_cosine:.4f}",
+            f"{100 * r.nn_agreement:.0f} %",
+            f"{1000 * r.latency_s:.0f} ms",
         )
     console.print(table)
     for note in notes:

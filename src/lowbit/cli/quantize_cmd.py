@@ -111,7 +111,15 @@ def quantize_command(
     mode: str | None = typer.Option(
         None, "--mode", help="weight | dynamic (W8A8 per-token) | static (W8A8, needs --calib)."
     ),
-    calib: Path | None = typer.Option(None, "--calib", help="Calibration text file (static)."),
+    calib: Path | None = typer.Option(
+        None, "--calib", help="Calibration text file (--mode static, or a calibration algorithm)."
+    ),
+    algorithm: str = typer.Option(
+        "rtn", "--algorithm", "-a",
+        help="rtn | gptq | gptq-act-order | hqq | awq | smoothquant (registered algorithms).",
+    ),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per sequence."),
     observer: str | None = typer.Option(
         None, "--observer", help="Activation observer for --mode static (default minmax)."
     ),
@@ -126,18 +134,27 @@ def quantize_command(
 ) -> None:
     """Quantize a model and write safetensors + config.json (see docs/format.md)."""
     import lowbit
+    from lowbit.algorithms import get_algorithm
     from lowbit.io.save import check_out_dir
     from lowbit.models.hf import load_hf_model
 
     try:
         spec, mode = resolve_scheme(scheme, mode)
+        alg = get_algorithm(algorithm)
         texts = None
-        if mode == "static":
+        if mode == "static" or alg.needs_calibration:
             if calib is None:
-                raise ValueError("--mode static needs --calib FILE (a text file)")
+                needs = "--mode static" if mode == "static" else f"--algorithm {algorithm}"
+                raise ValueError(f"{needs} needs --calib FILE (a text file)")
             texts = read_calib(calib)
         elif calib is not None:
-            raise ValueError(f"--calib is used by --mode static only (mode is {mode})")
+            raise ValueError(
+                f"--calib is used by --mode static or a calibration algorithm only (mode is "
+                f"{mode}, algorithm {algorithm})"
+            )
+        for opt, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
+            if value < 1:
+                raise ValueError(f"{opt} {value}; allowed: a positive int")
         if observer is not None:
             from lowbit.observers import OBSERVERS
 
@@ -151,12 +168,29 @@ def quantize_command(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
-        model, tokenizer, kind = load_hf_model(model_dir)
+        if alg.needs_calibration and Path(model_dir).is_dir():
+            kind = _check_folder(Path(model_dir))
+            model = None  # memory bounded: quantize() reads one block at a time from disk
+        else:
+            model, tokenizer, kind = load_hf_model(model_dir)
     except (ValueError, TypeError) as e:
         fail(str(e))
 
     include_list = list(include) if include else None
     exclude_list = list(exclude or [])
+    if model is None:
+        try:
+            model = lowbit.quantize(
+                model_dir, spec, algorithm=alg, calib=texts, include=include_list,
+                exclude=exclude_list, observer=observer or "minmax",
+                calib_samples=calib_samples, calib_seq_len=calib_seq_len, show_progress=True,
+            )
+            result = lowbit.save(model, out_dir, overwrite=overwrite)
+        except (ValueError, TypeError) as e:
+            fail(_explain(str(e)))
+        _print_report(model, result, model_dir, mode, kind)
+        return
+
     total = _candidates(model, include_list, exclude_list)
     progress = Progress(
         TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(),
@@ -172,12 +206,28 @@ def quantize_command(
             lowbit.quantize(
                 model, act_mode_spec(model, spec), calib=texts, include=include_list,
                 exclude=exclude_list, observer=observer or "minmax", tokenizer=tokenizer,
-                progress=advance,
+                progress=advance, algorithm=alg, calib_samples=calib_samples,
+                calib_seq_len=calib_seq_len,
             )
         result = lowbit.save(model, out_dir, overwrite=overwrite)
     except (ValueError, TypeError) as e:
         fail(_explain(str(e)))
     _print_report(model, result, model_dir, mode, kind)
+
+
+def _check_folder(path: Path) -> str:
+    """Validate a model folder against its config.json without loading it; returns its kind."""
+    from transformers import AutoConfig
+
+    from lowbit.models.hf import check_weights_match_config, model_kind
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"MODEL_DIR {str(path)!r} has no config.json; a Hugging Face model "
+                         "folder (config.json + *.safetensors) is expected")
+    config = AutoConfig.from_pretrained(path)
+    kind = model_kind(config)
+    check_weights_match_config(path, config, kind)
+    return kind
 
 
 def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
@@ -216,6 +266,12 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
         f"{result.file_bytes:,} B = {theoretical:,} B of tensors ({result.quantized_bytes:,} "
         f"quantized + {result.other_bytes:,} other) + {result.header_bytes:,} B header",
     )
+    errors = [(m.name, m.error) for m in quantized if m.error is not None]
+    if errors:
+        worst = max(errors, key=lambda e: e[1])
+        mean = sum(e for _, e in errors) / len(errors)
+        table.add_row("rel. output error", f"mean {mean:.4f}, worst {worst[1]:.4f} ({worst[0]}) "
+                      f"over {len(errors)} layers")
     for note in summary.notes:
         table.add_row("note", note)
     console.print(table)

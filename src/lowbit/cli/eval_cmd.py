@@ -95,7 +95,8 @@ def _lm_rows(
         rows.append(("top-1 agreement", f"{100 * c.top1_agreement:.2f} %", ""))
         tokens, windows = c.tokens, c.windows
     protocol = [
-        f"text: {text_file} ({ids.numel():,} tokens, no special tokens added)",
+        f"text: {text_file} ({ids.numel():,} tokens, no special tokens added"
+        + (f"; the first {n:,} used" if n < ids.numel() else "") + ")",
         f"context {context}, stride {stride}: {windows:,} windows, {tokens:,} tokens scored "
         "(each once; past the first window with at least context - stride tokens of context)",
     ]

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M in (1, 16), 4096x4096 only")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--spec", default="w4g128")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -125,7 +126,7 @@ def main() -> None:
             print(line, flush=True)
             lines.append(line)
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(
         [
             "# Weight-only kernels on CPU",
@@ -159,8 +160,8 @@ def main() -> None:
             "",
         ]
     )
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

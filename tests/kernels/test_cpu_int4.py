@@ -101,3 +101,14 @@ def test_dispatch_picks_cpu_int4_only_where_supported(monkeypatch) -> None:
     small_groups = QuantizedTensor.from_float(torch.randn(16, 128), preset("w4g64").replace(
         group_size=16))
     assert not cpu_int4.spec_supported(small_groups)
+
+
+def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    layer = QuantLinear.from_float(torch.nn.Linear(128, 16), "w4g128")
+    x = torch.randn(2, 128, requires_grad=True)
+    assert dispatch.select_kernel(layer.qweight, x).name == "reference"
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert dispatch.select_kernel(layer.qweight, x).name == cpu_int4.NAME

@@ -233,6 +233,7 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
         and qt.qdata.device.type == "cpu"
         and spec_supported(qt)
         and extension() is not None

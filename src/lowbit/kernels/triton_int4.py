@@ -146,6 +146,7 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     return (
         x.device.type == "cuda"
         and x.dtype in ACT_DTYPES
+        and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through Triton
         and spec_supported(qt)
         and triton_available()
     )

@@ -321,3 +321,19 @@ def test_awq_bad_arguments_and_missing_stats():
                        spec_for=lambda _n: preset("w4g64"), run_block=lambda: [])
     with pytest.raises(ValueError, match="AWQ needs calibration statistics .* attn.c_attn"):
         AWQ().prepare_block(ctx)
+
+
+def test_awq_through_lowbit_quantize_beats_rtn_on_gpt2():
+    import lowbit
+
+    errors = {}
+    for name, algo in (("rtn", RTN()), ("awq", AWQ())):
+        model, _ = tiny_gpt2()
+        ids = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(5))
+        ref = logits(model, [ids])
+        lowbit.quantize(model, "w4g64", algorithm=algo, calib=ids, exclude=["lm_head"])
+        errors[name] = float(((logits(model, [ids]) - ref) ** 2).mean() / (ref**2).mean())
+        if name == "awq":
+            assert any(n.startswith("block 0: ln_1 -> attn.c_attn: alpha=")
+                       for n in model.lowbit_summary.notes), model.lowbit_summary.notes
+    assert errors["awq"] < 0.8 * errors["rtn"], errors

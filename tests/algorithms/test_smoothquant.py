@@ -208,3 +208,16 @@ def test_unknown_arch_falls_back_and_bad_input():
     # quantize_weight is RTN with the layer's spec
     qt = SmoothQuant().quantize_weight(w, preset("w8a8"))
     assert torch.equal(qt.dequantize(), fake_quantize(w, preset("w8a8")))
+
+
+def test_smoothquant_through_lowbit_quantize_beats_plain_w8a8_static():
+    import lowbit
+
+    errors = {}
+    for name in ("rtn", "smoothquant"):
+        model, _ = tiny_gpt2()
+        ids = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(5))
+        ref = outputs(model, [ids])
+        lowbit.quantize(model, "w8a8-static", algorithm=name, calib=ids)
+        errors[name] = float(((outputs(model, [ids]) - ref) ** 2).mean() / (ref**2).mean())
+    assert errors["smoothquant"] < 0.5 * errors["rtn"], errors

@@ -183,6 +183,9 @@ def _build_library() -> ctypes.CDLL:
             if run.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[:300]}")
             os.replace(out, library)  # atomic: concurrent builders agree on one file
+    # The library brings the system's OpenMP runtime beside torch's own: keep its idle threads
+    # asleep rather than spinning, so the two runtimes don't fight over the cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     lib = ctypes.CDLL(str(library))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.int4_gemv.argtypes = [ptr] * 6 + [i64] * 4 + [ctypes.c_int]

@@ -94,6 +94,88 @@ def worker(job: dict) -> dict:
             "mean_layer_error": statistics.mean(errors) if errors else None}
 
 
+def hqq_peer_worker(job: dict) -> dict:
+    """The ``hqq`` package (run by the peers venv's python): HQQLinear on every decoder Linear,
+    then the dequantized weights are written for the parent to score."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+    bits, group = job["bits"], job["group"]
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group)
+    start = time.perf_counter()
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        lin = model.get_submodule(name)
+        q = HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu")
+        setattr(model.get_submodule(parent), child, q)
+    seconds = time.perf_counter() - start
+    weights = {n + ".weight": model.get_submodule(n).dequantize().float().contiguous()
+               for n in names}
+    torch.save(weights, job["out"])
+    import importlib.metadata as md
+
+    return {"ok": True, "seconds": seconds, "peak_rss_kib": _rss_kib("VmHWM"),
+            "version": md.version("hqq")}
+
+
+def run_peers(args) -> None:
+    """Score the hqq package at the weight specs and replace the results file's peer section."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.eval import compare_logits
+
+    python = Path(args.peers_python)
+    if not python.exists():
+        raise SystemExit(f"--peers-python {python} does not exist")
+    max_tokens = args.max_tokens or (4096 if args.quick else 32768)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = tok(TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    reference = CachedReference(ref)
+    lines = ["## Peer toolkits", "",
+             f"Same model, test tokens ({max_tokens:,}, context {args.context}, stride "
+             f"{args.stride}) and exclusions; run with `{python}` (a separate venv, "
+             "`benchmarks/llm.py --peers`). hqq: `HQQLinear(BaseQuantizeConfig(nbits, "
+             "group_size))` on every decoder Linear, compute dtype float32 (its scales/zeros "
+             "are kept in float, lowbit's in fp16); scored by loading its dequantized weights.",
+             "", "| spec | toolkit | ppl | KL | top-1 | time s | peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, bits, group in (("w4g128", 4, 128), ("w3g128", 3, 128), ("w2g64", 2, 64)):
+            job = {"model": str(args.model), "bits": bits, "group": group,
+                   "out": f"{tmp}/w.pt", "peer": "hqq"}
+            proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)],
+                                  capture_output=True, text=True, cwd=ROOT)
+            out = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not out:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+                lines.append(f"| {spec} | hqq | failed: {tail} | | | | |")
+                continue
+            res = json.loads(out[-1])
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+            model.load_state_dict(torch.load(f"{tmp}/w.pt"), strict=False)
+            cmp = compare_logits(model, reference, ids, context=args.context,
+                                 stride=args.stride, max_tokens=max_tokens)
+            lines.append(f"| {spec} | hqq {res['version']} | {cmp.ppl:.3f} | {cmp.kl_mean:.4f} "
+                         f"| {cmp.top1_agreement:.3f} | {res['seconds']:.1f} | "
+                         f"{res['peak_rss_kib'] / 1024:.0f} |")
+            print(lines[-1], flush=True)
+    lines += ["", "Not run: llmcompressor and gptqmodel (GPTQ peers) were not installed: both "
+              "pull large CUDA-oriented dependency trees (gptqmodel builds CUDA kernels; "
+              "llmcompressor needs compressed-tensors + accelerate + datasets), which did not fit "
+              "this session's time; the GPTQ side-by-side comparison is still missing.", ""]
+    text = args.out.read_text() if args.out.exists() else ""
+    head = text.split("## Peer toolkits")[0]
+    args.out.write_text(head + "\n".join(lines))
+    print(f"wrote {args.out}")
+
+
 def run_worker(job: dict) -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"} if job.get("cap_mb") else None
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
@@ -130,10 +212,19 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1, help="timing runs per config (median)")
     ap.add_argument("--only", default=None, help="comma-separated algorithms to run")
+    ap.add_argument("--specs", default=None, help="comma-separated specs (default: all)")
+    ap.add_argument("--caps", default="100", help="memory caps in MiB for the cap runs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers", action="store_true",
+                    help="run peer toolkits (hqq) from --peers-python and rewrite their section")
+    ap.add_argument("--peers-python", default="/tmp/peers-venv/bin/python")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        job = json.loads(args.worker)
+        print(json.dumps(hqq_peer_worker(job) if job.get("peer") == "hqq" else worker(job)))
+        return
+    if args.peers:
+        run_peers(args)
         return
     if not (args.model / "config.json").exists() or not TEST.exists():
         raise SystemExit(f"model or test split absent ({args.model}, {TEST})")
@@ -156,15 +247,24 @@ def main() -> None:
     def wanted(a: str) -> bool:
         return a in registered and (only is None or a in only)
 
-    jobs = [(s, a) for s in WEIGHT_SPECS for a in WEIGHT_ALGORITHMS if wanted(a)]
-    jobs += [("w8a8", a) for a in ACT_ALGORITHMS if wanted(a)]
+    specs = args.specs.split(",") if args.specs else [*WEIGHT_SPECS, "w8a8"]
+    jobs = [(s, a) for s in specs if s != "w8a8" for a in WEIGHT_ALGORITHMS if wanted(a)]
+    jobs += [("w8a8", a) for a in ACT_ALGORITHMS if wanted(a) and "w8a8" in specs]
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tok(TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     float_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     fp32_bytes = sum(p.numel() * 4 for p in float_model.parameters())
     reference = CachedReference(float_model)
     rows = []
+    machine = machine_line()
+
+    def write(cap_rows: list) -> None:
+        write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine)
+
     with tempfile.TemporaryDirectory() as tmp:
+        caps = [int(c) for c in args.caps.split(",") if c]
+        cap_rows = memory_cap_runs(args.model, caps, calib_samples=2, seq_len=args.seq_len)
+        write(cap_rows)
         for spec, alg in jobs:
             runs = []
             for r in range(args.repeats):
@@ -177,6 +277,7 @@ def main() -> None:
             if not runs[-1]["ok"]:
                 print(f"{spec} {alg}: FAILED {runs[-1]['error']}", flush=True)
                 rows.append((spec, alg, None, runs[-1]["error"]))
+                write(cap_rows)
                 continue
             model = lowbit.load(f"{tmp}/q").eval()
             cmp = compare_logits(model, reference, ids, context=args.context,
@@ -189,19 +290,18 @@ def main() -> None:
             print(f"{spec:7s} {alg:15s} ppl {cmp.ppl:8.3f} (fp {cmp.reference_ppl:.3f}) "
                   f"KL {cmp.kl_mean:.4f} top1 {cmp.top1_agreement:.3f} {seconds:6.1f}s "
                   f"peak {peak / 2**20:.0f} MiB", flush=True)
-        cap_rows = memory_cap_runs(args.model, calib_samples=8, seq_len=args.seq_len)
-    write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine_line())
+            write(cap_rows)
 
 
-def memory_cap_runs(model_dir: Path, calib_samples: int, seq_len: int) -> list:
+def memory_cap_runs(model_dir: Path, caps: list[int], calib_samples: int, seq_len: int) -> list:
     """GPTQ w4g128 from disk vs loading the whole float model first, under an address-space cap
     (RLIMIT_AS = the process's virtual size after imports + cap)."""
     out = []
-    for cap in (100, 200):
+    for cap in caps:
         for in_memory in (False, True):
             job = {"model": str(model_dir), "spec": "w4g128", "algorithm": "gptq",
                    "calib_samples": calib_samples, "seq_len": seq_len, "cap_mb": cap,
-                   "in_memory": in_memory, "threads": 1}
+                   "in_memory": in_memory}
             res = run_worker(job)
             out.append((cap, in_memory, res))
             print(f"cap +{cap} MiB in_memory={in_memory}: {res}", flush=True)
@@ -274,7 +374,7 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
         lines.append(f"- target 'GPTQ under a minute': GPTQ took {min(gptq):.1f}-{max(gptq):.1f} s "
                      f"-> {'met' if max(gptq) < 60 else 'NOT met'} (on the loaded shared machine).")
     lines += ["", "## Memory cap", "",
-              "GPTQ w4g128 with 8 x 512 calibration tokens, one thread, under `RLIMIT_AS` = the "
+              "GPTQ w4g128 with 2 x 512 calibration tokens, under `RLIMIT_AS` = the "
               "worker's virtual size after importing torch/transformers/lowbit and tokenizing + "
               "the cap. 'from disk' = `lowbit.quantize(path)` (one block in float at a time); "
               "'in memory' = `from_pretrained` (whole float32 model) then `lowbit.quantize`. "

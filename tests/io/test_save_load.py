@@ -316,3 +316,16 @@ def test_load_rejects_truncated_weights_and_foreign_folders(saved, tmp_path):
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no lowbit quantization_config"):
         lowbit.load(saved)
+
+
+def test_gptq_act_order_g_idx_round_trips(llama, tmp_path):
+    if not VAL_TEXT.exists():
+        pytest.skip(f"{VAL_TEXT} is absent")
+    float_model, tokenizer, ids = llama
+    text = VAL_TEXT.read_text()[:20000]
+    model = lowbit.quantize(copy.deepcopy(float_model), "w4g64", algorithm="gptq-act-order",
+                            calib=[text], tokenizer=tokenizer, calib_samples=4, calib_seq_len=256)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.qweight.g_idx is not None and "weight_g_idx" in dict(q.named_buffers())
+    loaded, _ = _round_trip(model, ids, tmp_path / "out")
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight_g_idx, q.weight_g_idx)

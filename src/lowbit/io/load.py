@@ -206,6 +206,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 f"{type(model).__name__}"
             ) from None
         new = _empty_quant_module(name, module, spec, dtype)
+        if f"{name}.weight_g_idx" in header:  # GPTQ act-order: columns' group indices
+            new.register_buffer("weight_g_idx", torch.empty(
+                header[f"{name}.weight_g_idx"].shape, dtype=torch.int32, device="meta"))
         logical_shapes[name] = tuple(new.weight_shape.tolist())
         _set_submodule(model, name, new)
         summary.modules.append(ModuleReport(

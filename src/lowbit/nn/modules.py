@@ -45,7 +45,11 @@ class _QuantWeightMixin(nn.Module):
                 f"{self.weight_logical_shape}"
             )
         for field, t in qt.stored_tensors().items():
-            setattr(self, _PREFIX + STATE_NAMES[field], t)
+            name = _PREFIX + STATE_NAMES[field]
+            if name in self._buffers:
+                setattr(self, name, t)
+            else:  # optional tensors (g_idx) become buffers only when present
+                self.register_buffer(name, t)
         self._kernel_cache.clear()
 
     @property

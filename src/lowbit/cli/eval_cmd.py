@@ -134,6 +134,7 @@ def _encoder_rows(
     return protocol, rows, batch
 
 
+@torch.no_grad()  # scoped: tests run commands in-process, a global switch would leak
 def eval_command(
     model_dir: Path = typer.Argument(..., help="A Hugging Face or lowbit-quantized model folder."),
     reference: Path | None = typer.Option(
@@ -164,7 +165,6 @@ def eval_command(
         tokenizer = tokenizer or ref_tok
         if tokenizer is None:
             raise ValueError(f"no tokenizer in {str(model_dir)!r} (or in --reference)")
-        torch.set_grad_enabled(False)
         if kind == "causal-lm":
             if text is None:
                 raise ValueError("--text FILE is required for causal LMs (the text to score)")

@@ -18,6 +18,7 @@ re-collected Hessian) and rounds to nearest. Q is always the spec's own ``fake_q
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,7 @@ class AWQ(Algorithm):
         specs: list[QuantSpec | None],
         hessian: torch.Tensor,
         x_mean: torch.Tensor,
-        run_block=None,
+        run_block: Callable[[], list[torch.Tensor]] | None = None,
         reference: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, float, float, float]:
         """Best scales ``[width]`` for one mapping: (scales, alpha, error, RTN's error)."""
@@ -218,7 +219,7 @@ def _block_error(
     weights: list[torch.Tensor],
     specs: list[QuantSpec | None],
     s: torch.Tensor,
-    run_block,
+    run_block: Callable[[], list[torch.Tensor]],
     reference: list[torch.Tensor],
 ) -> float:
     """Squared error of the block outputs with ``m``'s consumers acting as if folded+quantized."""

@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated algorithms to run")
     ap.add_argument("--specs", default=None, help="comma-separated specs (default: all)")
     ap.add_argument("--caps", default="100", help="memory caps in MiB for the cap runs")
+    ap.add_argument("--cap-algorithm", default="gptq")
+    ap.add_argument("--caps-only", action="store_true",
+                    help="only the memory-cap runs; write their section to --out")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peers", action="store_true",
                     help="run peer toolkits (hqq) from --peers-python and rewrite their section")
@@ -225,6 +228,12 @@ def main() -> None:
         return
     if args.peers:
         run_peers(args)
+        return
+    if args.caps_only:
+        caps = [int(c) for c in args.caps.split(",") if c]
+        rows = memory_cap_runs(args.model, caps, 2, args.seq_len, args.cap_algorithm)
+        args.out.write_text("\n".join(cap_section(rows, args.cap_algorithm)) + "\n")
+        print(f"wrote {args.out}")
         return
     if not (args.model / "config.json").exists() or not TEST.exists():
         raise SystemExit(f"model or test split absent ({args.model}, {TEST})")
@@ -293,13 +302,14 @@ def main() -> None:
             write(cap_rows)
 
 
-def memory_cap_runs(model_dir: Path, caps: list[int], calib_samples: int, seq_len: int) -> list:
+def memory_cap_runs(model_dir: Path, caps: list[int], calib_samples: int, seq_len: int,
+                    algorithm: str = "gptq") -> list:
     """GPTQ w4g128 from disk vs loading the whole float model first, under an address-space cap
     (RLIMIT_AS = the process's virtual size after imports + cap)."""
     out = []
     for cap in caps:
         for in_memory in (False, True):
-            job = {"model": str(model_dir), "spec": "w4g128", "algorithm": "gptq",
+            job = {"model": str(model_dir), "spec": "w4g128", "algorithm": algorithm,
                    "calib_samples": calib_samples, "seq_len": seq_len, "cap_mb": cap,
                    "in_memory": in_memory}
             res = run_worker(job)
@@ -373,14 +383,23 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
     if gptq:
         lines.append(f"- target 'GPTQ under a minute': GPTQ took {min(gptq):.1f}-{max(gptq):.1f} s "
                      f"-> {'met' if max(gptq) < 60 else 'NOT met'} (on the loaded shared machine).")
-    lines += ["", "## Memory cap", "",
-              "GPTQ w4g128 with 2 x 512 calibration tokens, under `RLIMIT_AS` = the "
-              "worker's virtual size after importing torch/transformers/lowbit and tokenizing + "
-              "the cap. 'from disk' = `lowbit.quantize(path)` (one block in float at a time); "
-              "'in memory' = `from_pretrained` (whole float32 model) then `lowbit.quantize`. "
-              f"The float32 model is {fp32_bytes / 2**20:.1f} MiB.", "",
-              "| cap above baseline | path | result | time s | peak RSS MiB | base RSS MiB |",
-              "| ---: | --- | --- | ---: | ---: | ---: |"]
+    lines += ["", *cap_section(cap_rows, "gptq", fp32_bytes)]
+    lines += ["", PEERS_NOTE, ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+def cap_section(cap_rows: list, algorithm: str, fp32_bytes: int | None = None) -> list[str]:
+    size = "" if fp32_bytes is None else f" The float32 model is {fp32_bytes / 2**20:.1f} MiB."
+    lines = ["## Memory cap", "",
+             f"{algorithm} w4g128 (2 x 512 calibration tokens where it calibrates) under "
+             "`RLIMIT_AS` = the worker's virtual size after importing torch/transformers/lowbit "
+             "and tokenizing + the cap. 'from disk' = `lowbit.quantize(path)` (one block in "
+             "float at a time); 'in memory' = `from_pretrained` (whole float32 model) then "
+             f"`lowbit.quantize`.{size}", "",
+             "| cap above baseline | path | result | time s | peak RSS MiB | base RSS MiB |",
+             "| ---: | --- | --- | ---: | ---: | ---: |"]
     for cap, in_memory, res in cap_rows:
         path = "in memory" if in_memory else "from disk"
         if res.get("ok"):
@@ -389,10 +408,7 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
                          f"{base:.0f} |")
         else:
             lines.append(f"| +{cap} MiB | {path} | failed: {res['error']} | | | |")
-    lines += ["", PEERS_NOTE, ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    return lines
 
 
 PEERS_NOTE = (

@@ -198,17 +198,15 @@ class FloatFormat:
         if self.bits == 32:
             return self._encode_fp32(x, saturate)
         if x.dtype != torch.float64:  # float32 holds x exactly: one rounding step either way
-            if self.torch_dtype is not None and self.bits == 8:  # bf16 NaN bits differ
-                return self._encode_torch_cast(x, saturate)
+            if saturate and self.torch_dtype is not None and self.bits == 8:
+                return self._encode_torch_cast(x)  # (quantization's path; bf16 NaN bits differ)
             if self.nan_encoding == "none":
                 return self._encode_by_table(x)
         return _chunked(lambda part: self._encode_chunk(part, saturate), x, self._code_dtype())
 
-    def _encode_torch_cast(self, x: torch.Tensor, saturate: bool) -> torch.Tensor:
-        """Fast path through torch's own cast (the same bits: pinned by the exhaustive tests)."""
-        x = x.to(torch.float32)
-        if saturate:
-            x = x.clamp(-self.max, self.max)  # also maps ±inf to ±max; NaN stays NaN
+    def _encode_torch_cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Saturating encode through torch's own cast (same bits: pinned by the tests)."""
+        x = x.to(torch.float32).clamp(-self.max, self.max)  # ±inf -> ±max; NaN stays NaN
         return x.to(self.torch_dtype).view(torch.int8).to(torch.int32) & 0xFF
 
     def _encode_by_table(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
 ``lowbit.quant`` (``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``).
 """
 
+from lowbit.algorithms import qat
 from lowbit.api import QuantizeSummary, quantize
 from lowbit.io import load, save
 from lowbit.quant import choose_qparams, fake_quantize
@@ -22,6 +23,7 @@ __all__ = [
     "fake_quantize",
     "load",
     "preset",
+    "qat",
     "quantize",
     "save",
 ]

@@ -1,0 +1,411 @@
+"""Quantization-aware training: fake-quant modules with STE and learned step sizes (LSQ / LSQ+).
+
+``prepare(model, spec)`` swaps Linear / GPT-2 Conv1D / Embedding modules for QAT modules that hold
+the float weight plus the quantization parameters and fake-quantize the weight in every forward:
+
+    v = w/s_st + z_st;  q = clamp(round_ste(v), qmin, qmax);  w~ = (q - qmin + (qmin - z_st))*s_st
+
+with exactly the float32 operations of ``lowbit.quant.maps.affine_codes`` / ``affine_values``, and
+``s_st``/``z_st`` the *stored* values (scale cast to ``spec.scale_dtype``, an integer zero-point
+rounded and cast to ``spec.zero_dtype``) with straight-through gradients through those casts. So
+``convert(model)`` -> packed ``QuantLinear`` / ``QuantEmbedding`` modules whose outputs equal the
+fake-quant model's bit for bit (on the reference kernel).
+
+learn: "lsq" (learned step size, LSQ gradient scale ``g = 1/sqrt(N * Q_p)``, N weights per scale,
+Q_p = qmax), "lsq+" (also a learned offset, MSE-searched initial range), "fixed" (qparams frozen
+at their initial values; only the weights learn, plain STE QAT).
+init: "rtn" (min-max), "hqq" (HQQ-refined); a model already quantized by ``lowbit.quantize``
+(e.g. with GPTQ) can be passed to ``prepare``: its dequantized weights and qparams are the start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.quant.layout import Layout, layout_for
+from lowbit.quant.maps import QParams, choose_qparams, qparams_from_range, qrange, symmetric_zero
+from lowbit.spec import QuantSpec, as_spec, torch_dtype
+from lowbit.tensor import QuantizedTensor
+
+LEARN_MODES = ("lsq", "lsq+", "fixed")
+INITS = ("rtn", "hqq")
+
+
+# ---- straight-through pieces (custom Functions: forward values are exact, no a + (b - a)) ------
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+class _CastSTE(torch.autograd.Function):
+    """Round-trip through a storage dtype in the forward; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: D102
+        return x.to(dtype).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity in the forward; gradient times ``g`` (LSQ's step-size gradient scale)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:  # noqa: D102
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad * ctx.g, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` (half to even, as the maps) with gradient 1."""
+    return _RoundSTE.apply(x)
+
+
+def lsq_grad_scale(spec: QuantSpec, layout: Layout) -> float:
+    """LSQ's ``g = 1 / sqrt(N * Q_p)``: N weights share a scale, Q_p = qmax of the spec."""
+    n = layout.block_rows * layout.block_cols
+    return 1.0 / math.sqrt(n * max(qrange(spec)[1], 1))
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if spec.kind != "affine":
+        raise ValueError(
+            f"spec {spec} ({spec.format}) is a {spec.kind} grid; QAT learns the step size of "
+            "integer (intN/uintN) affine grids only, a fixed codebook or k-means palette has no "
+            "step to learn"
+        )
+    if spec.act is not None:
+        raise ValueError(f"spec {spec} quantizes activations; QAT supports weight-only specs")
+    if spec.rounding != "nearest":
+        raise ValueError(f"spec {spec}: QAT needs rounding='nearest'")
+
+
+def _mse_range_init(wb: torch.Tensor, spec: QuantSpec, grid: int = 20) -> QParams:
+    """LSQ+ style init: per block, the shrunk min-max range (ratio 0.5..1) with least MSE."""
+    lo, hi = wb.amin(-1), wb.amax(-1)
+    best: QParams | None = None
+    best_err = None
+    for ratio in torch.linspace(0.5, 1.0, grid).tolist():
+        qp = qparams_from_range(lo * ratio, hi * ratio, spec)
+        err = (fake_quant_blocked(wb, spec, qp.scale.float(), _zero_of(spec, qp)) - wb).pow(2)
+        err = err.mean(-1)
+        if best is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, qp.scale, best.scale)
+        if best.zero_point is not None:
+            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
+    return best
+
+
+def _zero_of(spec: QuantSpec, qp: QParams) -> torch.Tensor | int:
+    return qp.zero_point.float() if spec.has_zero_point else symmetric_zero(spec)
+
+
+def fake_quant_blocked(
+    wb: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | int
+) -> torch.Tensor:
+    """Affine fake-quant of a blocked view ``[nr, nc, n]`` with float32 stored-value qparams
+    ``[nr, nc]``; differentiable (STE on the rounding). Same float ops as affine_codes/values."""
+    qmin, qmax = qrange(spec)
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1) if isinstance(zero, torch.Tensor) else zero
+    v = wb / s
+    if not isinstance(z, int) or z:
+        v = v + z
+    codes = round_ste(v).clamp(qmin, qmax) - qmin
+    return (codes + (qmin - z)) * s
+
+
+class _FakeQuantWeight(nn.Module):
+    """A float weight plus its (learnable) scale / zero-point; ``fake_weight()`` is Q^-1(Q(w))."""
+
+    def _init_fq(self, weight: torch.Tensor, spec: QuantSpec, learn: str, init: str,
+                 qparams: QParams | None, train_weight: bool) -> None:
+        if learn not in LEARN_MODES:
+            raise ValueError(f"learn={learn!r}; allowed: {', '.join(LEARN_MODES)}")
+        if init not in INITS:
+            raise ValueError(
+                f"init={init!r}; allowed: {', '.join(INITS)} (for GPTQ, quantize the model with "
+                "lowbit.quantize(..., algorithm='gptq') and pass it to prepare)"
+            )
+        _check_spec(spec)
+        self.spec, self.learn = spec, learn
+        self.layout = layout_for(weight.shape, spec)
+        w = weight.detach().float().clone()
+        self.weight = nn.Parameter(w, requires_grad=train_weight)
+        self.weight_dtype = weight.dtype
+        wb = self.layout.blocked(self.layout.to_2d(w))
+        if qparams is None:
+            if learn == "lsq+":
+                qparams = _mse_range_init(wb, spec)
+            elif init == "hqq":
+                from lowbit.algorithms.hqq import HQQ
+
+                qparams = HQQ().refine(w, spec)
+            else:
+                qparams = choose_qparams(w, spec)
+        learn_scale = learn in ("lsq", "lsq+")
+        self.scale = nn.Parameter(qparams.scale.float().clone(), requires_grad=learn_scale)
+        if spec.has_zero_point:
+            self.zero_point = nn.Parameter(
+                qparams.zero_point.float().clone(), requires_grad=learn == "lsq+"
+            )
+        else:
+            self.zero_point = None
+        self.grad_scale = lsq_grad_scale(spec, self.layout)
+
+    def stored_scale(self) -> torch.Tensor:
+        """The scale as it will be stored (spec.scale_dtype, positive), as float32, STE grads."""
+        dtype = torch_dtype(self.spec.scale_dtype)
+        s = _GradScale.apply(self.scale, self.grad_scale) if self.learn != "fixed" else self.scale
+        s = s.clamp(min=torch.finfo(dtype).tiny)
+        return _CastSTE.apply(s, dtype)
+
+    def stored_zero(self) -> torch.Tensor | int:
+        """The zero-point as stored (integer-valued for zero_point='int'), float32, STE grads."""
+        if self.zero_point is None:
+            return symmetric_zero(self.spec)
+        z = self.zero_point
+        if self.learn == "lsq+":
+            z = _GradScale.apply(z, self.grad_scale)
+        if self.spec.zero_point == "int":
+            qmin, qmax = qrange(self.spec)
+            z = round_ste(z).clamp(qmin, qmax)
+        return _CastSTE.apply(z, torch_dtype(self.spec.zero_dtype))
+
+    def fake_weight(self) -> torch.Tensor:
+        """Q^-1(Q(w)) in the logical shape, float32, differentiable in w, scale and zero."""
+        w = self.weight
+        if self.weight_dtype != torch.float32:  # convert() quantizes the weight in its dtype
+            w = _CastSTE.apply(w, self.weight_dtype)
+        wb = self.layout.blocked(self.layout.to_2d(w))
+        out = fake_quant_blocked(wb, self.spec, self.stored_scale(), self.stored_zero())
+        return self.layout.from_2d(self.layout.unblocked(out))
+
+    def quantized_weight(self) -> QuantizedTensor:
+        """The packed QuantizedTensor of the current weight with the stored qparams."""
+        with torch.no_grad():
+            scale = self.stored_scale().to(torch_dtype(self.spec.scale_dtype))
+            zero = self.stored_zero()
+            qp = QParams(
+                scale=scale,
+                zero_point=zero.to(torch_dtype(self.spec.zero_dtype))
+                if self.zero_point is not None else None,
+            )
+            return QuantizedTensor.from_float(
+                self.weight.detach().to(self.weight_dtype), self.spec, qp
+            )
+
+
+class QATLinear(_FakeQuantWeight):
+    """``y = x @ fake_quant(W)^T + b`` with ``W [out, in]`` float32 (GPT-2 Conv1D transposed)."""
+
+    def __init__(self, module: nn.Module, spec: QuantSpec, *, learn: str = "lsq",
+                 init: str = "rtn", train_weight: bool = True) -> None:
+        super().__init__()
+        from lowbit.nn.modules import QuantLinear, linear_weight
+
+        qparams = None
+        if isinstance(module, QuantLinear):  # start from a PTQ result (GPTQ, HQQ, ...)
+            qt = module.qweight
+            if qt.g_idx is not None:
+                raise ValueError("QAT cannot start from act-order (g_idx) GPTQ weights")
+            if qt.spec != spec:
+                raise ValueError(f"module is quantized with {qt.spec}, prepare asked for {spec}")
+            weight, bias = qt.dequantize(torch.float32), module.bias
+            qparams = qt.qparams
+        else:
+            weight, bias = linear_weight(module)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._init_fq(weight, spec, learn, init, qparams, train_weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                            requires_grad=train_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.fake_weight().to(self.weight_dtype).to(x.dtype), b)
+
+    def to_quantized(self) -> nn.Module:
+        from lowbit.nn.modules import QuantLinear
+
+        q = QuantLinear(self.in_features, self.out_features, self.spec, self.bias is not None,
+                        self.weight_dtype, self.weight.device)
+        q.set_weight(self.quantized_weight())
+        if self.bias is not None:
+            q.bias = self.bias.detach().to(self.weight_dtype).clone()
+        return q
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"spec={self.spec}, learn={self.learn}")
+
+
+class QATEmbedding(_FakeQuantWeight):
+    """``nn.Embedding`` whose table is fake-quantized (weight only)."""
+
+    def __init__(self, emb: nn.Embedding, spec: QuantSpec, *, learn: str = "lsq",
+                 init: str = "rtn", train_weight: bool = True) -> None:
+        super().__init__()
+        self.padding_idx = emb.padding_idx
+        self._init_fq(emb.weight, spec, learn, init, None, train_weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.fake_weight().to(self.weight_dtype), self.padding_idx)
+
+    def to_quantized(self) -> nn.Module:
+        from lowbit.nn.modules import QuantEmbedding
+
+        emb = nn.Embedding(*self.weight.shape, padding_idx=self.padding_idx,
+                           dtype=self.weight_dtype, device=self.weight.device)
+        with torch.no_grad():
+            emb.weight.copy_(self.weight.detach())
+        q = QuantEmbedding(emb, self.spec)
+        q.set_weight(self.quantized_weight())
+        return q
+
+
+QAT_MODULES = (QATLinear, QATEmbedding)
+
+
+def prepare(
+    model: nn.Module,
+    spec: str | QuantSpec | dict[str, Any],
+    *,
+    learn: str = "lsq",
+    init: str = "rtn",
+    train: str = "all",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> nn.Module:
+    """Swap Linear / Conv1D / Embedding (and PTQ QuantLinear) modules for QAT modules, in place.
+
+    spec: a preset name, QuantSpec or ``{pattern: spec}`` (as ``lowbit.quantize``).
+    learn: "lsq" | "lsq+" | "fixed"; init: "rtn" | "hqq" (ignored for QuantLinear inputs).
+    train: "all" (weights and qparams learn; other float parameters too) or "scales" (only the
+        quantization parameters learn, EfficientQAT's E2E-QP; every other parameter is frozen).
+    Conv2d layers are left in float (noted in ``model.lowbit_summary``).
+    """
+    from lowbit.api import ModuleReport, QuantizeSummary, _kind, _set_submodule, _weight_bytes
+    from lowbit.models.select import first_match, resolve_spec
+    from lowbit.nn.modules import QuantLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if train not in ("all", "scales"):
+        raise ValueError(f"train={train!r}; allowed: all, scales")
+    if learn not in LEARN_MODES:
+        raise ValueError(f"learn={learn!r}; allowed: {', '.join(LEARN_MODES)}")
+    if learn == "fixed" and train == "scales":
+        raise ValueError("learn='fixed' with train='scales' leaves nothing to train")
+    if isinstance(spec, (str, QuantSpec)):
+        spec = as_spec(spec)
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    train_weight = train == "all"
+    if train == "scales":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    summary = QuantizeSummary()
+    swaps: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        kind = "Linear" if isinstance(module, QuantLinear) else _kind(module)
+        if kind is None:
+            continue
+        before = _weight_bytes(module) if kind != "Linear" or not isinstance(
+            module, QuantLinear) else module.weight_nbytes
+
+        def skip(reason: str, _n=name, _k=kind, _b=before) -> None:
+            summary.modules.append(ModuleReport(_n, _k, None, "skipped", reason, _b, _b))
+
+        if include is not None and first_match(name, include) is None:
+            skip("not matched by include")
+            continue
+        hit = first_match(name, exclude)
+        if hit is not None:
+            skip(f"excluded by {hit!r}")
+            continue
+        layer_spec, _ = resolve_spec(name, spec)
+        if layer_spec is None:
+            skip("no spec pattern matches")
+            continue
+        if kind == "Conv2d":
+            skip("Conv2d: QAT not implemented, kept in float")
+            continue
+        try:
+            if kind == "Embedding":
+                new = QATEmbedding(module, layer_spec, learn=learn, init=init,
+                                   train_weight=train_weight)
+            else:
+                new = QATLinear(module, layer_spec, learn=learn, init=init,
+                                train_weight=train_weight)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"layer {name!r} ({kind}): {e}") from None
+        swaps.append((name, new))
+        summary.modules.append(ModuleReport(name, kind, str(layer_spec), "quantized",
+                                            f"QAT ({learn})", before, before))
+    for name, new in swaps:
+        _set_submodule(model, name, new)
+    model.lowbit_summary = summary
+    return model
+
+
+def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The QAT modules of a prepared model, by name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QAT_MODULES)]
+
+
+def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable scales and zero-points of a prepared model."""
+    out = []
+    for _, m in qat_modules(model):
+        out += [p for p in (m.scale, m.zero_point) if p is not None and p.requires_grad]
+    return out
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every QAT module by its packed quantized module (QuantLinear / QuantEmbedding).
+
+    The result's outputs equal the fake-quant model's bit for bit on the reference kernel.
+    """
+    from lowbit.api import _set_submodule
+
+    mods = qat_modules(model)
+    if not mods:
+        raise ValueError("model has no QAT modules; call lowbit.qat.prepare(model, spec) first")
+    summary = getattr(model, "lowbit_summary", None)
+    for name, m in mods:
+        new = m.to_quantized()
+        _set_submodule(model, name, new)
+        if summary is not None:
+            for report in summary.modules:
+                if report.name == name:
+                    report.bytes_after = new.weight_nbytes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+__all__ = [
+    "INITS", "LEARN_MODES", "QATEmbedding", "QATLinear", "convert", "fake_quant_blocked",
+    "lsq_grad_scale", "prepare", "qat_modules", "quant_parameters", "round_ste",
+]

@@ -1,0 +1,198 @@
+"""QAT: STE and LSQ gradients against their formulas, convert() bit-exact, a short run learns."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.algorithms import qat
+from lowbit.nn.modules import QuantEmbedding, QuantLinear
+from lowbit.quant.maps import fake_quantize, qrange
+from lowbit.spec import QuantSpec
+
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
+VAL_TEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare-mix-val.txt"
+
+
+def _force_reference(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = "reference"
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 16))
+
+
+def test_ste_gradient_is_one_inside_clip_range_zero_outside():
+    spec = QuantSpec(format="int4", granularity="tensor", symmetric=True, scale_dtype="float32")
+    layer = nn.Linear(8, 1, bias=False)
+    q = qat.QATLinear(layer, spec, learn="fixed")
+    with torch.no_grad():
+        q.scale.fill_(0.25)  # code range [-8, 7] -> values [-2, 1.75]
+        q.weight.copy_(torch.tensor([[-3.0, -2.0, -1.1, 0.0, 0.3, 1.7, 1.9, 5.0]]))
+    q.fake_weight().sum().backward()
+    inside = torch.tensor([[0.0, 1, 1, 1, 1, 1, 0, 0]])  # -2 -> v=-8 sits on qmin: passes
+    assert torch.equal(q.weight.grad, inside)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_lsq_scale_gradient_matches_paper_formula(symmetric: bool):
+    fmt = "int3" if symmetric else "uint3"
+    spec = QuantSpec(format=fmt, granularity="group", group_size=4, symmetric=symmetric,
+                     scale_dtype="float32", zero_dtype="float32")
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(2, 8))
+    q = qat.QATLinear(layer, spec, learn="lsq")
+    with torch.no_grad():
+        q.scale.mul_(0.7)  # push some weights outside the clip range
+    q.fake_weight().sum().backward()
+    qmin, qmax = qrange(spec)
+    w = q.weight.detach().reshape(2, 2, 4)
+    s = q.scale.detach().unsqueeze(-1)
+    z = q.zero_point.detach().unsqueeze(-1) if not symmetric else 0.0
+    v = w / s + z
+    r = v.round()
+    # d w~/d s for w~ = (clamp(round(w/s + z)) - z) * s: -w/s + round(v) - z inside, qmin - z /
+    # qmax - z at the clip ends (= LSQ's -v + round(v), qmin, qmax with v = w/s when z = 0).
+    per_weight = torch.where(r < qmin, qmin - z, torch.where(r > qmax, qmax - z, r - v))
+    g = 1 / math.sqrt(4 * qmax)
+    expected = per_weight.sum(-1) * g
+    assert q.scale.grad is not None
+    torch.testing.assert_close(q.scale.grad, expected, rtol=1e-5, atol=1e-6)
+    assert bool((r < qmin).any() | (r > qmax).any())  # the clip branch was exercised
+    if not symmetric:
+        assert q.zero_point.grad is None  # plain LSQ keeps the offset fixed
+
+
+def test_lsq_plus_learns_the_offset():
+    spec = QuantSpec(format="uint2", granularity="group", group_size=8)
+    q = qat.QATLinear(nn.Linear(16, 4), spec, learn="lsq+")
+    q.fake_weight().pow(2).sum().backward()
+    assert q.zero_point.grad is not None and bool(q.zero_point.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("spec", ["w2g64", "w4g64", "w8", QuantSpec(
+    format="uint3", granularity="group", group_size=32, zero_point="float")])
+@pytest.mark.parametrize("learn", ["lsq", "lsq+", "fixed"])
+def test_convert_equals_fake_quant_bit_for_bit(spec, learn):
+    model = qat.prepare(_mlp(), spec, learn=learn)
+    x = torch.randn(6, 128)
+    opt = qat.make_optimizer(model, lr=1e-2, weight_lr=1e-3)
+    for _ in range(3):  # move scales / zeros / weights off their initial values
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        fake = model(x)
+    qat.convert(model)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    _force_reference(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), fake)
+
+
+def test_fresh_prepare_equals_ptq_rtn():
+    """Before training, the fake-quant weight is exactly lowbit's fake_quantize (RTN)."""
+    layer = _mlp()[0]
+    q = qat.QATLinear(layer, lowbit.preset("w2g64"))
+    with torch.no_grad():
+        assert torch.equal(q.fake_weight(), fake_quantize(layer.weight, lowbit.preset("w2g64")))
+
+
+def test_embedding_and_ptq_start():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(50, 64), "lin": nn.Linear(64, 8)})
+    ptq = lowbit.quantize(copy.deepcopy(model), "w4g64", algorithm="hqq", include=["lin"])
+    prepared = qat.prepare(ptq, "w4g64")
+    assert isinstance(prepared["lin"], qat.QATLinear)
+    with torch.no_grad():  # starting from the PTQ result reproduces its weight
+        assert torch.equal(prepared["lin"].fake_weight(), prepared["lin"].weight)
+    model = qat.prepare(model, "w4g64")
+    ids = torch.tensor([[1, 2, 49]])
+    with torch.no_grad():
+        fake = model["emb"](ids)
+    qat.convert(model)
+    assert isinstance(model["emb"], QuantEmbedding)
+    with torch.no_grad():
+        assert torch.equal(model["emb"](ids), fake)
+
+
+def test_train_scales_only_freezes_everything_else():
+    model = qat.prepare(_mlp(), "w2g64", train="scales")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.scale", "2.scale"}
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="codebook"):
+        qat.prepare(_mlp(), "nf4g64")
+    with pytest.raises(ValueError, match="kmeans"):
+        qat.prepare(_mlp(), "km4")
+    with pytest.raises(ValueError, match="learn="):
+        qat.prepare(_mlp(), "w2g64", learn="adam")
+    with pytest.raises(ValueError, match="init="):
+        qat.prepare(_mlp(), "w2g64", init="gptq")
+    with pytest.raises(ValueError, match="train="):
+        qat.prepare(_mlp(), "w2g64", train="bias")
+    with pytest.raises(ValueError, match="no QAT modules"):
+        qat.convert(_mlp())
+    model = qat.prepare(_mlp(), "w2g64")
+    opt = qat.make_optimizer(model)
+    ids = torch.arange(100)
+    with pytest.raises(ValueError, match="steps"):
+        qat.train(model, ids, 0, opt)
+    with pytest.raises(ValueError, match="shorter than one batch"):
+        qat.train(model, ids, 5, opt, batch_size=4, seq_len=32)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, vocab: int = 32, dim: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        return self.head(h + self.mlp(h))
+
+
+def test_nan_loss_stops_before_the_update():
+    model = qat.prepare(_TinyLM(), "w4g64", include=["mlp.*"])
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    before = model.mlp[0].scale.detach().clone()
+    opt = qat.make_optimizer(model)
+    with pytest.raises(qat.DivergedError, match="diverged"):
+        qat.train(model, torch.randint(0, 32, (400,)), 3, opt, batch_size=2, seq_len=16)
+    assert torch.equal(model.mlp[0].scale, before)
+
+
+def test_short_qat_run_lowers_the_loss_on_the_fixture_lm():
+    if not FIXTURE.is_dir() or not VAL_TEXT.is_file():
+        pytest.skip(f"fixture model or text absent ({FIXTURE}, {VAL_TEXT})")
+    from lowbit.models.hf import load_hf_model
+
+    torch.manual_seed(0)
+    model, tok, _ = load_hf_model(FIXTURE)
+    ids = tok(VAL_TEXT.read_text(encoding="utf-8")[:60_000], return_tensors="pt").input_ids[0]
+    model = qat.prepare(model, "w2g64", exclude=["lm_head", "*embed*"])
+    probe = qat.sample_batch(ids, 8, 64, step=10_000, seed=1)
+    with torch.no_grad():
+        before = float(qat.qat_loss(model, probe))
+    opt = qat.make_optimizer(model, lr=1e-3, weight_lr=1e-4)
+    qat.train(model, ids, 30, opt, batch_size=4, seq_len=64)
+    with torch.no_grad():
+        after = float(qat.qat_loss(model, probe))
+    assert after < before - 0.05, (before, after)

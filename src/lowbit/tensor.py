@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -129,10 +130,7 @@ class QuantizedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -227,13 +225,10 @@ def stored_shapes(
 
 def stored_nbytes(spec: str | QuantSpec, shape: tuple[int, ...]) -> int:
     """Bytes a tensor of ``shape`` takes once quantized with ``spec`` (no data needed)."""
-    total = 0
-    for dims, dtype in stored_shapes(as_spec(spec), tuple(shape)).values():
-        n = 1
-        for d in dims:
-            n *= d
-        total += n * torch.empty((), dtype=dtype).element_size()
-    return total
+    return sum(
+        math.prod(dims) * torch.empty((), dtype=dtype).element_size()
+        for dims, dtype in stored_shapes(as_spec(spec), tuple(shape)).values()
+    )
 
 
 def elementwise_view(

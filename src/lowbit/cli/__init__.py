@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from lowbit.cli import demo_cmd, eval_cmd, formats_cmd, quantize_cmd, size_cmd
+from lowbit.cli import demo_cmd, eval_cmd, formats_cmd, qat_cmd, quantize_cmd, size_cmd
 from lowbit.cli.common import fail
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ size_cmd.register(app)
 quantize_cmd.register(app)
 eval_cmd.register(app)
 demo_cmd.register(app)
+qat_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

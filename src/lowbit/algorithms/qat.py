@@ -409,8 +409,9 @@ def convert(model: nn.Module) -> nn.Module:
 class DivergedError(ValueError):
     """The training loss became NaN/Inf; ``step`` is the step that produced it."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"loss is {loss} at step {step}; training diverged (lower --lr)")
+    def __init__(self, step: int, loss: float, what: str | None = None) -> None:
+        what = what or f"loss is {loss}"
+        super().__init__(f"{what} at step {step}; training diverged (lower the learning rate)")
         self.step, self.loss = step, loss
 
 
@@ -505,6 +506,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for g in optimizer.param_groups
+                   for p in g["params"]):
+            raise DivergedError(step, float("nan"), "the update made parameters NaN/Inf")
         losses.append(value)
         if on_step is not None:
             on_step(step, value)

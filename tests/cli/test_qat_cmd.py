@@ -1,0 +1,98 @@
+"""`lowbit qat` through typer's CliRunner: a short run saves a loadable model, resume, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+from lowbit.cli import app  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
+VAL_TEXT = SHARED / "data" / "shakespeare-mix-val.txt"
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    if not (LLAMA_3M / "config.json").exists() or not VAL_TEXT.is_file():
+        pytest.skip(f"fixture model {LLAMA_3M} or {VAL_TEXT} is absent")
+    path = tmp_path_factory.mktemp("qat") / "train.txt"
+    path.write_text(VAL_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return path
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["qat", str(LLAMA_3M), *args])
+
+
+def test_qat_run_saves_a_loadable_quantized_model(text_file, tmp_path):
+    out = tmp_path / "out"
+    r = _run("--text", str(text_file), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+             "--train", "scales", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "steps 0->3" in r.output
+    model = lowbit.load(out)
+    names = [type(m).__name__ for m in model.modules()]
+    assert "QuantLinear" in names
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_resume_continues_from_the_checkpoint(text_file, tmp_path):
+    out = tmp_path / "out"
+    common = ["--text", str(text_file), "--batch-size", "2", "--seq-len", "32",
+              "--checkpoint-every", "2", "-o", str(out)]
+    # An interrupted run: emulate the kill by writing the checkpoint of a 2-step run only.
+    from lowbit.cli import qat_cmd
+
+    saved = {}
+    real = qat_cmd._save_checkpoint
+
+    def keep_first(path, state):
+        if not saved:
+            saved["step"] = state["step"]
+            real(path, state)
+            raise KeyboardInterrupt  # killed right after the first checkpoint
+
+    qat_cmd._save_checkpoint = keep_first
+    try:
+        r = _run("--steps", "4", *common)
+    finally:
+        qat_cmd._save_checkpoint = real
+    assert r.exit_code != 0 and saved["step"] == 2
+    assert (out / "checkpoints" / "last.pt").is_file()
+    r = _run("--steps", "4", "--resume", *common)
+    assert r.exit_code == 0, r.output
+    assert "steps 2->4" in r.output
+
+
+def test_bad_inputs(text_file, tmp_path):
+    r = _run("--text", str(text_file), "--steps", "0", "-o", str(tmp_path / "a"))
+    assert r.exit_code == 2 and "--steps 0" in r.output
+    r = _run("--text", str(text_file), "--scheme", "nf4g64", "--steps", "1",
+             "-o", str(tmp_path / "b"))
+    assert r.exit_code == 2 and "codebook" in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be.", encoding="utf-8")
+    r = _run("--text", str(short), "--steps", "1", "-o", str(tmp_path / "c"))
+    assert r.exit_code == 2 and "shorter than one batch" in r.output
+    r = _run("--text", str(text_file), "--resume", "--steps", "1", "-o", str(tmp_path / "d"))
+    assert r.exit_code == 2 and "no checkpoint" in r.output
+
+
+def test_nan_loss_keeps_the_last_checkpoint(text_file, tmp_path):
+    out = tmp_path / "out"
+    r = _run("--text", str(text_file), "--steps", "50", "--batch-size", "2", "--seq-len", "32",
+             "--lr", "1e30", "--weight-lr", "1e30", "--checkpoint-every", "1", "-o", str(out))
+    assert r.exit_code == 2, r.output
+    assert "diverged" in r.output and "last good checkpoint" in r.output
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

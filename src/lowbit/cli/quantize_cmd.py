@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -77,24 +76,6 @@ def _candidates(model, include: list[str] | None, exclude: list[str]) -> int:
             continue
         n += 1
     return n
-
-
-def act_mode_spec(model, spec: QuantSpec) -> QuantSpec | dict[str, QuantSpec]:
-    """W8A8 on Linear layers; Embedding/Conv2d layers (no activation path) get its weight part."""
-    from lowbit.io.save import float_module_kind
-
-    if spec.act is None:
-        return spec
-    weight_only = spec.replace(act=None)
-    mapping: dict[str, QuantSpec] = {
-        "re:^" + re.escape(name) + "$": weight_only
-        for name, module in model.named_modules()
-        if float_module_kind(module) in ("Embedding", "Conv2d")
-    }
-    if not mapping:
-        return spec
-    mapping["*"] = spec
-    return mapping
 
 
 def _explain(error: str) -> str:
@@ -204,7 +185,7 @@ def quantize_command(
                 progress.update(task, advance=1, description=name)
 
             lowbit.quantize(
-                model, act_mode_spec(model, spec), calib=texts, include=include_list,
+                model, spec, calib=texts, include=include_list,
                 exclude=exclude_list, observer=observer or "minmax", tokenizer=tokenizer,
                 progress=advance, algorithm=alg, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len,

@@ -20,7 +20,9 @@ def _tokenize(texts: list[str], tokenizer: Any, n_samples: int, seq_len: int) ->
         raise ValueError("calib is a list of strings; pass tokenizer=... to turn it into tokens")
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("calib mixes strings and other objects; pass only strings")
-    encoded = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)
+    encoded = tokenizer(
+        "\n\n".join(texts), return_tensors="pt", add_special_tokens=False, verbose=False
+    )  # a long stream on purpose: no "longer than the model maximum" warning
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded.input_ids
     ids = ids.reshape(-1)
     n_windows = min(n_samples, ids.numel() // seq_len)

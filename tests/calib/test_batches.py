@@ -8,7 +8,7 @@ from lowbit.calib import as_batches
 class CharTokenizer:
     """One token per character (enough to test windowing without a real vocabulary)."""
 
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, verbose=True):
         return {"input_ids": torch.tensor([[ord(c) for c in text]])}
 
 

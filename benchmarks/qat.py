@@ -93,7 +93,9 @@ def main() -> None:
         f"{args.steps} Adam steps of {args.batch_size} x {args.seq_len} random VAL windows, KL "
         f"distillation from the fp32 model, lr {args.lr} (scales) / {args.weight_lr} (weights); "
         "'scales' trains only the quantization scales (E2E-QP), 'all' the weights too. Time: "
-        "wall seconds of quantize (PTQ) or prepare+train+convert (QAT), one run each.",
+        "wall seconds of quantize (PTQ) or prepare+train+convert (QAT), one run each, on a "
+        "shared machine (other processes may have competed for the cores: compare times only "
+        "loosely); perplexities are deterministic.",
         "", f"fp32 perplexity: **{fp:.3f}**", "",
         "| spec | method | test ppl | PTQ->fp32 gap closed | time s |",
         "| --- | --- | ---: | ---: | ---: |",

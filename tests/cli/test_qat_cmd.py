@@ -72,6 +72,11 @@ def test_resume_continues_from_the_checkpoint(text_file, tmp_path):
     r = _run("--steps", "4", "--resume", *common)
     assert r.exit_code == 0, r.output
     assert "steps 2->4" in r.output
+    # The finished run keeps its checkpoint: a longer run continues from step 4.
+    r = _run("--steps", "5", "--resume", *common)
+    assert r.exit_code == 0, r.output
+    assert "steps 4->5" in r.output
+    assert isinstance(lowbit.load(out), torch.nn.Module)
 
 
 def test_bad_inputs(text_file, tmp_path):

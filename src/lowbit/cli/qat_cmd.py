@@ -24,6 +24,23 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _save_keeping_checkpoints(model, out_dir: Path):
+    """lowbit.save replaces OUT_DIR; the checkpoints move aside and back, so ``--resume`` with a
+    larger ``--steps`` can continue a finished run."""
+    import lowbit
+
+    ckpt_dir = out_dir / "checkpoints"
+    aside = out_dir.parent / f".{out_dir.name}.checkpoints"
+    if ckpt_dir.is_dir():
+        os.replace(ckpt_dir, aside)
+    try:
+        return lowbit.save(model, out_dir, overwrite=True)
+    finally:
+        if aside.is_dir():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(aside, ckpt_dir)
+
+
 def qat_command(
     model_dir: str = typer.Argument(..., help="A Hugging Face causal-LM folder."),
     scheme: str = typer.Option("w2g64", "--scheme", "-s", help="A weight-only integer preset."),
@@ -49,7 +66,6 @@ def qat_command(
     """Fine-tune with fake-quantized weights (STE, LSQ), convert to packed modules and save."""
     import torch
 
-    import lowbit
     from lowbit.algorithms import qat
     from lowbit.models.hf import load_hf_model
 
@@ -124,7 +140,7 @@ def qat_command(
             fail(f"{e}; stopped, {kept}")
     try:
         qat.convert(model)
-        result = lowbit.save(model, out_dir, overwrite=True)
+        result = _save_keeping_checkpoints(model, out_dir)
     except (ValueError, TypeError) as e:
         fail(str(e))
     first = f"{losses[0]:.4f}" if losses else "-"

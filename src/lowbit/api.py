@@ -121,12 +121,12 @@ def quantize(
     reader = None
     if isinstance(model, (str, os.PathLike)):
         from lowbit.calib.sequential import open_pretrained
-        from lowbit.models.hf import _load_tokenizer
+        from lowbit.models.hf import load_tokenizer
 
         source = os.fspath(model)
         model, reader = open_pretrained(source)
         if tokenizer is None:
-            tokenizer = _load_tokenizer(Path(source))
+            tokenizer = load_tokenizer(Path(source))
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model must be a torch.nn.Module or a model folder, got {type(model).__name__}"

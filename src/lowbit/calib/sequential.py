@@ -170,7 +170,7 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     ``quantize_sequential`` loads them one at a time. Returns ``(model, reader)``."""
     from transformers import AutoConfig
 
-    from lowbit.io.load import _rebuild_meta_buffers
+    from lowbit.io.load import rebuild_meta_buffers
     from lowbit.models.hf import build_on_meta, model_kind
 
     path = Path(model_dir)
@@ -189,7 +189,7 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     reader.load_into(model, "", dtype, skip=in_blocks)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model)
+    rebuild_meta_buffers(model)
     model.eval()
     model._lowbit_source = str(path.resolve())
     return model, reader

@@ -126,7 +126,7 @@ def _tie(model: nn.Module, alias: str, source: str) -> None:
         raise ValueError(f"tied tensor {alias!r} is not a parameter or buffer of the model")
 
 
-def _rebuild_meta_buffers(model: nn.Module) -> None:
+def rebuild_meta_buffers(model: nn.Module) -> None:
     """Recompute non-persistent buffers left on meta with the model's own initializer.
 
     Each is pre-filled with a sentinel (NaN, or the dtype's minimum) so a buffer the initializer
@@ -262,7 +262,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     for alias, source in tied.items():
         _tie(model, alias, source)
-    _rebuild_meta_buffers(model)
+    rebuild_meta_buffers(model)
 
     for name, module in model.named_modules():
         if isinstance(module, QUANT_MODULES):

@@ -179,10 +179,10 @@ def load_hf_model(
     model.eval()
     if isinstance(source, Path):
         model._lowbit_source = str(source.resolve())
-    return model, _load_tokenizer(source), kind
+    return model, load_tokenizer(source), kind
 
 
-def _load_tokenizer(source: str | Path) -> Any:
+def load_tokenizer(source: str | Path) -> Any:
     """The folder's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 

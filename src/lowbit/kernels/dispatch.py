@@ -26,6 +26,7 @@ class Kernel:
     fn: KernelFn
     supports: Callable[[QuantizedTensor, torch.Tensor], bool]
     priority: int = 0  # higher wins among kernels that support a call
+    oracle: bool = False  # a reference kernel: what kernel="reference" selects for its specs
 
 
 KERNELS: dict[str, Kernel] = {}
@@ -51,13 +52,18 @@ def reference_linear(
 
 
 register_kernel(
-    Kernel("reference", reference_linear, lambda qt, x: _act_mode(qt) == "none", priority=0)
+    Kernel("reference", reference_linear, lambda qt, x: _act_mode(qt) == "none", oracle=True)
 )
 
 
 def select_kernel(qt: QuantizedTensor, x: torch.Tensor, kernel: str | None = None) -> Kernel:
     """The kernel for this call: the forced one, else the highest-priority one that supports it."""
     forced = kernel or os.environ.get("LOWBIT_KERNEL") or None
+    if forced == "reference":  # the oracle that covers this spec (weight-only or integer W*A*)
+        oracles = [k for k in KERNELS.values() if k.oracle and k.supports(qt, x)]
+        if not oracles:
+            raise ValueError(f"no reference kernel supports spec {qt.spec} on {x.device.type}")
+        return oracles[0]
     if forced:
         if forced not in KERNELS:
             raise ValueError(f"kernel={forced!r} is not registered; allowed: {', '.join(KERNELS)}")

@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from lowbit.kernels.dispatch import KERNELS, Kernel, register_kernel
+from lowbit.kernels.dispatch import Kernel, register_kernel
 from lowbit.quant.maps import QParams, check_finite, qparams_from_range, qrange, quantize
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -314,27 +314,7 @@ def int8_fbgemm_linear(
 
 
 # ---- registration -------------------------------------------------------------------------
-register_kernel(Kernel("int8-reference", int8_reference_linear, _reference_supports, priority=0))
-register_kernel(Kernel("int8-fbgemm", int8_fbgemm_linear, _fast_supports, priority=10))
-
-# "reference" names the oracle for every spec: extend whatever "reference" is registered now
-# (weight-only dequantize + F.linear) with the integer W*A* reference.
-_previous_reference = KERNELS["reference"]
-
-
-def _reference_linear(
-    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
-) -> torch.Tensor:
-    if _reference_supports(qt, x):
-        return int8_reference_linear(x, qt, bias, cache)
-    return _previous_reference.fn(x, qt, bias, cache)
-
-
 register_kernel(
-    Kernel(
-        "reference",
-        _reference_linear,
-        lambda qt, x: _reference_supports(qt, x) or _previous_reference.supports(qt, x),
-        priority=_previous_reference.priority,
-    )
+    Kernel("int8-reference", int8_reference_linear, _reference_supports, oracle=True)
 )
+register_kernel(Kernel("int8-fbgemm", int8_fbgemm_linear, _fast_supports, priority=10))

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
-from lowbit.models.select import first_match, resolve_spec
+from lowbit.models.select import choose_spec
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
 
@@ -153,16 +153,9 @@ def quantize(
         def skip(reason: str, spec_text: str | None = None, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, spec_text, "skipped", reason, _b, _b))
 
-        if include is not None and first_match(name, include) is None:
-            skip("not matched by include")
-            continue
-        hit = first_match(name, exclude)
-        if hit is not None:
-            skip(f"excluded by {hit!r}")
-            continue
-        layer_spec, _ = resolve_spec(name, spec)
+        layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:
-            skip("no spec pattern matches")
+            skip(why)
             continue
         act = layer_spec.act
         note = ""

@@ -306,7 +306,7 @@ def prepare(
     Conv2d layers are left in float (noted in ``model.lowbit_summary``).
     """
     from lowbit.api import ModuleReport, QuantizeSummary, _kind, _set_submodule, _weight_bytes
-    from lowbit.models.select import first_match, resolve_spec
+    from lowbit.models.select import choose_spec
     from lowbit.nn.modules import QuantLinear
 
     if not isinstance(model, nn.Module):
@@ -337,16 +337,9 @@ def prepare(
         def skip(reason: str, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, None, "skipped", reason, _b, _b))
 
-        if include is not None and first_match(name, include) is None:
-            skip("not matched by include")
-            continue
-        hit = first_match(name, exclude)
-        if hit is not None:
-            skip(f"excluded by {hit!r}")
-            continue
-        layer_spec, _ = resolve_spec(name, spec)
+        layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:
-            skip("no spec pattern matches")
+            skip(why)
             continue
         if kind == "Conv2d":
             skip("Conv2d: QAT not implemented, kept in float")

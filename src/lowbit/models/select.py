@@ -42,3 +42,21 @@ def resolve_spec(
 
 def _looks_like_spec_fields(d: Mapping[str, Any]) -> bool:
     return "format" in d and not any(k.startswith("re:") or "*" in k for k in d)
+
+
+def choose_spec(
+    name: str,
+    spec: str | QuantSpec | Mapping[str, Any],
+    include: Iterable[str] | None,
+    exclude: Iterable[str],
+) -> tuple[QuantSpec | None, str]:
+    """The spec for module ``name`` after include/exclude, or ``(None, why it is skipped)``."""
+    if include is not None and first_match(name, include) is None:
+        return None, "not matched by include"
+    hit = first_match(name, exclude)
+    if hit is not None:
+        return None, f"excluded by {hit!r}"
+    layer_spec, _ = resolve_spec(name, spec)
+    if layer_spec is None:
+        return None, "no spec pattern matches"
+    return layer_spec, ""

@@ -196,3 +196,27 @@ def test_short_qat_run_lowers_the_loss_on_the_fixture_lm():
     with torch.no_grad():
         after = float(qat.qat_loss(model, probe))
     assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("spec", ["w8", "w4g64"])
+def test_conv2d_qat_trains_and_converts_bit_for_bit(spec):
+    from lowbit.nn.modules import QuantConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 4, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 4))
+    x = torch.randn(2, 4, 9, 9)
+    qat.prepare(model, spec)
+    assert isinstance(model[0], qat.QATConv2d)
+    opt = qat.make_optimizer(model, lr=1e-2, weight_lr=1e-3)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert model[0].scale.grad is not None and model[0].weight.grad is not None
+        opt.step()
+    with torch.no_grad():
+        fake = model(x)
+    qat.convert(model)
+    assert isinstance(model[0], QuantConv2d) and isinstance(model[2], QuantConv2d)
+    with torch.no_grad():
+        assert torch.equal(model(x), fake)

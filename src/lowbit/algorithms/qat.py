@@ -8,8 +8,8 @@ the float weight plus the quantization parameters and fake-quantize the weight i
 with exactly the float32 operations of ``lowbit.quant.maps.affine_codes`` / ``affine_values``, and
 ``s_st``/``z_st`` the *stored* values (scale cast to ``spec.scale_dtype``, an integer zero-point
 rounded and cast to ``spec.zero_dtype``) with straight-through gradients through those casts. So
-``convert(model)`` -> packed ``QuantLinear`` / ``QuantEmbedding`` modules whose outputs equal the
-fake-quant model's bit for bit (on the reference kernel).
+``convert(model)`` -> packed ``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding`` modules whose
+outputs equal the fake-quant model's bit for bit (on the reference kernel).
 
 learn: "lsq" (learned step size, LSQ gradient scale ``g = 1/sqrt(N * Q_p)``, N weights per scale,
 Q_p = qmax), "lsq+" (also a learned offset, MSE-searched initial range), "fixed" (qparams frozen
@@ -284,7 +284,46 @@ class QATEmbedding(_FakeQuantWeight):
         return q
 
 
-QAT_MODULES = (QATLinear, QATEmbedding)
+class QATConv2d(_FakeQuantWeight):
+    """``nn.Conv2d`` whose weight ``[out, in/groups, kh, kw]`` is fake-quantized."""
+
+    def __init__(self, conv: nn.Conv2d, spec: QuantSpec, *, learn: str = "lsq",
+                 init: str = "rtn", train_weight: bool = True) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv2d padding_mode={conv.padding_mode!r}; supported: 'zeros'")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._init_fq(conv.weight, spec, learn, init, None, train_weight)
+        self.bias = None if conv.bias is None else nn.Parameter(
+            conv.bias.detach().float().clone(), requires_grad=train_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        w = self.fake_weight().to(self.weight_dtype).to(x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_quantized(self) -> nn.Module:
+        from lowbit.nn.modules import QuantConv2d
+
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         dtype=self.weight_dtype, device=self.weight.device)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.detach())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.detach())
+        q = QuantConv2d(conv, self.spec)
+        q.set_weight(self.quantized_weight())
+        return q
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"spec={self.spec}, learn={self.learn}")
+
+
+QAT_MODULES = (QATLinear, QATEmbedding, QATConv2d)
 
 
 def prepare(
@@ -303,7 +342,7 @@ def prepare(
     learn: "lsq" | "lsq+" | "fixed"; init: "rtn" | "hqq" (ignored for QuantLinear inputs).
     train: "all" (weights and qparams learn; other float parameters too) or "scales" (only the
         quantization parameters learn, EfficientQAT's E2E-QP; every other parameter is frozen).
-    Conv2d layers are left in float (noted in ``model.lowbit_summary``).
+    Linear, GPT-2 Conv1D, Conv2d and Embedding layers are swapped for fake-quant modules.
     """
     from lowbit.api import ModuleReport, QuantizeSummary, _kind, _set_submodule, _weight_bytes
     from lowbit.models.select import choose_spec
@@ -341,11 +380,11 @@ def prepare(
         if layer_spec is None:
             skip(why)
             continue
-        if kind == "Conv2d":
-            skip("Conv2d: QAT not implemented, kept in float")
-            continue
         try:
-            if kind == "Embedding":
+            if kind == "Conv2d":
+                new = QATConv2d(module, layer_spec, learn=learn, init=init,
+                                train_weight=train_weight)
+            elif kind == "Embedding":
                 new = QATEmbedding(module, layer_spec, learn=learn, init=init,
                                    train_weight=train_weight)
             else:

@@ -33,7 +33,14 @@ from lowbit.models.mappings import (
     set_linear_weight_2d,
 )
 from lowbit.quant.layout import layout_for
-from lowbit.quant.maps import QParams, choose_qparams, dequantize, fake_quantize, quantize
+from lowbit.quant.maps import (
+    QParams,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    keep_better,
+    quantize,
+)
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
@@ -188,11 +195,7 @@ class AWQ(Algorithm):
                 break
             qp = choose_qparams(w, spec.replace(clip_ratio=spec.clip_ratio * ratio))
             err = block_errors(qp)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best.scale = torch.where(better, qp.scale, best.scale)
-            if best.zero_point is not None:
-                best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
+            best_err = keep_better(best, best_err, qp, err)
         return best
 
 

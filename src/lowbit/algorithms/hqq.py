@@ -28,6 +28,7 @@ from lowbit.quant.maps import (
     affine_codes,
     affine_values,
     choose_qparams,
+    keep_better,
     qrange,
     symmetric_zero,
 )
@@ -106,11 +107,7 @@ class HQQ(Algorithm):
                 zero_point=zero.squeeze(-1).to(zero_dtype) if spec.has_zero_point else None,
             )
             w_r, codes, err = evaluate(cand)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best.scale = torch.where(better, cand.scale, best.scale)
+            best_err = keep_better(best, best_err, cand, err)
             scale = cand.scale.float().unsqueeze(-1)
-            if spec.has_zero_point:
-                best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
             beta *= self.kappa
         return best

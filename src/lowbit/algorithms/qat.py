@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.quant.layout import Layout, layout_for
-from lowbit.quant.maps import QParams, choose_qparams, qparams_from_range, qrange, symmetric_zero
+from lowbit.quant.maps import (
+    QParams,
+    choose_qparams,
+    keep_better,
+    qparams_from_range,
+    qrange,
+    symmetric_zero,
+)
 from lowbit.spec import QuantSpec, as_spec, torch_dtype
 from lowbit.tensor import QuantizedTensor
 
@@ -109,11 +116,7 @@ def _mse_range_init(wb: torch.Tensor, spec: QuantSpec, grid: int = 20) -> QParam
         if best is None:
             best, best_err = qp, err
             continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best.scale = torch.where(better, qp.scale, best.scale)
-        if best.zero_point is not None:
-            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
+        best_err = keep_better(best, best_err, qp, err)
     return best
 
 

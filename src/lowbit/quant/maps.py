@@ -87,6 +87,20 @@ def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return stored
 
 
+def keep_better(
+    best: QParams, best_err: torch.Tensor, cand: QParams, err: torch.Tensor
+) -> torch.Tensor:
+    """Per block, adopt ``cand``'s scale/zero where ``err < best_err`` (in place on ``best``).
+
+    The search step shared by HQQ, AWQ's clip search and LSQ+ init; returns the new best error.
+    """
+    better = err < best_err
+    best.scale = torch.where(better, cand.scale, best.scale)
+    if best.zero_point is not None:
+        best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
+    return torch.where(better, err, best_err)
+
+
 def qparams_from_range(
     min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
 ) -> QParams:

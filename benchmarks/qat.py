@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--weight-lr", type=float, default=1e-4)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--specs", default="w3g128,w2g64")
@@ -91,7 +91,8 @@ def main() -> None:
         f"{args.max_tokens:,} tokens of the TEST split (context 256, stride 256). GPTQ "
         "calibrates on 64 x 256 tokens of the VAL split. QAT: LSQ step sizes (HQQ init), "
         f"{args.steps} Adam steps of {args.batch_size} x {args.seq_len} random VAL windows, KL "
-        f"distillation from the fp32 model, lr {args.lr} (scales) / {args.weight_lr} (weights); "
+        f"distillation from the fp32 model, lr {args.lr} (scales, relative to their size) / "
+        f"{args.weight_lr} (weights); "
         "'scales' trains only the quantization scales (E2E-QP), 'all' the weights too. Time: "
         "wall seconds of quantize (PTQ) or prepare+train+convert (QAT), one run each, on a "
         "shared machine (other processes may have competed for the cores: compare times only "

@@ -191,7 +191,7 @@ def test_short_qat_run_lowers_the_loss_on_the_fixture_lm():
     probe = qat.sample_batch(ids, 8, 64, step=10_000, seed=1)
     with torch.no_grad():
         before = float(qat.qat_loss(model, probe))
-    opt = qat.make_optimizer(model, lr=1e-3, weight_lr=1e-4)
+    opt = qat.make_optimizer(model, lr=0.02, weight_lr=1e-4)
     qat.train(model, ids, 30, opt, batch_size=4, seq_len=64)
     with torch.no_grad():
         after = float(qat.qat_loss(model, probe))
@@ -220,3 +220,104 @@ def test_conv2d_qat_trains_and_converts_bit_for_bit(spec):
     assert isinstance(model[0], QuantConv2d) and isinstance(model[2], QuantConv2d)
     with torch.no_grad():
         assert torch.equal(model(x), fake)
+
+
+# ---- activation fake-quant (W*A* specs) ----------------------------------------------------
+W8A8_ASYM_STATIC = QuantSpec(
+    format="int8", granularity="channel", symmetric=True, scale_dtype="float32",
+    act=QuantSpec(format="uint8", granularity="tensor", symmetric=False, scale_dtype="float32",
+                  zero_dtype="float32", dynamic=False),
+)
+
+
+def _train_a_little(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    """A few steps towards the float MLP's outputs (a regression target, not zero: driving the
+    output to zero would shrink the learned activation step to nothing)."""
+    target = _mlp()(x).detach()
+    opt = qat.make_optimizer(model, lr=0.02, weight_lr=1e-3)
+    for _ in range(steps):
+        loss = (model(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_dynamic_activation_fake_quant_uses_the_runtime_codes():
+    """The fake-quant input is exactly lowbit's per-token Q^-1(Q(x)) under spec.act."""
+    model = qat.prepare(_mlp(), "w8a8")
+    x = torch.randn(5, 128) * 3
+    spec = lowbit.preset("w8a8")
+    with torch.no_grad():
+        assert torch.equal(model[0].fake_input(x), fake_quantize(x, spec.act))
+        assert not torch.equal(model[0].fake_input(x), x)
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w8a8-static", W8A8_ASYM_STATIC])
+@pytest.mark.parametrize("learn", ["lsq", "lsq+", "fixed"])
+def test_activation_qat_converts_to_the_int8_modules(spec, learn):
+    x = torch.randn(6, 128)
+    model = qat.prepare(_mlp(), spec, learn=learn, calib=x)
+    _train_a_little(model, x)
+    with torch.no_grad():
+        fake = model(x)
+    qat.convert(model)
+    assert isinstance(model[0], QuantLinear) and model[0].spec.act is not None
+    for kernel in ("reference", None):  # the integer oracle and the dispatched fast kernel
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.kernel = kernel
+        with torch.no_grad():
+            out = model(x)
+        # same weight and activation codes; only the summation order differs
+        torch.testing.assert_close(out, fake, rtol=1e-4, atol=1e-5 * float(fake.abs().max()))
+
+
+def test_static_activation_scale_starts_from_calibration_and_learns():
+    x = torch.randn(6, 128)
+    model = qat.prepare(_mlp(), "w8a8-static", learn="lsq", calib=x)
+    lin = model[0]
+    assert math.isclose(float(lin.act_scale.detach()), float(x.abs().max()) / 127, rel_tol=1e-6)
+    assert "calibrated with observer 'minmax'" in " ".join(model.lowbit_summary.notes)
+    with torch.no_grad():
+        lin.act_scale.mul_(0.5)  # clip half of the range: the clip branch of LSQ's gradient
+    model(x).pow(2).mean().backward()
+    assert lin.act_scale.grad is not None and float(lin.act_scale.grad.abs()) > 0
+    assert any(p is lin.act_scale for p in qat.quant_parameters(model))
+    before = float(lin.act_scale.detach())
+    _train_a_little(model, x)
+    assert float(lin.act_scale.detach()) != before
+    frozen = qat.prepare(_mlp(), "w8a8-static", learn="fixed", calib=x)
+    assert not frozen[0].act_scale.requires_grad
+
+
+def test_scale_learning_rate_is_relative_to_the_scale():
+    model = qat.prepare(_mlp(), "w8")
+    opt = qat.make_optimizer(model, lr=0.02, weight_lr=1e-4)
+    for group in opt.param_groups:
+        (param,) = group["params"][:1]
+        if param is model[0].scale:
+            expected = 0.02 * float(param.detach().abs().mean())
+            assert math.isclose(group["lr"], expected, rel_tol=1e-6)
+    x = torch.randn(6, 128)
+    _train_a_little(model, x, steps=5)  # an absolute 0.02 step would make int8 scales negative
+    assert bool((model[0].scale > 0).all())
+
+
+def test_activation_spec_checks():
+    bad = QuantSpec(format="int8", granularity="channel", symmetric=True,
+                    act=QuantSpec(format="fp8_e4m3fn", granularity="token", symmetric=True))
+    with pytest.raises(ValueError, match="integer"):
+        qat.prepare(_mlp(), bad)
+    static_token = lowbit.preset("w8a8").replace(
+        act=lowbit.preset("w8a8").act.replace(dynamic=False))
+    with pytest.raises(ValueError, match="granularity='token'"):
+        qat.prepare(_mlp(), static_token)
+    with pytest.raises(ValueError, match="pass calib"):
+        qat.prepare(_mlp(), "w8a8-static")
+
+
+def test_activation_spec_on_embedding_keeps_the_weight_part():
+    lm = qat.prepare(_TinyLM(), "w8a8")
+    assert lm.emb.spec.act is None and lm.head.spec.act is not None
+    report = {m.name: m for m in lm.lowbit_summary.modules}
+    assert "weight part of the spec only" in report["emb"].reason

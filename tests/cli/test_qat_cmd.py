@@ -46,6 +46,19 @@ def test_qat_run_saves_a_loadable_quantized_model(text_file, tmp_path):
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_w8a8_static_qat_learns_activation_steps_and_saves(text_file, tmp_path):
+    out = tmp_path / "out"
+    r = _run("--text", str(text_file), "--scheme", "w8a8-static", "--steps", "2",
+             "--batch-size", "2", "--seq-len", "32", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    model = lowbit.load(out)
+    lin = model.model.layers[0].self_attn.q_proj
+    assert lin.spec.act is not None and not lin.spec.act.dynamic
+    assert float(lin.input_scale) != 1.0  # set from calibration, then learned
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
 def test_resume_continues_from_the_checkpoint(text_file, tmp_path):
     out = tmp_path / "out"
     common = ["--text", str(text_file), "--batch-size", "2", "--seq-len", "32",

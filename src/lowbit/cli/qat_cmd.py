@@ -43,10 +43,14 @@ def _save_keeping_checkpoints(model, out_dir: Path):
 
 def qat_command(
     model_dir: str = typer.Argument(..., help="A Hugging Face causal-LM folder."),
-    scheme: str = typer.Option("w2g64", "--scheme", "-s", help="A weight-only integer preset."),
+    scheme: str = typer.Option("w2g64", "--scheme", "-s", help=(
+        "An integer preset: weight-only (w2g64, w3g128, w4g128, w8, ...) or W8A8 (w8a8, "
+        "w8a8-static: activations fake-quantized too).")),
     text: Path = typer.Option(..., "--text", help="Training text file (UTF-8)."),
     steps: int = typer.Option(200, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of scales / zero-points."),
+    lr: float = typer.Option(0.02, "--lr", help=(
+        "Adam step of scales relative to their size (0.02 = 2%), and of zero-points in code "
+        "units.")),
     weight_lr: float = typer.Option(1e-4, "--weight-lr", help="Adam lr of weights (--train all)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
@@ -100,7 +104,11 @@ def qat_command(
             for p in teacher.parameters():
                 p.requires_grad_(False)
         excl = list(exclude) if exclude else ["lm_head", "*embed*"]
-        qat.prepare(model, scheme, learn=learn, init=init, train=train, exclude=excl)
+        # static activation steps start from the range of the first training windows
+        n_calib = min(8, ids.numel() // seq_len)
+        calib = ids[: n_calib * seq_len].reshape(n_calib, seq_len)
+        qat.prepare(model, scheme, learn=learn, init=init, train=train, exclude=excl,
+                    calib=calib, calib_samples=n_calib, calib_seq_len=seq_len)
         optimizer = qat.make_optimizer(model, lr, weight_lr)
         start = 0
         if resume:

@@ -287,6 +287,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
                  "scale_dtype": "float32", "act": _ACT_INT8_TOKEN},
     },
+    # One side at 7 bits: no uint8 x int8 pair sum can saturate int16 in the AVX2 int8 GEMM
+    # (vpmaddubsw without VNNI), so the exact fast kernel runs one pass instead of two.
+    "w7a8": {
+        "doc": "int7 per-channel weights, int8 per-token dynamic activations (one-pass int8 "
+               "GEMM on AVX2 CPUs)",
+        "spec": {"format": "int7", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32", "act": _ACT_INT8_TOKEN},
+    },
+    "w8a7": {
+        "doc": "int8 per-channel weights, int7 per-token dynamic activations (one-pass int8 "
+               "GEMM on AVX2 CPUs)",
+        "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32", "act": {**_ACT_INT8_TOKEN, "format": "int7"}},
+    },
     "w8a8-static": {
         # Symmetric int8 activations: the int8 x int8 GEMM needs no zero-point correction term,
         # and the inputs of transformer Linears (normed residual stream, attention output,

@@ -73,6 +73,40 @@ def test_fast_equals_reference_for_per_tensor_weight_and_activation_scales():
     assert torch.equal(int8_fbgemm_linear(x, qt, bias, {}), int8_reference_linear(x, qt, bias, {}))
 
 
+@needs_engine
+@pytest.mark.parametrize("spec", ["w7a8", "w8a7"])
+@pytest.mark.parametrize(("x_shape", "n"), SHAPES)
+def test_one_pass_presets_equal_reference(spec, x_shape, n):
+    assert int8_kernels.one_pass_shift(lowbit.preset(spec)) is not None
+    torch.manual_seed(3)
+    qt = _weight(n, x_shape[-1], spec)
+    x, bias = torch.randn(x_shape) * 3, torch.randn(n)
+    assert select_kernel(qt, x).name == "int8-fbgemm"
+    assert torch.equal(int8_fbgemm_linear(x, qt, bias, {}), int8_reference_linear(x, qt, bias, {}))
+
+
+@pytest.mark.parametrize(("spec", "shift"), [("w8a8", None), ("w8a8-static", None),
+                                             ("w7a8", 128), ("w8a7", 64)])
+def test_one_pass_only_where_no_pair_sum_can_saturate(spec, shift):
+    assert int8_kernels.one_pass_shift(lowbit.preset(spec)) == shift
+
+
+@needs_engine
+@pytest.mark.parametrize("spec", ["w7a8", "w8a7"])
+def test_one_pass_is_exact_at_the_extreme_codes(spec):
+    """All codes at the ends of both ranges: the largest pair sums one pass can meet."""
+    k, n = 1000, 3
+    w = torch.ones(n, k)
+    w[1] = -1
+    w[2, ::2] = -1
+    qt = QuantizedTensor.from_float(w, spec)
+    x = torch.ones(4, k)
+    x[1] = -1
+    x[2, ::2] = -1
+    x[3, 1::2] = -1
+    assert torch.equal(int8_fbgemm_linear(x, qt, None, {}), int8_reference_linear(x, qt, None, {}))
+
+
 def test_stochastic_activation_rounding_stays_on_the_reference():
     spec = lowbit.preset("w8a8")
     spec = spec.replace(act=spec.act.replace(rounding="stochastic"))

@@ -31,7 +31,10 @@ it). Keeping ``a <= 128`` bounds
 every pair sum by ``2 * 128 * 128 = 32768`` in magnitude (``-32768`` fits, and ``+`` needs
 ``w <= 127``), so the kernel splits signed codes into ``qx = pos - neg`` with
 ``pos, neg in [0, 128]`` and runs both halves in one call of ``2M + 1`` rows: exact, at twice the
-integer work of a single (saturating) pass. The float32 operations after the integer sum are the
+integer work of a single (saturating) pass. Where one side has 7-bit codes (presets ``w7a8``:
+int7 weights, ``w8a7``: int7 activations) no pair sum can saturate, so a single pass on the
+shifted codes ``qx + c >= 0`` is exact; ``c * sum_k qw`` is subtracted after (see
+:func:`one_pass_shift`). The float32 operations after the integer sum are the
 reference's, so the two agree bit for bit while each half's ``|acc|`` (and a static
 ``|bias_q|``) stays below ``2**24``.
 """
@@ -255,13 +258,31 @@ def prepack_weight(qt: QuantizedTensor, engine_name: str | None = None) -> torch
         torch.backends.quantized.engine = previous
 
 
-def _cached_prepack(qt: QuantizedTensor, cache: dict) -> torch.ScriptObject:
+def _cached_prepack(qt: QuantizedTensor, cache: dict) -> tuple[torch.ScriptObject, torch.Tensor]:
+    """The prepacked weight and its row sums ``sum_k (qw - zw)[n, k]`` (float32 ``[N]``)."""
     key = (engine, qt.qdata.data_ptr(), qt.qdata._version, tuple(qt.shape))
     hit = cache.get("int8-fbgemm")
     if hit is None or hit[0] != key:
-        hit = (key, prepack_weight(qt))
+        row_sums = _centered_weight(qt).sum(1, dtype=torch.int64).float()
+        hit = (key, (prepack_weight(qt), row_sums))
         cache["int8-fbgemm"] = hit
     return hit[1]
+
+
+def one_pass_shift(spec: QuantSpec) -> int | None:
+    """The offset ``c`` that makes activation codes ``qx + c`` non-negative when a single
+    ``vpmaddubsw`` pass cannot saturate, else None (two passes needed).
+
+    A pair sum is at most ``2 * (qmax_a - qmin_a) * max|qw|``; it must fit int16. True for int7
+    weights with int8 activations (``2 * 255 * 64``) and int8 weights with int7 activations
+    (``2 * 127 * 128``), false for int8 x int8.
+    """
+    a_lo, a_hi = qrange(spec.act)
+    w_lo, w_hi = qrange(spec)
+    span = a_hi - a_lo
+    if span > 2 * _HALF_MAX - 1 or 2 * span * max(-w_lo, w_hi) > 2**15 - 1:
+        return None
+    return -a_lo
 
 
 def _fast_act_codes(x2d: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
@@ -295,16 +316,24 @@ def int8_fbgemm_linear(
     m = x2d.shape[0]
     if m == 0:
         return _empty_out(x, qt, bias)
-    packed = _cached_prepack(qt, cache)
-    halves = torch.empty(2 * m + 1, x2d.shape[1], dtype=torch.float32)
-    pos, neg = halves[:m], halves[m : 2 * m]
-    sx = _fast_act_codes(x2d, qt, pos)
-    torch.neg(pos, out=neg).clamp_(min=0)
-    pos.clamp_(min=0)
-    halves[2 * m].zero_()
-    halves[2 * m, 0] = 2 * _HALF_MAX - 1  # the range [0, 255] makes fbgemm's scale exactly 1
-    out = torch.ops.quantized.linear_dynamic(halves, packed, False)
-    acc = out[:m].sub_(out[m : 2 * m])
+    packed, row_sums = _cached_prepack(qt, cache)
+    shift = one_pass_shift(qt.spec)
+    rows = m if shift is not None else 2 * m
+    inputs = torch.empty(rows + 1, x2d.shape[1], dtype=torch.float32)
+    inputs[rows].zero_()
+    inputs[rows, 0] = 2 * _HALF_MAX - 1  # the range [0, 255] makes fbgemm's scale exactly 1
+    if shift is not None:  # one pass on qx + c, then subtract c * sum_k qw
+        sx = _fast_act_codes(x2d, qt, inputs[:m])
+        inputs[:m].add_(shift)
+        out = torch.ops.quantized.linear_dynamic(inputs, packed, False)
+        acc = out[:m].sub_(row_sums * shift)
+    else:  # two passes on the halves qx = pos - neg, each in [0, 128]
+        pos, neg = inputs[:m], inputs[m : 2 * m]
+        sx = _fast_act_codes(x2d, qt, pos)
+        torch.neg(pos, out=neg).clamp_(min=0)
+        pos.clamp_(min=0)
+        out = torch.ops.quantized.linear_dynamic(inputs, packed, False)
+        acc = out[:m].sub_(out[m : 2 * m])
     sw = _weight_scale(qt)
     if not qt.spec.act.dynamic and bias is not None:
         acc.add_(quantize_bias(bias, qt.act_scale, sw).float())

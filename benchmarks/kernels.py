@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from _machine import machine_line
 
 from lowbit import QuantizedTensor
-from lowbit.kernels import KERNELS, cpu_int4
+from lowbit.kernels import KERNELS, cpu_avx2
 
 RESULTS = Path(__file__).parent / "results" / "kernels.md"
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
@@ -94,8 +94,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = ROWS[:2] if args.quick else ROWS
-    if cpu_int4.extension() is None:
-        raise SystemExit(f"cpu_int4 unavailable: {cpu_int4._state.get('error')}")
+    if cpu_avx2.extension() is None:
+        raise SystemExit(f"cpu_int4 unavailable: {cpu_avx2._state.get('error')}")
 
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth:.1f} GB/s")
@@ -150,7 +150,7 @@ def main() -> None:
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *lines,
             "",
-            f"cpu_int4 runs its fused AVX2 GEMV for M <= {cpu_int4.GEMV_MAX_ROWS} and "
+            f"cpu_int4 runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
             "dequantize (AVX2) + fp32 `F.linear` above; at large M the layer is compute-bound "
             "and no weight-only kernel can beat fp32 on this CPU (there is no faster float "
             "GEMM than fp32 here: bf16 is ~7x slower, and integer GEMMs need quantized "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.kernels import KERNELS, cpu_int4, dispatch
+from lowbit.kernels import KERNELS, cpu_avx2, dispatch
 from lowbit.spec import PRESETS, preset
 from lowbit.tensor import QuantizedTensor
 
@@ -56,8 +56,9 @@ def _tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 def test_every_fast_kernel_has_a_case() -> None:
     cpu_kernels = {k for k, _ in CASES}
     assert "reference" in cpu_kernels
-    if cpu_int4.extension() is not None:
-        assert "cpu_int4" in cpu_kernels, f"cpu_int4 supports no preset here: {CASES}"
+    if cpu_avx2.extension() is not None:
+        for name in ("cpu_int4", "cpu_int8"):
+            assert name in cpu_kernels, f"{name} supports no preset here: {CASES}"
 
 
 @pytest.mark.parametrize("input_kind", sorted(_INPUTS))

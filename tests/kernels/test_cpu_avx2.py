@@ -1,11 +1,11 @@
-"""The AVX2 int4 CPU kernel against the reference kernel, its cache and its dispatch rules."""
+"""The AVX2 int4 / int8 CPU kernels against the reference kernel, their cache and dispatch rules."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowbit.kernels import cpu_int4, dispatch
+from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.kernels.dispatch import reference_linear
 from lowbit.nn.modules import QuantLinear
 from lowbit.spec import preset
@@ -16,8 +16,8 @@ INT4_PRESETS = ("w4g128", "w4g64", "w4g128-sym")
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    if cpu_int4.extension() is None:
-        pytest.skip(f"cpu_int4 extension unavailable here: {cpu_int4._state.get('error')}")
+    if cpu_avx2.extension() is None:
+        pytest.skip(f"cpu_avx2 extension unavailable here: {cpu_avx2._state.get('error')}")
 
 
 def rounding_tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
@@ -29,8 +29,10 @@ def rounding_tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     zero-point gives errors of the order of the magnitude itself, far above this.
     """
     k = qt.shape[1]
-    s = qt.scale.float().repeat_interleave(qt.spec.group_size, dim=1)
-    magnitude = x.abs().reshape(-1, k) @ (16 * s).T
+    s = qt.scale.float().reshape(qt.shape[0], -1)
+    s = s.repeat_interleave(k // s.shape[1], dim=1)
+    levels = 1 << qt.spec.bits  # codes and zero-points lie in [0, levels] code units
+    magnitude = x.abs().reshape(-1, k) @ (levels * s).T
     return 16 * k**0.5 * torch.finfo(torch.float32).eps * magnitude + 1e-6
 
 
@@ -42,15 +44,42 @@ def check_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, qt: Quantiz
 
 
 @pytest.mark.parametrize("name", INT4_PRESETS)
-@pytest.mark.parametrize("m", [1, 3, 4, 7, cpu_int4.GEMV_MAX_ROWS + 1])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, cpu_avx2.GEMV_MAX_ROWS + 1])
 def test_matches_reference(name: str, m: int) -> None:
     torch.manual_seed(m)
     w = torch.randn(72, 384) * torch.rand(72, 1) * 3
     qt = QuantizedTensor.from_float(w, name)
     x = torch.randn(m, 384)
     bias = torch.randn(72)
-    y = cpu_int4.cpu_int4_linear(x, qt, bias, {})
+    y = cpu_avx2.cpu_linear(x, qt, bias, {})
     check_close(y, reference_linear(x, qt, bias, {}), x, qt)
+
+
+INT8_SPECS = {
+    "w8": preset("w8"),
+    "uint8-g64-asym": preset("w4g64").replace(format="uint8"),
+    "int8-g32-sym": preset("w4g128-sym").replace(format="int8", group_size=32),
+    "uint8-ch-float-zero": preset("w8").replace(format="uint8", symmetric=False,
+                                                zero_point="float"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INT8_SPECS))
+@pytest.mark.parametrize("m", [1, 5, cpu_avx2.GEMV_MAX_ROWS + 1])
+def test_int8_matches_reference(name: str, m: int) -> None:
+    torch.manual_seed(m)
+    qt = QuantizedTensor.from_float(torch.randn(40, 256) * torch.rand(40, 1) + 0.3,
+                                    INT8_SPECS[name])
+    x = torch.randn(2, m, 256)
+    assert dispatch.select_kernel(qt, x).name == "cpu_int8"
+    bias = torch.randn(40)
+    check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
+
+
+def test_int8_needs_16_wide_rows() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 40), "w8")
+    assert not cpu_avx2.spec_supported(qt)
+    assert dispatch.select_kernel(qt, torch.randn(1, 40)).name == "reference"
 
 
 def test_float_zero_point_and_3d_input() -> None:
@@ -58,7 +87,7 @@ def test_float_zero_point_and_3d_input() -> None:
     spec = preset("w4g64").replace(zero_point="float")
     qt = QuantizedTensor.from_float(torch.randn(40, 256) + 0.5, spec)
     x = torch.randn(2, 5, 256)
-    y = cpu_int4.cpu_int4_linear(x, qt, None, {})
+    y = cpu_avx2.cpu_linear(x, qt, None, {})
     assert y.shape == (2, 5, 40)
     check_close(y, reference_linear(x, qt, None, {}), x, qt)
 
@@ -72,7 +101,7 @@ def test_wrong_nibble_order_would_fail() -> None:
         scale=qt.scale, zero_point=qt.zero_point,
     )
     x = torch.randn(3, 128)
-    err = (cpu_int4.cpu_int4_linear(x, swapped, None, {}) - reference_linear(x, qt, None, {}))
+    err = (cpu_avx2.cpu_linear(x, swapped, None, {}) - reference_linear(x, qt, None, {}))
     assert bool((err.abs() > rounding_tolerance(x, qt)).any())
 
 
@@ -82,16 +111,16 @@ def test_execution_layout_is_cached_not_saved() -> None:
     keys_before = set(layer.state_dict())
     x = torch.randn(2, 128)
     layer(x)
-    entry = layer._kernel_cache[cpu_int4.NAME]
+    entry = layer._kernel_cache["cpu_int4"]
     layer(x)
-    assert layer._kernel_cache[cpu_int4.NAME] is entry  # built once, reused
+    assert layer._kernel_cache["cpu_int4"] is entry  # built once, reused
     assert set(layer.state_dict()) == keys_before  # never saved
 
 
 def test_dispatch_picks_cpu_int4_only_where_supported(monkeypatch) -> None:
     monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
     qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g128")
-    assert dispatch.select_kernel(qt, torch.randn(1, 128)).name == cpu_int4.NAME
+    assert dispatch.select_kernel(qt, torch.randn(1, 128)).name == "cpu_int4"
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
         "reference"
     )
@@ -100,7 +129,7 @@ def test_dispatch_picks_cpu_int4_only_where_supported(monkeypatch) -> None:
         assert dispatch.select_kernel(q, torch.randn(1, 128)).name == "reference"
     small_groups = QuantizedTensor.from_float(torch.randn(16, 128), preset("w4g64").replace(
         group_size=16))
-    assert not cpu_int4.spec_supported(small_groups)
+    assert not cpu_avx2.spec_supported(small_groups)
 
 
 def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
@@ -111,4 +140,4 @@ def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     with torch.no_grad():
-        assert dispatch.select_kernel(layer.qweight, x).name == cpu_int4.NAME
+        assert dispatch.select_kernel(layer.qweight, x).name == "cpu_int4"

@@ -1,0 +1,352 @@
+"""Fast CPU weight-only kernels (AVX2 + FMA): ``cpu_int4`` for 4-bit group-wise affine specs
+(w4g128, w4g64, w4g128-sym) and ``cpu_int8`` for 8-bit per-channel or group-wise ones (w8).
+
+Why a small compiled kernel: on AVX2 CPUs without AVX-512 (this project's machines) torch's own
+int4 CPU op ``_weight_int4pack_mm_for_cpu`` is several times *slower* than fp32 ``F.linear``
+(measured in benchmarks/results/kernels.md), and ``_weight_int8pack_mm`` was 4-30x slower than
+fp32 here; a ``torch.compile``d fused dequant-GEMV was also slower (tried, not kept).
+
+Per output row and group the kernel unpacks codes to fp32 in AVX2 registers and accumulates
+against the activations:
+
+    y[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
+
+where ``c`` are the codes as the kernel reads them (int4: the stored unsigned codes; int8: the
+stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``, 8 for signed
+symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the activation
+sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8) fewer bytes
+than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes into an fp32 buffer (C++) and calls
+``F.linear`` (compute-bound there; fp32 speed minus the dequant).
+
+The kernels are plain C++ (AVX2 intrinsics + OpenMP, no torch headers) compiled on first use
+with the system C++ compiler (a second or two) into ``~/.cache/lowbit/kernels/``
+(``LOWBIT_CACHE`` overrides), keyed by a hash of source and flags, and called through ctypes
+(which releases the GIL). If they cannot be built, they report themselves unsupported (the
+reason is in a RuntimeWarning) and dispatch falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.quant.maps import qrange, symmetric_zero
+from lowbit.tensor import QuantizedTensor
+
+GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One 16-byte chunk of codes as fp32 vectors c[0..3] (int4: 32 codes) or c[0..1] (int8: 16).
+// int4 execution layout: each chunk holds 32 consecutive codes, codes 0..15 in the low nibbles
+// and 16..31 in the high nibbles, so the activations are read contiguously. int8: lowbit's
+// canonical bytes (code - qmin), read as signed (byte ^ 0x80) = code - qmin - 128.
+template <bool INT8>
+static inline void unpack(const uint8_t* p, __m256 c[4]) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (INT8) {
+    b = _mm_xor_si128(b, _mm_set1_epi8(static_cast<char>(0x80)));
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  } else {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+// Codes per 16-byte chunk.
+template <bool INT8> constexpr int64_t CODES = INT8 ? 16 : 32;
+
+// Rows m0..m0+MT of OUT for output channel n; X [M, K], XS [M, G] group sums of X; prow the
+// channel's K * bits / 8 bytes; S, ZS [N, G].
+template <bool INT8, int MT>
+static inline void row_tile(const float* X, const float* XS, const uint8_t* prow,
+                            const float* S, const float* ZS, const float* B, float* OUT,
+                            int64_t m0, int64_t n, int64_t K, int64_t G, int64_t N) {
+  const int64_t group = K / G, chunks = group / CODES<INT8>;
+  __m256 tot[MT];
+  float corr[MT];
+  for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t k0 = g * group + i * CODES<INT8>;
+      __m256 c[4];
+      unpack<INT8>(prow + 16 * (g * chunks + i), c);
+      for (int t = 0; t < MT; ++t) {
+        const float* x = X + (m0 + t) * K + k0;
+        for (int q = 0; q < CODES<INT8> / 8; ++q)
+          acc[t] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(x + 8 * q), acc[t]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(S[n * G + g]);
+    const float zs = ZS[n * G + g];
+    for (int t = 0; t < MT; ++t) {
+      tot[t] = _mm256_fmadd_ps(acc[t], sv, tot[t]);
+      corr[t] += zs * XS[(m0 + t) * G + g];
+    }
+  }
+  const float bias = B ? B[n] : 0.f;
+  for (int t = 0; t < MT; ++t) OUT[(m0 + t) * N + n] = (hsum(tot[t]) - corr[t]) + bias;
+}
+
+// OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null); W from P [N, K * bits / 8], S, ZS [N, G].
+template <bool INT8>
+static int gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
+                const float* B, float* OUT, int64_t M, int64_t K, int64_t N, int64_t G,
+                int threads) {
+  const int64_t group = K / G, row_bytes = INT8 ? K : K / 2;
+  float* XS = static_cast<float*>(malloc(sizeof(float) * M * G));
+  if (!XS) return 1;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
+      XS[m * G + g] = s;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* prow = P + n * row_bytes;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) row_tile<INT8, 4>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N);
+    switch (M - m0) {
+      case 3: row_tile<INT8, 3>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
+      case 2: row_tile<INT8, 2>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
+      case 1: row_tile<INT8, 1>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
+      default: break;
+    }
+  }
+  free(XS);
+  return 0;
+}
+
+// fp32 weights W [N, K] = code * s - zs, from the execution layout.
+template <bool INT8>
+static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W, int64_t N,
+                    int64_t K, int64_t G, int threads) {
+  const int64_t group = K / G, chunks = group / CODES<INT8>, row_bytes = INT8 ? K : K / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
+      for (int64_t i = 0; i < chunks; ++i) {
+        __m256 c[4];
+        unpack<INT8>(P + n * row_bytes + 16 * (g * chunks + i), c);
+        float* o = W + n * K + g * group + i * CODES<INT8>;
+        for (int q = 0; q < CODES<INT8> / 8; ++q)
+          _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(c[q], sv, zv));
+      }
+    }
+  }
+}
+
+extern "C" int int4_gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
+                         const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                         int64_t G, int threads) {
+  return gemv<false>(X, P, S, ZS, B, OUT, M, K, N, G, threads);
+}
+extern "C" int int8_gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
+                         const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                         int64_t G, int threads) {
+  return gemv<true>(X, P, S, ZS, B, OUT, M, K, N, G, threads);
+}
+extern "C" void int4_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
+                             int64_t N, int64_t K, int64_t G, int threads) {
+  dequant<false>(P, S, ZS, W, N, K, G, threads);
+}
+extern "C" void int8_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
+                             int64_t N, int64_t K, int64_t G, int threads) {
+  dequant<true>(P, S, ZS, W, N, K, G, threads);
+}
+"""
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except AttributeError:  # very old torch
+        return False
+
+
+def _build_library() -> ctypes.CDLL:
+    """Compile ``_SOURCE`` once per source/flags hash into the user cache; load it."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    library = cache_dir / "kernels" / f"cpu_int4_{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            src = Path(tmp) / "cpu_int4.cpp"
+            src.write_text(_SOURCE)
+            out = Path(tmp) / library.name
+            run = subprocess.run(
+                [compiler, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True
+            )
+            if run.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[:300]}")
+            os.replace(out, library)  # atomic: concurrent builders agree on one file
+    # The library brings the system's OpenMP runtime beside torch's own: keep its idle threads
+    # asleep rather than spinning, so the two runtimes don't fight over the cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    lib = ctypes.CDLL(str(library))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for bits in (4, 8):
+        gemv, dequant = getattr(lib, f"int{bits}_gemv"), getattr(lib, f"int{bits}_dequant")
+        gemv.argtypes = [ptr] * 6 + [i64] * 4 + [ctypes.c_int]
+        gemv.restype = ctypes.c_int
+        dequant.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
+        dequant.restype = None
+    return lib
+
+
+def extension() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None if it cannot be built here (reason warned once)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if not _cpu_has_avx2():
+            _state["error"] = "CPU lacks AVX2/FMA"
+        else:
+            try:
+                module = _build_library()
+            except Exception as exc:  # compiler missing, OpenMP missing, ...
+                _state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                warnings.warn(
+                    f"lowbit cpu_int4/cpu_int8 kernels unavailable ({_state['error']}); using the "
+                    "reference kernel",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _state["module"] = module
+        return module
+
+
+def spec_supported(qt: QuantizedTensor) -> bool:
+    """Weight-only 2-D affine specs: 4-bit group-wise (groups a multiple of 32), or 8-bit
+    per-channel / group-wise (channels or groups a multiple of 16 wide)."""
+    spec = qt.spec
+    if spec.act is not None or spec.kind != "affine" or len(qt.shape) != 2 or qt.g_idx is not None:
+        return False
+    if spec.bits == 4:
+        return spec.granularity == "group" and spec.group_size % 32 == 0
+    if spec.bits == 8:
+        if spec.granularity == "group":
+            return spec.group_size % 16 == 0
+        return spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 16 == 0
+    return False
+
+
+def _supports(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
+        and qt.qdata.device.type == "cpu"
+        and qt.spec.bits == bits
+        and spec_supported(qt)
+        and extension() is not None
+    )
+
+
+def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
+    """Data pointers of (codes, scale fp32 [N, G], scale * zero fp32 [N, G]), tensors built
+    once and held in ``cache``.
+
+    4-bit codes are repacked to uint8 [N, K/2]: each 16-byte chunk holds 32 consecutive codes,
+    codes 0..15 in the low nibbles and 16..31 in the high nibbles (lowbit's canonical bytes
+    interleave even/odd codes instead). 8-bit codes are lowbit's canonical bytes [N, K] as they
+    are; the kernel reads them as ``byte - 128``, so their zero term carries ``- 128``.
+    """
+    bits = qt.spec.bits
+    name = f"cpu_int{bits}"
+    entry = cache.get(name)
+    if entry is None or entry[0] is not qt.qdata:
+        spec = qt.spec
+        qmin, _ = qrange(spec)
+        n_out, k_in = qt.shape
+        scale = qt.scale.float().reshape(n_out, -1).contiguous()
+        if spec.has_zero_point:
+            zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
+        else:
+            zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
+        if bits == 4:
+            codes = torch.stack([qt.qdata & 15, qt.qdata >> 4], dim=-1).reshape(n_out, -1, 2, 16)
+            packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n_out, k_in // 2)
+        else:
+            packed, zero_code = qt.qdata, zero_code - 128
+        tensors = (packed.contiguous(), scale, (scale * zero_code).contiguous())
+        # the tensors keep the pointers valid; the ints save per-call ctypes work
+        entry = (qt.qdata, tensors, tuple(t.data_ptr() for t in tensors))
+        cache[name] = entry
+    return entry[2]
+
+
+def cpu_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """``x [..., K] float32 @ W^T`` for a 4-bit group-wise or 8-bit W ``[N, K]``; ``[..., N]``."""
+    lib = extension()
+    bits = qt.spec.bits
+    packed, scale, scale_zero = _execution_layout(qt, cache)  # pointers
+    n_out, k_in = qt.shape
+    n_groups = qt.scale.numel() // n_out
+    threads = torch.get_num_threads()
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k_in)).contiguous()
+    m = x2.shape[0]
+    if m > GEMV_MAX_ROWS:
+        w = torch.empty(n_out, k_in)
+        getattr(lib, f"int{bits}_dequant")(
+            packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups, threads,
+        )
+        y = F.linear(x2, w, None if bias is None else bias.float())
+    else:
+        y = torch.empty(m, n_out)
+        b = None if bias is None else bias.float().contiguous()
+        status = getattr(lib, f"int{bits}_gemv")(
+            x2.data_ptr(), packed, scale, scale_zero,
+            None if b is None else b.data_ptr(), y.data_ptr(), m, k_in, n_out, n_groups,
+            threads,
+        )
+        if status:
+            raise MemoryError(f"cpu_int{bits}: could not allocate {m}x{n_groups} group sums")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+
+for _bits in (4, 8):
+    register_kernel(Kernel(f"cpu_int{_bits}", cpu_linear,
+                           lambda qt, x, b=_bits: _supports(qt, x, b), priority=10))

@@ -61,7 +61,8 @@ def test_quantize_llama_w4g128(llama_dir, tmp_path):
                             "--exclude", "lm_head", "-o", str(out)])
     assert r.exit_code == 0, r.output
     for text in ("modules quantized", "29: 29 x uint4-g128-asym", "lm_head",
-                 "excluded by 'lm_head'", "bits per weight", "4.250", "file on disk"):
+                 "excluded by 'lm_head'", "bits per weight", "4.250", "file on disk",
+                 "kernel (CPU, fp32 input)"):
         assert text in r.stdout, text
     size = (out / "model.safetensors").stat().st_size
     assert f"{size:,} B" in r.stdout

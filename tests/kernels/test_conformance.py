@@ -94,3 +94,17 @@ def test_forcing_an_unsupporting_kernel_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("LOWBIT_KERNEL", "no-such-kernel")
     with pytest.raises(ValueError, match="not registered"):
         dispatch.select_kernel(_QUANTIZED["w4g128"], torch.randn(1, K))
+
+
+def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
+    from torch import nn
+
+    import lowbit
+
+    model = nn.Sequential(nn.Linear(K, 64), nn.Linear(64, 32), nn.Linear(32, 16))
+    lowbit.quantize(model, {"0": "w4g128", "1": "nf4g64", "2": "w8"})
+    plan = dispatch.kernel_plan(model)
+    fast = cpu_avx2.extension() is not None
+    assert plan["reference"][0] == ("1", str(preset("nf4g64")))
+    assert ("0", str(preset("w4g128"))) in plan["cpu_int4" if fast else "reference"]
+    assert ("2", str(preset("w8"))) in plan["cpu_int8" if fast else "reference"]

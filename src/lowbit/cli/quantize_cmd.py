@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from lowbit.cli.common import console, err_console, fail, human_bytes
+from lowbit.kernels.dispatch import kernel_plan
 from lowbit.spec import PRESETS, QuantSpec, preset
 
 MODES = ("weight", "dynamic", "static")
@@ -253,6 +254,11 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
         mean = sum(e for _, e in errors) / len(errors)
         table.add_row("rel. output error", f"mean {mean:.4f}, worst {worst[1]:.4f} ({worst[0]}) "
                       f"over {len(errors)} layers")
+    for kernel, layers in sorted(kernel_plan(model).items()):
+        specs = ", ".join(sorted({spec for _, spec in layers}))
+        why = (" - no fast CPU kernel for this spec: dequantize + F.linear on every call"
+               if kernel == "reference" else "")
+        table.add_row("kernel (CPU, fp32 input)", f"{kernel}: {len(layers)} layers ({specs}){why}")
     for note in summary.notes:
         table.add_row("note", note)
     console.print(table)

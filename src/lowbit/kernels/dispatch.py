@@ -92,3 +92,21 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W^T + b`` with the selected kernel."""
     return select_kernel(qt, x, kernel).fn(x, qt, bias, {} if cache is None else cache)
+
+
+def kernel_plan(model: torch.nn.Module, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, list[tuple[str, str]]]:
+    """Which kernel each quantized Linear of ``model`` would run for ``dtype`` inputs on
+    ``device``: ``{kernel name: [(module name, spec), ...]}`` (forced kernels respected)."""
+    from lowbit.nn.modules import QuantLinear
+
+    plan: dict[str, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            probe = torch.zeros(1, module.in_features, dtype=dtype, device=device)
+            try:
+                chosen = select_kernel(module.qweight, probe, module.kernel).name
+            except ValueError:
+                chosen = "none"
+            plan.setdefault(chosen, []).append((name, str(module.spec)))
+    return plan

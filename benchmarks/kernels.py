@@ -1,14 +1,16 @@
 """Weight-only kernel speed on CPU: fp32 F.linear vs lowbit's kernels, against copy bandwidth.
 
 For M in (1, 16, 128, 2048) x (K, N) in (4096x4096, 4096x11008, 11008x4096): median time of
-fp32 ``F.linear``, the ``reference`` kernel (dequantize + F.linear) and ``cpu_int4`` on w4g128
-weights, interleaved round-robin in the same run (the machine may be shared, so all kernels see
-the same load). At M=1 torch's own int4 CPU op (``_weight_int4pack_mm_for_cpu``, tinygemm
-layout) is timed too, as the rejected candidate. GB/s = stored weight bytes / time; the physical
-limit for batch-1 is the machine's memory bandwidth, measured here as a 512 MiB tensor copy
+fp32 ``F.linear``, the ``reference`` kernel (dequantize + F.linear) and the fast kernel dispatch
+picks for ``--spec`` (``cpu_int4`` for w4g128, ``cpu_int8`` for w8), interleaved round-robin
+in the same run (the machine may be shared, so all kernels see the same load). At M=1 torch's
+own int4 CPU op (``_weight_int4pack_mm_for_cpu``, tinygemm layout) is timed too for 4-bit
+specs, as the rejected candidate. GB/s = stored weight bytes / time; the physical limit for
+batch-1 is the machine's memory bandwidth, measured here as a 512 MiB tensor copy
 ((read + write bytes) / time).
 
-Writes benchmarks/results/kernels.md. Run: python benchmarks/kernels.py [--quick]
+Writes benchmarks/results/kernels.md (kernels_<spec>.md for other specs).
+Run: python benchmarks/kernels.py [--spec w4g128] [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from _machine import machine_line
 
 from lowbit import QuantizedTensor
-from lowbit.kernels import KERNELS, cpu_avx2
+from lowbit.kernels import KERNELS, cpu_avx2, select_kernel
 
 RESULTS = Path(__file__).parent / "results" / "kernels.md"
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
@@ -54,12 +56,12 @@ def tinygemm_layout(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
-def candidates(x, w, qt, cache, tinygemm) -> dict:
+def candidates(x, w, qt, cache, tinygemm, fast: str) -> dict:
     """name -> zero-argument callable computing ``x @ W^T`` that way."""
     fns = {
         "fp32": lambda: F.linear(x, w),
         "reference": lambda: KERNELS["reference"].fn(x, qt, None, {}),
-        "cpu_int4": lambda: KERNELS["cpu_int4"].fn(x, qt, None, cache),
+        fast: lambda: KERNELS[fast].fn(x, qt, None, cache),
     }
     if tinygemm is not None:
         packed, scales_zeros = tinygemm
@@ -87,15 +89,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M in (1, 16), 4096x4096 only")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--spec", default="w4g128")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown file to write (default: results/kernels.md for w4g128, "
+                             "results/kernels_<spec>.md otherwise)")
     parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS if args.spec == "w4g128" else RESULTS.with_name(
+            f"kernels_{args.spec}.md")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = ROWS[:2] if args.quick else ROWS
     if cpu_avx2.extension() is None:
-        raise SystemExit(f"cpu_int4 unavailable: {cpu_avx2._state.get('error')}")
+        raise SystemExit(f"cpu kernels unavailable: {cpu_avx2._state.get('error')}")
+    fast = select_kernel(QuantizedTensor.from_float(torch.randn(64, 256), args.spec),
+                         torch.randn(1, 256)).name
+    if fast == "reference":
+        raise SystemExit(f"--spec {args.spec}: no fast CPU kernel, nothing to compare")
 
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth:.1f} GB/s")
@@ -105,23 +116,23 @@ def main() -> None:
         w = torch.randn(n, k)
         qt = QuantizedTensor.from_float(w, args.spec)
         cache: dict = {}
-        tg = tinygemm_layout(qt) if qt.spec.has_zero_point else None
+        tg = tinygemm_layout(qt) if qt.spec.has_zero_point and qt.spec.bits == 4 else None
         for m in rows:
             x = torch.randn(m, k)
-            fns = candidates(x, w, qt, cache, tg if m == 1 else None)
+            fns = candidates(x, w, qt, cache, tg if m == 1 else None, fast)
             repeats = args.repeats if m * k * n < 2**34 else max(3, args.repeats // 2)
             t = interleaved_medians(fns, repeats)
             fp32_gbs = n * k * 4 / t["fp32"] / 1e9
-            int4_gbs = qt.nbytes / t["cpu_int4"] / 1e9
+            fast_gbs = qt.nbytes / t[fast] / 1e9
             tg_cell = (
                 f"{t['torch int4pack'] * 1e3:.2f} ({t['fp32'] / t['torch int4pack']:.2f}x)"
                 if "torch int4pack" in t else ""
             )
             line = (
                 f"| {m} | {k}x{n} | {t['fp32'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
-                f"{t['cpu_int4'] * 1e3:.2f} | **{t['fp32'] / t['cpu_int4']:.2f}x** | "
+                f"{t[fast] * 1e3:.2f} | **{t['fp32'] / t[fast]:.2f}x** | "
                 f"{t['fp32'] / t['reference']:.2f}x | {tg_cell} | {fp32_gbs:.1f} | "
-                f"{int4_gbs:.1f} ({100 * int4_gbs / bandwidth:.0f}%) |"
+                f"{fast_gbs:.1f} ({100 * fast_gbs / bandwidth:.0f}%) |"
             )
             print(line, flush=True)
             lines.append(line)
@@ -135,22 +146,23 @@ def main() -> None:
             f"({qt.bits_per_weight:.3f} bits/weight stored). Measured copy bandwidth: "
             f"**{bandwidth:.1f} GB/s** (512 MiB `copy_`, read + write bytes).",
             "",
-            f"Protocol: `python benchmarks/kernels.py{' --quick' if args.quick else ''} "
+            f"Protocol: `python benchmarks/kernels.py --spec {args.spec}"
+            f"{' --quick' if args.quick else ''} "
             f"--threads {torch.get_num_threads()}`; "
             f"random fp32 weights and activations; per shape one warm-up call of each kernel, "
             f"then {args.repeats} rounds (half for the largest products) in which every kernel "
             "runs once in turn (interleaved, so all see the same machine load); medians. "
             "The machine was shared with other jobs while this ran: absolute times are noisy, "
             "ratios within a row are the meaningful numbers. GB/s = stored weight bytes "
-            "(fp32: 4 B/weight; w4g128: packed codes + fp16 scale + fp16 zero) / time.",
+            "(fp32: 4 B/weight; quantized: packed codes + scales + zero-points) / time.",
             "",
-            "| M | K x N | fp32 ms | reference ms | cpu_int4 ms | cpu_int4 vs fp32 | "
+            f"| M | K x N | fp32 ms | reference ms | {fast} ms | {fast} vs fp32 | "
             "reference vs fp32 | torch int4pack ms (vs fp32) | fp32 GB/s | "
-            "cpu_int4 GB/s (% of copy BW) |",
+            f"{fast} GB/s (% of copy BW) |",
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *lines,
             "",
-            f"cpu_int4 runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
+            f"{fast} runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
             "dequantize (AVX2) + fp32 `F.linear` above; at large M the layer is compute-bound "
             "and no weight-only kernel can beat fp32 on this CPU (there is no faster float "
             "GEMM than fp32 here: bf16 is ~7x slower, and integer GEMMs need quantized "

@@ -91,6 +91,7 @@ def quantize(
     tokenizer: Any = None,
     calib_samples: int = 128,
     calib_seq_len: int = 512,
+    calib_batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
     show_progress: bool = False,
 ) -> nn.Module:
@@ -106,6 +107,8 @@ def quantize(
         Ignored (and noted in the summary) for weight-only and dynamic specs.
     calib_samples, calib_seq_len: at most this many calibration sequences; texts are cut into
         windows of ``calib_seq_len`` tokens.
+    calib_batch_size: sequences per calibration forward; lower it to bound activation memory
+        (attention scores and MLP activations grow with it) at some cost in speed.
     progress: called with each module name as it is quantized (CLI progress bars).
     algorithm: a name ("rtn", "gptq", "gptq-act-order", "hqq", ...; see
         ``lowbit.algorithms.ALGORITHMS``) or an object such as ``GPTQ(act_order=True)``.
@@ -186,12 +189,12 @@ def quantize(
     if sequential:
         _run_sequential(model, chosen, before_bytes, alg, calib, reader, summary, static_acts,
                         tokenizer=tokenizer, observer=observer, calib_samples=calib_samples,
-                        calib_seq_len=calib_seq_len, progress=progress,
-                        show_progress=show_progress)
+                        calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
+                        progress=progress, show_progress=show_progress)
     elif static_acts:  # observe the float model before any module is swapped
         calibration = calibrate_static(
             model, static_acts, calib, tokenizer=tokenizer, observer=observer,
-            n_samples=calib_samples, seq_len=calib_seq_len,
+            n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
         )
         for name, new in replacements:
             if name in calibration.qparams:
@@ -211,14 +214,15 @@ def _run_sequential(
     model: nn.Module, chosen: dict[str, QuantSpec], before_bytes: dict[str, int],
     alg: Algorithm, calib: Any, reader: Any, summary: QuantizeSummary,
     static_acts: dict[str, QuantSpec], *, tokenizer: Any, observer: str, calib_samples: int,
-    calib_seq_len: int, progress: Callable[[str], None] | None, show_progress: bool,
+    calib_seq_len: int, calib_batch_size: int, progress: Callable[[str], None] | None,
+    show_progress: bool,
 ) -> None:
     """Layer-by-layer quantization of ``chosen`` (lowbit.calib.sequential); fills ``summary``."""
     from lowbit.calib.sequential import quantize_sequential
 
     uses_calib = alg.needs_calibration or bool(static_acts)
-    batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len)
-               if uses_calib else None)
+    batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len,
+                          batch_size=calib_batch_size) if uses_calib else None)
     result = quantize_sequential(
         model, chosen, alg, batches, reader=reader, observer=observer,
         show_progress=show_progress,

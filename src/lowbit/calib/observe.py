@@ -106,6 +106,7 @@ def calibrate_static(
     n_samples: int = 128,
     seq_len: int = 512,
     progress: bool = False,
+    batch_size: int = 8,
 ) -> StaticCalibration:
     """Observe the float model's inputs to the modules named in ``act_specs`` and turn each
     observer into per-tensor qparams for that module's activation spec."""
@@ -116,7 +117,7 @@ def calibrate_static(
                 "a range-based format (one calibrated scale per layer input)"
             )
     get_observer(observer)  # fail on a bad name before running the model
-    batches = as_batches(calib, tokenizer, n_samples, seq_len)
+    batches = as_batches(calib, tokenizer, n_samples, seq_len, batch_size=batch_size)
     observers = observe_inputs(model, list(act_specs), batches, observer, progress=progress)
     qparams = {name: observers[name].qparams(spec) for name, spec in act_specs.items()}
     n_seq = sum(int(b.shape[0]) for b in batches)

@@ -102,6 +102,8 @@ def quantize_command(
     ),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per sequence."),
+    calib_batch_size: int = typer.Option(8, "--calib-batch-size", help=(
+        "Sequences per calibration forward (lower it to bound activation memory).")),
     observer: str | None = typer.Option(
         None, "--observer", help="Activation observer for --mode static (default minmax)."
     ),
@@ -134,7 +136,8 @@ def quantize_command(
                 f"--calib is used by --mode static or a calibration algorithm only (mode is "
                 f"{mode}, algorithm {algorithm})"
             )
-        for opt, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
+        for opt, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len),
+                           ("--calib-batch-size", calib_batch_size)):
             if value < 1:
                 raise ValueError(f"{opt} {value}; allowed: a positive int")
         if observer is not None:
@@ -165,7 +168,8 @@ def quantize_command(
             model = lowbit.quantize(
                 model_dir, spec, algorithm=alg, calib=texts, include=include_list,
                 exclude=exclude_list, observer=observer or "minmax",
-                calib_samples=calib_samples, calib_seq_len=calib_seq_len, show_progress=True,
+                calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                calib_batch_size=calib_batch_size, show_progress=True,
             )
             result = lowbit.save(model, out_dir, overwrite=overwrite)
         except (ValueError, TypeError) as e:
@@ -189,7 +193,7 @@ def quantize_command(
                 model, spec, calib=texts, include=include_list,
                 exclude=exclude_list, observer=observer or "minmax", tokenizer=tokenizer,
                 progress=advance, algorithm=alg, calib_samples=calib_samples,
-                calib_seq_len=calib_seq_len,
+                calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
             )
         result = lowbit.save(model, out_dir, overwrite=overwrite)
     except (ValueError, TypeError) as e:

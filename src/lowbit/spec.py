@@ -301,6 +301,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
                  "scale_dtype": "float32", "act": {**_ACT_INT8_TOKEN, "format": "int7"}},
     },
+    "fp8a8": {
+        "doc": "fp8 e4m3fn per-channel weights, fp8 e4m3fn per-token dynamic activations "
+               "(torch._scaled_mm on sm_89+ GPUs)",
+        "spec": {"format": "fp8_e4m3fn", "granularity": "channel", "symmetric": True,
+                 "scale_dtype": "float32",
+                 "act": {"format": "fp8_e4m3fn", "granularity": "token", "symmetric": True,
+                         "scale_dtype": "float32", "dynamic": True}},
+    },
     "w8a8-static": {
         # Symmetric int8 activations: the int8 x int8 GEMM needs no zero-point correction term,
         # and the inputs of transformer Linears (normed residual stream, attention output,

@@ -1,7 +1,10 @@
-"""The Triton int4 kernel under the interpreter (TRITON_INTERPRET=1) against the reference.
+"""The Triton weight-only kernels (int4, int8) under the interpreter (TRITON_INTERPRET=1) against a
+float64 oracle built from the reference's dequantized weights.
 
-The interpreter runs the kernel on CPU tensors with numpy. It must be switched on before the
-kernel is JIT-decorated, so the check runs in a fresh subprocess.
+The interpreter runs the kernels on CPU tensors with numpy. It must be switched on before the
+kernels are JIT-decorated, so the checks run in one fresh subprocess. bf16 is not checked here:
+the interpreter's bf16 conversions and dots are not faithful (a bf16 ``tl.dot`` returns garbage
+under triton 3.9's interpreter); benchmarks/gpu.py checks bf16 on a GPU.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import textwrap
 import pytest
 import torch
 
-from lowbit.kernels import triton_int4
+from lowbit.kernels import triton_int4, triton_int8
 from lowbit.kernels.dispatch import select_kernel
+from lowbit.spec import preset
 from lowbit.tensor import QuantizedTensor
 
 pytestmark = pytest.mark.skipif(
@@ -26,30 +30,68 @@ pytestmark = pytest.mark.skipif(
 _SCRIPT = textwrap.dedent(
     """
     import torch
-    from lowbit.kernels import triton_int4
-    from lowbit.kernels.dispatch import reference_linear
+    from lowbit.kernels import triton_int4, triton_int8
+    from lowbit.kernels.triton_int4 import Config, execution_layout, wo_matmul
     from lowbit.spec import preset
     from lowbit.tensor import QuantizedTensor
 
     torch.manual_seed(0)
-    cases = [("w4g128", 1, 256, 80), ("w4g64", 5, 192, 72), ("w4g128-sym", 17, 256, 48),
-             (preset("w4g64").replace(group_size=32, zero_point="float"), 3, 96, 40)]
-    for spec, m, k, n in cases:
+    w8 = preset("w8")
+    GEMV = Config("gemv", block_n=8, block_k=64)  # several K steps, several groups
+    GEMM = Config("gemm", 16, 32, 64)
+    cases = [  # (spec, M, K, N, activation dtype, forced config)
+        ("w4g128", 1, 256, 80, torch.float32, None),
+        ("w4g64", 5, 192, 72, torch.float32, None),
+        ("w4g128-sym", 17, 256, 48, torch.float32, None),
+        (preset("w4g64").replace(group_size=32, zero_point="float"), 3, 96, 40, torch.float32,
+         None),
+        (preset("w4g64").replace(group_size=32, zero_point="float"), 1, 96, 40, torch.float32,
+         GEMV),
+        (preset("w4g128").replace(granularity="channel"), 1, 160, 24, torch.float16, GEMV),
+        ("w4g128", 2, 256, 40, torch.float16, GEMM),
+        ("w8", 1, 320, 40, torch.float32, None),
+        ("w8", 5, 96, 72, torch.float32, None),
+        ("w8", 17, 200, 24, torch.float16, None),
+        (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=32), 1, 128,
+         40, torch.float32, GEMV),
+        (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=16,
+                    zero_point="float"), 3, 96, 40, torch.float32, None),
+        (w8.replace(granularity="tensor"), 1, 96, 24, torch.float16, None),
+        (w8.replace(granularity="tensor", symmetric=False), 4, 64, 24, torch.float32, GEMM),
+    ]
+    for spec, m, k, n, dtype, cfg in cases:
         qt = QuantizedTensor.from_float(torch.randn(n, k) * torch.rand(n, 1) * 2, spec)
-        x = torch.randn(2, m, k)
-        bias = torch.randn(n)
-        y = triton_int4.triton_int4_linear(x, qt, bias, {})
-        ref = reference_linear(x, qt, bias, {})
-        s = qt.scale.float().repeat_interleave(qt.spec.group_size, dim=1)
-        tol = 16 * k ** 0.5 * 2.0 ** -23 * (x.abs().reshape(-1, k) @ (16 * s).T) + 1e-6
-        err = (y - ref).abs().reshape(-1, n)
-        assert y.shape == ref.shape == (2, m, n), (y.shape, ref.shape)
-        assert bool((err <= tol).all()), (str(spec), float(err.max()), float(tol.max()))
-        # a swapped nibble order must be caught
-        bad = triton_int4.int4_matmul(
-            x.reshape(-1, k), (qt.qdata >> 4) | (qt.qdata << 4),
-            *triton_int4.execution_layout(qt)[1:], qt.spec.group_size)
-        assert bool(((bad + bias - ref.reshape(-1, n)).abs() > tol).any())
+        x = torch.randn(m, k).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        w = qt.dequantize(dtype).double()  # the reference's weights, bit for bit
+        ref = x.double() @ w.T + bias.double()
+        mag = x.double().abs() @ w.abs().T + bias.double().abs()
+        tol = 16 * k ** 0.5 * 2.0 ** -24 * mag + torch.finfo(dtype).eps * ref.abs() + 1e-6
+        layout = execution_layout(qt)
+        for b in (bias, None):
+            y = wo_matmul(x, layout, b, cfg)
+            expect = ref if b is not None else ref - bias.double()
+            err = (y.double() - expect).abs()
+            assert y.shape == (m, n) and y.dtype == dtype, (y.shape, y.dtype)
+            assert bool((err <= tol).all()), (str(spec), m, dtype, float(err.max()),
+                                              float(tol.max()))
+        # codes read in the wrong order must be caught
+        bad = layout.packed ^ 0x80 if qt.spec.bits == 8 else (qt.qdata >> 4) | (qt.qdata << 4)
+        wrong = wo_matmul(x, triton_int4.WeightLayout(**{**layout.__dict__, "packed": bad}),
+                          bias, cfg)
+        assert bool(((wrong.double() - ref).abs() > tol).any()), str(spec)
+    # the registered entry points (3-D input, cached layout) on CPU tensors
+    for module, name in ((triton_int4, "w4g128"), (triton_int8, "w8")):
+        qt = QuantizedTensor.from_float(torch.randn(48, 256), name)
+        x = torch.randn(2, 3, 256)
+        cache = {}
+        y = module.KERNEL.fn(x, qt, None, cache)
+        ref = x.double() @ qt.dequantize().double().T
+        assert y.shape == (2, 3, 48) and module.NAME in cache
+        assert float((y.double() - ref).abs().max()) < 1e-4
+        assert torch.equal(module.KERNEL.fn(x, qt, None, cache), y)
+    y = triton_int8.int8_matmul(x.reshape(-1, 256), qt)
+    assert float((y.double() - ref.reshape(-1, 48)).abs().max()) < 1e-4
     print("OK", len(cases))
     """
 )
@@ -63,13 +105,29 @@ def test_interpreter_matches_reference() -> None:
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "OK 4" in run.stdout
+    assert "OK 14" in run.stdout
 
 
-def test_registered_for_cuda_only() -> None:
-    qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g128")
-    assert not triton_int4.KERNEL.supports(qt, torch.randn(1, 128))
-    assert select_kernel(qt, torch.randn(1, 128)).name != triton_int4.NAME
+@pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])
+def test_registered_for_cuda_only(module, name: str) -> None:
+    qt = QuantizedTensor.from_float(torch.randn(16, 128), name)
+    assert module.spec_supported(qt) if module is triton_int8 else module.spec_supported(qt, 4)
+    assert not module.KERNEL.supports(qt, torch.randn(1, 128))
+    assert select_kernel(qt, torch.randn(1, 128)).name != module.NAME
+
+
+def test_spec_coverage() -> None:
+    def ok(spec, k: int = 128) -> bool:
+        return triton_int8.spec_supported(QuantizedTensor.from_float(torch.randn(8, k), spec))
+
+    w8 = preset("w8")
+    assert ok("w8") and ok(w8.replace(granularity="tensor"))
+    assert ok(w8.replace(granularity="group", group_size=16, symmetric=False))
+    assert not ok(w8.replace(granularity="group", group_size=8))  # BLOCK_K would be < 16
+    assert not ok("w4g128") and not ok("w8a8") and not ok("nf4g64") and not ok("fp8")
+    assert not triton_int4.spec_supported(
+        QuantizedTensor.from_float(torch.randn(8, 64), preset("w4g64").replace(group_size=16))
+    )
 
 
 def test_bad_input_is_one_line_error() -> None:
@@ -78,3 +136,30 @@ def test_bad_input_is_one_line_error() -> None:
             torch.randn(4), torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 1),
             torch.zeros(2, 1), 4,
         )
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), "w8")
+    with pytest.raises(ValueError, match="wo_matmul needs x"):
+        triton_int4.wo_matmul(torch.randn(2, 32), triton_int4.execution_layout(qt))
+    with pytest.raises(ValueError, match="int8_matmul needs"):
+        triton_int8.int8_matmul(torch.randn(2, 64), QuantizedTensor.from_float(
+            torch.randn(8, 64), "w4g64"))
+
+
+def _offline_compiler_available() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _offline_compiler_available(), reason="this triton has no ASTSource API")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_default_configs_compile_for_hopper(bits: int) -> None:
+    """Triton's frontend and ptxas on the launch configs dispatch picks (no GPU needed): the
+    interpreter runs the kernels as Python, so only a compile catches what it would not."""
+    cases = [(1, torch.float16), (16, torch.bfloat16), (2048, torch.float16), (1, torch.float32)]
+    for m, dtype in cases:
+        cfg = triton_int4.pick_config(m, 4096, 4096, bits, 128)
+        kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg)
+        assert kernel.asm["cubin"], (m, dtype, cfg)

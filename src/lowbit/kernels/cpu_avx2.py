@@ -58,10 +58,11 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One 16-byte chunk of codes as fp32 vectors c[0..3] (int4: 32 codes) or c[0..1] (int8: 16).
-// int4 execution layout: each chunk holds 32 consecutive codes, codes 0..15 in the low nibbles
-// and 16..31 in the high nibbles, so the activations are read contiguously. int8: lowbit's
-// canonical bytes (code - qmin), read as signed (byte ^ 0x80) = code - qmin - 128.
+// One 16-byte chunk of lowbit's canonical bytes as fp32 vectors c[0..3] (int4: 32 codes) or
+// c[0..1] (int8: 16). int4: byte j holds code 2j (low nibble) and 2j+1 (high nibble), so c[0..3]
+// are the codes in the order [0, 2, .., 30, 1, 3, .., 31]; the caller permutes the activations
+// of each 32-chunk the same way (cheap: M x K, against N x K weights that stay as stored).
+// int8: bytes (code - qmin) read as signed (byte ^ 0x80) = code - qmin - 128.
 template <bool INT8>
 static inline void unpack(const uint8_t* p, __m256 c[4]) {
   __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -147,7 +148,8 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
   return 0;
 }
 
-// fp32 weights W [N, K] = code * s - zs, from the execution layout.
+// fp32 weights W [N, K] = code * s - zs, columns in the kernel's code order (int4: permuted
+// within each 32-chunk like the activations).
 template <bool INT8>
 static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W, int64_t N,
                     int64_t K, int64_t G, int threads) {
@@ -284,13 +286,12 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
 
 
 def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
-    """Data pointers of (codes, scale fp32 [N, G], scale * zero fp32 [N, G]), tensors built
-    once and held in ``cache``.
+    """Data pointers of (lowbit's canonical code bytes, scale fp32 [N, G], scale * zero fp32
+    [N, G]); the two small float tensors are built once and held in ``cache``.
 
-    4-bit codes are repacked to uint8 [N, K/2]: each 16-byte chunk holds 32 consecutive codes,
-    codes 0..15 in the low nibbles and 16..31 in the high nibbles (lowbit's canonical bytes
-    interleave even/odd codes instead). 8-bit codes are lowbit's canonical bytes [N, K] as they
-    are; the kernel reads them as ``byte - 128``, so their zero term carries ``- 128``.
+    The codes are read as stored (no repacked copy of the weight is kept: the int4 kernel
+    permutes the activations instead, see ``_int4_order``). 8-bit codes are read as
+    ``byte - 128``, so their zero term carries ``- 128``.
     """
     bits = qt.spec.bits
     name = f"cpu_int{bits}"
@@ -298,22 +299,26 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
     if entry is None or entry[0] is not qt.qdata:
         spec = qt.spec
         qmin, _ = qrange(spec)
-        n_out, k_in = qt.shape
+        n_out = qt.shape[0]
         scale = qt.scale.float().reshape(n_out, -1).contiguous()
         if spec.has_zero_point:
             zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
         else:
             zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
-        if bits == 4:
-            codes = torch.stack([qt.qdata & 15, qt.qdata >> 4], dim=-1).reshape(n_out, -1, 2, 16)
-            packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n_out, k_in // 2)
-        else:
-            packed, zero_code = qt.qdata, zero_code - 128
-        tensors = (packed.contiguous(), scale, (scale * zero_code).contiguous())
+        if bits == 8:
+            zero_code = zero_code - 128
+        tensors = (qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
         # the tensors keep the pointers valid; the ints save per-call ctypes work
         entry = (qt.qdata, tensors, tuple(t.data_ptr() for t in tensors))
         cache[name] = entry
     return entry[2]
+
+
+def _int4_order(x2: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` with each 32-chunk reordered as [x0, x2, .., x30, x1, x3, .., x31], the order
+    in which the kernel unpacks a chunk of canonical int4 bytes."""
+    m, k = x2.shape
+    return x2.reshape(m, k // 32, 16, 2).transpose(-1, -2).reshape(m, k)
 
 
 def cpu_linear(
@@ -326,7 +331,8 @@ def cpu_linear(
     n_out, k_in = qt.shape
     n_groups = qt.scale.numel() // n_out
     threads = torch.get_num_threads()
-    x2 = (x if x.dim() == 2 else x.reshape(-1, k_in)).contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, k_in)
+    x2 = _int4_order(x2) if bits == 4 else x2.contiguous()
     m = x2.shape[0]
     if m > GEMV_MAX_ROWS:
         w = torch.empty(n_out, k_in)

@@ -48,7 +48,7 @@ from lowbit.kernels.int8 import (
     _weight_scale,
     quantize_bias,
 )
-from lowbit.quant.maps import check_finite, qparams_from_range, qrange, quantize, symmetric_zero
+from lowbit.quant.maps import check_finite, qrange, quantize, symmetric_zero
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
@@ -90,13 +90,14 @@ def fp8_available(device: torch.device) -> bool:
 # ---- spec checks ---------------------------------------------------------------------------
 def int8_spec_supported(qt: QuantizedTensor) -> bool:
     """Integer W*A* specs the reference handles, both sides signed symmetric (codes fit int8),
-    nearest rounding of activations, K small enough for exact int32 sums."""
+    activations rounded to nearest with float32 scales, K small enough for exact int32 sums."""
     act = qt.spec.act
     return (
         _int_act_mode(qt) is not None
         and _signed_symmetric(qt.spec)
         and _signed_symmetric(act)
         and act.rounding == "nearest"
+        and act.scale_dtype == "float32"
         and qt.shape[1] <= MAX_K_INT32
     )
 
@@ -129,12 +130,13 @@ def fp8_reference_spec_supported(qt: QuantizedTensor) -> bool:
 
 
 def fp8_spec_supported(qt: QuantizedTensor) -> bool:
-    """e4m3fn weights per channel or per tensor with e4m3fn activations (as the reference)."""
+    """e4m3fn weights per channel or per tensor with e4m3fn activations (float32 scales)."""
     spec = qt.spec
     return (
         fp8_reference_spec_supported(qt)
         and spec.format == "fp8_e4m3fn"
         and spec.act.format == "fp8_e4m3fn"
+        and spec.act.scale_dtype == "float32"
     )
 
 
@@ -147,15 +149,19 @@ def _act_scale(x2d: torch.Tensor, act: QuantSpec, top: float) -> torch.Tensor:
     """Dynamic scale ``[M, 1]`` (per token) or ``[1, 1]``: the float32 operations of
     :func:`lowbit.quant.maps.qparams_from_range` for a symmetric spec with float32 scales
     (``top`` = largest grid value), written without its host-side check; NaN where the range is
-    not finite. Other scale dtypes go through ``qparams_from_range`` itself."""
+    not finite.
+
+    ``absmax / top`` divides by a tensor: with a Python number as divisor torch on CUDA
+    multiplies by its reciprocal, which can differ from the division in the last bit.
+    """
+    if act.scale_dtype != "float32":
+        raise ValueError(f"activation spec {act}: the CUDA W8A8 kernels need float32 scales")
     if act.granularity == "token":
         lo, hi = torch.aminmax(x2d, dim=1, keepdim=True)
     else:
         lo, hi = (t.reshape(1, 1) for t in torch.aminmax(x2d))
-    if act.scale_dtype != "float32":
-        return qparams_from_range(lo, hi, act).scale.float()
     absmax = torch.maximum((lo.float() * act.clip_ratio).abs(), (hi.float() * act.clip_ratio).abs())
-    scale = absmax / top
+    scale = absmax / torch.full_like(absmax, top)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.clamp(min=_TINY, max=torch.finfo(torch.float32).max)
     return torch.where(torch.isfinite(absmax), scale, torch.full_like(scale, float("nan")))
@@ -266,7 +272,8 @@ def fp8_mm_padded(xq: torch.Tensor, w: torch.Tensor, one: torch.Tensor) -> torch
     m, k = xq.shape
     if w.shape[1] != k:
         xq = F.pad(xq.view(torch.uint8), (0, w.shape[1] - k)).view(torch.float8_e4m3fn)
-    return torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    out = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return out[0] if isinstance(out, tuple) else out  # torch < 2.5 also returned an amax
 
 
 def cuda_fp8_linear(

@@ -13,15 +13,17 @@ rounded to the activation dtype (so the weight values equal ``qt.dequantize(x.dt
 bit), and is multiplied in float32. Weights never exist in float in global memory. Two kernels:
 
 - GEMV (``M <= GEMV_MAX_M``): one program per ``BLOCK_N`` output columns and row of x, no tensor
-  cores; each step loads a ``[BLOCK_N, BLOCK_K]`` tile of codes along the row (contiguous bytes),
-  accumulates ``w * x`` elementwise in float32 and reduces over K once at the end.
+  cores. Each step loads ``BLOCK_K`` codes of each of its rows as runs that lie in one group
+  (a ``[BLOCK_N, runs, bytes]`` tile, contiguous 16-byte loads), one scale per run, and
+  accumulates ``w * x`` elementwise in float32; one reduction over K at the end.
 - GEMM: ``[BLOCK_M, BLOCK_N]`` output tiles with ``tl.dot`` (fp32 accumulation; IEEE for fp32
-  inputs). For 4 bits the even and odd columns of x meet the low and high nibbles in two dots, so
-  no nibble is interleaved.
+  inputs). ``BLOCK_K`` divides the group size, so a step's scales are one ``[BLOCK_N]`` vector;
+  for 4 bits the low and high nibbles are joined into K order in registers.
 
-``BLOCK_K`` divides the group size, so each step's tile lies in one group and its scales are one
-``[BLOCK_N]`` vector. The bias, if any, is added to the float32 accumulator before the one
-rounding to x's dtype.
+The bias, if any, is added to the float32 accumulator before the one rounding to x's dtype.
+Launch configs: :func:`pick_config` (benchmarks/gpu.py sweeps GEMV candidates on a GPU);
+:func:`compile_offline` builds a variant for ``sm_90`` without a GPU (tests use it to run
+Triton's frontend and ptxas on the configs dispatch picks).
 
 Triton is optional: it is imported on first use only. The kernels register for CUDA devices;
 under ``TRITON_INTERPRET=1`` :func:`wo_matmul` also runs on CPU tensors (that is how CI checks
@@ -110,7 +112,7 @@ def _jit_kernels():
         # BLOCK_N rows: a [BLOCK_N, NG, GB] tile
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
-        XDT: tl.constexpr = x_ptr.dtype.element_ty
+        XDT = x_ptr.dtype.element_ty
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         runs = tl.arange(0, NG) * GB
@@ -158,7 +160,7 @@ def _jit_kernels():
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        XDT: tl.constexpr = x_ptr.dtype.element_ty
+        XDT = x_ptr.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M

@@ -153,13 +153,31 @@ def _offline_compiler_available() -> bool:
     return True
 
 
+def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
+    """Per-thread stack (register spills) ptxas gave the kernel, read with the cuobjdump
+    Triton ships; None where it is missing."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True).stdout
+    stacks = [int(w.split(":")[1]) for w in out.split() if w.startswith("STACK:")]
+    return max(stacks) if stacks else None
+
+
 @pytest.mark.skipif(not _offline_compiler_available(), reason="this triton has no ASTSource API")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_default_configs_compile_for_hopper(bits: int) -> None:
+def test_default_configs_compile_for_hopper(bits: int, tmp_path) -> None:
     """Triton's frontend and ptxas on the launch configs dispatch picks (no GPU needed): the
-    interpreter runs the kernels as Python, so only a compile catches what it would not."""
-    cases = [(1, torch.float16), (16, torch.bfloat16), (2048, torch.float16), (1, torch.float32)]
+    interpreter runs the kernels as Python, so only a compile catches what it would not; and
+    the configs must not spill registers (an IEEE fp32 dot on big tiles did)."""
+    cases = [(1, torch.float16), (16, torch.bfloat16), (2048, torch.float16), (64, torch.float32)]
     for m, dtype in cases:
-        cfg = triton_int4.pick_config(m, 4096, 4096, bits, 128)
+        cfg = triton_int4.pick_config(m, 4096, 4096, bits, 128, dtype)
         kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg)
-        assert kernel.asm["cubin"], (m, dtype, cfg)
+        stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
+        assert stack in (0, None), f"{cfg} with {dtype} spills: {stack} bytes of stack"

@@ -216,11 +216,20 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
     return block_k
 
 
-def pick_config(m: int, n: int, k: int, bits: int, group_size: int) -> Config:
-    """Default launch parameters for ``[m, k] @ W^T``, W ``[n, k]`` (not tuned on a GPU yet:
-    benchmarks/gpu.py sweeps the GEMV candidates)."""
+def pick_config(
+    m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype = torch.float16
+) -> Config:
+    """Default launch parameters for ``[m, k] @ W^T``, W ``[n, k]``, x of ``dtype``. Not tuned
+    on a GPU yet (benchmarks/gpu.py sweeps the GEMV candidates); chosen so that ptxas reports
+    no register spills for sm_90 (fp32's IEEE dot runs on FMA units: smaller tiles)."""
     if m <= GEMV_MAX_M:  # 4 KiB of codes per program and step
         return Config("gemv", block_n=8, block_k=1024 if bits == 4 else 512, num_warps=4)
+    if dtype == torch.float32:
+        if m <= 16:
+            return Config("gemm", 16, 32, 32, num_warps=4, num_stages=2)
+        if m <= 64:
+            return Config("gemm", 32, 64, 32, num_warps=4, num_stages=2)
+        return Config("gemm", 64, 64, 32, num_warps=8, num_stages=2)
     if m <= 16:
         return Config("gemm", 16, 64, 128, num_warps=4, num_stages=4)
     if m <= 64:
@@ -255,7 +264,7 @@ def wo_matmul(
     m = x.shape[0]
     n = packed.shape[0]
     group = layout.group_size
-    cfg = config or pick_config(m, n, k, bits, group)
+    cfg = config or pick_config(m, n, k, bits, group, x.dtype)
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k)
     if any(b < 1 or b & (b - 1) for b in blocks):
         raise ValueError(f"block sizes must be powers of two, got {cfg}")

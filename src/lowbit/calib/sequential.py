@@ -130,7 +130,11 @@ class CheckpointReader:
                 for key in file_keys:
                     t = f.get_tensor(self._where[key][1])
                     self.bytes_read += t.numel() * t.element_size()
-                    out[key] = t.to(dtype) if t.is_floating_point() else t
+                    converted = t.to(dtype) if t.is_floating_point() else t
+                    # a tensor of the shard's memory map keeps the whole mapping alive: one
+                    # small kept tensor (a norm weight) would pin every block's shard in the
+                    # address space, so what is kept is always a copy in process memory
+                    out[key] = converted.clone() if converted is t else converted
         return out
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype,

@@ -7,6 +7,13 @@ the test split, with the float model's logits computed once.
 
     .venv/bin/python benchmarks/llm.py            # llama-19m, writes benchmarks/results/llm.md
     .venv/bin/python benchmarks/llm.py --quick    # fewer test tokens and calibration samples
+
+Peer toolkits (``--peers``) run from a separate venv, never lowbit's, and only this section of
+the results file is rewritten (lowbit's GPTQ and HQQ are rerun in the same run for the timing):
+
+    python3.11 -m venv ../peers-venv
+    ../peers-venv/bin/pip install -c constraints-cpu.txt torch==2.13.0 llmcompressor gptqmodel hqq
+    .venv/bin/python benchmarks/llm.py --quick --peers --repeats 3
 """
 
 from __future__ import annotations
@@ -94,9 +101,24 @@ def worker(job: dict) -> dict:
             "mean_layer_error": statistics.mean(errors) if errors else None}
 
 
+def _unshadow_benchmarks() -> None:
+    """Drop this script's folder from ``sys.path`` (a worker's ``sys.path[0]``): its
+    ``kernels.py`` would shadow the ``kernels`` package that transformers probes for."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != here]
+
+
+def _ids_digest(ids) -> str:
+    """A short hash of a (samples, seq_len) int64 tensor of token ids."""
+    import hashlib
+
+    return hashlib.sha256(ids.long().numpy().tobytes()).hexdigest()[:12]
+
+
 def hqq_peer_worker(job: dict) -> dict:
     """The ``hqq`` package (run by the peers venv's python): HQQLinear on every decoder Linear,
     then the dequantized weights are written for the parent to score."""
+    _unshadow_benchmarks()
     import torch
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from transformers import AutoModelForCausalLM
@@ -123,57 +145,329 @@ def hqq_peer_worker(job: dict) -> dict:
             "version": md.version("hqq")}
 
 
+def llmcompressor_peer_worker(job: dict) -> dict:
+    """``llmcompressor``'s GPTQModifier (run by the peers venv's python) on every decoder-block
+    Linear (``lm_head`` ignored; embeddings are not Linear), on CPU, with the same calibration
+    ids as lowbit's worker (``job['calib_samples']`` x ``job['seq_len']``); writes the
+    fake-quantized (dequantized) weights, each (out_features, in_features) float32, for the
+    parent to score. Time = the ``oneshot`` call only."""
+    _unshadow_benchmarks()
+    import importlib.metadata as md
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    model_dir = Path(job["model"])
+    calib = calibration_ids(model_dir, job["calib_samples"], job["seq_len"])
+    data = Dataset.from_dict({"input_ids": calib.tolist(),
+                              "attention_mask": torch.ones_like(calib).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    weights = {"num_bits": job["bits"], "type": "int", "symmetric": job["symmetric"],
+               "strategy": "group", "group_size": job["group"]}
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                          ignore=["lm_head"], actorder=None, block_size=128,
+                          dampening_frac=0.01)
+    baseline = _rss_kib("VmHWM")
+    start = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    peak = _rss_kib("VmHWM")
+    out, grid_dev = {}, 0.0
+    for n in names:
+        mod = model.get_submodule(n)
+        if not hasattr(mod, "weight_scale"):
+            raise RuntimeError(f"llmcompressor left {n} unquantized")
+        w = mod.weight.detach().float()
+        scale = mod.weight_scale.detach().float().repeat_interleave(job["group"], dim=1)
+        zero = mod.weight_zero_point.detach().float().repeat_interleave(job["group"], dim=1)
+        codes = w / scale + zero
+        grid_dev = max(grid_dev, (codes - codes.round()).abs().max().item())
+        out[n + ".weight"] = w.contiguous()
+    torch.save(out, job["out"])
+    return {"ok": True, "seconds": seconds, "peak_rss_kib": peak, "baseline_rss_kib": baseline,
+            "version": md.version("llmcompressor"), "modules": len(names),
+            "grid_dev": grid_dev, "calib": _ids_digest(calib)}
+
+
+def gptqmodel_peer_worker(job: dict) -> dict:
+    """``gptqmodel``'s GPTQ (run by the peers venv's python) on every decoder-block Linear, on
+    CPU, with the same calibration ids as lowbit's worker, in their order; writes each packed
+    module's dequantized weight, (out_features, in_features) float32, checked against the
+    module's own forward. Time = the ``quantize`` call only (it includes packing)."""
+    _unshadow_benchmarks()
+    # its CPU thread pool asks for 2 workers per pool; the default on 2 cores is 1 (ValueError)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import importlib.metadata as md
+
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    model_dir = Path(job["model"])
+    calib = calibration_ids(model_dir, job["calib_samples"], job["seq_len"])
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
+    # plain GPTQ like lowbit's: no act-order, and no group-aware reordering (on by default)
+    cfg = QuantizeConfig(bits=job["bits"], group_size=job["group"], sym=job["symmetric"],
+                         desc_act=False, act_group_aware=False, damp_percent=0.01,
+                         offload_to_disk=False)
+    wrapped = GPTQModel.load(str(model_dir), cfg, device="cpu", dtype=torch.float32)
+    baseline = _rss_kib("VmHWM")
+    start = time.perf_counter()
+    wrapped.quantize(data, batch_size=1, calibration_sort=None)
+    seconds = time.perf_counter() - start
+    peak = _rss_kib("VmHWM")
+    # the in-memory modules right after quantize() dequantize one zero-point step off (their
+    # qzeros are in the checkpoint's v1 layout); score what its checkpoint loads back to
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped.save(tmp)
+        # its plain torch kernel keeps the fp16 scales (the CPU auto choice at 4 bits: bf16)
+        model = GPTQModel.load(tmp, device="cpu", dtype=torch.float16,
+                               backend=BACKEND.GPTQ_TORCH).model
+    names = [n for n, m in model.named_modules() if ".layers." in n and hasattr(m, "qweight")]
+    out, fwd_dev = {}, 0.0
+    for n in names:
+        mod = model.get_submodule(n).eval()
+        w = mod.dequantize_weight().float()
+        if w.shape == (mod.in_features, mod.out_features):
+            w = w.t()  # GPTQ packing keeps (in, out)
+        with torch.no_grad():
+            xi = torch.randn(3, mod.in_features, dtype=mod.scales.dtype)
+            y = mod(xi).float()
+            bias = 0 if getattr(mod, "bias", None) is None else mod.bias.float()
+            fwd_dev = max(fwd_dev, ((y - (xi.float() @ w.t() + bias)).abs().max()
+                                    / y.abs().max()).item())
+        out[n + ".weight"] = w.contiguous()
+    if fwd_dev > 1e-2:
+        raise RuntimeError(f"dequantized weights disagree with the module forward ({fwd_dev:.3g})")
+    torch.save(out, job["out"])
+    return {"ok": True, "seconds": seconds, "peak_rss_kib": peak, "baseline_rss_kib": baseline,
+            "version": md.version("gptqmodel"), "modules": len(names), "fwd_dev": fwd_dev,
+            "dtype": str(mod.scales.dtype).removeprefix("torch."), "calib": _ids_digest(calib)}
+
+
+PEER_WORKERS = {"hqq": hqq_peer_worker, "llmcompressor": llmcompressor_peer_worker,
+                "gptqmodel": gptqmodel_peer_worker}
+
+PEER_SPECS = {"w4g128": (4, 128, False), "w4g128-sym": (4, 128, True),
+              "w3g128": (3, 128, False), "w2g64": (2, 64, False)}
+
+
 def run_peers(args) -> None:
-    """Score the hqq package at the weight specs and replace the results file's peer section."""
+    """Peer toolkits side by side with lowbit, back to back in one run, per spec: lowbit GPTQ,
+    llmcompressor GPTQ, gptqmodel GPTQ, lowbit HQQ, hqq (``--repeats`` rounds, interleaved).
+    Rewrites only the results file's "## Peer toolkits" section."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import lowbit
     from lowbit.eval import compare_logits
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _machine import machine_line
 
     python = Path(args.peers_python)
     if not python.exists():
         raise SystemExit(f"--peers-python {python} does not exist")
+    specs = args.specs.split(",") if args.specs else ["w4g128", "w3g128", "w2g64"]
+    bad = [s for s in specs if s not in PEER_SPECS]
+    if bad:
+        raise SystemExit(f"--specs {bad} not supported with --peers; allowed: {list(PEER_SPECS)}")
+    only = set(args.only.split(",")) if args.only else None
     max_tokens = args.max_tokens or (4096 if args.quick else 32768)
+    calib_samples = args.calib_samples or (8 if args.quick else 32)
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tok(TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    calib_digest = _ids_digest(calibration_ids(args.model, calib_samples, args.seq_len))
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     reference = CachedReference(ref)
-    lines = ["## Peer toolkits", "",
-             f"Same model, test tokens ({max_tokens:,}, context {args.context}, stride "
-             f"{args.stride}) and exclusions; run with `{python}` (a separate venv, "
-             "`benchmarks/llm.py --peers`). hqq: `HQQLinear(BaseQuantizeConfig(nbits, "
-             "group_size))` on every decoder Linear, compute dtype float32 (its scales/zeros "
-             "are kept in float, lowbit's in fp16); scored by loading its dequantized weights.",
-             "", "| spec | toolkit | ppl | KL | top-1 | time s | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec, bits, group in (("w4g128", 4, 128), ("w3g128", 3, 128), ("w2g64", 2, 64)):
-            job = {"model": str(args.model), "bits": bits, "group": group,
-                   "out": f"{tmp}/w.pt", "peer": "hqq"}
-            proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            out = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not out:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
-                lines.append(f"| {spec} | hqq | failed: {tail} | | | | |")
+    n_linear = sum(isinstance(m, torch.nn.Linear) and ".layers." in n
+                   for n, m in ref.named_modules())
+    fp_ppl, machine, load0 = None, machine_line(), os.getloadavg()[0]
+    # (toolkit label, how it is run, algorithm) per row; lowbit via its own worker (this venv)
+    toolkits = [("lowbit gptq", "lowbit", "gptq"), ("llmcompressor gptq", "llmcompressor", None),
+                ("gptqmodel gptq", "gptqmodel", None), ("lowbit hqq", "lowbit", "hqq"),
+                ("hqq", "hqq", None)]
+    toolkits = [t for t in toolkits if only is None or t[0].split()[-1] in only
+                or t[1] in only]
+    rows: dict[tuple[str, str], dict] = {}
+
+    def run_one(spec: str, label: str, kind: str, alg: str | None, out: str | None) -> dict:
+        bits, group, sym = PEER_SPECS[spec]
+        if kind == "lowbit":
+            return run_worker({"model": str(args.model), "spec": spec, "algorithm": alg,
+                               "calib_samples": calib_samples, "seq_len": args.seq_len,
+                               "out": out, "threads": args.threads})
+        job = {"model": str(args.model), "bits": bits, "group": group, "symmetric": sym,
+               "calib_samples": calib_samples, "seq_len": args.seq_len, "peer": kind,
+               "out": out or f"{out_dir}/scratch.pt", "threads": args.threads}
+        proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)],
+                              capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+            return {"ok": False, "error": f"exit {proc.returncode}: {tail}"}
+        return json.loads(lines[-1])
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        for spec in specs:
+            runs: dict[str, list] = {label: [] for label, _, _ in toolkits}
+            for r in range(args.repeats):  # interleaved: A B C D, A B C D, ...
+                for label, kind, alg in toolkits:
+                    if runs[label] and not runs[label][-1]["ok"]:
+                        continue
+                    out = f"{out_dir}/{kind}-{alg}" + ("" if kind == "lowbit" else ".pt")
+                    runs[label].append(run_one(spec, label, kind, alg, out if r == 0 else None))
+                    print(f"{spec} {label} run {r}: {runs[label][-1]}", flush=True)
+            for label, kind, alg in toolkits:
+                first = runs[label][0]
+                if not all(x["ok"] for x in runs[label]):
+                    err = next(x["error"] for x in runs[label] if not x["ok"])
+                    rows[(spec, label)] = {"error": err}
+                    continue
+                if kind == "lowbit":
+                    model = lowbit.load(f"{out_dir}/{kind}-{alg}").eval()
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(
+                        args.model, dtype=torch.float32).eval()
+                    state = torch.load(f"{out_dir}/{kind}-{alg}.pt")
+                    missing = set(state) - set(model.state_dict())
+                    if missing:
+                        raise RuntimeError(f"{label}: unknown keys {sorted(missing)[:3]}")
+                    model.load_state_dict(state, strict=False)
+                cmp = compare_logits(model, reference, ids, context=args.context,
+                                     stride=args.stride, max_tokens=max_tokens)
+                fp_ppl = cmp.reference_ppl
+                rows[(spec, label)] = {
+                    "cmp": cmp, "first": first,
+                    "seconds": statistics.median(x["seconds"] for x in runs[label]),
+                    "spread": (min(x["seconds"] for x in runs[label]),
+                               max(x["seconds"] for x in runs[label])),
+                    "peak": statistics.median(x["peak_rss_kib"] for x in runs[label]) / 1024}
+                if first.get("calib") and first["calib"] != calib_digest:
+                    rows[(spec, label)]["note"] = "calibration ids differ from lowbit's"
+                if first.get("modules", n_linear) != n_linear:
+                    rows[(spec, label)]["note"] = f"{first['modules']}/{n_linear} Linears"
+                print(f"{spec} {label}: ppl {cmp.ppl:.3f} KL {cmp.kl_mean:.4f} "
+                      f"top1 {cmp.top1_agreement:.3f} {rows[(spec, label)]['seconds']:.1f} s",
+                      flush=True)
+                _write_peer_section(args, python, specs, toolkits, rows, fp_ppl, max_tokens,
+                                    calib_samples, machine, (load0, os.getloadavg()[0]))
+
+
+def _peer_config(spec: str, label: str) -> str:
+    bits, group, sym = PEER_SPECS[spec]
+    kind = "sym" if sym else "asym"
+    if label == "lowbit gptq":
+        return (f"`{spec}` preset: int{bits} {kind} g{group}, fp16 scale/zero; damp 0.01, "
+                "no act-order, block 128")
+    if label == "llmcompressor gptq":
+        return (f"GPTQModifier int{bits} {kind} group {group} (fp32 scale, int zero); "
+                "damp 0.01, actorder=None, block 128")
+    if label == "gptqmodel gptq":
+        return (f"QuantizeConfig(bits={bits}, group_size={group}, sym={sym}, desc_act=False, "
+                "act_group_aware=False (default True), damp_percent=0.01), fp16 scales; scored "
+                "from its saved checkpoint")
+    if label == "lowbit hqq":
+        return f"`{spec}` preset, `hqq` algorithm"
+    return f"HQQLinear nbits={bits} group_size={group}, float32 scale/zero"
+
+
+def _write_peer_section(args, python, specs, toolkits, rows, fp_ppl, max_tokens, calib_samples,
+                        machine, load) -> None:
+    versions = {label: r["first"].get("version") for (_, label), r in rows.items()
+                if "first" in r}
+    threads = "" if args.threads is None else f" --threads {args.threads}"
+    lines = [
+        "## Peer toolkits", "",
+        f"Machine: {machine}. Written by `benchmarks/llm.py{' --quick' if args.quick else ''} "
+        f"--peers --repeats {args.repeats}{threads}` with the peers run by `{python}` (a separate "
+        f"venv, see the module docstring); timing runs per config: {args.repeats} (median), "
+        "the rounds interleaved (every toolkit once, then again).", "",
+        f"Same model, same test tokens as the main table ({max_tokens:,}, context "
+        f"{args.context}, stride {args.stride}), float ppl {fp_ppl:.3f}; same calibration ids for "
+        f"the three GPTQs ({calib_samples} x {args.seq_len} tokens from the start of "
+        "`shakespeare-mix-val.txt`, `calibration_ids()`, checked by hash); quantized: every "
+        "Linear of the decoder blocks, `lm_head` and embeddings in float. Every row ran in its "
+        "own subprocess, back to back (never two at once), in this one run. lowbit rows: "
+        "`lowbit.quantize(path)` from disk, saved and reloaded; peer rows: the peer's "
+        "fake-quantized (dequantized) weights loaded into the float model and scored the same "
+        "way. time = wall seconds of the quantization call only (lowbit.quantize / "
+        "llmcompressor.oneshot / gptqmodel's quantize / the HQQLinear loop), including each "
+        "one's calibration forward passes; peak RSS = the worker's VmHWM after quantizing (the "
+        "peers load the whole float model first; lowbit streams blocks from disk). Load "
+        f"average (1 min) of the shared machine: {load[0]:.1f} at the start of this run, "
+        f"{load[1]:.1f} at the last row; other jobs ran at the same time, so compare times "
+        "within a spec only."
+        + ("" if args.threads is None else f" Every worker (lowbit's and the peers') ran with "
+           f"`torch.set_num_threads({args.threads})`: with 2 threads per worker on this shared "
+           "2-core machine, wall times swung by up to 10x between runs of the same config."),
+        "",
+        "| spec | toolkit | config | ppl | KL | top-1 | time s: median (min-max) | peak RSS MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for spec in specs:
+        for label, _, _ in toolkits:
+            r = rows.get((spec, label))
+            if r is None:
                 continue
-            res = json.loads(out[-1])
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-            model.load_state_dict(torch.load(f"{tmp}/w.pt"), strict=False)
-            cmp = compare_logits(model, reference, ids, context=args.context,
-                                 stride=args.stride, max_tokens=max_tokens)
-            lines.append(f"| {spec} | hqq {res['version']} | {cmp.ppl:.3f} | {cmp.kl_mean:.4f} "
-                         f"| {cmp.top1_agreement:.3f} | {res['seconds']:.1f} | "
-                         f"{res['peak_rss_kib'] / 1024:.0f} |")
-            print(lines[-1], flush=True)
-    lines += ["", "Not run: llmcompressor and gptqmodel (GPTQ peers) were not installed: both "
-              "pull large CUDA-oriented dependency trees (gptqmodel builds CUDA kernels; "
-              "llmcompressor needs compressed-tensors + accelerate + datasets), which did not fit "
-              "this session's time; the GPTQ side-by-side comparison is still missing.", ""]
+            name = label if not versions.get(label) else f"{label} {versions[label]}"
+            if "error" in r:
+                lines.append(f"| {spec} | {label} | {_peer_config(spec, label)} | "
+                             f"failed: {r['error']} | | | | |")
+                continue
+            cmp = r["cmp"]
+            note = f" ({r['note']})" if r.get("note") else ""
+            lines.append(f"| {spec} | {name}{note} | {_peer_config(spec, label)} | "
+                         f"{cmp.ppl:.3f} | {cmp.kl_mean:.4f} | {cmp.top1_agreement:.3f} | "
+                         f"{r['seconds']:.1f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f}) | "
+                         f"{r['peak']:.0f} |")
+    lines += ["", "lowbit against each peer at the same spec, same run (quality: KL and ppl; "
+              "time: the peer's seconds / lowbit's):", ""]
+    for spec in specs:
+        for ours, theirs in (("lowbit gptq", "llmcompressor gptq"),
+                             ("lowbit gptq", "gptqmodel gptq"), ("lowbit hqq", "hqq")):
+            a, b = rows.get((spec, ours)), rows.get((spec, theirs))
+            if not a or not b or "error" in a or "error" in b:
+                continue
+            ka, kb = a["cmp"].kl_mean, b["cmp"].kl_mean
+            pa, pb = a["cmp"].ppl, b["cmp"].ppl
+            better = (ka <= kb) + (pa <= pb)
+            quality = ("matches or beats", "is MIXED against", "is WORSE than")[2 - better]
+            speed = b["seconds"] / max(a["seconds"], 1e-9)
+            lines.append(f"- {spec}: {ours} {quality} {theirs} (KL {ka:.4f} vs {kb:.4f}, ppl "
+                         f"{pa:.3f} vs {pb:.3f}); {theirs} took {speed:.2f}x lowbit's time "
+                         f"({b['seconds']:.1f} s vs {a['seconds']:.1f} s) -> lowbit "
+                         f"{'faster' if speed > 1 else 'SLOWER'}.")
+    lines.append("")
     text = args.out.read_text() if args.out.exists() else ""
-    head = text.split("## Peer toolkits")[0]
-    args.out.write_text(head + "\n".join(lines))
+    args.out.write_text(_replace_section(text, "## Peer toolkits", "\n".join(lines)))
     print(f"wrote {args.out}")
+
+
+def _section(text: str, heading: str) -> str | None:
+    """The level-2 section of ``text`` starting at ``heading`` (up to the next '## '), or None."""
+    if heading not in text:
+        return None
+    rest = text[text.index(heading):]
+    nxt = rest.find("\n## ", len(heading))
+    return (rest if nxt < 0 else rest[:nxt]).rstrip("\n")
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with the level-2 section starting at ``heading`` (up to the next '## ') replaced
+    by ``section``, or ``section`` appended when there is none."""
+    if heading not in text:
+        return text.rstrip("\n") + "\n\n" + section
+    head, _, rest = text.partition(heading)
+    nxt = rest.find("\n## ")
+    tail = "" if nxt < 0 else rest[nxt + 1:]
+    return head + section + ("\n" + tail if tail else "")
 
 
 def run_worker(job: dict) -> dict:
@@ -211,6 +505,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1, help="timing runs per config (median)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in each --peers worker (default: torch's own)")
     ap.add_argument("--only", default=None, help="comma-separated algorithms to run")
     ap.add_argument("--specs", default=None, help="comma-separated specs (default: all)")
     ap.add_argument("--caps", default="100", help="memory caps in MiB for the cap runs")
@@ -219,12 +515,14 @@ def main() -> None:
                     help="only the memory-cap runs; write their section to --out")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peers", action="store_true",
-                    help="run peer toolkits (hqq) from --peers-python and rewrite their section")
-    ap.add_argument("--peers-python", default="/tmp/peers-venv/bin/python")
+                    help="run peer toolkits (llmcompressor, gptqmodel, hqq) from --peers-python "
+                    "next to lowbit's GPTQ/HQQ and rewrite their section")
+    ap.add_argument("--peers-python", default=str(ROOT.parent / "peers-venv" / "bin" / "python"),
+                    help="python of the separate peers venv (see the module docstring)")
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(hqq_peer_worker(job) if job.get("peer") == "hqq" else worker(job)))
+        print(json.dumps(PEER_WORKERS[job["peer"]](job) if job.get("peer") else worker(job)))
         return
     if args.peers:
         run_peers(args)
@@ -386,6 +684,10 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
     lines += ["", *cap_section(cap_rows, "gptq", fp32_bytes)]
     lines += ["", PEERS_NOTE, ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = args.out.read_text() if args.out.exists() else ""
+    kept = _section(old, "## Peer toolkits")
+    if kept:  # keep the last --peers run's section (written by that run, not this one)
+        lines[lines.index(PEERS_NOTE)] = kept
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,31 @@ def _overrides_prepare(algorithm: Algorithm) -> bool:
     return type(algorithm).prepare_block is not Algorithm.prepare_block
 
 
+MMAP_THRESHOLD = 4 << 20  # bytes; see keep_large_buffers_off_the_heap
+
+
+def keep_large_buffers_off_the_heap() -> bool:
+    """On glibc, serve allocations >= 4 MiB by mmap from now on, so freed block weights,
+    Hessians and activations go back to the OS at once.
+
+    glibc raises its mmap threshold after the first large free, after which those buffers come
+    from the heap, interleave with the small packed weights kept per block, and the heap cannot
+    shrink: measured on a 16-block, hidden-2048 model, RSS then grew ~100 MiB per block for
+    ~15 MiB of live packed weights. With a fixed threshold it grows by the packed weights only.
+    Process-wide and harmless elsewhere; returns whether it applied (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def quantize_sequential(
     model: nn.Module,
     specs: Mapping[str, QuantSpec],
@@ -360,6 +386,8 @@ def quantize_sequential(
     progress = _Progress(show_progress, len(blocks))
     if batches is not None:
         _check_tokens(model, specs, algorithm, batches)
+    if reader is not None:
+        keep_large_buffers_off_the_heap()
     try:
         inputs = None
         if found and (batches is not None or reader is not None):

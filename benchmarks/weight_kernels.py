@@ -10,7 +10,7 @@ batch-1 is the machine's memory bandwidth, measured here as a 512 MiB tensor cop
 ((read + write bytes) / time).
 
 Writes benchmarks/results/kernels.md (kernels_<spec>.md for other specs).
-Run: python benchmarks/kernels.py [--spec w4g128] [--quick]
+Run: python benchmarks/weight_kernels.py [--spec w4g128] [--quick]
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
             f"({qt.bits_per_weight:.3f} bits/weight stored). Measured copy bandwidth: "
             f"**{bandwidth:.1f} GB/s** (512 MiB `copy_`, read + write bytes).",
             "",
-            f"Protocol: `python benchmarks/kernels.py --spec {args.spec}"
+            f"Protocol: `python benchmarks/weight_kernels.py --spec {args.spec}"
             f"{' --quick' if args.quick else ''} "
             f"--threads {torch.get_num_threads()}`; "
             f"random fp32 weights and activations; per shape one warm-up call of each kernel, "

@@ -36,7 +36,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(correlated_layer, name, algo):
     rtn = output_error(w, x, RTN().quantize_weight(w, spec))
     qt = algo.quantize_weight(w, spec, stats)
     assert output_error(w, x, qt) < 0.5 * rtn
-    assert (qt.g_idx is not None) == (algo.act_order and not algo.static_groups
+    static = algo.static_groups if algo.static_groups is not None else spec.bits <= 2
+    assert (qt.g_idx is not None) == (algo.act_order and not static
                                        and spec.granularity == "group")
 
 

@@ -79,8 +79,8 @@ def test_each_block_is_quantized_with_stats_of_the_quantized_prefix(lm):
     """Block 1's GPTQ weights equal GPTQ with Hessians collected in a model whose block 0 is
     the quantized one and whose block 1 is still float."""
     load, calib, _ = lm
-    quantized = lowbit.quantize(load(), "w4g128", algorithm="gptq", calib=calib,
-                                include=["model.layers.[01].*"])
+    quantized = lowbit.quantize(load(), "w4g128", algorithm=GPTQ(sequential=False),
+                                calib=calib, include=["model.layers.[01].*"])
     hybrid = load()
     hybrid.model.layers[0] = quantized.model.layers[0]
     names = ["self_attn.q_proj", "mlp.down_proj"]
@@ -98,6 +98,30 @@ def test_each_block_is_quantized_with_stats_of_the_quantized_prefix(lm):
         expected = GPTQ().quantize_weight(weight, lowbit.preset("w4g128"), stats[n])
         got = quantized.model.layers[1].get_submodule(n).qweight
         torch.testing.assert_close(got.dequantize(), expected.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_sequential_in_block_takes_later_stats_through_the_quantized_earlier_linears(lm):
+    """With GPTQ(sequential=True) (the default), down_proj's Hessian comes from a block whose
+    q/k/v, o and gate/up are already quantized; without it, from the float block."""
+    load, calib, _ = lm
+    quantized = lowbit.quantize(load(), "w4g128", algorithm="gptq", calib=calib,
+                                include=["model.layers.0.*"])
+    hybrid = load()
+    block, qblock = hybrid.model.layers[0], quantized.model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj"):
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, qblock.get_submodule(name))
+    stats = LayerStats()
+    down = block.mlp.down_proj
+    hook = down.register_forward_pre_hook(lambda m, a: stats.update(a[0]))
+    with torch.no_grad():
+        for batch in calib.split(8):
+            hybrid(batch, use_cache=False)
+    hook.remove()
+    expected = GPTQ().quantize_weight(down.weight.detach(), lowbit.preset("w4g128"), stats)
+    got = qblock.mlp.down_proj.qweight
+    torch.testing.assert_close(got.dequantize(), expected.dequantize(), rtol=0, atol=1e-6)
 
 
 def test_memory_bounded_path_equals_in_memory(lm):

@@ -83,6 +83,9 @@ class Algorithm:
     needs_hessian = False
     needs_inputs = False
     restat_after_prepare = False
+    # statistics of a block's later linears come from its earlier linears already quantized
+    # (q/k/v, then o, then gate/up, then down), as the block runs at inference
+    sequential_in_block = False
 
     def prepare_block(self, ctx: BlockContext) -> list[str]:
         """Transform ``ctx.block`` in place, float outputs unchanged; return summary notes."""

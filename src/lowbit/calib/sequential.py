@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -477,15 +477,18 @@ def _quantize_block(
         with torch.no_grad():
             return [_run(block, a, k) for a, k in (inputs or [])]
 
-    def collect(final: bool) -> None:
+    def collect(final: bool, only: Sequence[str] | None = None) -> None:
         nonlocal stats, samples, observers
-        observers = _observers(selected, observer) if final else {}
-        hess = set(selected) if algorithm.needs_hessian else set()
-        sample = {n: INPUT_SAMPLE_TOKENS for n in linears} if algorithm.needs_inputs else {}
+        watched = linears if only is None else {n: linears[n] for n in only}
+        if only is None:
+            observers = _observers(selected, observer) if final else {}
+        hess = set(selected) & set(watched) if algorithm.needs_hessian else set()
+        sample = {n: INPUT_SAMPLE_TOKENS for n in watched} if algorithm.needs_inputs else {}
         if not algorithm.needs_hessian:
             for n in selected:
                 sample.setdefault(n, ERROR_SAMPLE_TOKENS)
-        collector = _Collector(linears, hess, sample, len(inputs or []), observers)
+        collector = _Collector(watched, hess, sample, len(inputs or []),
+                               observers if only is None else {})
         try:
             outs = run_block()
         finally:
@@ -495,7 +498,11 @@ def _quantize_block(
                 raise ValueError(f"NaN/Inf in the input of layer {prefix + n!r}; stopped, "
                                  "nothing was written")
         _check_finite(outs, f"block {prefix[:-1]!r} (float, before quantization)")
-        stats, samples = collector.stats, collector.samples
+        if only is None:
+            stats, samples = collector.stats, collector.samples
+        else:
+            stats.update(collector.stats)
+            samples.update(collector.samples)
 
     if inputs is not None:
         collect(final=not algorithm.restat_after_prepare)
@@ -508,23 +515,65 @@ def _quantize_block(
         result.notes.append(f"block {index}: {note}")
     if inputs is not None and algorithm.restat_after_prepare:
         collect(final=True)
-    for rel, spec in selected.items():
-        name = prefix + rel
-        module = linears[rel]
-        new, layer = _quantize_linear(name, module, spec, algorithm, stats.get(rel),
-                                      samples.get(rel), observers.get(rel))
-        _set_submodule(block, rel, new)
-        if undo is not None:
-            undo.append((name, module))
-        result.layers.append(layer)
-        progress.layer(layer)
-        if on_layer is not None:
-            on_layer(layer)
+    def quantize_group(group: list[str]) -> None:
+        for rel in group:
+            name, module = prefix + rel, linears[rel]
+            new, layer = _quantize_linear(name, module, selected[rel], algorithm,
+                                          stats.get(rel), samples.get(rel), observers.get(rel))
+            _set_submodule(block, rel, new)
+            if undo is not None:
+                undo.append((name, module))
+            result.layers.append(layer)
+            progress.layer(layer)
+            if on_layer is not None:
+                on_layer(layer)
+
+    groups = [list(selected)]
+    if inputs is not None and algorithm.sequential_in_block:
+        groups = _input_groups(block, linears, selected, inputs[0])
+    for i, group in enumerate(groups):
+        if i > 0:  # inputs now flow through the linears quantized so far
+            collect(final=True, only=group)
+        quantize_group(group)
     if inputs is None:
         return None
     outs = run_block()
     _check_finite(outs, f"block {prefix[:-1]!r} after quantization")
     return [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs, strict=True)]
+
+
+def _input_groups(block: nn.Module, linears: Mapping[str, nn.Module],
+                  selected: Mapping[str, QuantSpec], first: tuple[tuple, dict]) -> list[list[str]]:
+    """The selected linears grouped by the input tensor they share, in the order the block
+    calls them (Llama: [q, k, v], [o], [gate, up], [down]); one forward on ``first``."""
+    order: list[tuple[str, int]] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            order.append((name, id(args[0])))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            _run(block, *first)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    seen: set[str] = set()
+    for name, input_id in order:
+        if name in seen or name not in selected:
+            continue
+        seen.add(name)
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    missing = [n for n in selected if n not in seen]  # never called on this input
+    return groups + ([missing] if missing else [])
 
 
 def _observers(selected: Mapping[str, QuantSpec], observer: str) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def main() -> None:
         "Random weights make this a memory demonstration only (no accuracy claim).", "",
         *(line.replace("2 x 512", f"{calib_samples} x 512")
           for line in cap_section(rows, args.algorithm, fp32_bytes)[2:]), "",
-        "Reading: every cap here is far below the float32 model's size. Loading the model "
+        "Reading: every cap here is below the float32 model's size. Loading the model "
         "first cannot fit; `lowbit.quantize(path)` reads one block's tensors from the shards, "
         "quantizes them, keeps only the packed weights and moves on. `RLIMIT_AS` caps virtual "
         "memory, which is stricter than RSS: safetensors maps a whole shard, so the shard size "

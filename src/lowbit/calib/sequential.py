@@ -278,6 +278,7 @@ class _Collector:
                  sample: Mapping[str, int], n_batches: int, observers: Mapping[str, Any]
                  ) -> None:
         self.stats = {n: LayerStats() for n in modules}
+        self._last: tuple[Any, str, bool] = (None, "", False)  # input, linear, with Hessian
         self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in sample}
         self._gen = torch.Generator().manual_seed(0)
         self._per_batch = {n: max(1, math.ceil(k / max(n_batches, 1))) for n, k in sample.items()}
@@ -287,7 +288,13 @@ class _Collector:
     def _hook(self, name: str, hessian: bool, observer: Any):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            self.stats[name].update(x, hessian=hessian)
+            if args[0] is self._last[0] and self._last[2] == hessian:
+                # the same input tensor as the previous linear (q/k/v, gate/up): share its
+                # statistics instead of computing the same X^T X again
+                self.stats[name] = self.stats[self._last[1]]
+            else:
+                self.stats[name].update(x, hessian=hessian)
+                self._last = (args[0], name, hessian)
             if observer is not None:
                 observer.update(x)
             if name in self.samples:
@@ -300,6 +307,7 @@ class _Collector:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._last = (None, "", False)
 
 
 def relative_error(weight: torch.Tensor, qweight: torch.Tensor, stats: LayerStats | None,
@@ -383,6 +391,7 @@ def quantize_sequential(
     inside = {n for n in specs if found and n.startswith(block_name + ".")}
     undo: list[tuple[str, nn.Module]] = []  # (name, original module) for in-memory rollback
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    group_cache: dict[tuple[str, ...], list[list[str]]] = {}  # blocks share their structure
     progress = _Progress(show_progress, len(blocks))
     if batches is not None:
         _check_tokens(model, specs, algorithm, batches)
@@ -402,7 +411,7 @@ def quantize_sequential(
                     snapshots[i] = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 inputs = _quantize_block(
                     block, i, prefix, rel_specs, algorithm, inputs, model, result, observer,
-                    undo if reader is None else None, progress, on_layer,
+                    undo if reader is None else None, progress, on_layer, group_cache,
                 )
                 progress.block_done()
             result.blocks = len(blocks)
@@ -460,6 +469,7 @@ def _quantize_block(
     algorithm: Algorithm, inputs: list[tuple[tuple, dict]] | None, model: nn.Module,
     result: SequentialResult, observer: str, undo: list | None, progress: _Progress,
     on_layer: Callable[[LayerResult], None] | None,
+    group_cache: dict[tuple[str, ...], list[list[str]]],
 ) -> list[tuple[tuple, dict]] | None:
     linears = {n: m for n, m in block.named_modules() if n and _is_linear(m)}
     selected = {n: s for n, s in rel_specs.items() if n in linears}
@@ -477,20 +487,42 @@ def _quantize_block(
         with torch.no_grad():
             return [_run(block, a, k) for a, k in (inputs or [])]
 
+    def run_until(last: nn.Module) -> None:
+        """Run the block on every batch, stopping each forward once ``last`` has its input."""
+        def stop(module: nn.Module, args: tuple) -> None:
+            raise _StopForward
+
+        handle = last.register_forward_pre_hook(stop)  # registered after the collector's hook
+        try:
+            with torch.no_grad():
+                for a, k in inputs or []:
+                    try:
+                        _run(block, a, k)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+
     def collect(final: bool, only: Sequence[str] | None = None) -> None:
         nonlocal stats, samples, observers
         watched = linears if only is None else {n: linears[n] for n in only}
         if only is None:
             observers = _observers(selected, observer) if final else {}
+        else:
+            observers.update(_observers({n: selected[n] for n in only}, observer))
         hess = set(selected) & set(watched) if algorithm.needs_hessian else set()
         sample = {n: INPUT_SAMPLE_TOKENS for n in watched} if algorithm.needs_inputs else {}
         if not algorithm.needs_hessian:
             for n in selected:
                 sample.setdefault(n, ERROR_SAMPLE_TOKENS)
         collector = _Collector(watched, hess, sample, len(inputs or []),
-                               observers if only is None else {})
+                               {n: observers[n] for n in watched if n in observers})
         try:
-            outs = run_block()
+            if only is None:
+                outs = run_block()
+            else:  # the rest of the block does not change these statistics
+                run_until(linears[only[-1]])
+                outs = []
         finally:
             collector.remove()
         for n, st in collector.stats.items():
@@ -504,8 +536,17 @@ def _quantize_block(
             stats.update(collector.stats)
             samples.update(collector.samples)
 
-    if inputs is not None:
-        collect(final=not algorithm.restat_after_prepare)
+    sequential = (inputs is not None and algorithm.sequential_in_block
+                  and not _overrides_prepare(algorithm))
+    if sequential:
+        key = tuple(sorted(selected))
+        if key not in group_cache:
+            group_cache[key] = _input_groups(block, linears, selected, inputs[0])
+        groups = group_cache[key]
+    else:
+        groups = [list(selected)]
+        if inputs is not None:
+            collect(final=not algorithm.restat_after_prepare)
     ctx = BlockContext(
         block=block, arch=getattr(getattr(model, "config", None), "model_type", "") or "",
         stats=stats, spec_for=lambda n: selected.get(n), run_block=run_block,
@@ -528,11 +569,8 @@ def _quantize_block(
             if on_layer is not None:
                 on_layer(layer)
 
-    groups = [list(selected)]
-    if inputs is not None and algorithm.sequential_in_block:
-        groups = _input_groups(block, linears, selected, inputs[0])
-    for i, group in enumerate(groups):
-        if i > 0:  # inputs now flow through the linears quantized so far
+    for group in groups:
+        if sequential:  # inputs flow through the linears quantized so far
             collect(final=True, only=group)
         quantize_group(group)
     if inputs is None:
@@ -542,15 +580,19 @@ def _quantize_block(
     return [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs, strict=True)]
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a block forward once the statistics it needs are in."""
+
+
 def _input_groups(block: nn.Module, linears: Mapping[str, nn.Module],
                   selected: Mapping[str, QuantSpec], first: tuple[tuple, dict]) -> list[list[str]]:
     """The selected linears grouped by the input tensor they share, in the order the block
     calls them (Llama: [q, k, v], [o], [gate, up], [down]); one forward on ``first``."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # the inputs themselves: ids can be reused
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -563,15 +605,15 @@ def _input_groups(block: nn.Module, linears: Mapping[str, nn.Module],
     groups: list[list[str]] = []
     last_input = None
     seen: set[str] = set()
-    for name, input_id in order:
+    for name, given in order:
         if name in seen or name not in selected:
             continue
         seen.add(name)
-        if groups and input_id == last_input:
+        if groups and given is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = given
     missing = [n for n in selected if n not in seen]  # never called on this input
     return groups + ([missing] if missing else [])
 

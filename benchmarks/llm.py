@@ -367,9 +367,11 @@ def _peer_config(spec: str, label: str) -> str:
     bits, group, sym = PEER_SPECS[spec]
     kind = "sym" if sym else "asym"
     if label == "lowbit gptq":
+        groups = ("fixed up front (static, the default at <= 2 bits)" if bits <= 2
+                  else "from the error-updated weight")
         return (f"`{spec}` preset: int{bits} {kind} g{group}, fp16 scale/zero; damp 0.01, "
-                "no act-order, block 128; group qparams from the error-updated weight; all "
-                "Linears of a block calibrated on the block's input")
+                f"no act-order, block 128; group qparams {groups}; sequential within a block "
+                "(default: later Linears see the already quantized earlier ones)")
     if label == "llmcompressor gptq":
         return (f"GPTQModifier int{bits} {kind} group {group} (fp32 scale, int zero); "
                 "damp 0.01, actorder=None, block 128; group qparams fixed up front (min-max of "

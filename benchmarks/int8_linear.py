@@ -41,12 +41,13 @@ ONE_PASS_PRESETS = ("w7a8", "w8a7")
 
 NOTES = """## Notes
 
-- Exactness costs a second integer pass: lowbit's fast kernel runs 2M+1 rows where the
-  saturating single pass runs M+1, so at M >= 128 it takes about twice the 1-pass time. At small
-  M the weight read dominates and the split costs less. Of the paths measured here, only the
-  inexact single pass and torch's 7-bit activations reach 1.5x at M=128; an exact single pass
-  on lowbit's 8-bit codes needs VNNI (`vpdpbusd` accumulates in int32 and does not saturate),
-  which this machine lacks, so that case is not measured here.
+- Exactness costs a second integer pass for int8 x int8: lowbit's w8a8 kernel runs 2M+1 rows
+  where the saturating single pass runs M+1, so at M >= 128 it takes about twice the 1-pass time.
+  An exact single pass on 8-bit codes on both sides needs VNNI (`vpdpbusd` accumulates in int32
+  and does not saturate), which this machine lacks. With one side at 7 bits (`w7a8`, `w8a7`) no
+  pair sum can saturate and lowbit's kernel runs one exact pass: as fast as the inexact pass and
+  close to torch's own dynamic Linear (which also uses 7-bit activations, per tensor). The
+  accuracy table below prices the lost bit on the fixture LM.
 - The same fast kernel serves static symmetric int8 activations (`w8a8-static`): identical
   integer path with the calibrated per-tensor scale and the int32 bias added to the
   accumulator; it is not timed separately.

@@ -60,8 +60,8 @@ static inline float hsum(__m256 v) {
 
 // One 16-byte chunk of lowbit's canonical bytes as fp32 vectors c[0..3] (int4: 32 codes) or
 // c[0..1] (int8: 16). int4: byte j holds code 2j (low nibble) and 2j+1 (high nibble), so c[0..3]
-// are the codes in the order [0, 2, .., 30, 1, 3, .., 31]; the caller permutes the activations
-// of each 32-chunk the same way (cheap: M x K, against N x K weights that stay as stored).
+// are the codes in the order [0, 2, .., 30, 1, 3, .., 31]; the activations of each 32-chunk are
+// permuted the same way (cheap: M x K, against N x K weights that stay as stored).
 // int8: bytes (code - qmin) read as signed (byte ^ 0x80) = code - qmin - 128.
 template <bool INT8>
 static inline void unpack(const uint8_t* p, __m256 c[4]) {
@@ -132,6 +132,17 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
       for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
       XS[m * G + g] = s;
     }
+  float* XP = nullptr;  // int4: X with each 32-chunk in the unpack order [0, 2, .., 30, 1, .., 31]
+  if constexpr (!INT8) {
+    XP = static_cast<float*>(malloc(sizeof(float) * M * K));
+    if (!XP) { free(XS); return 1; }
+    for (int64_t i = 0; i < M * K; i += 32)
+      for (int j = 0; j < 16; ++j) {
+        XP[i + j] = X[i + 2 * j];
+        XP[i + 16 + j] = X[i + 2 * j + 1];
+      }
+    X = XP;
+  }
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* prow = P + n * row_bytes;
@@ -145,6 +156,7 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
     }
   }
   free(XS);
+  free(XP);
   return 0;
 }
 
@@ -331,10 +343,10 @@ def cpu_linear(
     n_out, k_in = qt.shape
     n_groups = qt.scale.numel() // n_out
     threads = torch.get_num_threads()
-    x2 = x if x.dim() == 2 else x.reshape(-1, k_in)
-    x2 = _int4_order(x2) if bits == 4 else x2.contiguous()
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k_in)).contiguous()
     m = x2.shape[0]
-    if m > GEMV_MAX_ROWS:
+    if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
+        x2 = _int4_order(x2) if bits == 4 else x2
         w = torch.empty(n_out, k_in)
         getattr(lib, f"int{bits}_dequant")(
             packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups, threads,

@@ -255,11 +255,11 @@ def test_dynamic_activation_fake_quant_uses_the_runtime_codes():
 @pytest.mark.parametrize("spec", ["w8a8", "w8a8-static", W8A8_ASYM_STATIC])
 @pytest.mark.parametrize("learn", ["lsq", "lsq+", "fixed"])
 def test_activation_qat_converts_to_the_int8_modules(spec, learn):
-    x = torch.randn(6, 128)
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(5))
     model = qat.prepare(_mlp(), spec, learn=learn, calib=x)
     _train_a_little(model, x)
     with torch.no_grad():
-        fake = model(x)
+        fake_first, fake = model[0](x), model(x)
     qat.convert(model)
     assert isinstance(model[0], QuantLinear) and model[0].spec.act is not None
     for kernel in ("reference", None):  # the integer oracle and the dispatched fast kernel
@@ -267,9 +267,12 @@ def test_activation_qat_converts_to_the_int8_modules(spec, learn):
             if isinstance(m, QuantLinear):
                 m.kernel = kernel
         with torch.no_grad():
-            out = model(x)
-        # same weight and activation codes; only the summation order differs
-        torch.testing.assert_close(out, fake, rtol=1e-4, atol=1e-5 * float(fake.abs().max()))
+            first, out = model[0](x), model(x)
+        # first layer: same weight and activation codes, only the summation order differs
+        torch.testing.assert_close(first, fake_first, rtol=1e-4,
+                                   atol=1e-5 * float(fake_first.abs().max()))
+        # later layers quantize inputs that differ by that rounding, so a code may flip at a tie
+        assert float((out - fake).abs().max()) < 1e-2 * float(fake.abs().max())
 
 
 def test_static_activation_scale_starts_from_calibration_and_learns():

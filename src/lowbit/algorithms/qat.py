@@ -19,10 +19,12 @@ init: "rtn" (min-max), "hqq" (HQQ-refined); a model already quantized by ``lowbi
 
 Activations (W*A* specs such as ``w8a8`` / ``w8a8-static``, Linear and Conv1D only): the input is
 fake-quantized too, per token from its min-max for dynamic specs, with one learned per-tensor
-step (and, for asymmetric specs under "lsq+", offset) for static ones, initialised from the first
-batch's range. Weight and activation codes equal the converted module's, but the float matmul
-of the fake-quant values sums in another order than the integer kernel, so converted outputs
-match to float32 rounding, not bit for bit.
+step (and, for asymmetric specs under "lsq+", offset) for static ones, initialised from the
+observed range of calibration data (``prepare(..., calib=...)``). Weight and activation codes
+equal the converted module's, but the float matmul of the fake-quant values sums in another
+order than the integer kernel: a converted layer matches its fake-quant layer to float32
+rounding, and a later layer, whose input then differs by that rounding, can flip an activation
+code at a rounding tie (not bit for bit).
 """
 
 from __future__ import annotations

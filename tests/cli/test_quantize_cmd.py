@@ -165,3 +165,12 @@ def test_refuses_non_empty_out_dir(gpt2_dir, tmp_path):
                             "--overwrite"])
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors").is_file() and not (out / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w7a8", "w8a7"])
+def test_one_pass_w8a8_presets_quantize_as_they_are(scheme):
+    from lowbit.cli.quantize_cmd import resolve_scheme
+
+    spec, mode = resolve_scheme(scheme, None)
+    assert mode == "dynamic" and spec == lowbit.preset(scheme)
+    assert resolve_scheme(scheme, "dynamic")[0] == lowbit.preset(scheme)

@@ -23,8 +23,9 @@ MAX_SKIP_ROWS = 6
 def resolve_scheme(scheme: str, mode: str | None) -> tuple[QuantSpec, str]:
     """The spec for ``--scheme`` under ``--mode``; returns ``(spec, mode)``.
 
-    weight: the preset as is. dynamic / static: an int8 weight scheme becomes the W8A8 preset with
-    dynamic per-token or calibrated per-tensor activations; other weight formats are refused.
+    weight: the preset as is. dynamic / static: a W*A* preset of that kind as is; an int8 weight
+    scheme becomes the W8A8 preset with dynamic per-token or calibrated per-tensor activations;
+    other weight formats are refused.
     """
     if scheme not in PRESETS:
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
@@ -40,6 +41,8 @@ def resolve_scheme(scheme: str, mode: str | None) -> tuple[QuantSpec, str]:
                 f"{'dynamic' if spec.act.dynamic else 'static'} or a weight-only scheme"
             )
         return spec, mode
+    if spec.act is not None and spec.act.dynamic == (mode == "dynamic"):
+        return spec, mode  # a W*A* preset (w8a8, w7a8, w8a7, fp8a8, ...) as it is
     if spec.format != "int8":
         raise ValueError(
             f"--mode {mode} runs int8 x int8 (W8A8); scheme {scheme!r} has {spec.format} weights; "

@@ -102,8 +102,9 @@ def worker(job: dict) -> dict:
 
 
 def _unshadow_benchmarks() -> None:
-    """Drop this script's folder from ``sys.path`` (a worker's ``sys.path[0]``): its
-    ``kernels.py`` would shadow the ``kernels`` package that transformers probes for."""
+    """Drop this script's folder from ``sys.path`` (a worker's ``sys.path[0]``), so no script
+    here can shadow a package the peers import (``kernels.py``, since renamed
+    ``weight_kernels.py``, once shadowed the ``kernels`` package transformers probes for)."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != here]
 

@@ -6,8 +6,9 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     python benchmarks/gpu.py --dry-run        # CPU rehearsal: tiny shapes, Triton interpreter
 
 (a) Checks every CUDA kernel against its oracle, computed on the CPU: ``triton_int4`` (w4g128)
-    and ``triton_int8`` (w8) against float64 products of the reference's dequantized weights
-    (fp16, bf16, fp32 activations; float32 accumulation error allowed), ``cuda_w8a8`` (w8a8,
+    and ``triton_int8`` (w8), each kernel kind forced in turn (gemv, gemm, dequant), against
+    float64 products of the exact float32 weights (fp16, bf16, fp32 activations; float32
+    accumulation and weight rounding to x's dtype allowed), ``cuda_w8a8`` (w8a8,
     w8a8-static) bit for bit against ``int8-reference``, ``cuda_fp8`` (fp8a8) against
     ``fp8-reference`` (fp8 tensor-core accumulation error allowed). A kernel that fails is left
     out of the timings and the script exits 1.
@@ -17,7 +18,8 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     among copies totalling > 3x the L2 cache so every call reads it from device memory (eager
     timings too). Achieved GB/s = bytes moved (weight as the kernel reads it + x + y) / time,
     against the measured device copy bandwidth; the M=1 floor is those bytes / copy bandwidth.
-    Before that, a sweep of GEMV launch configs at M=1 for the two Triton kernels.
+    The Triton kernels autotune their launch config at the first call of each shape (the
+    picks are listed in the report; --no-autotune times the defaults).
 (c) Writes benchmarks/results/gpu.md (card, versions, protocol, tables, the issue's GPU targets
     met / not met) and prints a short table last.
 
@@ -56,6 +58,7 @@ CUDA_ONLY = {"cuda_w8a8": "torch._int_mm on a GPU (its CPU arithmetic: tests/ker
 TARGET_SPEEDUP, TARGET_FLOOR = 3.0, 1.3  # issue #5: int4 GEMV at M=1 vs fp16 / vs the floor
 
 
+
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -66,13 +69,16 @@ def _parse() -> argparse.Namespace:
                              "file for --dry-run)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no new timing after this many seconds (default 300)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the GEMV config sweep")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="time the Triton kernels' default configs (LOWBIT_TRITON_AUTOTUNE=0)")
     return parser.parse_args()
 
 
 ARGS = _parse()
 if ARGS.dry_run:  # must precede the first @triton.jit (the kernels are built lazily)
     os.environ["TRITON_INTERPRET"] = "1"
+if ARGS.no_autotune:
+    os.environ["LOWBIT_TRITON_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -169,17 +175,28 @@ class Check:
     detail: str
 
 
+# each code path of the Triton kernels, forced (the dispatch default is autotuned per shape)
+TRITON_KINDS = {
+    "gemv": triton_int4.Config("gemv", block_n=4, block_k=512, num_warps=4),
+    "gemm": triton_int4.Config("gemm", 16, 32, 128, num_warps=4, num_stages=4),
+    "dequant": triton_int4.Config("dequant", block_n=16, block_k=512, num_warps=4),
+}
+
+
 def _weight_only_oracle(x, qt, bias):
-    """(float64 reference, tolerance) from the reference's dequantized weights (CPU)."""
+    """(float64 reference, tolerance) from the exact float32 weights ``(code - zc) * s`` (CPU):
+    float32 sums, one rounding of the output to x's dtype, and for the dequant kind one rounding
+    of each weight to x's dtype (``eps / 2 * mag``)."""
     xc, qc = x.cpu(), qt_to(qt, torch.device("cpu"))
-    w = qc.dequantize(x.dtype).double()
+    w = qc.dequantize(torch.float32).double()
     ref = xc.double() @ w.T
     mag = xc.double().abs() @ w.abs().T
     if bias is not None:
         b = bias.cpu().to(x.dtype).double()
         ref, mag = ref + b, mag + b.abs()
     k = x.shape[1]
-    tol = 16 * k**0.5 * 2.0**-24 * mag + torch.finfo(x.dtype).eps * ref.abs() + 1e-6
+    eps = torch.finfo(x.dtype).eps
+    tol = 16 * k**0.5 * 2.0**-24 * mag + eps * (ref.abs() + mag / 2) + 1e-6
     return ref, tol
 
 
@@ -230,19 +247,33 @@ def run_checks() -> list[Check]:
                 if why is not None:
                     out.append(Check(*label, ok=True, detail=f"SKIP: {why}"))
                     break
-                try:
-                    if ON_GPU:  # through dispatch, as a module would call it
-                        fn = select_kernel(qt, x, kernel).fn
-                    else:
-                        fn = KERNELS[kernel].fn
-                    y = fn(x, qt, bias, {})
-                    sync()
-                    out.append(Check(*label, *_compare(kernel, x, qt, bias, y)))
-                except Exception as e:  # a failure to run is a failed check
-                    out.append(Check(*label, ok=False, detail=f"{type(e).__name__}: {e}"[:300]))
-                log(f"check {out[-1].kernel} {label[1]} {label[2]} {label[3]}: "
-                    f"{'PASS' if out[-1].ok else 'FAIL'} {out[-1].detail}")
+                kinds = TRITON_KINDS if kernel.startswith("triton") else {"": None}
+                for kind, cfg in kinds.items():
+                    name = f"{kernel} {kind}".strip()
+                    try:
+                        y = _run_kernel(kernel, cfg, x, qt, bias)
+                        out.append(Check(name, *label[1:], *_compare(kernel, x, qt, bias, y)))
+                    except Exception as e:  # a failure to run is a failed check
+                        out.append(Check(name, *label[1:], ok=False,
+                                         detail=f"{type(e).__name__}: {e}"[:300]))
+                    log(f"check {name} {label[1]} {label[2]} {label[3]}: "
+                        f"{'PASS' if out[-1].ok else 'FAIL'} {out[-1].detail}")
     return out
+
+
+def _run_kernel(kernel: str, cfg, x, qt, bias):
+    """One call: a Triton kernel with a forced launch config (each kind its own code path), or
+    the kernel dispatch selects on the GPU (as a module calls it)."""
+    if cfg is not None:
+        layout = triton_int4.execution_layout(qt).to(x.device)
+        b = None if bias is None else bias.to(x.dtype)
+        y = triton_int4.wo_matmul(x.reshape(-1, x.shape[-1]), layout, b, cfg)
+        y = y.reshape(*x.shape[:-1], qt.shape[0])
+    else:
+        fn = select_kernel(qt, x, kernel).fn if ON_GPU else KERNELS[kernel].fn
+        y = fn(x, qt, bias, {})
+    sync()
+    return y
 
 
 def _compare(kernel, x, qt, bias, y) -> tuple[bool, str]:
@@ -364,11 +395,10 @@ def weight_read_bytes(kernel: str, qt: QuantizedTensor | None, w16: torch.Tensor
 
 
 def run_timings(failed: set[str]) -> tuple[list[Timing], dict[str, str], list]:
-    """Kernels x shapes x M; plus the GEMV config sweep. Returns (timings, skipped, sweep)."""
+    """Kernels x shapes x M. Returns (timings, skipped, the autotuner's picks)."""
     rows, shapes = (DRY_ROWS, DRY_SHAPES) if not ON_GPU else (ROWS, SHAPES)
     timings: list[Timing] = []
     skipped: dict[str, str] = {}
-    sweep: list = []
     for k, n in shapes:
         if over_budget():
             log("time budget spent: remaining shapes not timed")
@@ -391,8 +421,6 @@ def run_timings(failed: set[str]) -> tuple[list[Timing], dict[str, str], list]:
             qts[kernel] = [qt] + [qt_to(qt, DEVICE) for _ in range(copies - 1)]
         w16s = [w16] + [w16.clone() for _ in range(n_copies(w16.numel() * 2) - 1)]
         del w
-        if not ARGS.no_sweep and not over_budget():
-            sweep += gemv_sweep(k, n, qts)
         for m in rows:
             if over_budget():
                 log("time budget spent: remaining rows not timed")
@@ -421,47 +449,7 @@ def run_timings(failed: set[str]) -> tuple[list[Timing], dict[str, str], list]:
         del qts, w16s
         if ON_GPU:
             torch.cuda.empty_cache()
-    return timings, skipped, sweep
-
-
-def gemv_sweep(k: int, n: int, qts: dict) -> list:
-    """M=1: each candidate GEMV launch config (and a 16-row GEMM tile) of the Triton kernels."""
-    out = []
-    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
-    Config = triton_int4.Config
-    candidates = {
-        4: [Config("gemv", block_n=8, block_k=512), Config("gemv", block_n=8, block_k=1024),
-            Config("gemv", block_n=16, block_k=1024, num_warps=8),
-            Config("gemv", block_n=4, block_k=2048), Config("gemv", block_n=32, block_k=512,
-                                                             num_warps=8),
-            Config("gemm", 16, 64, 128, num_warps=4, num_stages=4)],
-        8: [Config("gemv", block_n=8, block_k=256), Config("gemv", block_n=8, block_k=512),
-            Config("gemv", block_n=16, block_k=512, num_warps=8),
-            Config("gemv", block_n=4, block_k=1024), Config("gemv", block_n=32, block_k=256,
-                                                             num_warps=8),
-            Config("gemm", 16, 64, 128, num_warps=4, num_stages=4)],
-    }
-    if not ON_GPU:  # the interpreter: two candidates are enough to exercise the flow
-        candidates = {b: c[:1] + c[-1:] for b, c in candidates.items()}
-    for kernel, bits in (("triton_int4", 4), ("triton_int8", 8)):
-        if kernel not in qts or over_budget():
-            continue
-        layouts = [triton_int4.execution_layout(q) for q in qts[kernel]]
-        default = triton_int4.pick_config(1, n, k, bits, layouts[0].group_size)
-        for cfg in candidates[bits]:
-            calls = [lambda lay=lay, cfg=cfg: triton_int4.wo_matmul(x, lay, None, cfg)
-                     for lay in layouts]
-            try:
-                eager, graph = time_calls(calls)
-            except Exception as e:
-                log(f"sweep {kernel} {cfg}: {type(e).__name__}: {e}")
-                continue
-            out.append((kernel, k, n, cfg, cfg == default, graph if graph is not None
-                        else eager))
-        log(f"sweep {kernel} K={k} N={n}: " + ", ".join(
-            f"{c.kind} {c.block_n}x{c.block_k}/{c.num_warps}w {t * 1e6:.1f}us"
-            for kk, _k, _n, c, _d, t in out if kk == kernel))
-    return out
+    return timings, skipped, triton_int4.tuned_configs()
 
 
 # ---- (c) report ---------------------------------------------------------------------------
@@ -510,7 +498,7 @@ def targets(timings: list[Timing], bandwidth: float) -> list[str]:
     return lines
 
 
-def write_report(checks, timings, skipped, sweep, bandwidth, out: Path) -> list[str]:
+def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[str]:
     kernels = ["fp16"] + [k for k, _ in TIMED if any(t.kernel == k for t in timings)]
     by = {(t.kernel, t.m, t.k, t.n): t for t in timings}
     presets = dict(TIMED)
@@ -553,14 +541,16 @@ def write_report(checks, timings, skipped, sweep, bandwidth, out: Path) -> list[
             f"{'PASS' if c.ok else '**FAIL**'} ({c.detail})"
         check_lines.append(f"| {c.kernel} | {c.preset} | {'x'.join(map(str, c.shape))} | "
                            f"{c.dtype} | {res} |")
-    sweep_lines = ["| kernel | K x N | config (kind block_n x block_k / warps) | us | |",
-                   "| --- | --- | --- | ---: | --- |"]
-    for kern, k, n, cfg, is_default, t in sweep:
-        best = min(tt for kk, k2, n2, _, _, tt in sweep if kk == kern and (k2, n2) == (k, n))
-        tag = ("default" if is_default else "") + (" **best**" if t == best else "")
-        desc = (f"{cfg.kind} {cfg.block_n}x{cfg.block_k} / {cfg.num_warps}" if cfg.kind == "gemv"
-                else f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} / {cfg.num_warps}")
-        sweep_lines.append(f"| {kern} | {k}x{n} | {desc} | {t * 1e6:.1f} | {tag.strip()} |")
+    tuned_lines = ["| rows (bucket) | N | K | bits | x dtype | config |",
+                   "| ---: | ---: | ---: | ---: | --- | --- |"]
+    for (rows, n, k, bits, _g, dt, _z, _b), cfg in sorted(tuned.items(), key=lambda kv: (
+            kv[0][3], kv[0][2], kv[0][1], kv[0][0])):
+        desc = (f"gemv {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps" if cfg.kind == "gemv"
+                else "dequant + F.linear" if cfg.kind == "dequant"
+                else f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps, "
+                     f"{cfg.num_stages} stages")
+        tuned_lines.append(f"| {rows} | {n} | {k} | {bits} | {str(dt).removeprefix('torch.')} "
+                           f"| {desc} |")
     target_lines = targets(timings, bandwidth)
     text = "\n".join([
         "# Quantized linear kernels on a GPU" + (" (dry run on the CPU)" if not ON_GPU else ""),
@@ -596,9 +586,14 @@ def write_report(checks, timings, skipped, sweep, bandwidth, out: Path) -> list[
         "",
         *eager,
         "",
-        "## GEMV launch configs at M=1 (graph replay)",
+        "## Launch configs the autotuner picked (Triton kernels)",
         "",
-        *(sweep_lines if sweep else ["(not run)"]),
+        "At the first call of each (rows rounded up to a power of two, N, K, bits, dtypes) "
+        "`triton_int4.wo_matmul` times its candidates (`candidate_configs`: GEMV on CUDA cores "
+        "for M <= 4, tensor-core GEMM tiles, or dequantize to x's dtype + `F.linear`) with "
+        "`triton.testing.do_bench` and keeps the fastest.",
+        "",
+        *(tuned_lines if tuned else ["(none: autotuning off or not run)"]),
         "",
         "## Correctness checks (oracles on the CPU)",
         "",
@@ -623,7 +618,7 @@ def main() -> int:
                  for name in ("w4g128", "w8", "w8a8", "w8a8-static", "fp8a8")}
         log("dispatch picks: " + ", ".join(f"{k} -> {v}" for k, v in picks.items()))
     checks = run_checks()
-    failed = {c.kernel for c in checks if not c.ok}
+    failed = {c.kernel.split()[0] for c in checks if not c.ok}
     n_pass = sum(c.ok and not c.detail.startswith("SKIP") for c in checks)
     log(f"checks: {n_pass} PASS, {sum(not c.ok for c in checks)} FAIL, "
         f"{sum(c.detail.startswith('SKIP') for c in checks)} SKIP"
@@ -632,14 +627,14 @@ def main() -> int:
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth {bandwidth:.0f} GB/s")
     try:
-        timings, skipped, sweep = run_timings(failed)
+        timings, skipped, tuned = run_timings(failed)
     except Exception as e:  # still write what the checks found
         log(f"timings aborted: {type(e).__name__}: {e}")
-        timings, skipped, sweep = [], {"all": f"timings aborted: {type(e).__name__}: {e}"}, []
+        timings, skipped, tuned = [], {"all": f"timings aborted: {type(e).__name__}: {e}"}, {}
         failed = failed | {"timings"}
     out = ARGS.out or (RESULTS if ON_GPU else Path(os.environ.get("TMPDIR", "/tmp"))
                        / "lowbit_gpu_dry_run.md")
-    short = write_report(checks, timings, skipped, sweep, bandwidth, out)
+    short = write_report(checks, timings, skipped, tuned, bandwidth, out)
     for c in checks:
         if not c.ok:
             print(f"FAIL {c.kernel} {c.preset} {c.shape} {c.dtype}: {c.detail}")

@@ -39,6 +39,7 @@ _SCRIPT = textwrap.dedent(
     w8 = preset("w8")
     GEMV = Config("gemv", block_n=8, block_k=64)  # several K steps, several groups
     GEMM = Config("gemm", 16, 32, 64)
+    DEQUANT = Config("dequant", block_n=16, block_k=64)
     cases = [  # (spec, M, K, N, activation dtype, forced config)
         ("w4g128", 1, 256, 80, torch.float32, None),
         ("w4g64", 5, 192, 72, torch.float32, None),
@@ -58,15 +59,21 @@ _SCRIPT = textwrap.dedent(
                     zero_point="float"), 3, 96, 40, torch.float32, None),
         (w8.replace(granularity="tensor"), 1, 96, 24, torch.float16, None),
         (w8.replace(granularity="tensor", symmetric=False), 4, 64, 24, torch.float32, GEMM),
+        ("w4g64", 3, 192, 40, torch.float32, DEQUANT),
+        (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=32), 2, 96,
+         24, torch.float16, DEQUANT),
     ]
     for spec, m, k, n, dtype, cfg in cases:
         qt = QuantizedTensor.from_float(torch.randn(n, k) * torch.rand(n, 1) * 2, spec)
         x = torch.randn(m, k).to(dtype)
         bias = torch.randn(n).to(dtype)
-        w = qt.dequantize(dtype).double()  # the reference's weights, bit for bit
+        w = qt.dequantize(torch.float32).double()  # (code - zc) * s, exact in float32
         ref = x.double() @ w.T + bias.double()
         mag = x.double().abs() @ w.abs().T + bias.double().abs()
-        tol = 16 * k ** 0.5 * 2.0 ** -24 * mag + torch.finfo(dtype).eps * ref.abs() + 1e-6
+        # float32 sums, the output rounded to x's dtype; the dequant kind also rounds each
+        # weight to x's dtype (u * mag)
+        eps = torch.finfo(dtype).eps
+        tol = 16 * k ** 0.5 * 2.0 ** -24 * mag + eps * (ref.abs() + mag / 2) + 1e-6
         layout = execution_layout(qt)
         for b in (bias, None):
             y = wo_matmul(x, layout, b, cfg)
@@ -105,7 +112,7 @@ def test_interpreter_matches_reference() -> None:
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "OK 14" in run.stdout
+    assert "OK 16" in run.stdout
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])
@@ -171,13 +178,22 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
 
 @pytest.mark.skipif(not _offline_compiler_available(), reason="this triton has no ASTSource API")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_default_configs_compile_for_hopper(bits: int, tmp_path) -> None:
-    """Triton's frontend and ptxas on the launch configs dispatch picks (no GPU needed): the
-    interpreter runs the kernels as Python, so only a compile catches what it would not; and
-    the configs must not spill registers (an IEEE fp32 dot on big tiles did)."""
-    cases = [(1, torch.float16), (16, torch.bfloat16), (2048, torch.float16), (64, torch.float32)]
-    for m, dtype in cases:
-        cfg = triton_int4.pick_config(m, 4096, 4096, bits, 128, dtype)
-        kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg)
-        stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
-        assert stack in (0, None), f"{cfg} with {dtype} spills: {stack} bytes of stack"
+def test_candidate_configs_compile_for_hopper(bits: int, tmp_path) -> None:
+    """Triton's frontend and ptxas on every launch config the autotuner may pick (no GPU
+    needed): the interpreter runs the kernels as Python, so only a compile catches what it would
+    not; and no config may spill registers (an IEEE fp32 dot on big tiles did, and so did a
+    128x128 tile holding both the accumulator and a group's partial dot)."""
+    seen = set()
+    for m in (1, 16, 64, 256, 2048):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            cands = triton_int4.candidate_configs(m, bits, dtype)
+            if dtype == torch.bfloat16:
+                cands = cands[:1]  # the same tiles as fp16
+            for cfg in cands:
+                if (cfg, dtype) in seen:
+                    continue
+                seen.add((cfg, dtype))
+                kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg)
+                stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
+                assert stack in (0, None), f"{cfg} with {dtype} spills: {stack} bytes of stack"
+    assert triton_int4.pick_config(1, 4096, 4096, bits, 128).kind == "gemv"

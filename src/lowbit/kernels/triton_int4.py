@@ -33,6 +33,7 @@ them against the reference).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ from lowbit.tensor import QuantizedTensor
 
 NAME = "triton_int4"
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_M = 2  # rows of x up to which the GEMV kernel runs (it re-reads W per row)
+GEMV_MAX_M = 4  # rows of x up to which GEMV is a candidate (it re-reads W per row)
 _ONE_GROUP = 1 << 30  # the kernels' GROUP_B for one group per row (kb // GROUP_B == 0)
 
 
@@ -108,44 +109,47 @@ def _jit_kernels():
         ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
         GB: tl.constexpr,
     ):
-        # KB bytes per weight row; each step reads NG runs of GB bytes (one scale per run) of
-        # BLOCK_N rows: a [BLOCK_N, NG, GB] tile
+        # codes become floats from their bits, (2**23 + code) - 2**23, exact: an int->float
+        # convert runs at a quarter of the FMA rate and bounded this kernel.
+        # KB bytes per weight row; each step reads NG runs of GB bytes (one group each) of
+        # BLOCK_N rows: a [BLOCK_N, NG, GB] tile. Per run: s * (sum(code * x) - zc * sum(x))
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
-        XDT = x_ptr.dtype.element_ty
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         runs = tl.arange(0, NG) * GB
         x_row = x_ptr + m * stride_xm
-        acc = tl.zeros((BLOCK_N, NG, GB), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
         for kb0 in range(0, KB, NG * GB):
             g = (kb0 + runs) // GROUP_B  # [NG] group of each run (GROUP_B = 2**30: one group)
             sz_off = offs_n[:, None] * stride_sn + g[None, :]
             sz_ok = n_ok[:, None] & (kb0 + runs < KB)[None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
-            if HAS_ZERO:
-                zc = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32) - QMIN
-                zc = zc[:, :, None]
-            else:
-                zc = ZC
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
             offs_b = kb0 + runs[:, None] + tl.arange(0, GB)[None, :]  # [NG, GB]
             b_ok = offs_b < KB
             byte = tl.load(
                 p_ptr + offs_n[:, None, None] * stride_pn + offs_b[None, :, :],
                 mask=n_ok[:, None, None] & b_ok[None, :, :], other=0,
             ).to(tl.int32)
-            # w = (code - zc) * s in float32, rounded to x's dtype as in qt.dequantize(x.dtype)
-            if BITS == 4:
-                x_lo = tl.load(x_row + 2 * offs_b, mask=b_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + 2 * offs_b + 1, mask=b_ok, other=0.0).to(tl.float32)
-                w_lo = (((byte & 0xF).to(tl.float32) - zc) * s).to(XDT).to(tl.float32)
-                w_hi = (((byte >> 4).to(tl.float32) - zc) * s).to(XDT).to(tl.float32)
-                acc += w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :]
+            if BITS == 4:  # x in K order, split into the codes of low and high nibbles
+                offs_x = 2 * (kb0 + runs[:, None]) + tl.arange(0, 2 * GB)[None, :]
+                xv = tl.load(x_row + offs_x, mask=offs_x < 2 * KB, other=0.0).to(tl.float32)
+                x_lo, x_hi = tl.split(tl.reshape(xv, (NG, GB, 2)))
+                lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                cx = lo * x_lo[None, :, :] + hi * x_hi[None, :, :]
+                xs = tl.sum(x_lo + x_hi, axis=1)
             else:
                 xv = tl.load(x_row + offs_b, mask=b_ok, other=0.0).to(tl.float32)
-                w = ((byte.to(tl.float32) - zc) * s).to(XDT).to(tl.float32)
-                acc += w * xv[None, :, :]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+                code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                cx = code * xv[None, :, :]
+                xs = tl.sum(xv, axis=1)
+            if HAS_ZERO:
+                zc = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32) - QMIN
+            else:
+                zc = ZC
+            acc += (tl.sum(cx, axis=2) - zc * xs[None, :]) * s
+        y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -158,6 +162,8 @@ def _jit_kernels():
         ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
     ):
+        # a step reads BLOCK_B bytes of each of BLOCK_N rows, inside one group: the integer
+        # codes (exact in x's dtype) go through tl.dot, the group's affine map after it
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         XDT = x_ptr.dtype.element_ty
@@ -175,29 +181,37 @@ def _jit_kernels():
                 zc = zc.to(tl.float32) - QMIN
             else:
                 zc = tl.zeros_like(s) + ZC
-            s = s[:, None]
-            zc = zc[:, None]
             offs_b = kb0 + tl.arange(0, BLOCK_B)
             b_ok = offs_b < KB
             byte = tl.load(  # [BLOCK_N, BLOCK_B] bytes, contiguous along K
                 p_ptr + offs_n[:, None] * stride_pn + offs_b[None, :],
                 mask=n_ok[:, None] & b_ok[None, :], other=0,
             ).to(tl.int32)
-            if BITS == 4:  # codes 2j, 2j+1 from the low, high nibbles: join, then flatten
-                lo = (((byte & 0xF).to(tl.float32) - zc) * s).to(XDT)
-                hi = (((byte >> 4).to(tl.float32) - zc) * s).to(XDT)
-                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))
+            if BITS == 4:  # codes 2j, 2j+1 from the low, high nibbles, joined into K order
+                code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, 2 * BLOCK_B))
                 offs_k = 2 * kb0 + tl.arange(0, 2 * BLOCK_B)
                 k_ok = offs_k < 2 * KB
             else:
-                w = ((byte.to(tl.float32) - zc) * s).to(XDT)
+                code = byte
                 offs_k = offs_b
                 k_ok = b_ok
+            # the code as a value of x's dtype, exact, from its bits (no int->float convert)
+            if XDT == tl.float16:
+                w = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                w = w - tl.full((), 1024.0, tl.float16)
+            elif XDT == tl.bfloat16 and BITS == 4:
+                w = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                w = w - tl.full((), 128.0, tl.bfloat16)
+            else:
+                w = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                w = w.to(XDT)
             xv = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
-                acc += tl.dot(xv, tl.trans(w), input_precision="ieee")
+                part = tl.dot(xv, tl.trans(w), input_precision="ieee")
             else:
-                acc += tl.dot(xv, tl.trans(w))
+                part = tl.dot(xv, tl.trans(w))
+            xs = tl.sum(xv.to(tl.float32), axis=1)
+            acc += (part - xs[:, None] * zc[None, :]) * s[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(
@@ -206,7 +220,40 @@ def _jit_kernels():
             mask=m_ok[:, None] & n_ok[None, :],
         )
 
-    return triton, wo_gemv_kernel, wo_gemm_kernel
+    @triton.jit
+    def wo_dequant_kernel(
+        p_ptr, s_ptr, z_ptr, w_ptr, N, KB, stride_pn, stride_sn, stride_wn,
+        BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
+        ZC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        # the reference's weights, (code - zc) * s in float32 rounded to W's dtype, for a
+        # [BLOCK_N, BLOCK_B]-byte tile of the packed codes
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        ok = (offs_n < N)[:, None] & (offs_b < KB)[None, :]
+        byte = tl.load(p_ptr + offs_n[:, None] * stride_pn + offs_b[None, :], mask=ok, other=0)
+        byte = byte.to(tl.int32)
+        sz_off = offs_n[:, None] * stride_sn + (offs_b // GROUP_B)[None, :]
+        s = tl.load(s_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zc = tl.load(z_ptr + sz_off, mask=ok, other=0.0).to(tl.float32) - QMIN
+        else:
+            zc = ZC
+        WDT = w_ptr.dtype.element_ty
+        if BITS == 4:
+            lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            w = tl.reshape(tl.join((lo - zc) * s, (hi - zc) * s), (BLOCK_N, 2 * BLOCK_B))
+            offs_k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+            k_ok = (offs_n < N)[:, None] & (offs_k < 2 * KB)[None, :]
+        else:
+            code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            w = (code - zc) * s
+            offs_k = offs_b
+            k_ok = ok
+        tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(WDT), mask=k_ok)
+
+    return triton, wo_gemv_kernel, wo_gemm_kernel, wo_dequant_kernel
 
 
 def _fit_block_k(block_k: int, group_size: int) -> int:
@@ -219,24 +266,93 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
 def pick_config(
     m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype = torch.float16
 ) -> Config:
-    """Default launch parameters for ``[m, k] @ W^T``, W ``[n, k]``, x of ``dtype``. Not tuned
-    on a GPU yet (benchmarks/gpu.py sweeps the GEMV candidates); chosen so that ptxas reports
-    no register spills for sm_90 (fp32's IEEE dot runs on FMA units: smaller tiles)."""
-    if m <= GEMV_MAX_M:  # 4 KiB of codes per program and step
-        return Config("gemv", block_n=8, block_k=1024 if bits == 4 else 512, num_warps=4)
-    if dtype == torch.float32:
+    """Default launch parameters for ``[m, k] @ W^T``, W ``[n, k]``, x of ``dtype``, used where
+    the autotuner does not run (CPU interpreter, CUDA graph capture, LOWBIT_TRITON_AUTOTUNE=0):
+    the first candidate of :func:`candidate_configs`."""
+    return candidate_configs(m, bits, dtype)[0]
+
+
+def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
+    """Launch configs the autotuner times for ``m`` rows of x, the default first. The fused
+    tiles compile for sm_90 without register spills (tests/kernels/test_triton.py)."""
+    dequant = Config("dequant", block_n=16, block_k=512, num_warps=4)
+    if dtype == torch.float32:  # the IEEE dot runs on FMA units: small tiles
         if m <= 16:
-            return Config("gemm", 16, 32, 32, num_warps=4, num_stages=2)
+            return [Config("gemm", 16, 32, 32, num_warps=4, num_stages=2)]
         if m <= 64:
-            return Config("gemm", 32, 64, 32, num_warps=4, num_stages=2)
-        return Config("gemm", 64, 64, 32, num_warps=8, num_stages=2)
-    if m <= 16:
-        return Config("gemm", 16, 64, 128, num_warps=4, num_stages=4)
-    if m <= 64:
-        return Config("gemm", 32, 64, 128, num_warps=4, num_stages=4)
-    if m <= 256:
-        return Config("gemm", 64, 128, 64, num_warps=4, num_stages=3)
-    return Config("gemm", 128, 128, 64, num_warps=8, num_stages=3)
+            return [Config("gemm", 32, 64, 32, num_warps=4, num_stages=2), dequant]
+        return [dequant, Config("gemm", 64, 64, 32, num_warps=8, num_stages=2)]
+    if m > 256:
+        return [dequant, Config("gemm", 128, 64, 128, num_warps=8, num_stages=3),
+                Config("gemm", 64, 256, 64, num_warps=8, num_stages=3),
+                Config("gemm", 64, 128, 128, num_warps=8, num_stages=3)]
+    if m > 64:
+        return [Config("gemm", 64, 128, 64, num_warps=8, num_stages=3),
+                Config("gemm", 64, 64, 128, num_warps=4, num_stages=3),
+                Config("gemm", 128, 64, 64, num_warps=8, num_stages=3),
+                Config("gemm", 64, 128, 128, num_warps=8, num_stages=3), dequant]
+    if m > 16:
+        return [Config("gemm", 32, 64, 128, num_warps=4, num_stages=4),
+                Config("gemm", 32, 32, 128, num_warps=4, num_stages=4),
+                Config("gemm", 64, 64, 128, num_warps=4, num_stages=3), dequant]
+    gemm = [Config("gemm", 16, 32, 128, num_warps=4, num_stages=4),
+            Config("gemm", 16, 64, 128, num_warps=4, num_stages=4),
+            Config("gemm", 16, 16, 128, num_warps=4, num_stages=4),
+            Config("gemm", 16, 128, 128, num_warps=4, num_stages=3)]
+    if m > GEMV_MAX_M:
+        return gemm
+    # GEMV: block_k codes of block_n rows per step (bytes: block_k * bits / 8)
+    per_row = 1024 if bits == 4 else 512
+    gemv = [Config("gemv", block_n=4, block_k=per_row, num_warps=4),
+            Config("gemv", block_n=2, block_k=2 * per_row, num_warps=4),
+            Config("gemv", block_n=4, block_k=2 * per_row, num_warps=4),
+            Config("gemv", block_n=8, block_k=per_row, num_warps=4),
+            Config("gemv", block_n=8, block_k=per_row // 2, num_warps=4),
+            Config("gemv", block_n=16, block_k=per_row // 2, num_warps=8),
+            Config("gemv", block_n=4, block_k=4 * per_row, num_warps=8)]
+    return gemv + gemm[:2]
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def tuned_configs() -> dict[tuple, Config]:
+    """What the autotuner chose so far: ``(rows bucket, N, K, bits, group, x dtype, zero-point,
+    bias) -> Config``."""
+    return dict(_TUNED)
+
+
+def _autotune_on(x: torch.Tensor) -> bool:
+    return (
+        x.is_cuda
+        and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0"
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | None) -> Config:
+    """The fastest candidate for this call's shape, timed once per (rows rounded up to a power
+    of two, N, K, bits, group, dtypes) with Triton's do_bench (L2 flushed between runs)."""
+    m, n = x.shape[0], layout.packed.shape[0]
+    bucket = 1 << max(0, m - 1).bit_length()
+    key = (bucket, n, layout.k, layout.bits, layout.group_size, x.dtype,
+           layout.zero is not None, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        from triton.testing import do_bench
+
+        best = None
+        for cand in candidate_configs(bucket, layout.bits, x.dtype):
+            try:
+                ms = do_bench(lambda c=cand: _launch(x, layout, bias, c), warmup=5, rep=20)
+            except Exception:  # e.g. a tile that needs more shared memory than this GPU has
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cand)
+        cfg = best[1] if best else pick_config(m, n, layout.k, layout.bits, layout.group_size,
+                                               x.dtype)
+        _TUNED[key] = cfg
+    return cfg
 
 
 def wo_matmul(
@@ -245,7 +361,8 @@ def wo_matmul(
     bias: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W^T (+ bias)`` -> ``[M, N]`` in x's dtype, W given by ``layout``."""
+    """``x [M, K] @ W^T (+ bias)`` -> ``[M, N]`` in x's dtype, W given by ``layout``; ``config``
+    None: autotuned on CUDA (see :func:`_tuned_config`), else :func:`pick_config`."""
     packed = layout.packed
     bits, k = layout.bits, layout.k
     if bits not in (4, 8):
@@ -260,44 +377,62 @@ def wo_matmul(
         )
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"wo_matmul needs {', '.join(map(str, ACT_DTYPES))} x, got {x.dtype}")
-    triton, gemv, gemm = _jit_kernels()
-    m = x.shape[0]
-    n = packed.shape[0]
-    group = layout.group_size
-    cfg = config or pick_config(m, n, k, bits, group, x.dtype)
-    blocks = (cfg.block_m, cfg.block_n, cfg.block_k)
-    if any(b < 1 or b & (b - 1) for b in blocks):
+    x = x.contiguous()
+    if config is None:
+        if _autotune_on(x) and x.shape[0] and packed.shape[0]:
+            config = _tuned_config(x, layout, bias)
+        else:
+            config = pick_config(x.shape[0], packed.shape[0], k, bits, layout.group_size,
+                                 x.dtype)
+    return _launch(x, layout, bias, config)
+
+
+def _launch(
+    x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | None, cfg: Config
+) -> torch.Tensor:
+    """One config's kernels for checked inputs (x contiguous ``[M, K]``)."""
+    if cfg.kind not in ("gemv", "gemm", "dequant"):
+        raise ValueError(f"config kind={cfg.kind!r}; allowed: gemv, gemm, dequant")
+    if any(b < 1 or b & (b - 1) for b in (cfg.block_m, cfg.block_n, cfg.block_k)):
         raise ValueError(f"block sizes must be powers of two, got {cfg}")
+    triton, gemv, gemm, dequant = _jit_kernels()
+    packed, bits, group = layout.packed, layout.bits, layout.group_size
+    m, n, kb = x.shape[0], packed.shape[0], packed.shape[1]
     run_k = _fit_block_k(cfg.block_k, group)  # codes per run of a row that lie in one group
     if run_k < (32 if bits == 4 and cfg.kind == "gemm" else 16):
         raise ValueError(f"group_size={group} leaves BLOCK_K={run_k}; need a multiple of 32")
-    x = x.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return y
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
     scale = layout.scale
     stride_sn = 0 if scale.shape[0] == 1 else scale.stride(0)
     zero = layout.zero if layout.zero is not None else scale
-    args = (x, packed, scale, zero, bias if bias is not None else scale, y)
     consts = dict(
         BITS=bits, GROUP_B=group * bits // 8 if group else _ONE_GROUP, QMIN=layout.qmin,
         HAS_ZERO=layout.zero is not None, ZC=float(layout.sym_zero_code),
-        HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    kb = packed.shape[1]
+    if cfg.kind == "dequant":  # the weight in x's dtype, then the vendor matmul
+        w = torch.empty((n, layout.k), dtype=x.dtype, device=x.device)
+        bb = cfg.block_k * bits // 8
+        dequant[(triton.cdiv(n, cfg.block_n), triton.cdiv(kb, bb))](
+            packed, scale, zero, w, n, kb, packed.stride(0), stride_sn, w.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_B=bb, **consts,
+        )
+        return torch.nn.functional.linear(x, w, bias)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    args = (x, packed, scale, zero, bias if bias is not None else scale, y)
+    consts["HAS_BIAS"] = bias is not None
     if cfg.kind == "gemv":  # a step: block_k codes of a row in runs of run_k (one scale each)
         gemv[(triton.cdiv(n, cfg.block_n), m)](
             *args, n, kb, x.stride(0), packed.stride(0), stride_sn, y.stride(0),
             BLOCK_N=cfg.block_n, NG=cfg.block_k // run_k, GB=run_k * bits // 8, **consts,
         )
-    elif cfg.kind == "gemm":
+    else:
         gemm[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))](
             *args, m, n, kb, x.stride(0), packed.stride(0), stride_sn, y.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_B=run_k * bits // 8,
             IEEE=x.dtype == torch.float32, **consts,
         )
-    else:
-        raise ValueError(f"config kind={cfg.kind!r}; allowed: gemv, gemm")
     return y
 
 
@@ -322,19 +457,21 @@ def compile_offline(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    _, gemv, gemm = _jit_kernels()
-    fn = gemv if kind == "gemv" else gemm
+    _, gemv, gemm, dequant = _jit_kernels()
+    fn = {"gemv": gemv, "gemm": gemm, "dequant": dequant}[kind]
     run_k = _fit_block_k(config.block_k, group_size)
     consts = dict(BITS=bits, GROUP_B=group_size * bits // 8 if group_size else _ONE_GROUP,
-                  QMIN=0, HAS_ZERO=has_zero, ZC=float(1 << (bits - 1)), HAS_BIAS=True,
-                  BLOCK_N=config.block_n)
-    if kind == "gemv":
-        consts.update(NG=config.block_k // run_k, GB=run_k * bits // 8)
+                  QMIN=0, HAS_ZERO=has_zero, ZC=float(1 << (bits - 1)), BLOCK_N=config.block_n)
+    if kind == "dequant":
+        consts.update(BLOCK_B=config.block_k * bits // 8)
+    elif kind == "gemv":
+        consts.update(NG=config.block_k // run_k, GB=run_k * bits // 8, HAS_BIAS=True)
     else:
         consts.update(BLOCK_M=config.block_m, BLOCK_B=run_k * bits // 8,
-                      IEEE=x_dtype == torch.float32)
+                      IEEE=x_dtype == torch.float32, HAS_BIAS=True)
     xt, st = _TL_TYPES[x_dtype], _TL_TYPES[scale_dtype]
-    ptrs = {"x_ptr": xt, "p_ptr": "u8", "s_ptr": st, "z_ptr": st, "b_ptr": xt, "y_ptr": xt}
+    ptrs = {"x_ptr": xt, "p_ptr": "u8", "s_ptr": st, "z_ptr": st, "b_ptr": xt, "y_ptr": xt,
+            "w_ptr": xt}
     names = fn.arg_names
     signature = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32")
                  for a in names}

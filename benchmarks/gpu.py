@@ -86,7 +86,13 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's lowbit, installed or not
 from _machine import machine_line  # noqa: E402
 
-from lowbit.kernels import KERNELS, cuda_w8a8, select_kernel, triton_int4  # noqa: E402
+from lowbit.kernels import (  # noqa: E402
+    KERNELS,
+    cuda_w8a8,
+    select_kernel,
+    triton_act,
+    triton_int4,
+)
 from lowbit.kernels.int8 import int8_reference_linear  # noqa: E402
 from lowbit.spec import preset  # noqa: E402
 from lowbit.tensor import QuantizedTensor  # noqa: E402
@@ -258,6 +264,44 @@ def run_checks() -> list[Check]:
                                          detail=f"{type(e).__name__}: {e}"[:300]))
                     log(f"check {name} {label[1]} {label[2]} {label[3]}: "
                         f"{'PASS' if out[-1].ok else 'FAIL'} {out[-1].detail}")
+    if ON_GPU:
+        out += _act_code_checks()
+    return out
+
+
+def _act_code_checks() -> list[Check]:
+    """The fused activation quantizer's codes and scales (kernels/triton_act.py) against the
+    torch operations it replaces, bit for bit, on the GPU (the interpreter's fp8 conversion is
+    not faithful, so CI cannot check the fp8 codes)."""
+    out = []
+    for spec_name, fn in (("w8a8", cuda_w8a8.quantize_act_int8),
+                          ("w7a8", cuda_w8a8.quantize_act_int8),
+                          ("fp8a8", cuda_w8a8.quantize_act_fp8)):
+        qt = quantized(torch.randn(64, 4096, device=DEVICE), spec_name)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            torch.manual_seed(1)
+            x = torch.randn(33, 4096, device=DEVICE) * 3
+            x[1] = 0
+            x[2, :64] = torch.arange(64, device=DEVICE) * 0.5 * x[2].abs().max() / 127
+            x = x.to(dtype)
+            label = ("triton_act", spec_name, (33, 4096, 0), str(dtype).removeprefix("torch."))
+            try:
+                ref, rsx = fn(x, qt)
+                top = (float(cuda_w8a8.qrange(qt.spec.act)[1]) if spec_name != "fp8a8"
+                       else 448.0)
+                codes = torch.empty_like(ref)
+                sx = triton_act.quantize_act(x, codes, top=top, bounds=(
+                    (-top, top) if spec_name == "fp8a8" else cuda_w8a8.qrange(qt.spec.act)))
+                sync()
+                same = torch.equal(codes.view(torch.uint8), ref.view(torch.uint8)) and \
+                    torch.equal(sx, rsx)
+                diff = int((codes.view(torch.uint8) != ref.view(torch.uint8)).sum())
+                out.append(Check(*label, same, "bit-exact" if same else
+                                 f"{diff} codes differ, scales equal: {torch.equal(sx, rsx)}"))
+            except Exception as e:
+                out.append(Check(*label, False, f"{type(e).__name__}: {e}"[:300]))
+            log(f"check triton_act {spec_name} {label[3]}: {'PASS' if out[-1].ok else 'FAIL'} "
+                f"{out[-1].detail}")
     return out
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.registry import get_format
+from lowbit.kernels import triton_act
 from lowbit.kernels.dispatch import Kernel, register_kernel
 from lowbit.kernels.int8 import (
     _centered_weight,
@@ -48,6 +49,7 @@ from lowbit.kernels.int8 import (
     _weight_scale,
     quantize_bias,
 )
+from lowbit.kernels.triton_int4 import triton_available
 from lowbit.quant.maps import check_finite, qrange, quantize, symmetric_zero
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -228,6 +230,29 @@ def int_mm_padded(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(qx, w.t())[:m]
 
 
+def _fused(x2d: torch.Tensor) -> bool:
+    """The Triton activation quantizer and epilogue run (CUDA with triton importable)."""
+    return x2d.is_cuda and triton_available()
+
+
+def _given_act_scale(x2d: torch.Tensor, qt: QuantizedTensor, top: float) -> torch.Tensor | None:
+    """The activation scale the fused quantizer takes: None per token (it computes it), the
+    static scale, or a per-tensor dynamic scale computed here."""
+    act = qt.spec.act
+    if not act.dynamic:
+        return _static_act_qparams(qt)[1].scale
+    return None if act.granularity == "token" else _act_scale(x2d, act, top)
+
+
+def _static_bias_q(qt: QuantizedTensor, bias: torch.Tensor, sw: torch.Tensor, cache: dict):
+    """The static spec's integer bias, cached per bias tensor."""
+    entry = cache.get(NAME + ".bias_q")
+    if entry is None or entry[0] is not bias:
+        entry = (bias, quantize_bias(bias, qt.act_scale.to(bias.device), sw))
+        cache[NAME + ".bias_q"] = entry
+    return entry[1]
+
+
 def cuda_w8a8_linear(
     x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> torch.Tensor:
@@ -240,15 +265,31 @@ def cuda_w8a8_linear(
         entry = (qt.qdata, *int8_weight_layout(qt, x.device))
         cache[NAME] = entry
     _, w, sw = entry
-    n = qt.shape[0]
-    qx, sx = quantize_act_int8(x2d, qt)
-    acc = int_mm_padded(qx, w)[:, :n]
+    m, n = x2d.shape[0], qt.shape[0]
+    static = not qt.spec.act.dynamic
     if bias is not None:
         bias = bias.to(x.device)
-        if not qt.spec.act.dynamic:  # static: the integer bias joins the exact sum
-            bias_q = quantize_bias(bias, qt.act_scale.to(x.device), sw)
-            acc = acc.to(torch.int64) + bias_q
-            bias = None
+    if _fused(x2d):  # 3 launches: quantize x, int8 GEMM, epilogue
+        act = qt.spec.act
+        qmin, qmax = qrange(act)
+        top = float(qmax - symmetric_zero(act))
+        # rows beyond M and columns beyond K may hold anything: they meet zero weight columns
+        # or give output rows that are dropped
+        qx = torch.empty((max(m, INT_MM_MIN_ROWS), w.shape[1]), dtype=torch.int8,
+                         device=x.device)
+        sx = triton_act.quantize_act(x2d, qx, top=top, bounds=(qmin, qmax),
+                                     clip=act.clip_ratio, scale=_given_act_scale(x2d, qt, top))
+        acc = torch._int_mm(qx, w.t())
+        bias_q = None
+        if static and bias is not None:
+            bias_q, bias = _static_bias_q(qt, bias, sw, cache), None
+        y = triton_act.epilogue(acc, sx, sw, bias, x.dtype, m, n, bias_q)
+        return y.reshape(*x.shape[:-1], n)
+    qx, sx = quantize_act_int8(x2d, qt)
+    acc = int_mm_padded(qx, w)[:, :n]
+    if bias is not None and static:  # static: the integer bias joins the exact sum
+        acc = acc.to(torch.int64) + _static_bias_q(qt, bias, sw, cache)
+        bias = None
     y = _scale_out(acc.float(), sx, sw, bias)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
@@ -290,10 +331,23 @@ def cuda_fp8_linear(
         entry = (qt.qdata, w, sw, one)
         cache[FP8_NAME] = entry
     _, w, sw, one = entry
-    n = qt.shape[0]
+    (m, k), n = x2d.shape, qt.shape[0]
+    if bias is not None:
+        bias = bias.to(x.device)
+    if _fused(x2d):  # 3 launches: quantize x, fp8 GEMM, epilogue
+        top = get_format(qt.spec.act.format).max
+        # padding columns meet zero weight columns, but must not be NaN codes: zeroed
+        alloc = torch.empty if w.shape[1] == k else torch.zeros
+        xq = alloc((m, w.shape[1]), dtype=torch.float8_e4m3fn, device=x.device)
+        sx = triton_act.quantize_act(x2d, xq, top=top, bounds=(-top, top),
+                                     clip=qt.spec.act.clip_ratio,
+                                     scale=_given_act_scale(x2d, qt, top))
+        acc = fp8_mm_padded(xq, w, one)
+        y = triton_act.epilogue(acc, sx, sw, bias, x.dtype, m, n)
+        return y.reshape(*x.shape[:-1], n)
     xq, sx = quantize_act_fp8(x2d, qt)
     acc = fp8_mm_padded(xq, w, one)[:, :n]
-    y = _scale_out(acc, sx, sw, None if bias is None else bias.to(x.device))
+    y = _scale_out(acc, sx, sw, bias)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 

@@ -322,37 +322,34 @@ def tuned_configs() -> dict[tuple, Config]:
     return dict(_TUNED)
 
 
-def _autotune_on(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0"
-        and not torch.cuda.is_current_stream_capturing()
-    )
-
-
 def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | None) -> Config:
-    """The fastest candidate for this call's shape, timed once per (rows rounded up to a power
-    of two, N, K, bits, group, dtypes) with Triton's do_bench (L2 flushed between runs)."""
+    """The fastest candidate for this call's shape on CUDA, timed once per (rows rounded up to
+    a power of two, N, K, bits, group, dtypes) with Triton's do_bench (L2 flushed between runs).
+    Not timed while a CUDA graph is being captured or with LOWBIT_TRITON_AUTOTUNE=0: then an
+    earlier pick or the default."""
     m, n = x.shape[0], layout.packed.shape[0]
     bucket = 1 << max(0, m - 1).bit_length()
     key = (bucket, n, layout.k, layout.bits, layout.group_size, x.dtype,
            layout.zero is not None, bias is not None)
     cfg = _TUNED.get(key)
-    if cfg is None:
-        from triton.testing import do_bench
+    if cfg is not None:
+        return cfg
+    default = pick_config(m, n, layout.k, layout.bits, layout.group_size, x.dtype)
+    if (not x.is_cuda or m == 0 or n == 0 or torch.cuda.is_current_stream_capturing()
+            or os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") == "0"):
+        return default
+    from triton.testing import do_bench
 
-        best = None
-        for cand in candidate_configs(bucket, layout.bits, x.dtype):
-            try:
-                ms = do_bench(lambda c=cand: _launch(x, layout, bias, c), warmup=5, rep=20)
-            except Exception:  # e.g. a tile that needs more shared memory than this GPU has
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cand)
-        cfg = best[1] if best else pick_config(m, n, layout.k, layout.bits, layout.group_size,
-                                               x.dtype)
-        _TUNED[key] = cfg
-    return cfg
+    best = None
+    for cand in candidate_configs(bucket, layout.bits, x.dtype):
+        try:
+            ms = do_bench(lambda c=cand: _launch(x, layout, bias, c), warmup=5, rep=20)
+        except Exception:  # e.g. a tile that needs more shared memory than this GPU has
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cand)
+    _TUNED[key] = best[1] if best else default
+    return _TUNED[key]
 
 
 def wo_matmul(
@@ -378,13 +375,7 @@ def wo_matmul(
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"wo_matmul needs {', '.join(map(str, ACT_DTYPES))} x, got {x.dtype}")
     x = x.contiguous()
-    if config is None:
-        if _autotune_on(x) and x.shape[0] and packed.shape[0]:
-            config = _tuned_config(x, layout, bias)
-        else:
-            config = pick_config(x.shape[0], packed.shape[0], k, bits, layout.group_size,
-                                 x.dtype)
-    return _launch(x, layout, bias, config)
+    return _launch(x, layout, bias, config or _tuned_config(x, layout, bias))
 
 
 def _launch(

@@ -52,11 +52,14 @@ def _jit():
             hi = tl.max(hi, axis=0)
             absmax = tl.maximum(tl.abs(lo * clip), tl.abs(hi * clip))
             scale = tl.math.div_rn(absmax, top)  # IEEE division, as torch's
-            scale = tl.where(scale > 0, scale, 1.0)
-            # clamp to [smallest float32 subnormal, largest float32]
-            scale = tl.minimum(tl.maximum(scale, 1.401298464324817e-45), 3.4028234663852886e38)
+            scale = tl.where(scale > 0, scale, tl.full((), 1.0, tl.float32))
+            # clamp to [smallest float32 subnormal, largest float32] (typed: as Python floats
+            # these constants would be float64 to Triton)
+            tiny = tl.full((), 1.401298464324817e-45, tl.float32)
+            big = tl.full((), 3.4028234663852886e38, tl.float32)
+            scale = tl.minimum(tl.maximum(scale, tiny), big)
             finite = (tl.sum(nans, axis=0) == 0) & (absmax < float("inf"))
-            scale = tl.where(finite, scale, float("nan"))
+            scale = tl.where(finite, scale, tl.full((), float("nan"), tl.float32))
             tl.store(s_ptr + m, scale)
         else:
             scale = tl.load(s_ptr)

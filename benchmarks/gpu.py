@@ -185,6 +185,8 @@ class Check:
 TRITON_KINDS = {
     "gemv": triton_int4.Config("gemv", block_n=4, block_k=512, num_warps=4),
     "gemm": triton_int4.Config("gemm", 16, 32, 128, num_warps=4, num_stages=4),
+    "gemm-split4": triton_int4.Config("gemm", 16, 32, 128, num_warps=4, num_stages=4,
+                                      split_k=4),
     "dequant": triton_int4.Config("dequant", block_n=16, block_k=512, num_warps=4),
 }
 
@@ -592,7 +594,8 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[
         desc = (f"gemv {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps" if cfg.kind == "gemv"
                 else "dequant + F.linear" if cfg.kind == "dequant"
                 else f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps, "
-                     f"{cfg.num_stages} stages")
+                     f"{cfg.num_stages} stages" + (f", split-K {cfg.split_k}"
+                                                   if cfg.split_k > 1 else ""))
         tuned_lines.append(f"| {rows} | {n} | {k} | {bits} | {str(dt).removeprefix('torch.')} "
                            f"| {desc} |")
     target_lines = targets(timings, bandwidth)

@@ -40,6 +40,7 @@ _SCRIPT = textwrap.dedent(
     GEMV = Config("gemv", block_n=8, block_k=64)  # several K steps, several groups
     GEMM = Config("gemm", 16, 32, 64)
     DEQUANT = Config("dequant", block_n=16, block_k=64)
+    SPLIT = Config("gemm", 16, 32, 64, split_k=4)
     cases = [  # (spec, M, K, N, activation dtype, forced config)
         ("w4g128", 1, 256, 80, torch.float32, None),
         ("w4g64", 5, 192, 72, torch.float32, None),
@@ -60,6 +61,8 @@ _SCRIPT = textwrap.dedent(
         (w8.replace(granularity="tensor"), 1, 96, 24, torch.float16, None),
         (w8.replace(granularity="tensor", symmetric=False), 4, 64, 24, torch.float32, GEMM),
         ("w4g64", 3, 192, 40, torch.float32, DEQUANT),
+        ("w4g64", 5, 320, 40, torch.float16, SPLIT),
+        ("w8", 2, 512, 24, torch.float32, SPLIT),
         (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=32), 2, 96,
          24, torch.float16, DEQUANT),
     ]
@@ -112,7 +115,7 @@ def test_interpreter_matches_reference() -> None:
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "OK 16" in run.stdout
+    assert "OK 18" in run.stdout
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])

@@ -60,7 +60,9 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters: ``kind`` is "gemv" or "gemm"; block sizes in codes (powers of two)."""
+    """Launch parameters: ``kind`` is "gemv", "gemm" or "dequant"; block sizes in codes (powers
+    of two); ``split_k`` > 1 (gemm): K is cut into that many slices whose float32 partial sums
+    are added atomically (more programs for small M; the sum order then varies run to run)."""
 
     kind: str
     block_m: int = 16
@@ -68,6 +70,7 @@ class Config:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,15 +170,18 @@ def _jit_kernels():
     @triton.jit
     def wo_gemm_kernel(
         x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-        M, N, KB, stride_xm, stride_pn, stride_sn, stride_ym,
+        M, N, KB, KB_SPLIT, stride_xm, stride_pn, stride_sn, stride_ym,
         BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
         ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_B: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         # a step reads BLOCK_B bytes of each of BLOCK_N rows, inside one group: the integer
-        # codes (exact in x's dtype) go through tl.dot, the group's affine map after it
+        # codes (exact in x's dtype) go through tl.dot, the group's affine map after it.
+        # Program (i, j, k) covers bytes [k * KB_SPLIT, (k + 1) * KB_SPLIT) of the rows
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        kb_start = tl.program_id(2) * KB_SPLIT
+        kb_end = tl.minimum(KB, kb_start + KB_SPLIT)
         XDT = x_ptr.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,7 +189,7 @@ def _jit_kernels():
         n_ok = offs_n < N
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb0 in range(0, KB, BLOCK_B):
+        for kb0 in range(kb_start, kb_end, BLOCK_B):
             g = kb0 // GROUP_B
             s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_ZERO:
@@ -222,13 +228,13 @@ def _jit_kernels():
                 part = tl.dot(xv, tl.trans(w))
             xs = tl.sum(xv.to(tl.float32), axis=1)
             acc += (part - xs[:, None] * zc[None, :]) * s[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=m_ok[:, None] & n_ok[None, :],
-        )
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT_K > 1:  # y is float32, holding the bias (or zeros) already
+            tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def wo_dequant_kernel(
@@ -305,13 +311,17 @@ def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
     if m > 16:
         return [Config("gemm", 32, 64, 128, num_warps=4, num_stages=4),
                 Config("gemm", 32, 32, 128, num_warps=4, num_stages=4),
-                Config("gemm", 64, 64, 128, num_warps=4, num_stages=3), dequant]
+                Config("gemm", 64, 64, 128, num_warps=4, num_stages=3),
+                Config("gemm", 32, 64, 128, num_warps=4, num_stages=4, split_k=4), dequant]
     gemm = [Config("gemm", 16, 32, 128, num_warps=4, num_stages=4),
             Config("gemm", 16, 64, 128, num_warps=4, num_stages=4),
             Config("gemm", 16, 16, 128, num_warps=4, num_stages=6),
             Config("gemm", 16, 32, 128, num_warps=4, num_stages=8),
             Config("gemm", 16, 64, 128, num_warps=4, num_stages=6),
-            Config("gemm", 16, 128, 128, num_warps=4, num_stages=3)]
+            Config("gemm", 16, 128, 128, num_warps=4, num_stages=3),
+            Config("gemm", 16, 64, 128, num_warps=4, num_stages=4, split_k=4),
+            Config("gemm", 16, 32, 128, num_warps=4, num_stages=4, split_k=8),
+            Config("gemm", 16, 128, 128, num_warps=4, num_stages=3, split_k=8)]
     if m > GEMV_MAX_M:
         return gemm
     # GEMV: block_k codes of block_n rows per step (bytes: block_k * bits / 8)
@@ -323,7 +333,7 @@ def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
             Config("gemv", block_n=8, block_k=per_row // 2, num_warps=4),
             Config("gemv", block_n=16, block_k=per_row // 2, num_warps=8),
             Config("gemv", block_n=8, block_k=2 * per_row, num_warps=8)]
-    return gemv + gemm[:2]
+    return gemv + gemm[:2] + gemm[-3:-1]
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -361,6 +371,8 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
     ]
     best = None
     for cand in candidate_configs(bucket, layout.bits, x.dtype):
+        if cand.split_k > 1 and torch.are_deterministic_algorithms_enabled():
+            continue  # atomic float adds: the sum order varies run to run
         try:
             t = _graph_time([lambda lay=lay, c=cand: _launch(x, lay, bias, c) for lay in copies])
         except Exception:  # e.g. a tile that needs more shared memory than this GPU has
@@ -456,8 +468,7 @@ def _launch(
             BLOCK_N=cfg.block_n, BLOCK_B=bb, **consts,
         )
         return torch.nn.functional.linear(x, w, bias)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    args = (x, packed, scale, zero, bias if bias is not None else scale, y)
+    b = bias if bias is not None else scale  # a placeholder pointer without a bias
     consts["HAS_BIAS"] = bias is not None
     if cfg.kind == "gemv":  # a step: block_k codes of a row in runs of run_k (one scale each)
         pairs = 0 if bits == 8 or x.dtype == torch.float32 else (
@@ -465,18 +476,28 @@ def _launch(
         if pairs and x.storage_offset() % 2:  # an int32 view needs 4-byte alignment
             x = x.clone()
         xk = x.view(torch.int32) if pairs else x  # 4 bits: one int32 of x per byte of codes
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         gemv[(triton.cdiv(n, cfg.block_n), m)](
-            xk, *args[1:], n, kb, xk.stride(0), packed.stride(0), stride_sn, y.stride(0),
-            BLOCK_N=cfg.block_n, NG=cfg.block_k // run_k, GB=run_k * bits // 8, X_PAIRS=pairs,
-            **consts,
+            xk, packed, scale, zero, b, y, n, kb, xk.stride(0), packed.stride(0), stride_sn,
+            y.stride(0), BLOCK_N=cfg.block_n, NG=cfg.block_k // run_k, GB=run_k * bits // 8,
+            X_PAIRS=pairs, **consts,
         )
+        return y
+    bb = run_k * bits // 8
+    kb_split = triton.cdiv(triton.cdiv(kb, cfg.split_k), bb) * bb
+    split = triton.cdiv(kb, kb_split)
+    if split > 1:  # float32 partial sums added atomically onto the bias
+        y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if bias is None \
+            else bias.float().expand(m, n).contiguous()
+        consts["HAS_BIAS"] = False
     else:
-        gemm[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))](
-            *args, m, n, kb, x.stride(0), packed.stride(0), stride_sn, y.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_B=run_k * bits // 8,
-            IEEE=x.dtype == torch.float32, **consts,
-        )
-    return y
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    gemm[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)](
+        x, packed, scale, zero, b, y, m, n, kb, kb_split, x.stride(0), packed.stride(0),
+        stride_sn, y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_B=bb,
+        IEEE=x.dtype == torch.float32, SPLIT_K=split, **consts,
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 _TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -514,10 +535,11 @@ def compile_offline(
                       X_PAIRS=pairs)
     else:
         consts.update(BLOCK_M=config.block_m, BLOCK_B=run_k * bits // 8,
-                      IEEE=x_dtype == torch.float32, HAS_BIAS=True)
+                      IEEE=x_dtype == torch.float32, HAS_BIAS=True, SPLIT_K=config.split_k)
     xt, st = _TL_TYPES[x_dtype], _TL_TYPES[scale_dtype]
     ptrs = {"x_ptr": "i32" if consts.get("X_PAIRS") else xt, "p_ptr": "u8", "s_ptr": st,
-            "z_ptr": st, "b_ptr": xt, "y_ptr": xt, "w_ptr": xt}
+            "z_ptr": st, "b_ptr": xt, "w_ptr": xt,
+            "y_ptr": "fp32" if config.split_k > 1 and kind == "gemm" else xt}
     names = fn.arg_names
     signature = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32")
                  for a in names}

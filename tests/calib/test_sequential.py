@@ -102,7 +102,8 @@ def test_each_block_is_quantized_with_stats_of_the_quantized_prefix(lm):
 
 def test_sequential_in_block_takes_later_stats_through_the_quantized_earlier_linears(lm):
     """With GPTQ(sequential=True) (the default), down_proj's Hessian comes from a block whose
-    q/k/v, o and gate/up are already quantized; without it, from the float block."""
+    q/k/v, o and gate/up are already quantized (computing with their dequantized weights);
+    without it, from the float block."""
     load, calib, _ = lm
     quantized = lowbit.quantize(load(), "w4g128", algorithm="gptq", calib=calib,
                                 include=["model.layers.0.*"])
@@ -111,7 +112,10 @@ def test_sequential_in_block_takes_later_stats_through_the_quantized_earlier_lin
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj"):
         parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, qblock.get_submodule(name))
+        dequantized = torch.nn.Linear(block.get_submodule(name).in_features,
+                                      block.get_submodule(name).out_features, bias=False)
+        dequantized.weight.data = qblock.get_submodule(name).qweight.dequantize(torch.float32)
+        setattr(block.get_submodule(parent), child, dequantized)
     stats = LayerStats()
     down = block.mlp.down_proj
     hook = down.register_forward_pre_hook(lambda m, a: stats.update(a[0]))
@@ -175,6 +179,7 @@ def test_nan_mid_run_names_the_layer_and_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"input of layer 'transformer.h.1.mlp.c_fc'"):
         lowbit.quantize(model, "w4g64", algorithm="gptq", calib=gpt2_calib())
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not any(type(m).__name__ == "_StandIn" for m in model.modules())  # staged run undone
     after = model.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[k], before[k]) for k in before if "ln_2" not in k)
@@ -213,3 +218,51 @@ def test_calibration_batch_size_changes_memory_not_the_statistics():
     assert (one != all_at_once).float().mean() < 0.01  # at most a few codes flip at ties
     with pytest.raises(ValueError, match="batch_size"):
         lowbit.quantize(tiny_gpt2(), "w4g64", algorithm="gptq", calib=calib, calib_batch_size=0)
+
+
+def _quantized_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.qweight.dequantize() for n, m in model.named_modules()
+            if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_staged_forward_equals_rerunning_the_block_per_group(lm, monkeypatch, batch_size):
+    """The one-forward staged run (batches paused before each group of linears) gives the
+    statistics of re-running the block once per group: the same codes at w3g128 (whose CPU
+    kernel is the dequantized weight), with one or several calibration batches."""
+    import lowbit.calib.sequential as sq
+
+    load, calib, _ = lm
+    include = ["model.layers.0.*", "model.layers.1.*"]
+    staged = lowbit.quantize(load(), "w3g128", algorithm="gptq", calib=calib,
+                             calib_batch_size=batch_size, include=include)
+    monkeypatch.setattr(sq, "STAGED_MAX_INPUT_BYTES", 0)
+    rerun = lowbit.quantize(load(), "w3g128", algorithm="gptq", calib=calib,
+                            calib_batch_size=batch_size, include=include)
+    a, b = _quantized_weights(staged), _quantized_weights(rerun)
+    assert set(a) == set(b) and len(a) == 14
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert not any(isinstance(m, sq._StandIn) for m in staged.modules())
+
+
+def test_staged_forward_runs_each_block_once_per_batch(monkeypatch):
+    """GPTQ's sequential calibration costs one block forward per batch (plus one to find the
+    groups), where re-running per group costs one per group and batch plus the output pass."""
+    import lowbit.calib.sequential as sq
+
+    def count(limit: int) -> int:
+        monkeypatch.setattr(sq, "STAGED_MAX_INPUT_BYTES", limit)
+        model, calls = tiny_gpt2(), []
+        handles = [b.register_forward_pre_hook(lambda m, a: calls.append(1))
+                   for b in model.transformer.h]
+        lowbit.quantize(model, "w4g64", algorithm="gptq", calib=gpt2_calib(6, 48),
+                        calib_batch_size=2, exclude=["lm_head"])
+        for h in handles:
+            h.remove()
+        return len(calls)
+
+    blocks, batches, groups = 2, 3, 4  # GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    setup = batches + 1  # capturing the first block's inputs (stopped there); finding groups
+    assert count(1 << 30) == setup + blocks * batches
+    assert count(0) == setup + blocks * batches * (groups + 1)

@@ -275,15 +275,18 @@ class _Collector:
     """Forward pre-hooks gathering LayerStats (and input samples) of named linears."""
 
     def __init__(self, modules: Mapping[str, nn.Module], hessian: set[str],
-                 sample: Mapping[str, int], n_batches: int, observers: Mapping[str, Any]
-                 ) -> None:
+                 sample: Mapping[str, int], n_batches: int, observers: Mapping[str, Any],
+                 attach: bool = True) -> None:
         self.stats = {n: LayerStats() for n in modules}
         self._last: tuple[Any, str, bool] = (None, "", False)  # input, linear, with Hessian
         self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in sample}
         self._gen = torch.Generator().manual_seed(0)
         self._per_batch = {n: max(1, math.ceil(k / max(n_batches, 1))) for n, k in sample.items()}
-        self._handles = [m.register_forward_pre_hook(self._hook(n, n in hessian, observers.get(n)))
-                         for n, m in modules.items()]
+        # hooks[name](module, args): the statistics update; registered on the modules unless
+        # attach=False (the staged forward calls them itself)
+        self.hooks = {n: self._hook(n, n in hessian, observers.get(n)) for n in modules}
+        self._handles = ([m.register_forward_pre_hook(self.hooks[n]) for n, m in modules.items()]
+                         if attach else [])
 
     def _hook(self, name: str, hessian: bool, observer: Any):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -556,12 +559,18 @@ def _quantize_block(
         result.notes.append(f"block {index}: {note}")
     if inputs is not None and algorithm.restat_after_prepare:
         collect(final=True)
-    def quantize_group(group: list[str]) -> None:
+    def quantize_group(group: list[str],
+                       place: Callable[[str, nn.Module], None] | None = None) -> None:
+        done = _quantize_together(group, linears, selected, algorithm, stats)
         for rel in group:
             name, module = prefix + rel, linears[rel]
             new, layer = _quantize_linear(name, module, selected[rel], algorithm,
-                                          stats.get(rel), samples.get(rel), observers.get(rel))
-            _set_submodule(block, rel, new)
+                                          stats.get(rel), samples.get(rel), observers.get(rel),
+                                          done.get(rel))
+            if place is None:
+                _set_submodule(block, rel, new)
+            else:
+                place(rel, new)
             if undo is not None:
                 undo.append((name, module))
             result.layers.append(layer)
@@ -569,6 +578,29 @@ def _quantize_block(
             if on_layer is not None:
                 on_layer(layer)
 
+    if sequential and _staged_fits(inputs):
+        # one forward per batch, paused before each group until it is quantized
+        watched = {n: linears[n] for n in selected}
+        observers = _observers(selected, observer)
+        collector = _Collector(
+            watched, set(selected) if algorithm.needs_hessian else set(),
+            {n: INPUT_SAMPLE_TOKENS for n in selected} if algorithm.needs_inputs else {},
+            len(inputs), observers, attach=False)
+
+        def quantize_staged(group: list[str], place: Callable[[str, nn.Module], None]) -> None:
+            for n in group:
+                st = collector.stats[n]
+                if st.abs_max is not None and not torch.isfinite(st.abs_max).all():
+                    raise ValueError(f"NaN/Inf in the input of layer {prefix + n!r}; stopped, "
+                                     "nothing was written")
+                stats[n] = st
+                if n in collector.samples:
+                    samples[n] = collector.samples[n]
+            quantize_group(group, place)
+
+        outs = _staged_forward(block, watched, groups, inputs, collector.hooks, quantize_staged)
+        _check_finite(outs, f"block {prefix[:-1]!r} after quantization")
+        return [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs, strict=True)]
     for group in groups:
         if sequential:  # inputs flow through the linears quantized so far
             collect(final=True, only=group)
@@ -582,6 +614,182 @@ def _quantize_block(
 
 class _StopForward(Exception):
     """Raised by a hook to end a block forward once the statistics it needs are in."""
+
+
+STAGED_MAX_INPUT_BYTES = 256 << 20
+"""The staged forward keeps every batch's forward paused inside the block at once (each holds
+its activations, for Llama about ``(1 + intermediate/hidden)`` x its input); above this many
+bytes of block inputs the block is re-run once per group instead (same statistics, slower)."""
+
+
+def _staged_fits(inputs: list[tuple[tuple, dict]]) -> bool:
+    total = 0
+    for args, kwargs in inputs:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            return False
+        total += hidden.numel() * hidden.element_size()
+    return total <= STAGED_MAX_INPUT_BYTES
+
+
+class _Abort(BaseException):
+    """Ends a paused batch forward when the staged run stops on an error."""
+
+
+class _Fiber:
+    """A batch forward run in its own thread, used as a coroutine: only one fiber or the
+    caller runs at any time (``resume`` blocks until the fiber pauses or ends)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]) -> None:
+        import threading
+
+        self._fn = fn
+        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.aborted = False
+        self.waiting_on: int | None = None  # the group index it is paused before
+
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            if self.aborted:
+                raise _Abort
+            with torch.no_grad():  # grad mode is per thread
+                self.result = self._fn()
+        except _Abort:
+            pass
+        except BaseException as e:  # handed to the caller
+            self.error = e
+        finally:
+            self.done = True
+            self.waiting_on = None
+            self._back.release()
+
+    def resume(self) -> None:
+        """Run the fiber (started with ``thread.start()``) until it pauses or ends."""
+        self._go.release()
+        self._back.acquire()
+
+    def pause(self, group: int) -> None:
+        """Called inside the fiber: hand control back until the group is quantized."""
+        self.waiting_on = group
+        self._back.release()
+        self._go.acquire()
+        self.waiting_on = None
+        if self.aborted:
+            raise _Abort
+
+
+class _StandIn(nn.Module):
+    """Takes a selected linear's place during the staged forward: the first call of the
+    forward into its group pauses the batch until the group is quantized (recording the
+    statistics of the input first); from then on it computes with the dequantized weight."""
+
+    def __init__(self, original: nn.Module, group: int, run: _StagedRun) -> None:
+        super().__init__()
+        self.original = original
+        self.group = group
+        self._run = run
+        self.quantized: nn.Module | None = None
+        self.weight_q: torch.Tensor | None = None
+
+    def use(self, new: nn.Module) -> None:
+        self.quantized = new
+        self.weight_q = new.qweight.dequantize(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group not in self._run.done_groups:
+            self._run.arrive(self.group, x)
+        if self.weight_q is None:  # not selected for this pass (never quantized)
+            return self.original(x)
+        bias = self.quantized.bias
+        return nn.functional.linear(x, self.weight_q.to(x.dtype),
+                                    None if bias is None else bias.to(x.dtype))
+
+
+class _StagedRun:
+    """Group bookkeeping of one staged forward (see ``_staged_forward``)."""
+
+    def __init__(self, groups: list[list[str]], hooks: Mapping[str, Callable],
+                 modules: Mapping[str, nn.Module]) -> None:
+        import threading
+
+        self.groups, self.hooks, self.modules = groups, hooks, modules
+        self.done_groups: set[int] = set()
+        self.fibers: dict[int, _Fiber] = {}  # thread id -> fiber
+        self._ident = threading.get_ident
+
+    def arrive(self, group: int, x: torch.Tensor) -> None:
+        for name in self.groups[group]:  # they share this input (one statistics update)
+            self.hooks[name](self.modules[name], (x,))
+        self.fibers[self._ident()].pause(group)
+
+
+def _staged_forward(block: nn.Module, modules: Mapping[str, nn.Module],
+                    groups: list[list[str]], inputs: list[tuple[tuple, dict]],
+                    hooks: Mapping[str, Callable],
+                    quantize: Callable[[list[str], Callable[[str, nn.Module], None]], None],
+                    ) -> list[torch.Tensor]:
+    """Run ``block`` once per batch with every batch paused before each group of linears until
+    all batches have given that group's statistics (``hooks``) and ``quantize(group, place)``
+    has quantized it; later groups thus see inputs through the quantized earlier ones, as
+    re-running the block per group would, at the cost of one forward. ``modules``: the
+    selected linears (relative names); returns the quantized block's outputs per batch. The
+    quantized modules replace the linears in ``block``; on an error the originals are put back.
+
+    A group that a batch reaches only after a later group (data-dependent order) is quantized
+    without that batch's input of it; a group no batch reaches is quantized last."""
+    run = _StagedRun(groups, hooks, modules)
+    group_of = {n: g for g, members in enumerate(groups) for n in members}
+    standins = {n: _StandIn(m, group_of[n], run) for n, m in modules.items()}
+    for n, s in standins.items():
+        _set_submodule(block, n, s)
+
+    def place(name: str, new: nn.Module) -> None:
+        standins[name].use(new)
+
+    fibers = [_Fiber(lambda a=a, k=k: _run(block, a, k)) for a, k in inputs]
+    ok = False
+    try:
+        for f in fibers:
+            f.thread.start()
+            run.fibers[f.thread.ident] = f
+            f.resume()
+        while True:
+            _raise_fiber_error(fibers)
+            waiting = [f.waiting_on for f in fibers if not f.done and f.waiting_on is not None]
+            if not waiting:
+                break
+            g = min(waiting)
+            quantize(groups[g], place)
+            run.done_groups.add(g)
+            for f in fibers:
+                if not f.done and f.waiting_on == g:
+                    f.resume()
+        for g, members in enumerate(groups):  # reached by no batch
+            if g not in run.done_groups:
+                quantize(members, place)
+                run.done_groups.add(g)
+        ok = True
+    finally:
+        for f in fibers:  # end paused forwards (only after an error)
+            if not f.done and f.thread.is_alive():
+                f.aborted = True
+                f.resume()
+        for n, s in standins.items():
+            _set_submodule(block, n, s.quantized if ok and s.quantized is not None
+                           else s.original)
+    _raise_fiber_error(fibers)
+    return [f.result for f in fibers]
+
+
+def _raise_fiber_error(fibers: list[_Fiber]) -> None:
+    for f in fibers:
+        if f.error is not None:
+            raise f.error
 
 
 def _input_groups(block: nn.Module, linears: Mapping[str, nn.Module],
@@ -631,17 +839,48 @@ def _check_finite(outs: list[torch.Tensor], where: str) -> None:
             raise ValueError(f"NaN/Inf in the outputs of {where}; stopped, nothing was written")
 
 
+def _quantize_together(group: list[str], linears: Mapping[str, nn.Module],
+                       selected: Mapping[str, QuantSpec], algorithm: Algorithm,
+                       stats: Mapping[str, LayerStats]) -> dict[str, Any]:
+    """``{name: QuantizedTensor}`` for the linears of ``group`` that share one statistics
+    object and one spec with another, from one ``algorithm.quantize_weights`` call per such
+    set (GPTQ: one column loop for q/k/v); the rest, and sets where it fails, are left out
+    (they go one by one, whose errors name the layer)."""
+    together = getattr(algorithm, "quantize_weights", None)
+    if together is None:
+        return {}
+    sets: dict[tuple[int, QuantSpec], list[str]] = {}
+    for n in group:
+        if stats.get(n) is not None:
+            sets.setdefault((id(stats[n]), selected[n]), []).append(n)
+    done: dict[str, Any] = {}
+    for (_, spec), names in sets.items():
+        if len(names) < 2:
+            continue
+        weights = [linear_weight(linears[n])[0].detach() for n in names]
+        if not all(bool(torch.isfinite(w).all()) for w in weights):
+            continue
+        try:
+            done.update(zip(names, together(weights, spec, stats[names[0]]), strict=True))
+        except (ValueError, TypeError):
+            continue
+    return done
+
+
 def _quantize_linear(
     name: str, module: nn.Module, spec: QuantSpec, algorithm: Algorithm,
     stats: LayerStats | None, sample: list[torch.Tensor] | None, observer: Any,
+    qt: Any = None,
 ) -> tuple[QuantLinear, LayerResult]:
+    """``qt``: the weight already quantized (``_quantize_together``), else quantized here."""
     from lowbit.calib.observe import set_input_qparams
 
     weight, _ = linear_weight(module)
     if not torch.isfinite(weight).all():
         raise ValueError(f"layer {name!r}: weight has NaN/Inf values")
     try:
-        qt = algorithm.quantize_weight(weight.detach(), spec, stats)
+        if qt is None:
+            qt = algorithm.quantize_weight(weight.detach(), spec, stats)
     except (ValueError, TypeError) as e:
         raise ValueError(f"layer {name!r} ({_kind(module)}): {e}") from None
     deq = qt.dequantize(torch.float32)

@@ -240,34 +240,42 @@ def _jit_kernels():
     def wo_dequant_kernel(
         p_ptr, s_ptr, z_ptr, w_ptr, N, KB, stride_pn, stride_sn, stride_wn,
         BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
-        ZC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        ZC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr,
     ):
-        # the reference's weights, (code - zc) * s in float32 rounded to W's dtype, for a
-        # [BLOCK_N, BLOCK_B]-byte tile of the packed codes
+        # the weights (code - zc) * s in float32, rounded to W's dtype, for a [BLOCK_N, BLOCK_B]
+        # -byte tile of the codes inside one group. W_PAIRS (4 bits, 16-bit W): W is written
+        # as int32 words, the two weights of a byte in one word (1: fp16, 2: bf16)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        ok = (offs_n < N)[:, None] & (offs_b < KB)[None, :]
+        n_ok = offs_n < N
+        ok = n_ok[:, None] & (offs_b < KB)[None, :]
         byte = tl.load(p_ptr + offs_n[:, None] * stride_pn + offs_b[None, :], mask=ok, other=0)
         byte = byte.to(tl.int32)
-        sz_off = offs_n[:, None] * stride_sn + (offs_b // GROUP_B)[None, :]
-        s = tl.load(s_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)
+        sz_off = offs_n * stride_sn + (tl.program_id(1) * BLOCK_B) // GROUP_B
+        s = tl.load(s_ptr + sz_off, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_ZERO:
-            zc = tl.load(z_ptr + sz_off, mask=ok, other=0.0).to(tl.float32) - QMIN
+            zc = tl.load(z_ptr + sz_off, mask=n_ok, other=0.0).to(tl.float32)[:, None] - QMIN
         else:
             zc = ZC
-        WDT = w_ptr.dtype.element_ty
+        w_rows = w_ptr + offs_n[:, None] * stride_wn
         if BITS == 4:
             lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            w = tl.reshape(tl.join((lo - zc) * s, (hi - zc) * s), (BLOCK_N, 2 * BLOCK_B))
-            offs_k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
-            k_ok = (offs_n < N)[:, None] & (offs_k < 2 * KB)[None, :]
+            lo = (lo - zc) * s
+            hi = (hi - zc) * s
+            if W_PAIRS == 0:  # float32 W: interleave into K order
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))
+                offs_k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+                tl.store(w_rows + offs_k[None, :], w, mask=n_ok[:, None] & (offs_k < 2 * KB))
+            else:
+                HDT: tl.constexpr = tl.float16 if W_PAIRS == 1 else tl.bfloat16
+                lo16 = lo.to(HDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                hi16 = hi.to(HDT).to(tl.int16, bitcast=True).to(tl.int32)
+                tl.store(w_rows + offs_b[None, :], lo16 | (hi16 << 16), mask=ok)
         else:
             code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             w = (code - zc) * s
-            offs_k = offs_b
-            k_ok = ok
-        tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(WDT), mask=k_ok)
+            tl.store(w_rows + offs_b[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
     return triton, wo_gemv_kernel, wo_gemm_kernel, wo_dequant_kernel
 
@@ -291,8 +299,7 @@ def pick_config(
 def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
     """Launch configs the autotuner times for ``m`` rows of x, the default first. The fused
     tiles compile for sm_90 without register spills (tests/kernels/test_triton.py)."""
-    dequant = Config("dequant", block_n=16 if bits == 4 else 8, block_k=512 if bits == 4 else 256,
-                     num_warps=4)
+    dequant = Config("dequant", block_n=32, block_k=128, num_warps=4)  # a tile: <= one group
     if dtype == torch.float32:  # the IEEE dot runs on FMA units: small tiles
         if m <= 16:
             return [Config("gemm", 16, 32, 32, num_warps=4, num_stages=2)]
@@ -307,7 +314,8 @@ def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
         return [Config("gemm", 64, 128, 64, num_warps=8, num_stages=3),
                 Config("gemm", 64, 64, 128, num_warps=4, num_stages=3),
                 Config("gemm", 128, 64, 64, num_warps=8, num_stages=3),
-                Config("gemm", 64, 128, 128, num_warps=8, num_stages=3), dequant]
+                Config("gemm", 64, 128, 128, num_warps=8, num_stages=3),
+                Config("gemm", 64, 64, 128, num_warps=4, num_stages=3, split_k=4), dequant]
     if m > 16:
         return [Config("gemm", 32, 64, 128, num_warps=4, num_stages=4),
                 Config("gemm", 32, 32, 128, num_warps=4, num_stages=4),
@@ -462,10 +470,13 @@ def _launch(
     )
     if cfg.kind == "dequant":  # the weight in x's dtype, then the vendor matmul
         w = torch.empty((n, layout.k), dtype=x.dtype, device=x.device)
-        bb = cfg.block_k * bits // 8
+        pairs = 0 if bits == 8 or x.dtype == torch.float32 else (
+            1 if x.dtype == torch.float16 else 2)
+        wk = w.view(torch.int32) if pairs else w
+        bb = run_k * bits // 8
         dequant[(triton.cdiv(n, cfg.block_n), triton.cdiv(kb, bb))](
-            packed, scale, zero, w, n, kb, packed.stride(0), stride_sn, w.stride(0),
-            BLOCK_N=cfg.block_n, BLOCK_B=bb, **consts,
+            packed, scale, zero, wk, n, kb, packed.stride(0), stride_sn, wk.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_B=bb, W_PAIRS=pairs, **consts,
         )
         return torch.nn.functional.linear(x, w, bias)
     b = bias if bias is not None else scale  # a placeholder pointer without a bias
@@ -527,7 +538,8 @@ def compile_offline(
     consts = dict(BITS=bits, GROUP_B=group_size * bits // 8 if group_size else _ONE_GROUP,
                   QMIN=0, HAS_ZERO=has_zero, ZC=float(1 << (bits - 1)), BLOCK_N=config.block_n)
     if kind == "dequant":
-        consts.update(BLOCK_B=config.block_k * bits // 8)
+        consts.update(BLOCK_B=run_k * bits // 8, W_PAIRS=0 if bits == 8 or x_dtype ==
+                      torch.float32 else (1 if x_dtype == torch.float16 else 2))
     elif kind == "gemv":
         pairs = 0 if bits == 8 or x_dtype == torch.float32 else (
             1 if x_dtype == torch.float16 else 2)
@@ -538,7 +550,7 @@ def compile_offline(
                       IEEE=x_dtype == torch.float32, HAS_BIAS=True, SPLIT_K=config.split_k)
     xt, st = _TL_TYPES[x_dtype], _TL_TYPES[scale_dtype]
     ptrs = {"x_ptr": "i32" if consts.get("X_PAIRS") else xt, "p_ptr": "u8", "s_ptr": st,
-            "z_ptr": st, "b_ptr": xt, "w_ptr": xt,
+            "z_ptr": st, "b_ptr": xt, "w_ptr": "i32" if consts.get("W_PAIRS") else xt,
             "y_ptr": "fp32" if config.split_k > 1 and kind == "gemm" else xt}
     names = fn.arg_names
     signature = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32")

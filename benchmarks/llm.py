@@ -74,6 +74,13 @@ def worker(job: dict) -> dict:
         import scipy.linalg  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401
         from safetensors import safe_open  # noqa: F401
+    # the architecture's transformers module (~2 s to import) is loaded before the timer, as
+    # the peers' workers have it loaded (by from_pretrained) before theirs
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        AutoModelForCausalLM._model_mapping[type(config)]
     baseline = _rss_kib("VmHWM")
     if job.get("cap_mb"):
         cap = _rss_kib("VmSize") * 1024 + job["cap_mb"] * 2**20
@@ -371,7 +378,9 @@ def _peer_config(spec: str, label: str) -> str:
         groups = ("fixed up front (static, the default at <= 2 bits)" if bits <= 2
                   else "from the error-updated weight")
         return (f"`{spec}` preset: int{bits} {kind} g{group}, fp16 scale/zero; damp 0.01, "
-                f"no act-order, block 128; group qparams {groups}; sequential within a block "
+                f"no act-order, block 128; group qparams {groups}, each group's range "
+                "searched (default clip_grid=20, max_shrink=0.4: the shrink of min-max with "
+                "the least diag(H)-weighted weight error); sequential within a block "
                 "(default: later Linears see the already quantized earlier ones)")
     if label == "llmcompressor gptq":
         return (f"GPTQModifier int{bits} {kind} group {group} (fp32 scale, int zero); "
@@ -408,7 +417,9 @@ def _write_peer_section(args, python, specs, toolkits, rows, fp_ppl, max_tokens,
         "fake-quantized (dequantized) weights loaded into the float model and scored the same "
         "way. time = wall seconds of the quantization call only (lowbit.quantize / "
         "llmcompressor.oneshot / gptqmodel's quantize / the HQQLinear loop), including each "
-        "one's calibration forward passes; peak RSS = the worker's VmHWM after quantizing (the "
+        "one's calibration forward passes (lowbit's includes reading the weights from disk; "
+        "its worker imports the model's transformers module before the timer, as the peers' "
+        "workers have by loading the model); peak RSS = the worker's VmHWM after quantizing (the "
         "peers load the whole float model first; lowbit streams blocks from disk). Load "
         f"average (1 min) of the shared machine: {load[0]:.1f} at the start of this run, "
         f"{load[1]:.1f} at the last row; other jobs ran at the same time, so compare times "

@@ -22,8 +22,12 @@ oracle's, so it matches ``fp8-reference`` to float32 accumulation error, not bit
 products of the decoded fp8 values summed in float64 (exact for e4m3 while ``K < 2**17``), rounded
 once to float32, then the same epilogue.
 
-On CUDA the activation quantization has no host synchronisation (no finiteness check): a row
-holding NaN or Inf gives a NaN output row where the oracles raise ValueError. On other devices
+On CUDA with Triton importable a call is three launches: the activation quantizer of
+:mod:`lowbit.kernels.triton_act` (codes and scales bit for bit as :func:`quantize_act_int8` /
+:func:`quantize_act_fp8`), the int8 or fp8 GEMM, and the Triton epilogue (the same float32
+operations); without Triton the same arithmetic runs as ~20 torch ops. On CUDA the activation
+quantization has no host synchronisation (no finiteness check): a row holding NaN or Inf gives
+a NaN output row where the oracles raise ValueError. On other devices
 the check runs as in the oracles. The registered kernels support CUDA tensors only; tests call
 the kernel functions directly on CPU tensors to check the arithmetic.
 """

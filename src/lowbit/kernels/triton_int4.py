@@ -5,25 +5,37 @@ machinery for 8-bit codes. Both read lowbit's canonical bytes directly: row n of
 ``K * bits / 8`` bytes; for 4 bits code ``2j`` is the low nibble of byte ``j`` and code ``2j+1``
 the high nibble, for 8 bits byte ``j`` is code ``j``. Scales (and zero-points) stay in their stored
 dtype, ``[N, G]`` for ``G`` groups of ``group_size`` along K, ``[N, 1]`` per channel, ``[1, 1]``
-per tensor. In registers each weight becomes, with the reference's float32 operations::
+per tensor. The weights are::
 
-    w = (code - (z - qmin)) * s            (z: the stored zero-point, or the symmetric one)
+    w = (code - zc) * s       zc = z - qmin (z: the stored zero-point, or the symmetric one)
 
-rounded to the activation dtype (so the weight values equal ``qt.dequantize(x.dtype)`` bit for
-bit), and is multiplied in float32. Weights never exist in float in global memory. Two kernels:
+Codes become floats from their bits (``2**23 + code`` as float32 bits, minus ``2**23``; in the
+GEMM ``1024 + code`` as fp16 bits, ``128 + code`` as bf16), never through int->float converts,
+which run at a quarter of the FMA rate and bounded the first version of these kernels. Kinds
+(:class:`Config`):
 
-- GEMV (``M <= GEMV_MAX_M``): one program per ``BLOCK_N`` output columns and row of x, no tensor
-  cores. Each step loads ``BLOCK_K`` codes of each of its rows as runs that lie in one group
-  (a ``[BLOCK_N, runs, bytes]`` tile, contiguous 16-byte loads), one scale per run, and
-  accumulates ``w * x`` elementwise in float32; one reduction over K at the end.
-- GEMM: ``[BLOCK_M, BLOCK_N]`` output tiles with ``tl.dot`` (fp32 accumulation; IEEE for fp32
-  inputs). ``BLOCK_K`` divides the group size, so a step's scales are one ``[BLOCK_N]`` vector;
-  for 4 bits the low and high nibbles are joined into K order in registers.
+- ``gemv`` (M <= ``GEMV_MAX_M``): CUDA cores, one program per ``BLOCK_N`` outputs and row of x.
+  A step loads ``[BLOCK_N, runs, bytes]`` codes, each run inside one group; per run
+  ``s * (sum(code * x) - zc * sum(x))`` in float32. 16-bit x is read as int32 pairs that match
+  the bytes of 4-bit codes.
+- ``gemm``: ``[BLOCK_M, BLOCK_N]`` tiles; a step (one group) puts the integer codes, exact in x's
+  dtype, through ``tl.dot`` (float32 accumulation; IEEE for fp32 x) and applies the group's map
+  to the partial sums. ``split_k`` > 1 cuts K into slices whose float32 partial sums are added
+  atomically (small M; the sum order varies run to run, so the autotuner skips it under
+  ``torch.use_deterministic_algorithms``).
+- ``dequant``: writes the weights in x's dtype, then ``F.linear`` (large M: the vendor GEMM).
 
-The bias, if any, is added to the float32 accumulator before the one rounding to x's dtype.
-Launch configs: :func:`pick_config` (benchmarks/gpu.py sweeps GEMV candidates on a GPU);
-:func:`compile_offline` builds a variant for ``sm_90`` without a GPU (tests use it to run
-Triton's frontend and ptxas on the configs dispatch picks).
+Numerics: ``gemv`` and ``gemm`` use the exact float32 weights (not rounded to x's dtype);
+``dequant`` rounds each weight to x's dtype, so it equals ``qt.dequantize(x.dtype)``. Sums are in
+float32 and the output is rounded once to x's dtype (the bias added before). Tests compare with
+a float64 oracle allowing float32 sums and one rounding of each weight.
+
+Launch configs: on CUDA :func:`wo_matmul` autotunes each shape at its first call (rows rounded up
+to a power of two, N, K, bits, dtypes): it times :func:`candidate_configs` from CUDA-graph
+replays over weight copies larger than the L2 cache and keeps the fastest (``tuned_configs()``
+lists the picks; ``LOWBIT_TRITON_AUTOTUNE=0`` or a graph capture uses :func:`pick_config`).
+:func:`compile_offline` builds a variant for ``sm_90`` without a GPU (tests compile every
+candidate and check that ptxas spills no registers).
 
 Triton is optional: it is imported on first use only. The kernels register for CUDA devices;
 under ``TRITON_INTERPRET=1`` :func:`wo_matmul` also runs on CPU tensors (that is how CI checks

@@ -3,8 +3,7 @@
 8-bit affine codes (int8/uint8, symmetric or with an int or float zero-point), one byte per code,
 scales per tensor, per output channel or per group of K (a multiple of 16), with fp16, bf16 or
 fp32 activations. The kernels are :mod:`lowbit.kernels.triton_int4`'s, run with ``BITS=8``; see
-its docstring for the layout and the arithmetic (weights equal ``qt.dequantize(x.dtype)``
-bit for bit; products and sums in float32).
+its docstring for the layout, the kernel kinds, the autotuner and the arithmetic.
 
 Triton is optional (imported on first use); the kernel registers for CUDA devices only. Under
 ``TRITON_INTERPRET=1`` :func:`int8_matmul` also runs on CPU tensors (tests/kernels/test_triton.py).

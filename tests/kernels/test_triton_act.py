@@ -10,9 +10,6 @@ binade edges, triton 3.9); benchmarks/gpu.py checks them bit for bit on a GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -128,12 +125,5 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def test_fused_act_quant_and_epilogue_match_torch_ops() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "OK 26" in run.stdout, run.stdout
+def test_fused_act_quant_and_epilogue_match_torch_ops(run_interpreted) -> None:
+    assert "OK 26" in run_interpreted(_SCRIPT)

@@ -266,3 +266,18 @@ def test_staged_forward_runs_each_block_once_per_batch(monkeypatch):
     setup = batches + 1  # capturing the first block's inputs (stopped there); finding groups
     assert count(1 << 30) == setup + blocks * batches
     assert count(0) == setup + blocks * batches * (groups + 1)
+
+
+def test_staged_forward_falls_back_with_many_batches(monkeypatch):
+    """More batches than STAGED_MAX_BATCHES (each paused forward holds a thread) re-run the
+    block per group instead: the forward count of the re-run path."""
+    import lowbit.calib.sequential as sq
+
+    monkeypatch.setattr(sq, "STAGED_MAX_BATCHES", 2)
+    model, calls = tiny_gpt2(), []
+    for b in model.transformer.h:
+        b.register_forward_pre_hook(lambda m, a: calls.append(1))
+    lowbit.quantize(model, "w4g64", algorithm="gptq", calib=gpt2_calib(6, 48),
+                    calib_batch_size=2, exclude=["lm_head"])
+    blocks, batches, groups = 2, 3, 4
+    assert len(calls) == batches + 1 + blocks * batches * (groups + 1)

@@ -622,7 +622,14 @@ its activations, for Llama about ``(1 + intermediate/hidden)`` x its input); abo
 bytes of block inputs the block is re-run once per group instead (same statistics, slower)."""
 
 
+STAGED_MAX_BATCHES = 64
+"""Each paused batch forward holds a thread (and its stack's address space, which counts under
+an address-space cap such as ``ulimit -v``); more batches than this re-run the block per group."""
+
+
 def _staged_fits(inputs: list[tuple[tuple, dict]]) -> bool:
+    if len(inputs) > STAGED_MAX_BATCHES:
+        return False
     total = 0
     for args, kwargs in inputs:
         hidden = args[0] if args else kwargs.get("hidden_states")

@@ -479,15 +479,6 @@ def _write_peer_section(args, python, specs, toolkits, rows, fp_ppl, max_tokens,
     print(f"wrote {args.out}")
 
 
-def _section(text: str, heading: str) -> str | None:
-    """The level-2 section of ``text`` starting at ``heading`` (up to the next '## '), or None."""
-    if heading not in text:
-        return None
-    rest = text[text.index(heading):]
-    nxt = rest.find("\n## ", len(heading))
-    return (rest if nxt < 0 else rest[:nxt]).rstrip("\n")
-
-
 def _replace_section(text: str, heading: str, section: str) -> str:
     """``text`` with the level-2 section starting at ``heading`` (up to the next '## ') replaced
     by ``section``, or ``section`` appended when there is none."""
@@ -593,9 +584,11 @@ def main() -> None:
     reference = CachedReference(float_model)
     rows = []
     machine = machine_line()
+    load0 = os.getloadavg()[0]
 
     def write(cap_rows: list) -> None:
-        write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine)
+        write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine,
+                       (load0, os.getloadavg()[0]))
 
     with tempfile.TemporaryDirectory() as tmp:
         caps = [int(c) for c in args.caps.split(",") if c]
@@ -645,14 +638,19 @@ def memory_cap_runs(model_dir: Path, caps: list[int], calib_samples: int, seq_le
     return out
 
 
-def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine):
+def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, machine,
+                   load: tuple[float, float]) -> None:
+    """Write the main section (up to the first '## ') of ``args.out``; the old file's later
+    sections are kept as they are, except "## Memory cap", replaced when this run made cap
+    rows. ``load``: the 1-minute load average at the start of the run and now."""
     name = args.model.name
     ok = [r for r in rows if r[2] is not None]
     fp_ppl = ok[0][2]["cmp"].reference_ppl if ok else float("nan")
     lines = [
         f"# LLM post-training algorithms on {name}",
         "",
-        f"Machine: {machine}. Written by `benchmarks/llm.py{' --quick' if args.quick else ''}`.",
+        f"Machine: {machine}. Written by `benchmarks/llm.py{' --quick' if args.quick else ''}"
+        f"{'' if args.repeats == 1 else f' --repeats {args.repeats}'}`.",
         "",
         "Protocol:",
         f"- model: `{name}` (fp16 checkpoint, run in float32: {fp32_bytes / 2**20:.1f} MiB of "
@@ -670,8 +668,9 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
         "`lowbit.quantize` (median of "
         f"{args.repeats} run(s)); peak RSS = the worker's `VmHWM` after quantization, including "
         "Python + torch + transformers (the 'base' column is `VmHWM` just before quantizing).",
-        "- the machine is shared with other jobs; wall times are noisy (taken while the load "
-        "average was high), so compare them within this table only.",
+        f"- load average (1 min) of the machine: {load[0]:.1f} at the start of this run, "
+        f"{load[1]:.1f} at its last row; each worker ran with torch's default thread count; "
+        "wall times on a shared machine are noisy, so compare them within this table only.",
         "",
         f"Float model: perplexity {fp_ppl:.3f} on these tokens.",
         "",
@@ -704,20 +703,26 @@ def write_markdown(args, rows, cap_rows, fp32_bytes, max_tokens, calib_samples, 
         if cands and spec in rtn_ppl:
             best_ppl, best = min(cands)
             closed = (rtn_ppl[spec] - best_ppl) / max(rtn_ppl[spec] - fp_ppl, 1e-9)
+            kls = {alg: r["cmp"].kl_mean for s, alg, r, _ in ok if s == spec}
+            kl_best = min((k, a) for a, k in kls.items() if a != "rtn")
             lines.append(f"- target 'best closes >= half of RTN's gap' at {spec}: best {best} "
-                         f"closes {closed:.0%} -> {'met' if closed >= 0.5 else 'NOT met'}.")
-    gptq = [r["seconds"] for s, alg, r, _ in ok if alg == "gptq"]
+                         f"closes {closed:.0%} -> {'met' if closed >= 0.5 else 'NOT met'} "
+                         f"(KL: RTN {kls['rtn']:.4f}, lowest {kl_best[1]} {kl_best[0]:.4f}).")
+    gptq = [r["seconds"] for s, alg, r, _ in ok if alg.startswith("gptq")]
     if gptq:
-        lines.append(f"- target 'GPTQ under a minute': GPTQ took {min(gptq):.1f}-{max(gptq):.1f} s "
-                     f"-> {'met' if max(gptq) < 60 else 'NOT met'} (on the loaded shared machine).")
-    lines += ["", *cap_section(cap_rows, "gptq", fp32_bytes)]
-    lines += ["", PEERS_NOTE, ""]
+        lines.append(f"- target 'GPTQ under a minute': GPTQ (incl. act-order) took "
+                     f"{min(gptq):.1f}-{max(gptq):.1f} s -> "
+                     f"{'met' if max(gptq) < 60 else 'NOT met'} (load average {load[0]:.1f} at "
+                     f"the start of the run, {load[1]:.1f} at its last row).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = args.out.read_text() if args.out.exists() else ""
-    kept = _section(old, "## Peer toolkits")
-    if kept:  # keep the last --peers run's section (written by that run, not this one)
-        lines[lines.index(PEERS_NOTE)] = kept
-    args.out.write_text("\n".join(lines))
+    tail = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    cap = "\n".join(cap_section(cap_rows, "gptq", fp32_bytes))
+    if not tail:
+        tail = cap + "\n\n" + PEERS_NOTE + "\n"
+    elif cap_rows:  # this run's cap rows replace the old "## Memory cap" section
+        tail = _replace_section(tail, "## Memory cap", cap + "\n")
+    args.out.write_text("\n".join(lines) + "\n\n" + tail)
     print(f"wrote {args.out}")
 
 

@@ -589,7 +589,7 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[
                            f"{c.dtype} | {res} |")
     tuned_lines = ["| rows (bucket) | N | K | bits | x dtype | config |",
                    "| ---: | ---: | ---: | ---: | --- | --- |"]
-    for (rows, n, k, bits, _g, dt, _z, _b), cfg in sorted(tuned.items(), key=lambda kv: (
+    for (rows, n, k, bits, _g, dt, *_), cfg in sorted(tuned.items(), key=lambda kv: (
             kv[0][3], kv[0][2], kv[0][1], kv[0][0])):
         desc = (f"gemv {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps" if cfg.kind == "gemv"
                 else "dequant + F.linear" if cfg.kind == "dequant"

@@ -361,7 +361,7 @@ _TUNED: dict[tuple, Config] = {}
 
 def tuned_configs() -> dict[tuple, Config]:
     """What the autotuner chose so far: ``(rows bucket, N, K, bits, group, x dtype, zero-point,
-    bias) -> Config``."""
+    bias, deterministic mode) -> Config``."""
     return dict(_TUNED)
 
 
@@ -373,7 +373,7 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
     m, n = x.shape[0], layout.packed.shape[0]
     bucket = 1 << max(0, m - 1).bit_length()
     key = (bucket, n, layout.k, layout.bits, layout.group_size, x.dtype,
-           layout.zero is not None, bias is not None)
+           layout.zero is not None, bias is not None, torch.are_deterministic_algorithms_enabled())
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg

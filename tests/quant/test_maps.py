@@ -80,6 +80,29 @@ def test_zero_maps_to_zero_exactly(spec):
     assert bool((fake_quantize(x, spec)[:, ::7] == 0).all())
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    zero_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+    offset=st.floats(-1e3, 1e3).filter(lambda v: abs(v) > 1e-3),
+    width=st.floats(1e-9, 1e-3),
+    seed=st.integers(0, 1000),
+)
+def test_float_zero_point_of_narrow_range_far_from_zero_stays_finite(
+    bits, zero_dtype, offset, width, seed
+):
+    """A near-constant row far from 0 (range/|offset| down to 1e-12) once gave an fp16
+    zero-point of -inf and NaN weights; now the step widens so the zero stays resolvable."""
+    spec = preset("w8").replace(format=f"uint{bits}", symmetric=False, zero_point="float",
+                                zero_dtype=zero_dtype)
+    x = offset + width * torch.rand(4, 64, generator=torch.Generator().manual_seed(seed))
+    codes, qp, layout = quantize(x, spec)
+    assert bool(torch.isfinite(qp.zero_point.float()).all())
+    err = (x - dequantize(codes, qp, spec, layout)).abs()
+    step = _expanded(qp.scale, layout)
+    assert bool((err <= step + 1e-6 * x.abs()).all())  # half a step + the zero's own rounding
+
+
 @pytest.mark.parametrize("name", ["w8", "w4g128", "w3g128", "w2g64", "w4g128-sym"])
 @pytest.mark.parametrize("value", [0.0, 3.0, -1e-3])
 def test_constant_tensor_has_no_division_by_zero(name, value):

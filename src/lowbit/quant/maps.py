@@ -122,7 +122,14 @@ def qparams_from_range(
             return QParams(scale=scale)
         if spec.zero_point == "int":
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = _store_scale((hi - lo) / (qmax - qmin), scale_dtype)
+        raw = (hi - lo) / (qmax - qmin)
+        if spec.zero_point == "float":
+            # A float zero-point is stored in zero_dtype: a range far from 0 and narrow (a
+            # near-constant row) would put it beyond that dtype's reach (fp16: inf). Widen the
+            # step so |zero| stays where the dtype resolves it to half a code or better.
+            reach = 0.5 / torch.finfo(torch_dtype(spec.zero_dtype)).eps - abs(qmin)
+            raw = torch.maximum(raw, torch.maximum(lo.abs(), hi.abs()) / reach)
+        scale = _store_scale(raw, scale_dtype)
         zero = qmin - lo / scale.float()
         if spec.zero_point == "int":
             zero = zero.round().clamp(qmin, qmax)

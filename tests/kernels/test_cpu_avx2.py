@@ -47,10 +47,10 @@ def check_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, qt: Quantiz
 @pytest.mark.parametrize("m", [1, 3, 4, 7, cpu_avx2.GEMV_MAX_ROWS + 1])
 def test_matches_reference(name: str, m: int) -> None:
     torch.manual_seed(m)
-    w = torch.randn(72, 384) * torch.rand(72, 1) * 3
+    w = torch.randn(73, 384) * torch.rand(73, 1) * 3  # odd N: M=1 pairs rows, plus a tail
     qt = QuantizedTensor.from_float(w, name)
     x = torch.randn(m, 384)
-    bias = torch.randn(72)
+    bias = torch.randn(73)
     y = cpu_avx2.cpu_linear(x, qt, bias, {})
     check_close(y, reference_linear(x, qt, bias, {}), x, qt)
 
@@ -68,18 +68,18 @@ INT8_SPECS = {
 @pytest.mark.parametrize("m", [1, 5, cpu_avx2.GEMV_MAX_ROWS + 1])
 def test_int8_matches_reference(name: str, m: int) -> None:
     torch.manual_seed(m)
-    qt = QuantizedTensor.from_float(torch.randn(40, 256) * torch.rand(40, 1) + 0.3,
+    qt = QuantizedTensor.from_float(torch.randn(41, 256) * torch.rand(41, 1) + 0.3,
                                     INT8_SPECS[name])
     x = torch.randn(2, m, 256)
     assert dispatch.select_kernel(qt, x).name == "cpu_int8"
-    bias = torch.randn(40)
+    bias = torch.randn(41)
     check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
 
 
-def test_int8_needs_16_wide_rows() -> None:
-    qt = QuantizedTensor.from_float(torch.randn(8, 40), "w8")
+def test_int8_needs_32_wide_rows() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 48), "w8")
     assert not cpu_avx2.spec_supported(qt)
-    assert dispatch.select_kernel(qt, torch.randn(1, 40)).name == "reference"
+    assert dispatch.select_kernel(qt, torch.randn(1, 48)).name == "reference"
 
 
 def test_float_zero_point_and_3d_input() -> None:

@@ -11,10 +11,9 @@ against the activations:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 
-where ``c`` are the codes as the kernel reads them (int4: the stored unsigned codes; int8: the
-stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``, 8 for signed
-symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the activation
-sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8) fewer bytes
+where ``c`` are the stored unsigned codes (``code - qmin``), ``zc`` the zero-point in those
+units (``z - qmin``; for signed symmetric specs ``-qmin``) and ``xs[m, g]`` the activation sum
+of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8) fewer bytes
 than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes into an fp32 buffer (C++) and calls
 ``F.linear`` (compute-bound there; fp32 speed minus the dequant).
 
@@ -58,31 +57,31 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One 16-byte chunk of lowbit's canonical bytes as fp32 vectors c[0..3] (int4: 32 codes) or
-// c[0..1] (int8: 16). int4: byte j holds code 2j (low nibble) and 2j+1 (high nibble), so c[0..3]
-// are the codes in the order [0, 2, .., 30, 1, 3, .., 31]; the activations of each 32-chunk are
-// permuted the same way (cheap: M x K, against N x K weights that stay as stored).
-// int8: bytes (code - qmin) read as signed (byte ^ 0x80) = code - qmin - 128.
+// One 32-code chunk of lowbit's canonical bytes as fp32 vectors c[0..3], 8 codes each.
+// int4 (16 bytes): byte j holds code 2j (low nibble) and 2j+1 (high nibble); widening each
+// 16-bit pair to a 32-bit lane puts codes 4l..4l+3 in lane l's nibbles 0..3, so c[j] holds
+// codes {4l + j : l = 0..7} -- the activations of each 32-chunk are permuted the same way
+// (cheap: M x K, against N x K weights that stay as stored). Shifts and masks instead of byte
+// shuffles keep the unpacking off the shuffle port.
+// int8 (32 bytes): the stored unsigned bytes (code - qmin), in order.
 template <bool INT8>
 static inline void unpack(const uint8_t* p, __m256 c[4]) {
-  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   if constexpr (INT8) {
-    b = _mm_xor_si128(b, _mm_set1_epi8(static_cast<char>(0x80)));
-    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    for (int q = 0; q < 4; ++q)
+      c[q] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q))));
   } else {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(b, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
+    c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask));
+    c[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask));
+    c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 12));
   }
 }
 
-// Codes per 16-byte chunk.
-template <bool INT8> constexpr int64_t CODES = INT8 ? 16 : 32;
+constexpr int64_t CODES = 32;  // codes per chunk
+template <bool INT8> constexpr int64_t CHUNK_BYTES = INT8 ? 32 : 16;
 
 // Rows m0..m0+MT of OUT for output channel n; X [M, K], XS [M, G] group sums of X; prow the
 // channel's K * bits / 8 bytes; S, ZS [N, G].
@@ -90,32 +89,78 @@ template <bool INT8, int MT>
 static inline void row_tile(const float* X, const float* XS, const uint8_t* prow,
                             const float* S, const float* ZS, const float* B, float* OUT,
                             int64_t m0, int64_t n, int64_t K, int64_t G, int64_t N) {
-  const int64_t group = K / G, chunks = group / CODES<INT8>;
+  // Independent accumulators per row: one FMA chain would wait on the FMA latency (4 cycles)
+  // at every step; with fewer rows each row gets more chains.
+  constexpr int A = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  const int64_t group = K / G, chunks = group / CODES;
   __m256 tot[MT];
   float corr[MT];
   for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MT];
-    for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+    __m256 acc[MT][A];
+    for (int t = 0; t < MT; ++t)
+      for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < chunks; ++i) {
-      const int64_t k0 = g * group + i * CODES<INT8>;
+      const int64_t k0 = g * group + i * CODES;
       __m256 c[4];
-      unpack<INT8>(prow + 16 * (g * chunks + i), c);
+      unpack<INT8>(prow + CHUNK_BYTES<INT8> * (g * chunks + i), c);
       for (int t = 0; t < MT; ++t) {
         const float* x = X + (m0 + t) * K + k0;
-        for (int q = 0; q < CODES<INT8> / 8; ++q)
-          acc[t] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(x + 8 * q), acc[t]);
+        for (int q = 0; q < 4; ++q)
+          acc[t][q % A] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(x + 8 * q), acc[t][q % A]);
       }
     }
     const __m256 sv = _mm256_set1_ps(S[n * G + g]);
     const float zs = ZS[n * G + g];
     for (int t = 0; t < MT; ++t) {
-      tot[t] = _mm256_fmadd_ps(acc[t], sv, tot[t]);
+      __m256 sum = acc[t][0];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
+      tot[t] = _mm256_fmadd_ps(sum, sv, tot[t]);
       corr[t] += zs * XS[(m0 + t) * G + g];
     }
   }
   const float bias = B ? B[n] : 0.f;
   for (int t = 0; t < MT; ++t) OUT[(m0 + t) * N + n] = (hsum(tot[t]) - corr[t]) + bias;
+}
+
+// M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
+template <bool INT8>
+static inline void pair_tile(const float* X, const float* XS, const uint8_t* prow,
+                             int64_t row_bytes, const float* S, const float* ZS,
+                             const float* B, float* OUT, int64_t n, int64_t K, int64_t G) {
+  const int64_t group = K / G, chunks = group / CODES;
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  float corr0 = 0.f, corr1 = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t off = CHUNK_BYTES<INT8> * (g * chunks + i);
+      const float* x = X + g * group + i * CODES;
+      __m256 c[4], d[4];
+      // two streams at once defeat the hardware prefetcher on large weights: help it
+      const char* ahead = reinterpret_cast<const char*>(prow + off + 32 * CHUNK_BYTES<INT8>);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + row_bytes, _MM_HINT_T0);
+      unpack<INT8>(prow + off, c);
+      unpack<INT8>(prow + row_bytes + off, d);
+      __m256 xv = _mm256_loadu_ps(x);
+      a0 = _mm256_fmadd_ps(c[0], xv, a0); b0 = _mm256_fmadd_ps(d[0], xv, b0);
+      xv = _mm256_loadu_ps(x + 8);
+      a1 = _mm256_fmadd_ps(c[1], xv, a1); b1 = _mm256_fmadd_ps(d[1], xv, b1);
+      xv = _mm256_loadu_ps(x + 16);
+      a0 = _mm256_fmadd_ps(c[2], xv, a0); b0 = _mm256_fmadd_ps(d[2], xv, b0);
+      xv = _mm256_loadu_ps(x + 24);
+      a1 = _mm256_fmadd_ps(c[3], xv, a1); b1 = _mm256_fmadd_ps(d[3], xv, b1);
+    }
+    const float xs = XS[g];
+    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(S[n * G + g]), tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(S[(n + 1) * G + g]), tot1);
+    corr0 += ZS[n * G + g] * xs;
+    corr1 += ZS[(n + 1) * G + g] * xs;
+  }
+  OUT[n] = (hsum(tot0) - corr0) + (B ? B[n] : 0.f);
+  OUT[n + 1] = (hsum(tot1) - corr1) + (B ? B[n + 1] : 0.f);
 }
 
 // OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null); W from P [N, K * bits / 8], S, ZS [N, G].
@@ -132,16 +177,23 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
       for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
       XS[m * G + g] = s;
     }
-  float* XP = nullptr;  // int4: X with each 32-chunk in the unpack order [0, 2, .., 30, 1, .., 31]
+  float* XP = nullptr;  // int4: X with each 32-chunk in the unpack order (see unpack)
   if constexpr (!INT8) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
-      for (int j = 0; j < 16; ++j) {
-        XP[i + j] = X[i + 2 * j];
-        XP[i + 16 + j] = X[i + 2 * j + 1];
-      }
+      for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + 4 * l + j];
     X = XP;
+  }
+  if (M == 1) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
+    for (int64_t p = 0; p < N / 2; ++p)
+      pair_tile<INT8>(X, XS, P + 2 * p * row_bytes, row_bytes, S, ZS, B, OUT, 2 * p, K, G);
+    if (N % 2) row_tile<INT8, 1>(X, XS, P + (N - 1) * row_bytes, S, ZS, B, OUT, 0, N - 1, K, G, N);
+    free(XS);
+    free(XP);
+    return 0;
   }
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
@@ -165,16 +217,16 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
 template <bool INT8>
 static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W, int64_t N,
                     int64_t K, int64_t G, int threads) {
-  const int64_t group = K / G, chunks = group / CODES<INT8>, row_bytes = INT8 ? K : K / 2;
+  const int64_t group = K / G, chunks = group / CODES, row_bytes = INT8 ? K : K / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
       for (int64_t i = 0; i < chunks; ++i) {
         __m256 c[4];
-        unpack<INT8>(P + n * row_bytes + 16 * (g * chunks + i), c);
-        float* o = W + n * K + g * group + i * CODES<INT8>;
-        for (int q = 0; q < CODES<INT8> / 8; ++q)
+        unpack<INT8>(P + n * row_bytes + CHUNK_BYTES<INT8> * (g * chunks + i), c);
+        float* o = W + n * K + g * group + i * CODES;
+        for (int q = 0; q < 4; ++q)
           _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(c[q], sv, zv));
       }
     }
@@ -271,8 +323,8 @@ def extension() -> ctypes.CDLL | None:
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:
-    """Weight-only 2-D affine specs: 4-bit group-wise (groups a multiple of 32), or 8-bit
-    per-channel / group-wise (channels or groups a multiple of 16 wide)."""
+    """Weight-only 2-D affine specs, 4-bit group-wise or 8-bit per-channel / group-wise, whose
+    groups (or rows) are a multiple of 32 wide."""
     spec = qt.spec
     if spec.act is not None or spec.kind != "affine" or len(qt.shape) != 2 or qt.g_idx is not None:
         return False
@@ -280,8 +332,8 @@ def spec_supported(qt: QuantizedTensor) -> bool:
         return spec.granularity == "group" and spec.group_size % 32 == 0
     if spec.bits == 8:
         if spec.granularity == "group":
-            return spec.group_size % 16 == 0
-        return spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 16 == 0
+            return spec.group_size % 32 == 0
+        return spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 32 == 0
     return False
 
 
@@ -302,8 +354,7 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
     [N, G]); the two small float tensors are built once and held in ``cache``.
 
     The codes are read as stored (no repacked copy of the weight is kept: the int4 kernel
-    permutes the activations instead, see ``_int4_order``). 8-bit codes are read as
-    ``byte - 128``, so their zero term carries ``- 128``.
+    permutes the activations instead, see ``_int4_order``).
     """
     bits = qt.spec.bits
     name = f"cpu_int{bits}"
@@ -317,8 +368,6 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
             zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
         else:
             zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
-        if bits == 8:
-            zero_code = zero_code - 128
         tensors = (qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
         # the tensors keep the pointers valid; the ints save per-call ctypes work
         entry = (qt.qdata, tensors, tuple(t.data_ptr() for t in tensors))
@@ -327,10 +376,10 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
 
 
 def _int4_order(x2: torch.Tensor) -> torch.Tensor:
-    """``x [M, K]`` with each 32-chunk reordered as [x0, x2, .., x30, x1, x3, .., x31], the order
-    in which the kernel unpacks a chunk of canonical int4 bytes."""
+    """``x [M, K]`` with each 32-chunk reordered as [x0, x4, .., x28, x1, x5, .., x29, x2, ..,
+    x31], the order in which the kernel unpacks a chunk of canonical int4 bytes."""
     m, k = x2.shape
-    return x2.reshape(m, k // 32, 16, 2).transpose(-1, -2).reshape(m, k)
+    return x2.reshape(m, k // 32, 8, 4).transpose(-1, -2).reshape(m, k)
 
 
 def cpu_linear(

@@ -7,6 +7,7 @@
 from lowbit.algorithms import qat
 from lowbit.api import QuantizeSummary, quantize
 from lowbit.io import load, save
+from lowbit.models.decode import Decoder, generate
 from lowbit.quant import choose_qparams, fake_quantize
 from lowbit.spec import PRESETS, QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
@@ -14,6 +15,7 @@ from lowbit.tensor import QuantizedTensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "Decoder",
     "PRESETS",
     "QuantSpec",
     "QuantizeSummary",
@@ -21,6 +23,7 @@ __all__ = [
     "as_spec",
     "choose_qparams",
     "fake_quantize",
+    "generate",
     "load",
     "preset",
     "qat",

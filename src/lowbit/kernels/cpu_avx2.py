@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -382,38 +383,49 @@ def _int4_order(x2: torch.Tensor) -> torch.Tensor:
     return x2.reshape(m, k // 32, 8, 4).transpose(-1, -2).reshape(m, k)
 
 
-def cpu_linear(
-    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
-) -> torch.Tensor:
-    """``x [..., K] float32 @ W^T`` for a 4-bit group-wise or 8-bit W ``[N, K]``; ``[..., N]``."""
+def bind_cpu_linear(
+    qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [..., K] float32 -> x @ W^T + b [..., N]`` for a 4-bit group-wise or 8-bit W
+    ``[N, K]``, with the weight's pointers and shapes resolved once."""
     lib = extension()
     bits = qt.spec.bits
     packed, scale, scale_zero = _execution_layout(qt, cache)  # pointers
     n_out, k_in = qt.shape
     n_groups = qt.scale.numel() // n_out
-    threads = torch.get_num_threads()
-    x2 = (x if x.dim() == 2 else x.reshape(-1, k_in)).contiguous()
-    m = x2.shape[0]
-    if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
-        x2 = _int4_order(x2) if bits == 4 else x2
-        w = torch.empty(n_out, k_in)
-        getattr(lib, f"int{bits}_dequant")(
-            packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups, threads,
-        )
-        y = F.linear(x2, w, None if bias is None else bias.float())
-    else:
-        y = torch.empty(m, n_out)
-        b = None if bias is None else bias.float().contiguous()
-        status = getattr(lib, f"int{bits}_gemv")(
-            x2.data_ptr(), packed, scale, scale_zero,
-            None if b is None else b.data_ptr(), y.data_ptr(), m, k_in, n_out, n_groups,
-            threads,
-        )
+    gemv, dequant = getattr(lib, f"int{bits}_gemv"), getattr(lib, f"int{bits}_dequant")
+    b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
+    b_ptr = None if b is None else b.data_ptr()
+    get_threads = torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, k_in)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
+            x2 = _int4_order(x2) if bits == 4 else x2
+            w = torch.empty(n_out, k_in)
+            dequant(packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups, get_threads())
+            return F.linear(x2, w, b).reshape(*x.shape[:-1], n_out)
+        y = torch.empty(*x.shape[:-1], n_out)
+        status = gemv(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
+                      n_out, n_groups, get_threads())
         if status:
             raise MemoryError(f"cpu_int{bits}: could not allocate {m}x{n_groups} group sums")
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+        return y
+
+    return run
+
+
+def cpu_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """``x [..., K] float32 @ W^T`` for a 4-bit group-wise or 8-bit W ``[N, K]``; ``[..., N]``."""
+    return bind_cpu_linear(qt, bias, cache)(x)
 
 
 for _bits in (4, 8):
     register_kernel(Kernel(f"cpu_int{_bits}", cpu_linear,
-                           lambda qt, x, b=_bits: _supports(qt, x, b), priority=10))
+                           lambda qt, x, b=_bits: _supports(qt, x, b), priority=10,
+                           bind=bind_cpu_linear))

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from lowbit.tensor import QuantizedTensor
 
 KernelFn = Callable[[torch.Tensor, QuantizedTensor, "torch.Tensor | None", dict], torch.Tensor]
+BoundLinear = Callable[[torch.Tensor], torch.Tensor]
+BindFn = Callable[[QuantizedTensor, "torch.Tensor | None", dict], BoundLinear]
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,28 @@ class Kernel:
     supports: Callable[[QuantizedTensor, torch.Tensor], bool]
     priority: int = 0  # higher wins among kernels that support a call
     oracle: bool = False  # a reference kernel: what kernel="reference" selects for its specs
+    # Optional: resolve everything that does not depend on x once, giving ``x -> y``; equal
+    # to ``fn`` (the per-call Python work of a small layer is comparable to its matmul).
+    bind: BindFn | None = None
+
+    def bound(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict) -> BoundLinear:
+        """``x -> x @ W^T + b`` for this weight and bias."""
+        if self.bind is not None:
+            return self.bind(qt, bias, cache)
+        fn = self.fn
+        return lambda x: fn(x, qt, bias, cache)
 
 
 KERNELS: dict[str, Kernel] = {}
 
 
+_registry_version = 0  # bumped on registration: memoized selections made before are stale
+
+
 def register_kernel(kernel: Kernel) -> Kernel:
+    global _registry_version
     KERNELS[kernel.name] = kernel
+    _registry_version += 1
     return kernel
 
 
@@ -90,8 +107,34 @@ def linear(
     kernel: str | None = None,
     cache: dict | None = None,
 ) -> torch.Tensor:
-    """``x @ W^T + b`` with the selected kernel."""
-    return select_kernel(qt, x, kernel).fn(x, qt, bias, {} if cache is None else cache)
+    """``x @ W^T + b`` with the selected kernel.
+
+    ``cache`` is the caller's per-weight dict (a module's): kernels keep execution layouts in it,
+    and the selected kernel, bound to this weight and bias, is memoized there per kind of input
+    (device, dtype, width, autograd, forced kernel): a decode step pays the ~20 us of trying
+    every kernel once, not per call. Clear it when the weight changes.
+    """
+    if cache is None:
+        return select_kernel(qt, x, kernel).fn(x, qt, bias, {})
+    return bound_linear(x, qt, bias, kernel=kernel, cache=cache)(x)
+
+
+def bound_linear(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    bias: torch.Tensor | None,
+    *,
+    kernel: str | None = None,
+    cache: dict,
+) -> BoundLinear:
+    """The memoized ``x -> x @ W^T + b`` for inputs like ``x`` (see :func:`linear`)."""
+    forced = kernel or os.environ.get("LOWBIT_KERNEL") or None
+    key = ("bound", x.device, x.dtype, x.shape[-1] if x.dim() else 0,
+           x.requires_grad and torch.is_grad_enabled(), forced, id(bias), _registry_version)
+    run = cache.get(key)
+    if run is None:  # the bound callable holds ``bias``, so its id is not reused meanwhile
+        run = cache[key] = select_kernel(qt, x, forced).bound(qt, bias, cache)
+    return run
 
 
 def kernel_plan(model: torch.nn.Module, device: str = "cpu",

@@ -32,6 +32,7 @@ class _QuantWeightMixin(nn.Module):
         self.weight_dtype = dtype
         self.kernel: str | None = None  # force a kernel by name (None: dispatch decides)
         self._kernel_cache: dict = {}
+        self._view: tuple | None = None  # (buffers it was built from, QuantizedTensor)
         for name, (dims, dt) in stored_shapes(spec, shape).items():
             self.register_buffer(_PREFIX + STATE_NAMES[name], torch.empty(dims, dtype=dt,
                                                                           device=device))
@@ -51,6 +52,7 @@ class _QuantWeightMixin(nn.Module):
             else:  # optional tensors (g_idx) become buffers only when present
                 self.register_buffer(name, t)
         self._kernel_cache.clear()
+        self._view = None
 
     @property
     def weight_logical_shape(self) -> tuple[int, ...]:
@@ -58,6 +60,7 @@ class _QuantWeightMixin(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
+        """A new QuantizedTensor over the module's buffers (shared, not copied)."""
         fields = {
             field: getattr(self, _PREFIX + name, None) for field, name in STATE_NAMES.items()
         }
@@ -65,8 +68,25 @@ class _QuantWeightMixin(nn.Module):
             spec=self.spec, shape=self.weight_logical_shape, dtype=self.weight_dtype, **fields
         )
 
+    def _weight_view(self) -> QuantizedTensor:
+        """``qweight`` for forward: built once (~20 us) and reused while the module holds the
+        same buffer objects and dtype (``.to()``, ``set_weight`` and ``load_state_dict`` give
+        new objects or clear it; in-place changes are seen through the shared tensors)."""
+        key = (self.weight_dtype, *self._buffers.values())
+        view = self._view
+        if view is None or len(view[0]) != len(key) or any(
+            a is not b for a, b in zip(view[0], key, strict=True)
+        ):
+            qt = self.qweight
+            if hasattr(self, "input_scale"):
+                qt.act_scale = self.input_scale
+                qt.act_zero_point = getattr(self, "input_zero_point", None)
+            self._view = view = (key, qt)
+        return view[1]
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache.clear()
+        self._view = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -116,11 +136,9 @@ class QuantLinear(_QuantWeightMixin):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qt = self.qweight
-        if hasattr(self, "input_scale"):
-            qt.act_scale = self.input_scale
-            qt.act_zero_point = getattr(self, "input_zero_point", None)
-        return dispatch.linear(x, qt, self.bias, kernel=self.kernel, cache=self._kernel_cache)
+        return dispatch.linear(
+            x, self._weight_view(), self.bias, kernel=self.kernel, cache=self._kernel_cache
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}"

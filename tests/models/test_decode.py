@@ -1,0 +1,135 @@
+"""lowbit's Decoder against transformers: same logits and greedy tokens on the fixture Llama (float
+and quantized) and on tiny random mistral / qwen2 models; sampling, eos and bad input."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+from lowbit.models.decode import Decoder, generate  # noqa: E402
+
+LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(LLAMA_3M, dtype=torch.float32).eval()
+
+
+def prompt(batch: int = 1, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 2000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_generate(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, pad_token_id=1)
+
+
+def check_logits_match_hf(model, ids: torch.Tensor, split: int, atol: float) -> None:
+    """Prefill ``ids[:, :split]``, then one token at a time; every step's last-position logits
+    against transformers' full forward of the same prefix."""
+    decoder = Decoder(model, ids.shape[0], ids.shape[1] + 1)
+    with torch.inference_mode():
+        steps = [(0, decoder.forward(ids[:, :split], 0))]
+        steps += [(t, decoder.forward(ids[:, t:t + 1], t)) for t in range(split, ids.shape[1])]
+        for t, logits in steps:
+            end = split if t == 0 else t + 1
+            ref = model(ids[:, :end]).logits[:, -1]
+            assert torch.allclose(logits, ref, atol=atol, rtol=0), (t, (logits - ref).abs().max())
+
+
+def test_fixture_llama_logits_and_greedy_tokens_match_transformers(llama):
+    ids = prompt(batch=2)
+    check_logits_match_hf(llama, torch.cat([ids, prompt(2, 6, seed=1)], 1), split=12, atol=1e-4)
+    assert torch.equal(generate(llama, ids, 20), hf_generate(llama, ids, 20))
+
+
+def test_quantized_model_uses_its_kernels_and_matches_its_hf_forward(llama):
+    model = lowbit.quantize(copy.deepcopy(llama), "w4g128")
+    ids = torch.cat([prompt(), prompt(1, 5, seed=2)], 1)
+    check_logits_match_hf(model, ids, split=12, atol=1e-3)
+    assert torch.equal(generate(model, ids[:, :12], 10), hf_generate(model, ids[:, :12], 10))
+
+
+def test_a_chunk_after_cached_tokens_is_causal(llama):
+    """A multi-token forward after a prefill (explicit mask) equals one whole prefill."""
+    ids = prompt(length=16)
+    decoder = Decoder(llama, 1, 16)
+    with torch.inference_mode():
+        whole = decoder.forward(ids, 0)
+        decoder.forward(ids[:, :9], 0)
+        chunked = decoder.forward(ids[:, 9:], 9)
+    assert torch.allclose(whole, chunked, atol=1e-5, rtol=0)
+
+
+def _tiny(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("mistral", {"sliding_window": None}),
+    ("qwen2", {}),  # q/k/v carry biases
+    ("llama", {"attention_bias": True, "tie_word_embeddings": True}),
+])
+def test_tiny_random_models_of_each_supported_type(model_type, extra):
+    model = _tiny(model_type, **extra)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
+    check_logits_match_hf(model, ids, split=6, atol=1e-5)
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
+    ids = prompt()
+    decoder = Decoder(llama, 1, 40)
+
+    def sample(seed, **kw):
+        return decoder.generate(ids, 16, do_sample=True,
+                                generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(sample(5, temperature=0.8), sample(5, temperature=0.8))
+    assert torch.equal(sample(5, top_k=1), decoder.generate(ids, 16))
+
+
+def test_rows_stop_at_eos_and_pad_after(llama):
+    ids = prompt(batch=2)
+    free = generate(llama, ids, 12)
+    eos = int(free[0, 14])  # row 0's third new token
+    pad = 1 if eos != 1 else 2
+    out = generate(llama, ids, 12, eos_token_id=eos, pad_token_id=pad)
+    row0 = out[0, 12:].tolist()
+    first = row0.index(eos)
+    assert first <= 2 and all(t == pad for t in row0[first + 1:])
+    assert out.shape[1] <= free.shape[1]
+    with pytest.raises(ValueError, match="pad_token_id=-1"):
+        generate(llama, ids, 12, eos_token_id=eos, pad_token_id=-1)
+
+
+def test_bad_input_fails_in_one_line(llama):
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        Decoder(_tiny("gpt2", n_embd=32, n_layer=1, n_head=2), 1, 8)
+    decoder = Decoder(llama, 1, 16)
+    with pytest.raises(ValueError, match="input_ids must be int64"):
+        decoder.generate(prompt().float(), 2)
+    with pytest.raises(ValueError, match="batch 2; this Decoder was built for 1"):
+        decoder.generate(prompt(batch=2), 2)
+    with pytest.raises(ValueError, match="max_len=16"):
+        decoder.generate(prompt(), 5)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        Decoder(llama, 1, 10**6)

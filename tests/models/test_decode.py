@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lowbit  # noqa: E402
+from lowbit.kernels import cpu_decode  # noqa: E402
 from lowbit.models.decode import Decoder, generate  # noqa: E402
 
 LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
@@ -36,10 +37,11 @@ def hf_generate(model, ids: torch.Tensor, new: int) -> torch.Tensor:
                               min_new_tokens=new, do_sample=False, pad_token_id=1)
 
 
-def check_logits_match_hf(model, ids: torch.Tensor, split: int, atol: float) -> None:
+def check_logits_match_hf(model, ids: torch.Tensor, split: int, atol: float,
+                          fused: bool | None = None) -> None:
     """Prefill ``ids[:, :split]``, then one token at a time; every step's last-position logits
     against transformers' full forward of the same prefix."""
-    decoder = Decoder(model, ids.shape[0], ids.shape[1] + 1)
+    decoder = Decoder(model, ids.shape[0], ids.shape[1] + 1, fused=fused)
     with torch.inference_mode():
         steps = [(0, decoder.forward(ids[:, :split], 0))]
         steps += [(t, decoder.forward(ids[:, t:t + 1], t)) for t in range(split, ids.shape[1])]
@@ -49,10 +51,22 @@ def check_logits_match_hf(model, ids: torch.Tensor, split: int, atol: float) -> 
             assert torch.allclose(logits, ref, atol=atol, rtol=0), (t, (logits - ref).abs().max())
 
 
-def test_fixture_llama_logits_and_greedy_tokens_match_transformers(llama):
+FUSED = [pytest.param(False, id="torch-ops"), pytest.param(True, id="fused-cpu-ops")]
+
+
+@pytest.fixture(params=FUSED)
+def fused(request) -> bool:
+    if request.param and not cpu_decode.available(torch.zeros(1)):
+        pytest.skip("cpu_decode ops could not be built here")
+    return request.param
+
+
+def test_fixture_llama_logits_and_greedy_tokens_match_transformers(llama, fused):
     ids = prompt(batch=2)
-    check_logits_match_hf(llama, torch.cat([ids, prompt(2, 6, seed=1)], 1), split=12, atol=1e-4)
-    assert torch.equal(generate(llama, ids, 20), hf_generate(llama, ids, 20))
+    check_logits_match_hf(llama, torch.cat([ids, prompt(2, 6, seed=1)], 1), split=12, atol=1e-4,
+                          fused=fused)
+    decoder = Decoder(llama, 2, 32, fused=fused)
+    assert torch.equal(decoder.generate(ids, 20), hf_generate(llama, ids, 20))
 
 
 def test_quantized_model_uses_its_kernels_and_matches_its_hf_forward(llama):
@@ -62,10 +76,10 @@ def test_quantized_model_uses_its_kernels_and_matches_its_hf_forward(llama):
     assert torch.equal(generate(model, ids[:, :12], 10), hf_generate(model, ids[:, :12], 10))
 
 
-def test_a_chunk_after_cached_tokens_is_causal(llama):
+def test_a_chunk_after_cached_tokens_is_causal(llama, fused):
     """A multi-token forward after a prefill (explicit mask) equals one whole prefill."""
     ids = prompt(length=16)
-    decoder = Decoder(llama, 1, 16)
+    decoder = Decoder(llama, 1, 16, fused=fused)
     with torch.inference_mode():
         whole = decoder.forward(ids, 0)
         decoder.forward(ids[:, :9], 0)
@@ -89,10 +103,10 @@ def _tiny(model_type: str, **extra):
     ("qwen2", {}),  # q/k/v carry biases
     ("llama", {"attention_bias": True, "tie_word_embeddings": True}),
 ])
-def test_tiny_random_models_of_each_supported_type(model_type, extra):
+def test_tiny_random_models_of_each_supported_type(model_type, extra, fused):
     model = _tiny(model_type, **extra)
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
-    check_logits_match_hf(model, ids, split=6, atol=1e-5)
+    check_logits_match_hf(model, ids, split=6, atol=1e-5, fused=fused)
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
@@ -133,3 +147,5 @@ def test_bad_input_fails_in_one_line(llama):
         decoder.generate(prompt(), 5)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         Decoder(llama, 1, 10**6)
+    with pytest.raises(ValueError, match="fused=True needs float32 on CPU"):
+        Decoder(copy.deepcopy(llama).to(torch.bfloat16), 1, 8, fused=True)

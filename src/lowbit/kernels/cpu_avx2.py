@@ -266,26 +266,33 @@ def _cpu_has_avx2() -> bool:
         return False
 
 
-def _build_library() -> ctypes.CDLL:
-    """Compile ``_SOURCE`` once per source/flags hash into the user cache; load it."""
+def compile_library(stem: str, source: str, flags: list[str]) -> Path:
+    """Compile C++ ``source`` with ``flags`` once per source/flags hash into the user cache
+    (``~/.cache/lowbit/kernels/<stem>_<hash>.so``); return the library's path."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    library = cache_dir / "kernels" / f"cpu_int4_{digest}.so"
+    library = cache_dir / "kernels" / f"{stem}_{digest}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            src = Path(tmp) / "cpu_int4.cpp"
-            src.write_text(_SOURCE)
+            src = Path(tmp) / f"{stem}.cpp"
+            src.write_text(source)
             out = Path(tmp) / library.name
             run = subprocess.run(
-                [compiler, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True
+                [compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True
             )
             if run.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[:300]}")
             os.replace(out, library)  # atomic: concurrent builders agree on one file
+    return library
+
+
+def _build_library() -> ctypes.CDLL:
+    """Compile ``_SOURCE`` (cached) and load it."""
+    library = compile_library("cpu_int4", _SOURCE, _FLAGS)
     # The library brings the system's OpenMP runtime beside torch's own: keep its idle threads
     # asleep rather than spinning, so the two runtimes don't fight over the cores.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels import cpu_decode
 from lowbit.kernels.dispatch import bound_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -85,7 +86,9 @@ class Decoder:
     The model is not modified; its weights are shared, not copied.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, max_len: int, *, fused: bool | None = None
+    ) -> None:
         _check_supported(model)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch={batch}, max_len={max_len}; need batch >= 1, max_len >= 2")
@@ -137,9 +140,17 @@ class Decoder:
         shape = (len(self.blocks), batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = list(self.k_cache), list(self.v_cache)  # views
+        self.fused = cpu_decode.available(x_hidden) if fused is None else fused
+        if self.fused and not cpu_decode.available(x_hidden):
+            raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
+                             f"model is {dtype} on {device}")
+        self._scratch = torch.empty(max_len, dtype=torch.float32)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # HF's RMSNorm formula (not F.rms_norm: its fused CPU op took ~70 us per call here)
+        if self.fused:
+            return cpu_decode.rms_norm(h, weight, self.eps)
+        # HF's RMSNorm formula (not F.rms_norm: its fused CPU op took ~25-70 us per call here)
         return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -159,18 +170,28 @@ class Decoder:
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
         cos, sin = self.cos[start:end], self.signed_sin[start:end]
-        for i, blk in enumerate(self.blocks):
+        for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers, strict=True):
             r = self._norm(h, blk.attn_norm)
-            q = self._rope(blk.q(r).view(batch, length, nh, hd).transpose(1, 2), cos, sin)
-            k = self._rope(blk.k(r).view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
-            self.k_cache[i, :, :, start:end] = k
-            self.v_cache[i, :, :, start:end] = blk.v(r).view(batch, length, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end],
-                attn_mask=causal, is_causal=causal is None and length > 1,
-                scale=self.scaling, enable_gqa=nkv != nh,
-            )
-            h = h + blk.o(a.transpose(1, 2).reshape(batch, length, nh * hd))
+            q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
+            if self.fused:
+                cpu_decode.rope_kv(q, k, v, cos, sin, k_cache, v_cache, start, nh, nkv)
+            else:
+                k_cache[:, :, start:end] = self._rope(
+                    k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
+                v_cache[:, :, start:end] = v.view(batch, length, nkv, hd).transpose(1, 2)
+                q = self._rope(q.view(batch, length, nh, hd).transpose(1, 2), cos, sin)
+            if self.fused and length == 1:
+                a = cpu_decode.decode_attention(q, k_cache, v_cache, end, self.scaling,
+                                                self._scratch)
+            else:
+                if self.fused:  # q is still [B, T, heads * hd], now rotary-embedded
+                    q = q.view(batch, length, nh, hd).transpose(1, 2)
+                a = F.scaled_dot_product_attention(
+                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=causal,
+                    is_causal=causal is None and length > 1, scale=self.scaling,
+                    enable_gqa=nkv != nh,
+                ).transpose(1, 2).reshape(batch, length, nh * hd)
+            h = h + blk.o(a)
             r = self._norm(h, blk.mlp_norm)
             h = h + blk.down(F.silu(blk.gate(r)) * blk.up(r))
         last = self._norm(h[:, -1], self.final_norm)

@@ -1,0 +1,176 @@
+"""Fused float32 CPU ops for one decode step of a Llama-family block (used by
+:class:`lowbit.models.decode.Decoder`): RMSNorm, rotary embedding + KV-cache write, and
+single-query attention over the cache.
+
+Why: at batch 1 a small model's step is dominated by per-op overhead, not arithmetic. Each of
+these replaces 6-15 torch ops (RMSNorm: pow, mean, add, rsqrt, mul, mul; rotary + cache: views,
+roll, muls, adds, two strided copies; attention: SDPA with its slicing) by one ctypes call.
+Float32, contiguous inputs, computed in the same formulas as transformers' Llama code (fp32
+accumulation; results differ from torch's only in summation order). Plain C++ (auto-vectorized,
+no OpenMP), built on first use like ``cpu_avx2``; if it cannot be built, ``available()`` is
+False and the Decoder uses torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+
+import torch
+
+from lowbit.kernels.cpu_avx2 import _cpu_has_avx2, compile_library
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+// OUT[r, :] = X[r, :] * (1 / sqrt(mean(X[r, :]^2) + eps)) * W, rows of length D.
+extern "C" void rms_norm(const float* X, const float* W, float* OUT, int64_t rows, int64_t D,
+                         float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * D;
+    float* o = OUT + r * D;
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+    const float inv = 1.f / sqrtf(ss / (float)D + eps);
+    for (int64_t i = 0; i < D; ++i) o[i] = (x[i] * inv) * W[i];
+  }
+}
+
+// Rotary embedding (half-split layout: t' = t * cos + cat(-t2, t1) * sin) of Q [B, T, NH, HD]
+// in place and of K [B, T, NKV, HD] into KC [B, NKV, L, HD] at positions start..start+T; V into
+// VC likewise. COS, SIN [T, HD] are the rows for those positions, SIN's first half negated
+// (so t'[i] = t[i] * cos[i] + t[i +- HD/2] * SIN[i] in both halves).
+extern "C" void rope_kv(float* Q, const float* K, const float* V, const float* COS,
+                        const float* SIN, float* KC, float* VC, int64_t B, int64_t T,
+                        int64_t NH, int64_t NKV, int64_t HD, int64_t L, int64_t start) {
+  const int64_t half = HD / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* c = COS + t * HD;
+      const float* s = SIN + t * HD;
+      for (int64_t h = 0; h < NH; ++h) {
+        float* q = Q + ((b * T + t) * NH + h) * HD;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = q[i], z = q[i + half];
+          q[i] = a * c[i] + z * s[i];
+          q[i + half] = z * c[i + half] + a * s[i + half];
+        }
+      }
+      for (int64_t h = 0; h < NKV; ++h) {
+        const float* k = K + ((b * T + t) * NKV + h) * HD;
+        const float* v = V + ((b * T + t) * NKV + h) * HD;
+        float* kc = KC + ((b * NKV + h) * L + start + t) * HD;
+        float* vc = VC + ((b * NKV + h) * L + start + t) * HD;
+        for (int64_t i = 0; i < half; ++i) {
+          kc[i] = k[i] * c[i] + k[i + half] * s[i];
+          kc[i + half] = k[i + half] * c[i + half] + k[i] * s[i + half];
+        }
+        for (int64_t i = 0; i < HD; ++i) vc[i] = v[i];
+      }
+    }
+}
+
+// One query per row: OUT [B, NH * HD] = softmax(Q [B, NH, HD] . K^T * scale) V over the first
+// `len` cached positions of KC, VC [B, NKV, L, HD]; query head h reads kv head h / (NH / NKV).
+// SCORES: scratch of len floats.
+extern "C" void decode_attention(const float* Q, const float* KC, const float* VC, float* OUT,
+                                 float* SCORES, int64_t B, int64_t NH, int64_t NKV, int64_t HD,
+                                 int64_t L, int64_t len, float scale) {
+  const int64_t group = NH / NKV;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h) {
+      const float* q = Q + (b * NH + h) * HD;
+      const float* kc = KC + (b * NKV + h / group) * L * HD;
+      const float* vc = VC + (b * NKV + h / group) * L * HD;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        float d = 0.f;
+        for (int64_t i = 0; i < HD; ++i) d += q[i] * kc[j * HD + i];
+        SCORES[j] = d * scale;
+        top = SCORES[j] > top ? SCORES[j] : top;
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < len; ++j) {
+        SCORES[j] = expf(SCORES[j] - top);
+        total += SCORES[j];
+      }
+      float* o = OUT + (b * NH + h) * HD;
+      for (int64_t i = 0; i < HD; ++i) o[i] = 0.f;
+      for (int64_t j = 0; j < len; ++j) {
+        const float p = SCORES[j] / total;
+        for (int64_t i = 0; i < HD; ++i) o[i] += p * vc[j * HD + i];
+      }
+    }
+}
+"""
+# Reassociation lets GCC vectorize the sums (no -ffast-math: the softmax needs -inf).
+_FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-shared",
+          "-fPIC", "-std=c++17"]
+
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled glue, or None where it cannot be built (the reason warned once)."""
+    with _lock:
+        if "lib" not in _state:
+            lib = None
+            try:
+                flags = _FLAGS + (["-mavx2", "-mfma"] if _cpu_has_avx2() else [])
+                lib = ctypes.CDLL(str(compile_library("cpu_decode", _SOURCE, flags)))
+                ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+                lib.rms_norm.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
+                lib.rope_kv.argtypes = [ptr] * 7 + [i64] * 7
+                lib.decode_attention.argtypes = [ptr] * 5 + [i64] * 6 + [f32]
+                for fn in (lib.rms_norm, lib.rope_kv, lib.decode_attention):
+                    fn.restype = None
+            except Exception as exc:  # no compiler, ...
+                warnings.warn(f"lowbit cpu_decode ops unavailable ({exc}); using torch ops",
+                              RuntimeWarning, stacklevel=2)
+            _state["lib"] = lib
+        return _state["lib"]
+
+
+def available(example: torch.Tensor) -> bool:
+    """Whether these ops apply to tensors like ``example`` (CPU float32) and are built."""
+    return example.device.type == "cpu" and example.dtype == torch.float32 and (
+        library() is not None
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x [..., D]`` RMS-normalized and scaled by ``weight [D]`` (float32)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _state["lib"].rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                           x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+            n_heads: int, n_kv: int) -> None:
+    """Rotary-embed ``q [B, T, n_heads * hd]`` in place; write rotary-embedded ``k`` and ``v``
+    ``[B, T, n_kv * hd]`` into ``k_cache``/``v_cache [B, n_kv, L, hd]`` at ``start..start+T``.
+    ``cos``/``signed_sin [T, hd]``: HF's tables, sin's first half negated."""
+    batch, length = q.shape[0], q.shape[1]
+    hd, cache_len = k_cache.shape[-1], k_cache.shape[-2]
+    _state["lib"].rope_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
+                          signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), batch,
+                          length, n_heads, n_kv, hd, cache_len, start)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                     scale: float, scratch: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row ``q [B, 1, n_heads * hd]`` over the first ``length``
+    positions of the caches ``[B, n_kv, L, hd]``; returns ``[B, 1, n_heads * hd]``.
+    ``scratch``: float32 with at least ``length`` elements."""
+    batch, n_kv, cache_len, hd = k_cache.shape
+    out = torch.empty_like(q)
+    _state["lib"].decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   out.data_ptr(), scratch.data_ptr(), batch,
+                                   q.shape[-1] // hd, n_kv, hd, cache_len, length, scale)
+    return out

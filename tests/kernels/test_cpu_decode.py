@@ -1,0 +1,70 @@
+"""The fused decode-step CPU ops against the torch formulas they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import cpu_decode
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    if not cpu_decode.available(torch.zeros(1)):
+        pytest.skip("cpu_decode ops could not be built here")
+
+
+def test_rms_norm_matches_the_hf_formula_on_strided_input():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 96) * 4
+    w = torch.randn(96)
+    last = h[:, -1]  # not contiguous
+    ref = last * torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert torch.allclose(cpu_decode.rms_norm(last, w, 1e-5), ref, atol=1e-5, rtol=1e-5)
+
+
+def _rotate_half(t):
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), -1)
+
+
+@pytest.mark.parametrize("batch,length,start", [(1, 1, 7), (2, 3, 0), (2, 1, 11)])
+def test_rope_kv_writes_the_cache_and_embeds_q(batch, length, start):
+    torch.manual_seed(1)
+    nh, nkv, hd, cache_len = 6, 2, 16, 16
+    q = torch.randn(batch, length, nh * hd)
+    k, v = torch.randn(batch, length, nkv * hd), torch.randn(batch, length, nkv * hd)
+    angles = torch.rand(length, hd // 2) * 6
+    cos = torch.cat([angles.cos()] * 2, -1)
+    sin = torch.cat([angles.sin()] * 2, -1)
+    signed = torch.cat((-sin[:, : hd // 2], sin[:, hd // 2:]), -1)
+    kc, vc = torch.zeros(batch, nkv, cache_len, hd), torch.zeros(batch, nkv, cache_len, hd)
+
+    def heads(t, n):
+        return t.view(batch, length, n, hd).transpose(1, 2)
+
+    q_ref = heads(q, nh) * cos + _rotate_half(heads(q, nh)) * sin
+    k_ref = heads(k, nkv) * cos + _rotate_half(heads(k, nkv)) * sin
+    cpu_decode.rope_kv(q, k, v, cos, signed, kc, vc, start, nh, nkv)
+    assert torch.allclose(heads(q, nh), q_ref, atol=1e-6)
+    assert torch.allclose(kc[:, :, start:start + length], k_ref, atol=1e-6)
+    assert torch.equal(vc[:, :, start:start + length], heads(v, nkv))
+    others = torch.ones(cache_len, dtype=torch.bool)
+    others[start:start + length] = False
+    assert not kc[:, :, others].any() and not vc[:, :, others].any()
+
+
+@pytest.mark.parametrize("nh,nkv,length", [(6, 2, 1), (4, 4, 37), (8, 1, 200)])
+def test_decode_attention_matches_sdpa(nh, nkv, length):
+    torch.manual_seed(2)
+    batch, hd, cache_len = 2, 32, 256
+    q = torch.randn(batch, 1, nh * hd) * 3
+    kc, vc = torch.randn(batch, nkv, cache_len, hd), torch.randn(batch, nkv, cache_len, hd)
+    scale = hd**-0.5
+    ref = F.scaled_dot_product_attention(
+        q.view(batch, 1, nh, hd).transpose(1, 2), kc[:, :, :length], vc[:, :, :length],
+        scale=scale, enable_gqa=True,
+    ).transpose(1, 2).reshape(batch, 1, nh * hd)
+    out = cpu_decode.decode_attention(q, kc, vc, length, scale, torch.empty(cache_len))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)

@@ -1,14 +1,17 @@
-"""End-to-end greedy decode speed of the fixture LM on CPU: fp32 vs lowbit schemes.
+"""End-to-end greedy decode speed of the fixture LM on CPU: fp32 vs lowbit schemes, in lowbit's
+Decoder and in transformers' ``generate``.
 
 Loads /work/shared/models/llama-19m-shakespeare-mix in float32 with transformers, quantizes
-copies with ``lowbit.quantize(model, scheme)`` and times ``generate`` (greedy, KV cache,
-exactly ``--new-tokens`` new tokens after a 32-token prompt from the held-out val text) at batch
-1 and 8. Every round runs each scheme once in turn (interleaved, so all see the same machine
-load); medians over rounds. Also times each distinct Linear shape of the model at M=1 (fp32
-``F.linear`` vs the kernel dispatch picks for the scheme) to separate kernel speed from the
-per-layer Python/framework overhead that dominates a 19M-parameter model.
+copies with ``lowbit.quantize(model, scheme)`` and times greedy decoding of exactly
+``--new-tokens`` new tokens after a 32-token prompt from the held-out val text, at batch 1 and 8,
+with two runtimes: ``lowbit.Decoder`` (static KV cache, Linears bound to their kernels, fused CPU
+step ops) and ``model.generate`` (transformers, KV cache). Every round runs each (runtime, scheme)
+once in turn (interleaved, so all see the same machine load); medians over rounds; speedups are
+against fp32 in the same runtime. Also splits a Decoder step at batch 1 into its Linear layers
+(every bound Linear called once in step order, weights cycling through the caches as in decode)
+and the rest.
 
-Writes benchmarks/results/decode.md. Run: python benchmarks/decode.py [--rounds 3]
+Writes benchmarks/results/decode.md. Run: python benchmarks/decode.py [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _machine import machine_line
 
 import lowbit
@@ -33,6 +35,7 @@ MODEL = ROOT.parent / "shared" / "models" / "llama-19m-shakespeare-mix"
 TEXT = ROOT.parent / "shared" / "data" / "shakespeare-mix-val.txt"
 RESULTS = Path(__file__).parent / "results" / "decode.md"
 SCHEMES = ("fp32", "w4g128", "w8", "w8a8", "w7a8")
+PROMPT = 32
 
 
 def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
@@ -40,7 +43,7 @@ def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
     return torch.stack([ids[i * 1000 : i * 1000 + length] for i in range(batch)])
 
 
-def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+def hf_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     t0 = time.perf_counter()
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -52,48 +55,31 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     return elapsed
 
 
-def layer_speedups(model, repeats: int = 50) -> tuple[list[str], float, float]:
-    """fp32 vs dispatched kernel per distinct Linear shape at M=1 (interleaved medians).
+def decoder_seconds(decoder: lowbit.Decoder, ids: torch.Tensor, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    decoder.generate(ids, new_tokens)
+    return time.perf_counter() - t0
 
-    Returns table rows and the per-token sums over every Linear of the model (seconds): fp32,
-    kernel.
-    """
-    counts: dict[tuple[int, ...], int] = {}
-    first: dict[tuple[int, ...], tuple[str, QuantLinear]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            shape = module.qweight.shape
-            counts[shape] = counts.get(shape, 0) + 1
-            first.setdefault(shape, (name, module))
-    rows, fp_total, q_total = [], 0.0, 0.0
-    for shape, (name, module) in first.items():
-        qt = module.qweight
-        x = torch.randn(1, qt.shape[1])
-        w = qt.dequantize(torch.float32)
-        kernel = select_kernel(qt, x)
-        cache: dict = {}
-        kernel.fn(x, qt, None, cache)
-        t_fp, t_q = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            F.linear(x, w)
-            t_fp.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            kernel.fn(x, qt, None, cache)
-            t_q.append(time.perf_counter() - t0)
-        fp, q = statistics.median(t_fp), statistics.median(t_q)
-        fp_total += counts[shape] * fp
-        q_total += counts[shape] * q
-        rows.append(
-            f"| {name} | {qt.shape[1]}x{qt.shape[0]} | {counts[shape]} | {kernel.name} | "
-            f"{fp * 1e6:.0f} | {q * 1e6:.0f} | {fp / q:.2f}x |"
-        )
-    return rows, fp_total, q_total
+
+def linear_seconds(decoder: lowbit.Decoder, repeats: int = 20) -> float:
+    """One step's Linear layers at batch 1: every bound Linear once, in step order (median)."""
+    hidden = decoder.model.config.hidden_size
+    x = torch.randn(1, 1, hidden)
+    x_mlp = torch.randn(1, 1, decoder.model.config.intermediate_size)
+    x_attn = torch.randn(1, 1, decoder.n_heads * decoder.head_dim)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in decoder.blocks:
+            b.q(x), b.k(x), b.v(x), b.o(x_attn), b.gate(x), b.up(x), b.down(x_mlp)
+        decoder.lm_head(x[:, 0])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
@@ -117,30 +103,39 @@ def main() -> None:
         })
         kernels_used[scheme] = ", ".join(names) or "torch fp32"
 
-    table = []
+    table, steps = [], {}
     with torch.inference_mode():
         for batch in (1, 8):
-            ids = prompts(tokenizer, batch, 32)
-            for model in models.values():  # warm-up (builds kernel caches)
-                decode_seconds(model, ids, 4)
-            times = {s: [] for s in models}
-            for _ in range(args.rounds):
-                for scheme, model in models.items():
-                    times[scheme].append(decode_seconds(model, ids, args.new_tokens))
-            fp32_tps = batch * args.new_tokens / statistics.median(times["fp32"])
+            ids = prompts(tokenizer, batch, PROMPT)
+            decoders = {s: lowbit.Decoder(m, batch, PROMPT + args.new_tokens)
+                        for s, m in models.items()}
+            runs = {}
             for scheme in models:
-                tps = batch * args.new_tokens / statistics.median(times[scheme])
-                line = (
-                    f"| {batch} | {scheme} | {kernels_used[scheme]} | {tps:.1f} | "
-                    f"**{tps / fp32_tps:.2f}x** |"
-                )
+                runs[("lowbit Decoder", scheme)] = (decoder_seconds, decoders[scheme])
+            for scheme, model in models.items():
+                runs[("transformers generate", scheme)] = (hf_seconds, model)
+            for fn, target in runs.values():  # warm-up (builds kernel caches)
+                fn(target, ids, 4)
+            times = {key: [] for key in runs}
+            for _ in range(args.rounds):
+                for key, (fn, target) in runs.items():
+                    times[key].append(fn(target, ids, args.new_tokens))
+            for runtime, scheme in runs:
+                tps = batch * args.new_tokens / statistics.median(times[(runtime, scheme)])
+                base_tps = batch * args.new_tokens / statistics.median(times[(runtime, "fp32")])
+                line = (f"| {batch} | {runtime} | {scheme} | {kernels_used[scheme]} | "
+                        f"{tps:.1f} | **{tps / base_tps:.2f}x** |")
                 print(line, flush=True)
                 table.append(line)
             if batch == 1:
-                token_seconds = statistics.median(times["fp32"]) / args.new_tokens
-        layer_rows, fp_total, q_total = (
-            layer_speedups(models["w4g128"]) if "w4g128" in models else ([], 0.0, 0.0)
-        )
+                for scheme, decoder in decoders.items():
+                    step = statistics.median(times[("lowbit Decoder", scheme)]) / args.new_tokens
+                    steps[scheme] = (step, linear_seconds(decoder))
+    split = [
+        f"| {scheme} | {step * 1e3:.2f} | {lin * 1e3:.2f} | {(step - lin) * 1e3:.2f} | "
+        f"{lin / step:.0%} |"
+        for scheme, (step, lin) in steps.items()
+    ]
 
     text = "\n".join([
         "# Greedy decode speed of the fixture LM (CPU)",
@@ -150,32 +145,24 @@ def main() -> None:
         "`lowbit.quantize(model, scheme)` (RTN, every Linear and the embedding).",
         "",
         f"Protocol: `python benchmarks/decode.py --threads {torch.get_num_threads()} "
-        f"--rounds {args.rounds} --new-tokens "
-        f"{args.new_tokens}`; `model.generate` greedy with KV cache, 32-token prompts from the "
-        f"val text, exactly {args.new_tokens} new tokens; one warm-up call per model, then "
-        f"{args.rounds} rounds, each running every scheme once in turn; tokens/s = batch x new "
-        "tokens / median time. The machine was shared with other jobs while this ran: compare "
-        "ratios within a batch size, not absolute numbers.",
+        f"--rounds {args.rounds} --new-tokens {args.new_tokens}`; greedy with a KV cache, "
+        f"{PROMPT}-token prompts from the val text, exactly {args.new_tokens} new tokens, in two "
+        "runtimes: `lowbit.Decoder` (static cache, Linears bound to their kernels once, fused "
+        "CPU step ops) and transformers' `model.generate`. One warm-up call each, then "
+        f"{args.rounds} rounds, each running every (runtime, scheme) once in turn; tokens/s = "
+        "batch x new tokens / median time (prompt prefill included); speedup vs fp32 in the "
+        "same runtime. The machine is shared: compare ratios within a batch size and runtime.",
         "",
-        "| batch | scheme | kernels | tokens/s | vs fp32 |",
-        "| ---: | --- | --- | ---: | ---: |",
+        "| batch | runtime | scheme | kernels | tokens/s | vs fp32 |",
+        "| ---: | --- | --- | --- | ---: | ---: |",
         *table,
         "",
-        "Per-layer kernel time at M=1 for the w4g128 model's Linear shapes "
-        "(fp32 `F.linear` on the dequantized weight vs the dispatched kernel; 50 interleaved "
-        "calls, medians):",
+        "Where a batch-1 step of the Decoder goes (step = median decode time / new tokens; "
+        "Linear = every bound Linear called once in step order at M=1, median of 20):",
         "",
-        "| first layer of this shape | K x N | layers | kernel | fp32 us | kernel us | speedup |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
-        *layer_rows,
-        "",
-        f"Amdahl check at batch 1: one fp32 decode step takes {token_seconds * 1e3:.1f} ms, of "
-        f"which all Linear layers together (sum of the table, times the layer counts) take "
-        f"{fp_total * 1e3:.2f} ms in fp32 and {q_total * 1e3:.2f} ms with the w4g128 kernels. "
-        f"The rest (attention, norms, rotary, embedding, sampling, transformers' Python) does not "
-        f"change with the weight format, so even an infinitely fast Linear could speed decode "
-        f"up by at most {token_seconds / max(token_seconds - fp_total, 1e-9):.2f}x on this "
-        "model and machine.",
+        "| scheme | step ms | Linear ms | rest ms | Linear share |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *split,
         "",
     ])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit.kernels import KERNELS, linear, select_kernel
+from lowbit.kernels import KERNELS, cpu_w8a8, linear, select_kernel
 from lowbit.kernels import int8 as int8_kernels
 from lowbit.kernels.int8 import int8_fbgemm_linear, int8_reference_linear, quantize_bias
 from lowbit.nn.modules import QuantLinear
@@ -18,6 +18,8 @@ from lowbit.tensor import QuantizedTensor
 needs_engine = pytest.mark.skipif(
     int8_kernels.engine is None, reason="this torch build has no quantized CPU engine"
 )
+# The fast kernel dispatch picks for dynamic W8A8 on CPU (cpu_w8a8 hands M > 32 to fbgemm).
+DYNAMIC_FAST = "cpu_w8a8" if cpu_w8a8.library() is not None else "int8-fbgemm"
 
 # Every |acc| below stays under 2**24 (K * 128 * 127 < 2**24 for K <= 1032), where float32 holds
 # the integer sums exactly; the fast and reference kernels then run the same float32 ops on the
@@ -69,7 +71,7 @@ def test_fast_equals_reference_for_per_tensor_weight_and_activation_scales():
                      act=act)
     qt = QuantizedTensor.from_float(torch.randn(19, 45), spec)
     x, bias = torch.randn(3, 4, 45), torch.randn(19)
-    assert select_kernel(qt, x).name == "int8-fbgemm"
+    assert select_kernel(qt, x).name == DYNAMIC_FAST
     assert torch.equal(int8_fbgemm_linear(x, qt, bias, {}), int8_reference_linear(x, qt, bias, {}))
 
 
@@ -81,7 +83,7 @@ def test_one_pass_presets_equal_reference(spec, x_shape, n):
     torch.manual_seed(3)
     qt = _weight(n, x_shape[-1], spec)
     x, bias = torch.randn(x_shape) * 3, torch.randn(n)
-    assert select_kernel(qt, x).name == "int8-fbgemm"
+    assert select_kernel(qt, x).name == DYNAMIC_FAST
     assert torch.equal(int8_fbgemm_linear(x, qt, bias, {}), int8_reference_linear(x, qt, bias, {}))
 
 
@@ -212,7 +214,7 @@ def test_kernel_selection_and_forcing_the_reference(monkeypatch):
     qt = _weight(8, 16)
     x = torch.randn(3, 16)
     monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
-    assert select_kernel(qt, x).name == "int8-fbgemm"
+    assert select_kernel(qt, x).name == DYNAMIC_FAST
     assert select_kernel(qt, x.double()).name in ("reference", "int8-reference")
     assert select_kernel(_weight(8, 16, "w8"), x).name != "int8-fbgemm"  # weight-only spec
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
@@ -249,7 +251,7 @@ def test_quantize_w8a8_end_to_end_on_a_small_model(monkeypatch):
         lowbit.quantize(model, "w8a8")
         assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
         out = model(x)
-        expected = "int8-fbgemm" if int8_kernels.engine is not None else "int8-reference"
+        expected = DYNAMIC_FAST if int8_kernels.engine is not None else "int8-reference"
         assert select_kernel(model[0].qweight, x).name == expected
         for layer in (model[0], model[2]):
             layer.kernel = "int8-reference"

@@ -1,0 +1,229 @@
+"""``cpu_w8a8``: exact dynamic W8A8 (and W7A8 / W8A7) on AVX2 CPUs for few rows, in one C++ call.
+
+At decode sizes the fbgemm path (``int8-fbgemm``) is dominated by its ~15 torch ops per call
+(activation range, scale, divide, round, clamp, the pos/neg split, fbgemm's own quantization,
+the scale-out), several times the integer work of a 384-wide layer. This kernel does the whole
+call in C++: per row (token) or per tensor, the activation scale and codes exactly as lowbit's Q
+computes them (``s = absmax / qmax`` in float32, 1 for an all-zero row; codes =
+``clamp(round_half_even(x / s))``), the integer dot products with the centered int8 weight
+(sign-extended to int16, ``vpmaddwd`` pair sums into int32: exact, no saturation), then
+``float(acc) * sx``, ``* sw``, ``+ bias`` as separate float32 roundings (compiled with
+``-ffp-contract=off``): bit-identical to ``int8-reference`` while ``|acc| < 2**31``.
+
+For more than ``GEMV_MAX_ROWS`` rows it hands over to ``int8-fbgemm`` (compute-bound there),
+which is exact too. Specs: signed symmetric int weights (per channel or tensor) and dynamic
+signed symmetric int activations (per token or tensor) with float32 scales, clip ratio 1 and
+round-to-nearest: the presets w8a8, w7a8 and w8a7.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from lowbit.kernels import int8
+from lowbit.kernels.cpu_avx2 import _cpu_has_avx2, compile_library
+from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.quant.maps import check_finite, qrange
+from lowbit.tensor import QuantizedTensor
+
+GEMV_MAX_ROWS = 32
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+// Codes of X [rows, K] with one scale over all of it; returns 1 if X has NaN/Inf.
+static int quantize(const float* X, int64_t rows, int64_t K, float qmax, float qmin,
+                    int16_t* XQ, float* scale) {
+  float absmax = 0.f;
+  for (int64_t i = 0; i < rows * K; ++i) {
+    if (!isfinite(X[i])) return 1;
+    const float a = fabsf(X[i]);
+    absmax = a > absmax ? a : absmax;
+  }
+  float s = absmax / qmax;
+  if (!(s > 0.f)) s = 1.f;
+  if (s < 1.40129846e-45f) s = 1.40129846e-45f;  // lowbit's _store_scale: never 0
+  for (int64_t i = 0; i < rows * K; ++i) {
+    float v = nearbyintf(X[i] / s);
+    v = v < qmin ? qmin : (v > qmax ? qmax : v);
+    XQ[i] = (int16_t)v;
+  }
+  *scale = s;
+  return 0;
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Integer dots of MT code rows with weight row w: ACC[t] = sum_k XQ[t, k] * w[k].
+template <int MT>
+static inline void dots(const int16_t* XQ, const int8_t* w, int64_t K, int32_t* ACC) {
+  __m256i acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+    for (int t = 0; t < MT; ++t) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + t * K + k));
+      acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(xv, wv));
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    int32_t s = hsum_epi32(acc[t]);
+    for (int64_t j = k; j < K; ++j) s += (int32_t)XQ[t * K + j] * (int32_t)w[j];
+    ACC[t] = s;
+  }
+}
+
+// OUT [M, N] = (float(acc) * sx[m]) * sw[n] (+ B[n]); W [N, K] centered int8 codes; SW [N] or
+// [1] (sw_per_channel 0); per_token 0: one activation scale for all rows. Returns 1 for
+// non-finite X, 2 for an allocation failure.
+extern "C" int w8a8_linear(const float* X, const int8_t* W, const float* SW, int sw_per_channel,
+                           const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                           int per_token, float qmax, float qmin, int threads) {
+  int16_t* XQ = (int16_t*)malloc(sizeof(int16_t) * M * K);
+  float* SX = (float*)malloc(sizeof(float) * M);
+  if (!XQ || !SX) { free(XQ); free(SX); return 2; }
+  int bad = 0;
+  if (per_token) {
+    for (int64_t m = 0; m < M && !bad; ++m) bad = quantize(X + m * K, 1, K, qmax, qmin,
+                                                           XQ + m * K, SX + m);
+  } else {
+    bad = quantize(X, M, K, qmax, qmin, XQ, SX);
+    for (int64_t m = 1; m < M; ++m) SX[m] = SX[0];
+  }
+  if (bad) { free(XQ); free(SX); return 1; }
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* w = W + n * K;
+    const float sw = SW[sw_per_channel ? n : 0];
+    int32_t acc[4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+      const int16_t* xq = XQ + m0 * K;
+      switch (rows) {
+        case 4: dots<4>(xq, w, K, acc); break;
+        case 3: dots<3>(xq, w, K, acc); break;
+        case 2: dots<2>(xq, w, K, acc); break;
+        default: dots<1>(xq, w, K, acc); break;
+      }
+      for (int64_t t = 0; t < rows; ++t) {
+        float y = (float)acc[t] * SX[m0 + t];
+        y = y * sw;
+        if (B) y = y + B[n];
+        OUT[(m0 + t) * N + n] = y;
+      }
+    }
+  }
+  free(XQ);
+  free(SX);
+  return 0;
+}
+"""
+# -ffp-contract=off: no fused multiply-adds, so each float32 step rounds like torch's ops.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+          "-std=c++17"]
+
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built (the reason warned once)."""
+    with _lock:
+        if "lib" not in _state:
+            lib = None
+            if _cpu_has_avx2():
+                try:
+                    lib = ctypes.CDLL(str(compile_library("cpu_w8a8", _SOURCE, _FLAGS)))
+                    ptr, i64, f32, i32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                          ctypes.c_int)
+                    lib.w8a8_linear.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64,
+                                                i32, f32, f32, i32]
+                    lib.w8a8_linear.restype = i32
+                except Exception as exc:  # no compiler, ...
+                    warnings.warn(f"lowbit cpu_w8a8 kernel unavailable ({exc}); using "
+                                  "int8-fbgemm", RuntimeWarning, stacklevel=2)
+                    lib = None
+            _state["lib"] = lib
+        return _state["lib"]
+
+
+def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    act = qt.spec.act
+    return (
+        int8._fast_supports(qt, x)
+        and act.dynamic
+        and act.scale_dtype == "float32"
+        and act.clip_ratio == 1.0
+        and library() is not None
+    )
+
+
+def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
+    """Pointers to the centered int8 weight ``[N, K]`` and float32 scales ``[N]`` (or ``[1]``),
+    and whether the scales are per channel; rebuilt when the codes change (held in ``cache``,
+    never saved)."""
+    key = (qt.qdata, qt.qdata._version)
+    entry = cache.get("cpu_w8a8")
+    if entry is None or entry[0][0] is not key[0] or entry[0][1] != key[1]:
+        weight = int8._centered_weight(qt).to(torch.int8).contiguous()
+        sw = int8._weight_scale(qt).reshape(-1).contiguous()
+        entry = cache["cpu_w8a8"] = (key, (weight, sw),
+                                     (weight.data_ptr(), sw.data_ptr(), int(sw.numel() > 1)))
+    return entry[2]
+
+
+def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
+              cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
+    run_call = library().w8a8_linear
+    b = None if bias is None else bias.float().contiguous()
+    b_ptr = None if b is None else b.data_ptr()
+    act = qt.spec.act
+    qmin, qmax = (float(v) for v in qrange(act))
+    per_token = int(act.granularity == "token")
+    n_out, k_in = qt.shape
+    get_threads = torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, k_in)
+        m = x2.shape[0]
+        if m > GEMV_MAX_ROWS or m == 0:
+            return int8.int8_fbgemm_linear(x, qt, bias, cache)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        weight, sw, per_channel = _prepared(qt, cache)
+        y = torch.empty(*x.shape[:-1], n_out)
+        status = run_call(x2.data_ptr(), weight, sw, per_channel, b_ptr, y.data_ptr(), m, k_in,
+                          n_out, per_token, qmax, qmin, get_threads())
+        if status == 1:
+            check_finite(x2, "activation")
+        if status:
+            raise MemoryError(f"cpu_w8a8: could not allocate {m}x{k_in} activation codes")
+        return y
+
+    run.bias = b  # keeps b_ptr valid while run lives
+    return run
+
+
+def cpu_w8a8_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """Exact dynamic W8A8 ``x @ W^T + b`` (see the module docstring)."""
+    return bind_w8a8(qt, bias, cache)(x)
+
+
+register_kernel(Kernel("cpu_w8a8", cpu_w8a8_linear, _supports, priority=20, bind=bind_w8a8))

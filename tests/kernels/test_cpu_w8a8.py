@@ -1,0 +1,88 @@
+"""cpu_w8a8: bit-identical to the integer reference; hands large M to fbgemm; errors and caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.kernels import cpu_w8a8, dispatch
+from lowbit.kernels.int8 import int8_reference_linear
+from lowbit.spec import QuantSpec
+from lowbit.tensor import QuantizedTensor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    if cpu_w8a8.library() is None:
+        pytest.skip("cpu_w8a8 could not be built here (no AVX2 or no compiler)")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["w8a8", "w7a8", "w8a7"]),
+    m=st.sampled_from([1, 2, 3, 4, 5, 9, 32]),
+    k=st.integers(1, 300),
+    n=st.integers(1, 40),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_bit_identical_to_the_reference(name, m, k, n, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    qt = QuantizedTensor.from_float(torch.randn(n, k, generator=g), name)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    x[0] = 0 if m > 1 else x[0]  # an all-zero token: scale 1
+    bias = torch.randn(n, generator=g) if with_bias else None
+    got = cpu_w8a8.cpu_w8a8_linear(x, qt, bias, {})
+    assert torch.equal(got, int8_reference_linear(x, qt, bias, {}))
+
+
+def test_per_tensor_scales_and_sums_beyond_2_pow_24():
+    """One activation scale for all rows; K large enough that float32(acc) rounds (both kernels
+    round the same exact integer)."""
+    act = QuantSpec(format="int8", granularity="tensor", symmetric=True, scale_dtype="float32",
+                    dynamic=True)
+    spec = QuantSpec(format="int8", granularity="tensor", symmetric=True, scale_dtype="float32",
+                     act=act)
+    qt = QuantizedTensor.from_float(torch.ones(3, 4096), spec)
+    x = torch.ones(2, 4096)
+    x[1] *= -0.5
+    assert dispatch.select_kernel(qt, x).name == "cpu_w8a8"
+    got = cpu_w8a8.cpu_w8a8_linear(x, qt, None, {})
+    assert torch.equal(got, int8_reference_linear(x, qt, None, {}))
+    assert abs(float(got[0, 0]) - 4096) < 1
+
+
+def test_more_rows_go_to_fbgemm_and_stay_exact():
+    torch.manual_seed(1)
+    qt = QuantizedTensor.from_float(torch.randn(24, 64), "w8a8")
+    x = torch.randn(2, cpu_w8a8.GEMV_MAX_ROWS, 64)  # 64 rows
+    assert torch.equal(cpu_w8a8.cpu_w8a8_linear(x, qt, None, {}),
+                       int8_reference_linear(x, qt, None, {}))
+
+
+def test_static_activations_are_not_taken():
+    qt = QuantizedTensor.from_float(torch.randn(8, 16), "w8a8-static")
+    assert not dispatch.KERNELS["cpu_w8a8"].supports(qt, torch.randn(1, 16))
+
+
+def test_non_finite_activations_fail_in_one_line():
+    qt = QuantizedTensor.from_float(torch.randn(8, 16), "w8a8")
+    x = torch.randn(2, 16)
+    x[1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"activation of shape \(2, 16\) has 1 NaN/Inf"):
+        cpu_w8a8.cpu_w8a8_linear(x, qt, None, {})
+
+
+def test_bound_kernel_sees_in_place_code_changes():
+    torch.manual_seed(2)
+    qt = QuantizedTensor.from_float(torch.randn(8, 32), "w8a8")
+    cache: dict = {}
+    run = cpu_w8a8.bind_w8a8(qt, None, cache)
+    x = torch.randn(1, 32)
+    first = run(x)
+    qt.qdata.bitwise_xor_(1)
+    second = run(x)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, int8_reference_linear(x, qt, None, {}))

@@ -10,7 +10,8 @@ computes them (``s = absmax / qmax`` in float32, 1 for an all-zero row; codes =
 ``float(acc) * sx``, ``* sw``, ``+ bias`` as separate float32 roundings (compiled with
 ``-ffp-contract=off``): bit-identical to ``int8-reference`` while ``|acc| < 2**31``.
 
-For more than ``MAX_ROWS`` rows it hands over to ``int8-fbgemm`` (exact too). Specs: signed
+Above ``MAX_ROWS`` rows (presets fbgemm runs in one pass: above ``ONE_PASS_MAX_ROWS`` rows and
+``ONE_PASS_MAX_WORK`` multiply-adds) it hands over to ``int8-fbgemm`` (exact too). Specs: signed
 symmetric int weights (per channel or tensor) and dynamic signed symmetric int activations (per
 token or tensor) with float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8,
 w7a8 and w8a7), and K < 2**17 (int32 sums cannot overflow).
@@ -34,6 +35,9 @@ from lowbit.tensor import QuantizedTensor
 # Measured here (4096x4096, 1 thread): faster than int8-fbgemm's exact two passes up to M=512
 # (vpmaddwd does 16 MACs per instruction; fbgemm's vpmaddubsw 32, but twice).
 MAX_ROWS = 512
+# Presets fbgemm runs in one exact pass (w7a8, w8a7) are 2x faster there once the call is big
+# enough to hide its per-call overhead: hand over above this many rows and multiply-adds.
+ONE_PASS_MAX_ROWS, ONE_PASS_MAX_WORK = 4, 1 << 26
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -222,11 +226,16 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     per_token = int(act.granularity == "token")
     n_out, k_in = qt.shape
     get_threads = torch.get_num_threads
+    one_pass = int8.one_pass_shift(qt.spec) is not None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
-        if m > MAX_ROWS or m == 0:
+        if one_pass:
+            handover = m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK
+        else:
+            handover = m > MAX_ROWS
+        if handover or m == 0:
             return int8.int8_fbgemm_linear(x, qt, bias, cache)
         if not x2.is_contiguous():
             x2 = x2.contiguous()

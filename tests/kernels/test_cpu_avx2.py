@@ -147,7 +147,7 @@ def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
 def test_many_rows_dequantize_in_blocks(monkeypatch, name: str) -> None:
     """Above GEMV_MAX_ROWS the weight is dequantized block by block (here 5 rows a block, with a
     short last block) into the shared scratch buffer."""
-    monkeypatch.setattr(cpu_avx2, "DEQUANT_BLOCK_FLOATS", 5 * 384)
+    monkeypatch.setattr(cpu_avx2, "DEQUANT_BLOCK_ROWS", 5)
     torch.manual_seed(4)
     qt = QuantizedTensor.from_float(torch.randn(73, 384), name)
     x, bias = torch.randn(2, cpu_avx2.GEMV_MAX_ROWS, 384), torch.randn(73)

@@ -99,3 +99,26 @@ def test_model_quantize_include_exclude_and_errors():
         lowbit.quantize(nan, "w8")
     with pytest.raises(ValueError, match="algorithm="):
         lowbit.quantize(model, "w8", algorithm="magic")
+
+
+@pytest.mark.parametrize("spec", ["w4g128", "w8", "w8a8"])
+def test_memoized_kernel_follows_weight_changes(spec):
+    """The kernel bound at the first call is reused, but never for changed weights: a buffer
+    replaced by assignment, set_weight, load_state_dict or .to() gives fresh results."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(128, 64), spec)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # memoized path, same answer
+        layer.weight_scale = layer.weight_scale * 2  # new tensor, caches not told
+        assert torch.allclose(layer(x) - layer.bias, 2 * (first - layer.bias), rtol=1e-5,
+                              atol=1e-5)
+        other = QuantLinear.from_float(nn.Linear(128, 64), spec)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        layer.set_weight(QuantLinear.from_float(nn.Linear(128, 64), spec).qweight)
+        assert not torch.equal(layer(x), other(x))
+        before = layer(x)
+        layer.to(torch.float32)
+        assert torch.equal(layer(x), before)

@@ -11,10 +11,11 @@ against the activations:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 
-where ``c`` are the stored unsigned codes (``code - qmin``), ``zc`` the zero-point in those
-units (``z - qmin``; for signed symmetric specs ``-qmin``) and ``xs[m, g]`` the activation sum
-of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8) fewer bytes
-than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows into a reused fp32 buffer
+where ``c`` are the codes as the kernel reads them (int4: the stored unsigned codes, ``code -
+qmin``; int8: the stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``,
+8 for signed symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the
+activation sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8)
+fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows into a reused fp32 buffer
 (C++) and multiplies each with torch's fp32 GEMM (compute-bound there; fp32 speed minus the
 dequant).
 
@@ -40,16 +41,17 @@ from pathlib import Path
 
 import torch
 
-from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.quant.maps import qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
 
 GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
-# Above GEMV_MAX_ROWS the weight is dequantized in blocks of about this many floats (4 MiB,
-# cache-resident) into one reused scratch buffer, each block multiplied by torch's fp32 GEMM:
-# a whole fp32 copy of a 4096x4096 weight (64 MiB, page-faulted in on every call) cost more than
-# the GEMM itself (measured: M=128 111 ms vs 59 ms blocked, fp32 F.linear 67 ms).
-DEQUANT_BLOCK_FLOATS = 1 << 20
+# Above GEMV_MAX_ROWS the weight is dequantized this many rows at a time (4 MiB at K=4096)
+# into one reused scratch buffer, each block multiplied by torch's fp32 GEMM: a whole fp32 copy
+# of a 4096x4096 weight (64 MiB, page-faulted in on every call) cost more than the GEMM itself
+# (M=128: 111 ms vs 59 ms blocked, fp32 F.linear 67 ms); much smaller blocks starve the GEMM
+# (K=11008, M=2048: 95 rows 3.8 s, 256 rows 2.8 s, fp32 2.8 s).
+DEQUANT_BLOCK_ROWS = 256
 _scratch_local = threading.local()
 
 
@@ -78,13 +80,15 @@ static inline float hsum(__m256 v) {
 // codes {4l + j : l = 0..7} -- the activations of each 32-chunk are permuted the same way
 // (cheap: M x K, against N x K weights that stay as stored). Shifts and masks instead of byte
 // shuffles keep the unpacking off the shuffle port.
-// int8 (32 bytes): the stored unsigned bytes (code - qmin), in order.
+// int8 (32 bytes): the stored bytes read as signed, byte ^ 0x80 = code - qmin - 128, in order
+// (a symmetric int8 weight then has zero 0: no correction term to cancel against).
 template <bool INT8>
 static inline void unpack(const uint8_t* p, __m256 c[4]) {
   if constexpr (INT8) {
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (int q = 0; q < 4; ++q)
-      c[q] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q))));
+      c[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
   } else {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i mask = _mm256_set1_epi32(0x0F);
@@ -366,22 +370,28 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
         and qt.qdata.device.type == "cpu"
         and qt.spec.bits == bits
+        and x.dim() >= 1 and x.shape[-1] == qt.shape[1]
         and spec_supported(qt)
         and extension() is not None
     )
 
 
-def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
-    """Data pointers of (lowbit's canonical code bytes, scale fp32 [N, G], scale * zero fp32
-    [N, G]); the two small float tensors are built once and held in ``cache``.
+def _execution_layout(
+    qt: QuantizedTensor, cache: dict
+) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
+    """(tensors, their data pointers): lowbit's canonical code bytes, scale fp32 [N, G] and
+    scale * zero fp32 [N, G] in the kernel's code units; the two small float tensors are built
+    once and held in ``cache``. Whoever keeps a pointer must keep the tensors.
 
     The codes are read as stored (no repacked copy of the weight is kept: the int4 kernel
-    permutes the activations instead, see ``_int4_order``).
+    permutes the activations instead, see ``_int4_order``); 8-bit codes as ``byte - 128``, so
+    a symmetric int8 weight has zero 0 and its correction term vanishes.
     """
     bits = qt.spec.bits
     name = f"cpu_int{bits}"
     entry = cache.get(name)
-    if entry is None or entry[0] is not qt.qdata:
+    version = weight_version(qt)
+    if entry is None or entry[0] != version:
         spec = qt.spec
         qmin, _ = qrange(spec)
         n_out = qt.shape[0]
@@ -390,11 +400,13 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
             zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
         else:
             zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
+        if bits == 8:
+            zero_code = zero_code - 128
         tensors = (qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
         # the tensors keep the pointers valid; the ints save per-call ctypes work
-        entry = (qt.qdata, tensors, tuple(t.data_ptr() for t in tensors))
+        entry = (version, tensors, tuple(t.data_ptr() for t in tensors), qt)
         cache[name] = entry
-    return entry[2]
+    return entry[1], entry[2]
 
 
 def _int4_order(x2: torch.Tensor) -> torch.Tensor:
@@ -411,7 +423,7 @@ def bind_cpu_linear(
     ``[N, K]``, with the weight's pointers and shapes resolved once."""
     lib = extension()
     bits = qt.spec.bits
-    packed, scale, scale_zero = _execution_layout(qt, cache)  # pointers
+    held, (packed, scale, scale_zero) = _execution_layout(qt, cache)
     n_out, k_in = qt.shape
     n_groups = qt.scale.numel() // n_out
     row_bytes = k_in * bits // 8
@@ -421,6 +433,9 @@ def bind_cpu_linear(
     get_threads = torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != k_in:
+            raise ValueError(f"cpu_int{bits}: x {tuple(x.shape)} for weight {tuple(qt.shape)}; "
+                             "x.shape[-1] must equal the weight's in_features")
         x2 = x.reshape(-1, k_in)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -428,7 +443,7 @@ def bind_cpu_linear(
         if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
             x2 = _int4_order(x2) if bits == 4 else x2
             y = torch.empty(m, n_out)
-            rows = max(1, DEQUANT_BLOCK_FLOATS // k_in)
+            rows = DEQUANT_BLOCK_ROWS
             block = _scratch(rows * k_in)
             for n0 in range(0, n_out, rows):
                 nb = min(rows, n_out - n0)
@@ -447,6 +462,7 @@ def bind_cpu_linear(
             raise MemoryError(f"cpu_int{bits}: could not allocate {m}x{n_groups} group sums")
         return y
 
+    run.held = (held, b)  # the tensors behind the pointers live as long as run
     return run
 
 

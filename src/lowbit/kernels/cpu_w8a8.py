@@ -28,7 +28,7 @@ import torch
 
 from lowbit.kernels import int8
 from lowbit.kernels.cpu_avx2 import _cpu_has_avx2, compile_library
-from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
 
@@ -203,14 +203,14 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
 
 def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
     """Pointers to the centered int8 weight ``[N, K]`` and float32 scales ``[N]`` (or ``[1]``),
-    and whether the scales are per channel; rebuilt when the codes change (held in ``cache``,
-    never saved)."""
-    key = (qt.qdata, qt.qdata._version)
+    and whether the scales are per channel; rebuilt when a stored tensor changes (held in
+    ``cache``, never saved)."""
+    version = weight_version(qt)
     entry = cache.get("cpu_w8a8")
-    if entry is None or entry[0][0] is not key[0] or entry[0][1] != key[1]:
+    if entry is None or entry[0] != version:
         weight = int8._centered_weight(qt).to(torch.int8).contiguous()
         sw = int8._weight_scale(qt).reshape(-1).contiguous()
-        entry = cache["cpu_w8a8"] = (key, (weight, sw),
+        entry = cache["cpu_w8a8"] = (version, (weight, sw, qt),
                                      (weight.data_ptr(), sw.data_ptr(), int(sw.numel() > 1)))
     return entry[2]
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.registry import get_format
 from lowbit.kernels import triton_act
-from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.int8 import (
     _centered_weight,
     _empty_out,
@@ -265,10 +265,11 @@ def cuda_w8a8_linear(
     if x2d.shape[0] == 0:
         return _empty_out(x, qt, bias)
     entry = cache.get(NAME)
-    if entry is None or entry[0] is not qt.qdata or entry[1].device != x.device:
-        entry = (qt.qdata, *int8_weight_layout(qt, x.device))
+    version = weight_version(qt)
+    if entry is None or entry[0] != version or entry[1].device != x.device:
+        entry = (version, *int8_weight_layout(qt, x.device), qt)
         cache[NAME] = entry
-    _, w, sw = entry
+    _, w, sw, _ = entry
     m, n = x2d.shape[0], qt.shape[0]
     static = not qt.spec.act.dynamic
     if bias is not None:
@@ -329,12 +330,13 @@ def cuda_fp8_linear(
     if x2d.shape[0] == 0:
         return _empty_out(x, qt, bias)
     entry = cache.get(FP8_NAME)
-    if entry is None or entry[0] is not qt.qdata or entry[1].device != x.device:
+    version = weight_version(qt)
+    if entry is None or entry[0] != version or entry[1].device != x.device:
         w, sw = fp8_weight_layout(qt, x.device)
         one = torch.ones((), dtype=torch.float32, device=x.device)
-        entry = (qt.qdata, w, sw, one)
+        entry = (version, w, sw, one, qt)
         cache[FP8_NAME] = entry
-    _, w, sw, one = entry
+    _, w, sw, one, _ = entry
     (m, k), n = x2d.shape, qt.shape[0]
     if bias is not None:
         bias = bias.to(x.device)

@@ -54,6 +54,14 @@ def register_kernel(kernel: Kernel) -> Kernel:
     return kernel
 
 
+def weight_version(qt: QuantizedTensor) -> tuple:
+    """Identity and in-place version of each stored tensor of ``qt``: kernels key their cached
+    execution layouts on it, so a replaced or modified scale, zero-point or code tensor
+    rebuilds them. A cache entry keeping this key must also keep ``qt`` (ids stay unique while
+    the tensors live)."""
+    return tuple((id(t), t._version) for t in qt.stored_tensors().values())
+
+
 def _act_mode(qt: QuantizedTensor) -> str:
     act = qt.spec.act
     if act is None:
@@ -130,11 +138,12 @@ def bound_linear(
     """The memoized ``x -> x @ W^T + b`` for inputs like ``x`` (see :func:`linear`)."""
     forced = kernel or os.environ.get("LOWBIT_KERNEL") or None
     key = ("bound", x.device, x.dtype, x.shape[-1] if x.dim() else 0,
-           x.requires_grad and torch.is_grad_enabled(), forced, id(bias), _registry_version)
-    run = cache.get(key)
-    if run is None:  # the bound callable holds ``bias``, so its id is not reused meanwhile
-        run = cache[key] = select_kernel(qt, x, forced).bound(qt, bias, cache)
-    return run
+           x.requires_grad and torch.is_grad_enabled(), forced, id(qt), id(bias),
+           _registry_version)
+    entry = cache.get(key)
+    if entry is None:  # the entry holds qt and bias, so their ids are not reused meanwhile
+        entry = cache[key] = (select_kernel(qt, x, forced).bound(qt, bias, cache), qt, bias)
+    return entry[0]
 
 
 def kernel_plan(model: torch.nn.Module, device: str = "cpu",

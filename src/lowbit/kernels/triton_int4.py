@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels.dispatch import Kernel, register_kernel
+from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.quant.maps import qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
 
@@ -639,8 +639,9 @@ def cached_linear(
 ) -> torch.Tensor:
     """``x [..., K] @ W^T (+ bias)`` -> ``[..., N]`` in x's dtype; the layout cached as ``name``."""
     entry = cache.get(name)
-    if entry is None or entry[0] is not qt.qdata or entry[1].packed.device != x.device:
-        entry = (qt.qdata, execution_layout(qt).to(x.device))
+    version = weight_version(qt)
+    if entry is None or entry[0] != version or entry[1].packed.device != x.device:
+        entry = (version, execution_layout(qt).to(x.device), qt)
         cache[name] = entry
     n_out, k_in = qt.shape
     b = None if bias is None else bias.to(device=x.device, dtype=x.dtype)  # as the reference

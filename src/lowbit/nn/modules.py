@@ -89,6 +89,12 @@ class _QuantWeightMixin(nn.Module):
         self._view = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() give new buffers: drop what was built from the old ones
+        self._kernel_cache.clear()
+        self._view = None
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def weight_nbytes(self) -> int:
         return self.qweight.nbytes

@@ -15,9 +15,9 @@ where ``c`` are the codes as the kernel reads them (int4: the stored unsigned co
 qmin``; int8: the stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``,
 8 for signed symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the
 activation sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8)
-fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows into a reused fp32 buffer
-(C++) and multiplies each with torch's fp32 GEMM (compute-bound there; fp32 speed minus the
-dequant).
+fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows into a reused
+fp32 buffer (C++) and multiplies each with torch's fp32 GEMM (compute-bound there; fp32 speed
+minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP, no torch headers) compiled on first use
 with the system C++ compiler (a second or two) into ``~/.cache/lowbit/kernels/``

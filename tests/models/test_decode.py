@@ -99,7 +99,7 @@ def _tiny(model_type: str, **extra):
 
 
 @pytest.mark.parametrize("model_type,extra", [
-    ("mistral", {"sliding_window": None}),
+    ("mistral", {"sliding_window": 64}),  # a window no shorter than max_len changes nothing
     ("qwen2", {}),  # q/k/v carry biases
     ("llama", {"attention_bias": True, "tie_word_embeddings": True}),
 ])
@@ -107,6 +107,18 @@ def test_tiny_random_models_of_each_supported_type(model_type, extra, fused):
     model = _tiny(model_type, **extra)
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
     check_logits_match_hf(model, ids, split=6, atol=1e-5, fused=fused)
+
+
+def test_bfloat16_model_follows_transformers_numerics():
+    """Half-precision weights: RMSNorm statistics in float32 as transformers computes them."""
+    model = _tiny("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(4))
+    decoder = Decoder(model, 2, 10)
+    assert not decoder.fused
+    with torch.inference_mode():
+        ours = decoder.forward(ids, 0).float()
+        ref = model(ids).logits[:, -1].float()
+    assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
@@ -149,3 +161,11 @@ def test_bad_input_fails_in_one_line(llama):
         Decoder(llama, 1, 10**6)
     with pytest.raises(ValueError, match="fused=True needs float32 on CPU"):
         Decoder(copy.deepcopy(llama).to(torch.bfloat16), 1, 8, fused=True)
+    with pytest.raises(ValueError, match="top_k=0; must be >= 1"):
+        decoder.generate(prompt(), 2, do_sample=True, top_k=0)
+    with pytest.raises(ValueError, match=r"ids \(1, 12\) at start=10: this Decoder holds"):
+        decoder.forward(prompt(), 10)
+    with pytest.raises(ValueError, match="exceeds the model's sliding_window=8"):
+        Decoder(_tiny("mistral", sliding_window=8), 1, 16)
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
+        Decoder(_tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 1, 16)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from lowbit.cli.common import console, fail
 from lowbit.cli.eval_cmd import load_model
+from lowbit.nn.modules import QuantLinear
 
 
 def _timed_generate(decoder, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float]:
@@ -61,6 +62,9 @@ def generate_command(
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise ValueError("--prompt encodes to no tokens")
+        if compare and any(isinstance(m, QuantLinear) for m in model.modules()):
+            raise ValueError("--compare needs the float model: pass a Hugging Face folder "
+                             "and quantize it here with -s")
         original = copy.deepcopy(model) if compare else None
         if scheme is not None:
             lowbit.quantize(model, scheme)
@@ -79,7 +83,10 @@ def generate_command(
         gen = torch.Generator().manual_seed(seed) if sample else None
         return _timed_generate(dec, ids, max_new_tokens, generator=gen, **decoding)
 
-    out, seconds = run(decoder)
+    try:
+        out, seconds = run(decoder)
+    except ValueError as e:  # e.g. the tokenizer's pad id outside the model's vocabulary
+        fail(str(e))
     new = out.shape[1] - ids.shape[1]
     console.print(tokenizer.decode(out[0], skip_special_tokens=True), highlight=False)
     console.print(

@@ -141,11 +141,24 @@ def available(example: torch.Tensor) -> bool:
     )
 
 
+def _lib(*tensors: torch.Tensor) -> ctypes.CDLL:
+    """The library, after checking that ``tensors`` are contiguous float32 on CPU (the C code
+    indexes them densely)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"cpu_decode ops take contiguous float32 CPU tensors; got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    lib = _state.get("lib") or library()
+    if lib is None:
+        raise RuntimeError("cpu_decode ops are not built here (see the earlier warning)")
+    return lib
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x [..., D]`` RMS-normalized and scaled by ``weight [D]`` (float32)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    _state["lib"].rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(),
+    _lib(x, weight).rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(),
                            x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
 
@@ -158,9 +171,15 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
     ``cos``/``signed_sin [T, hd]``: HF's tables, sin's first half negated."""
     batch, length = q.shape[0], q.shape[1]
     hd, cache_len = k_cache.shape[-1], k_cache.shape[-2]
-    _state["lib"].rope_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
-                          signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), batch,
-                          length, n_heads, n_kv, hd, cache_len, start)
+    if start < 0 or start + length > cache_len or k_cache.shape[0] < batch or (
+        cos.shape[0] < length
+    ):
+        raise ValueError(f"positions [{start}, {start + length}) of batch {batch} do not fit "
+                         f"the cache {tuple(k_cache.shape)} / tables {tuple(cos.shape)}")
+    lib = _lib(q, k, v, cos, signed_sin, k_cache, v_cache)
+    lib.rope_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
+                k_cache.data_ptr(), v_cache.data_ptr(), batch, length, n_heads, n_kv, hd,
+                cache_len, start)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
@@ -169,8 +188,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     positions of the caches ``[B, n_kv, L, hd]``; returns ``[B, 1, n_heads * hd]``.
     ``scratch``: float32 with at least ``length`` elements."""
     batch, n_kv, cache_len, hd = k_cache.shape
+    if length > min(cache_len, scratch.numel()) or q.shape[0] != batch:
+        raise ValueError(f"length {length} / batch {q.shape[0]} do not fit the cache "
+                         f"{tuple(k_cache.shape)} and scratch of {scratch.numel()}")
     out = torch.empty_like(q)
-    _state["lib"].decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                   out.data_ptr(), scratch.data_ptr(), batch,
-                                   q.shape[-1] // hd, n_kv, hd, cache_len, length, scale)
+    lib = _lib(q, k_cache, v_cache, scratch)
+    lib.decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                         scratch.data_ptr(), batch, q.shape[-1] // hd, n_kv, hd, cache_len,
+                         length, scale)
     return out

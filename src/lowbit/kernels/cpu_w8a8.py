@@ -11,7 +11,8 @@ computes them (``s = absmax / qmax`` in float32, 1 for an all-zero row; codes =
 ``-ffp-contract=off``): bit-identical to ``int8-reference`` while ``|acc| < 2**31``.
 
 Above ``MAX_ROWS`` rows (presets fbgemm runs in one pass: above ``ONE_PASS_MAX_ROWS`` rows and
-``ONE_PASS_MAX_WORK`` multiply-adds) it hands over to ``int8-fbgemm`` (exact too). Specs: signed
+``ONE_PASS_MAX_WORK`` multiply-adds) it hands over to ``int8-fbgemm``, which equals the
+reference while each pass's ``|acc| < 2**24`` (see :mod:`lowbit.kernels.int8`). Specs: signed
 symmetric int weights (per channel or tensor) and dynamic signed symmetric int activations (per
 token or tensor) with float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8,
 w7a8 and w8a7), and K < 2**17 (int32 sums cannot overflow).

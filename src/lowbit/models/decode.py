@@ -10,12 +10,14 @@ this project's CPU that is about half of the step, which hides whatever the weig
   kernel lowbit's dispatch picks, resolved for this input kind, for ``QuantLinear``), so fp32 and
   quantized models get the same treatment and compare fairly;
 - keys and values go into a preallocated cache ``[layers, batch, kv_heads, max_len, head_dim]``;
-- rotary tables come from the model's own ``rotary_emb`` (any rope type it supports), computed
-  once for ``max_len`` positions.
+- rotary tables come from the model's own ``rotary_emb``, computed once for ``max_len``
+  positions (so rope types whose tables depend on the sequence length, dynamic NTK and
+  longrope, are refused).
 
 It covers decoder-only models with pre-norm RMSNorm blocks, rotary attention (grouped-query
 allowed) and a gated SiLU MLP, in inference mode, batches of equal-length prompts (no padding),
-greedy or sampled. Anything else raises a ValueError naming what is unsupported.
+greedy or sampled. Anything else raises a ValueError naming what is unsupported. Tested on CPU;
+on other devices it runs the torch ops (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -62,7 +64,14 @@ class _Block:
     down: Linear
 
 
-def _check_supported(model: nn.Module) -> None:
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return "default"
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def _check_supported(model: nn.Module, max_len: int) -> None:
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_MODEL_TYPES:
@@ -72,10 +81,14 @@ def _check_supported(model: nn.Module) -> None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r}; the decoder supports 'silu'")
-    if getattr(config, "use_sliding_window", False) or (
-        kind == "mistral" and getattr(config, "sliding_window", None)
-    ):
-        raise ValueError("sliding-window attention is not supported by lowbit's decoder")
+    window = getattr(config, "sliding_window", None)
+    uses_window = kind == "mistral" or getattr(config, "use_sliding_window", False)
+    if uses_window and window is not None and window < max_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's sliding_window={window}; "
+                         "sliding-window attention is not supported by lowbit's decoder")
+    if _rope_type(config) in ("dynamic", "longrope"):  # their tables depend on the length
+        raise ValueError(f"rope_type={_rope_type(config)!r} is not supported by lowbit's "
+                         "decoder (its tables are computed once for max_len)")
 
 
 class Decoder:
@@ -89,7 +102,7 @@ class Decoder:
     def __init__(
         self, model: nn.Module, batch: int, max_len: int, *, fused: bool | None = None
     ) -> None:
-        _check_supported(model)
+        _check_supported(model, max_len)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch={batch}, max_len={max_len}; need batch >= 1, max_len >= 2")
         config = model.config
@@ -150,8 +163,11 @@ class Decoder:
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return cpu_decode.rms_norm(h, weight, self.eps)
-        # HF's RMSNorm formula (not F.rms_norm: its fused CPU op took ~25-70 us per call here)
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        # HF's RMSNorm: float32 statistics, scaled back in h's dtype (not F.rms_norm: its
+        # fused CPU op took ~25-70 us per call here)
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h32.to(h.dtype)
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of ``t [B, heads, T, head_dim]``: HF's ``t * cos +
@@ -164,6 +180,9 @@ class Decoder:
         ``start..start+T`` (their keys and values enter the cache)."""
         batch, length = ids.shape
         end = start + length
+        if batch != self.batch or start < 0 or end > self.max_len:
+            raise ValueError(f"ids {tuple(ids.shape)} at start={start}: this Decoder holds "
+                             f"batch {self.batch} and positions [0, {self.max_len})")
         h = self.embed(ids)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         causal = None
@@ -186,10 +205,13 @@ class Decoder:
             else:
                 if self.fused:  # q is still [B, T, heads * hd], now rotary-embedded
                     q = q.view(batch, length, nh, hd).transpose(1, 2)
+                keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+                if nkv != nh:  # grouped-query attention (SDPA's enable_gqa needs torch 2.5)
+                    keys = keys.repeat_interleave(nh // nkv, dim=1)
+                    values = values.repeat_interleave(nh // nkv, dim=1)
                 a = F.scaled_dot_product_attention(
-                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=causal,
-                    is_causal=causal is None and length > 1, scale=self.scaling,
-                    enable_gqa=nkv != nh,
+                    q, keys, values, attn_mask=causal, is_causal=causal is None and length > 1,
+                    scale=self.scaling,
                 ).transpose(1, 2).reshape(batch, length, nh * hd)
             h = h + blk.o(a)
             r = self._norm(h, blk.mlp_norm)
@@ -232,6 +254,8 @@ class Decoder:
             raise ValueError(f"pad_token_id={pad_token_id}; must be a token id in [0, {vocab})")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature={temperature}; must be > 0 when sampling")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}; must be >= 1 (or None)")
         ids = input_ids.to(self.device)
         out = [ids]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)

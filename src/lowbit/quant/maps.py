@@ -127,7 +127,10 @@ def qparams_from_range(
             # A float zero-point is stored in zero_dtype: a range far from 0 and narrow (a
             # near-constant row) would put it beyond that dtype's reach (fp16: inf). Widen the
             # step so |zero| stays where the dtype resolves it to half a code or better.
-            reach = 0.5 / torch.finfo(torch_dtype(spec.zero_dtype)).eps - abs(qmin)
+            # Never tighter than the grid's own span (signed grids with a coarse zero dtype,
+            # e.g. int8 with bfloat16, keep their usual ranges).
+            reach = max(0.5 / torch.finfo(torch_dtype(spec.zero_dtype)).eps - abs(qmin),
+                        qmax - qmin)
             raw = torch.maximum(raw, torch.maximum(lo.abs(), hi.abs()) / reach)
         scale = _store_scale(raw, scale_dtype)
         zero = qmin - lo / scale.float()

@@ -163,7 +163,9 @@ def main() -> None:
             *lines,
             "",
             f"{fast} runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
-            "dequantize (AVX2) + fp32 `F.linear` above; at large M the layer is compute-bound "
+            f"above it dequantizes {cpu_avx2.DEQUANT_BLOCK_ROWS} weight rows at a time (AVX2) "
+            "into a reused buffer and multiplies each block with the fp32 GEMM; at large M the "
+            "layer is compute-bound "
             "and no weight-only kernel can beat fp32 on this CPU (there is no faster float "
             "GEMM than fp32 here: bf16 is ~7x slower, and integer GEMMs need quantized "
             "activations, i.e. W8A8). `torch int4pack` is torch's own CPU int4 op "

@@ -102,7 +102,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = ROWS[:2] if args.quick else ROWS
     if cpu_avx2.extension() is None:
-        raise SystemExit(f"cpu kernels unavailable: {cpu_avx2._state.get('error')}")
+        raise SystemExit(f"cpu kernels unavailable: {cpu_avx2._LIB.error}")
     fast = select_kernel(QuantizedTensor.from_float(torch.randn(64, 256), args.spec),
                          torch.randn(1, 256)).name
     if fast == "reference":

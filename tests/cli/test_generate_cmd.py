@@ -11,7 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from lowbit.cli.generate_cmd import register
+from lowbit.cli import app as lowbit_app
 
 pytest.importorskip("transformers")
 
@@ -23,14 +23,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    register(app)
-    return app
+    return lowbit_app  # the real `lowbit` command
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ INT4_PRESETS = ("w4g128", "w4g64", "w4g128-sym")
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
     if cpu_avx2.extension() is None:
-        pytest.skip(f"cpu_avx2 extension unavailable here: {cpu_avx2._state.get('error')}")
+        pytest.skip(f"cpu_avx2 extension unavailable here: {cpu_avx2._LIB.error}")
 
 
 def rounding_tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:

@@ -19,29 +19,22 @@ fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows i
 fp32 buffer (C++) and multiplies each with torch's fp32 GEMM (compute-bound there; fp32 speed
 minus the dequant).
 
-The kernels are plain C++ (AVX2 intrinsics + OpenMP, no torch headers) compiled on first use
-with the system C++ compiler (a second or two) into ``~/.cache/lowbit/kernels/``
-(``LOWBIT_CACHE`` overrides), keyed by a hash of source and flags, and called through ctypes
-(which releases the GIL). If they cannot be built, they report themselves unsupported (the
-reason is in a RuntimeWarning) and dispatch falls back to the reference.
+The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
+and called through ctypes (:mod:`lowbit.kernels.native`). If they cannot be built, they report
+themselves unsupported (the reason is in a RuntimeWarning) and dispatch falls back to the
+reference.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
+from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
 
@@ -273,79 +266,17 @@ extern "C" void int8_dequant(const uint8_t* P, const float* S, const float* ZS, 
 """
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
-_state: dict[str, object] = {}
-_lock = threading.Lock()
-
-
-def _cpu_has_avx2() -> bool:
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    except AttributeError:  # very old torch
-        return False
-
-
-def compile_library(stem: str, source: str, flags: list[str]) -> Path:
-    """Compile C++ ``source`` with ``flags`` once per source/flags hash into the user cache
-    (``~/.cache/lowbit/kernels/<stem>_<hash>.so``); return the library's path."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    library = cache_dir / "kernels" / f"{stem}_{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            src = Path(tmp) / f"{stem}.cpp"
-            src.write_text(source)
-            out = Path(tmp) / library.name
-            run = subprocess.run(
-                [compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True
-            )
-            if run.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[:300]}")
-            os.replace(out, library)  # atomic: concurrent builders agree on one file
-    return library
-
-
-def _build_library() -> ctypes.CDLL:
-    """Compile ``_SOURCE`` (cached) and load it."""
-    library = compile_library("cpu_int4", _SOURCE, _FLAGS)
-    # The library brings the system's OpenMP runtime beside torch's own: keep its idle threads
-    # asleep rather than spinning, so the two runtimes don't fight over the cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    lib = ctypes.CDLL(str(library))
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for bits in (4, 8):
-        gemv, dequant = getattr(lib, f"int{bits}_gemv"), getattr(lib, f"int{bits}_dequant")
-        gemv.argtypes = [ptr] * 6 + [i64] * 4 + [ctypes.c_int]
-        gemv.restype = ctypes.c_int
-        dequant.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
-        dequant.restype = None
-    return lib
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
+    **{f"int{b}_gemv": ([_PTR] * 6 + [_I64] * 4 + [_INT], _INT) for b in (4, 8)},
+    **{f"int{b}_dequant": ([_PTR] * 4 + [_I64] * 3 + [_INT], None) for b in (4, 8)},
+}, fallback="the reference kernel")
 
 
 def extension() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None if it cannot be built here (reason warned once)."""
-    with _lock:
-        if "module" in _state:
-            return _state["module"]
-        module = None
-        if not _cpu_has_avx2():
-            _state["error"] = "CPU lacks AVX2/FMA"
-        else:
-            try:
-                module = _build_library()
-            except Exception as exc:  # compiler missing, OpenMP missing, ...
-                _state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                warnings.warn(
-                    f"lowbit cpu_int4/cpu_int8 kernels unavailable ({_state['error']}); using the "
-                    "reference kernel",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        _state["module"] = module
-        return module
+    """The compiled kernel library, or None if it cannot be built here (``_LIB.error`` says
+    why; warned once)."""
+    return _LIB.get()
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:

@@ -14,12 +14,10 @@ False and the Decoder uses torch ops.
 from __future__ import annotations
 
 import ctypes
-import threading
-import warnings
 
 import torch
 
-from lowbit.kernels.cpu_avx2 import _cpu_has_avx2, compile_library
+from lowbit.kernels.native import NativeLibrary, cpu_has_avx2
 
 _SOURCE = r"""
 #include <math.h>
@@ -109,29 +107,19 @@ extern "C" void decode_attention(const float* Q, const float* KC, const float* V
 _FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-shared",
           "-fPIC", "-std=c++17"]
 
-_state: dict[str, object] = {}
-_lock = threading.Lock()
+_PTR, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_LIB = NativeLibrary(
+    "cpu_decode", _SOURCE, _FLAGS + (["-mavx2", "-mfma"] if cpu_has_avx2() else []),
+    {"rms_norm": ([_PTR] * 3 + [_I64] * 2 + [_F32], None),
+     "rope_kv": ([_PTR] * 7 + [_I64] * 7, None),
+     "decode_attention": ([_PTR] * 5 + [_I64] * 6 + [_F32], None)},
+    needs_avx2=False, fallback="torch ops",
+)
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled glue, or None where it cannot be built (the reason warned once)."""
-    with _lock:
-        if "lib" not in _state:
-            lib = None
-            try:
-                flags = _FLAGS + (["-mavx2", "-mfma"] if _cpu_has_avx2() else [])
-                lib = ctypes.CDLL(str(compile_library("cpu_decode", _SOURCE, flags)))
-                ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                lib.rms_norm.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
-                lib.rope_kv.argtypes = [ptr] * 7 + [i64] * 7
-                lib.decode_attention.argtypes = [ptr] * 5 + [i64] * 6 + [f32]
-                for fn in (lib.rms_norm, lib.rope_kv, lib.decode_attention):
-                    fn.restype = None
-            except Exception as exc:  # no compiler, ...
-                warnings.warn(f"lowbit cpu_decode ops unavailable ({exc}); using torch ops",
-                              RuntimeWarning, stacklevel=2)
-            _state["lib"] = lib
-        return _state["lib"]
+    """The compiled ops, or None where they cannot be built (the reason warned once)."""
+    return _LIB.get()
 
 
 def available(example: torch.Tensor) -> bool:
@@ -148,7 +136,7 @@ def _lib(*tensors: torch.Tensor) -> ctypes.CDLL:
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"cpu_decode ops take contiguous float32 CPU tensors; got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    lib = _state.get("lib") or library()
+    lib = _LIB.get()
     if lib is None:
         raise RuntimeError("cpu_decode ops are not built here (see the earlier warning)")
     return lib

@@ -21,15 +21,13 @@ w7a8 and w8a7), and K < 2**17 (int32 sums cannot overflow).
 from __future__ import annotations
 
 import ctypes
-import threading
-import warnings
 from collections.abc import Callable
 
 import torch
 
 from lowbit.kernels import int8
-from lowbit.kernels.cpu_avx2 import _cpu_has_avx2, compile_library
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
+from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
 
@@ -165,29 +163,16 @@ extern "C" int w8a8_linear(const float* X, const int8_t* W, const float* SW, int
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
           "-std=c++17"]
 
-_state: dict[str, object] = {}
-_lock = threading.Lock()
+_PTR, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_LIB = NativeLibrary("cpu_w8a8", _SOURCE, _FLAGS, {
+    "w8a8_linear": ([_PTR, _PTR, _PTR, _I32, _PTR, _PTR, _I64, _I64, _I64, _I32, _F32, _F32,
+                     _I32], _I32),
+}, fallback="int8-fbgemm")
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (the reason warned once)."""
-    with _lock:
-        if "lib" not in _state:
-            lib = None
-            if _cpu_has_avx2():
-                try:
-                    lib = ctypes.CDLL(str(compile_library("cpu_w8a8", _SOURCE, _FLAGS)))
-                    ptr, i64, f32, i32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                                          ctypes.c_int)
-                    lib.w8a8_linear.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64,
-                                                i32, f32, f32, i32]
-                    lib.w8a8_linear.restype = i32
-                except Exception as exc:  # no compiler, ...
-                    warnings.warn(f"lowbit cpu_w8a8 kernel unavailable ({exc}); using "
-                                  "int8-fbgemm", RuntimeWarning, stacklevel=2)
-                    lib = None
-            _state["lib"] = lib
-        return _state["lib"]
+    return _LIB.get()
 
 
 def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     python benchmarks/gpu.py --dry-run        # CPU rehearsal: tiny shapes, Triton interpreter
 
 (a) Checks every CUDA kernel against its oracle, computed on the CPU: ``triton_int4`` (w4g128)
-    and ``triton_int8`` (w8), each kernel kind forced in turn (gemv, gemm, dequant), against
+    and ``triton_int8`` (w8), each kernel kind forced in turn (gemv, gemv2, gemm, dequant), against
     float64 products of the exact float32 weights (fp16, bf16, fp32 activations; float32
     accumulation and weight rounding to x's dtype allowed), ``cuda_w8a8`` (w8a8,
     w8a8-static) bit for bit against ``int8-reference``, ``cuda_fp8`` (fp8a8) against
@@ -184,6 +184,7 @@ class Check:
 # each code path of the Triton kernels, forced (the dispatch default is autotuned per shape)
 TRITON_KINDS = {
     "gemv": triton_int4.Config("gemv", block_n=4, block_k=512, num_warps=4),
+    "gemv2": triton_int4.Config("gemv2", block_n=8, block_k=2048, num_warps=2),
     "gemm": triton_int4.Config("gemm", 16, 32, 128, num_warps=4, num_stages=4),
     "gemm-split4": triton_int4.Config("gemm", 16, 32, 128, num_warps=4, num_stages=4,
                                       split_k=4),
@@ -591,7 +592,9 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[
                    "| ---: | ---: | ---: | ---: | --- | --- |"]
     for (rows, n, k, bits, _g, dt, *_), cfg in sorted(tuned.items(), key=lambda kv: (
             kv[0][3], kv[0][2], kv[0][1], kv[0][0])):
-        desc = (f"gemv {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps" if cfg.kind == "gemv"
+        desc = (f"{cfg.kind} {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps"
+                + (f", {cfg.run_words}-word runs" if cfg.kind == "gemv2" else "")
+                if cfg.kind in ("gemv", "gemv2")
                 else "dequant + F.linear" if cfg.kind == "dequant"
                 else f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps, "
                      f"{cfg.num_stages} stages" + (f", split-K {cfg.split_k}"

@@ -40,6 +40,10 @@ _SCRIPT = textwrap.dedent(
     GEMM = Config("gemm", 16, 32, 64)
     DEQUANT = Config("dequant", block_n=16, block_k=64)
     SPLIT = Config("gemm", 16, 32, 64, split_k=4)
+    # gemv2: block_k codes per step in runs of run_words int32 words (4 bits: 8 codes a word)
+    GEMV2 = Config("gemv2", block_n=8, block_k=128)  # 4 runs of 4 words (4 bits)
+    GEMV2_8 = Config("gemv2", block_n=8, block_k=256, run_words=8)  # 4 runs of 8 words
+    GEMV2_16 = Config("gemv2", block_n=4, block_k=512, run_words=16)
     cases = [  # (spec, M, K, N, activation dtype, forced config)
         ("w4g128", 1, 256, 80, torch.float32, None),
         ("w4g64", 5, 192, 72, torch.float32, None),
@@ -64,6 +68,19 @@ _SCRIPT = textwrap.dedent(
         ("w8", 2, 512, 24, torch.float32, SPLIT),
         (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=32), 2, 96,
          24, torch.float16, DEQUANT),
+        # gemv2: several groups and K steps (the last one partial), N not a multiple of block_n
+        (preset("w4g64").replace(group_size=32, zero_point="float"), 1, 352, 41, torch.float32,
+         GEMV2),
+        ("w4g128", 2, 1024, 37, torch.float16, GEMV2_8),
+        ("w4g128-sym", 1, 1280, 20, torch.float32, GEMV2_16),
+        ("w4g128-sym", 1, 512, 12, torch.float16, GEMV2),
+        (preset("w4g128").replace(granularity="channel"), 1, 168, 24, torch.float16, GEMV2),
+        ("w8", 1, 324, 40, torch.float32, GEMV2),  # 4 codes a word: 8 runs of 4 words a step
+        (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=32), 3, 288,
+         40, torch.float16, GEMV2_8),
+        (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=16,
+                    zero_point="float"), 1, 96, 20, torch.float32, GEMV2),
+        (w8.replace(granularity="tensor", symmetric=False), 1, 200, 9, torch.float16, GEMV2),
     ]
     for spec, m, k, n, dtype, cfg in cases:
         qt = QuantizedTensor.from_float(torch.randn(n, k) * torch.rand(n, 1) * 2, spec)
@@ -107,7 +124,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference(run_interpreted) -> None:
-    assert "OK 18" in run_interpreted(_SCRIPT)
+    assert "OK 27" in run_interpreted(_SCRIPT)
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])
@@ -141,6 +158,18 @@ def test_bad_input_is_one_line_error() -> None:
     qt = QuantizedTensor.from_float(torch.randn(8, 64), "w8")
     with pytest.raises(ValueError, match="wo_matmul needs x"):
         triton_int4.wo_matmul(torch.randn(2, 32), triton_int4.execution_layout(qt))
+    # gemv2 reads whole int32 words (K * bits % 32 == 0) and runs inside one group
+    qt = QuantizedTensor.from_float(torch.randn(8, 34), "w8")
+    with pytest.raises(ValueError, match="whole int32 words"):
+        triton_int4.wo_matmul(torch.randn(1, 34), triton_int4.execution_layout(qt), None,
+                              triton_int4.Config("gemv2", block_n=8, block_k=64))
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), preset("w4g64").replace(group_size=32))
+    with pytest.raises(ValueError, match="gemv2 needs run_words"):
+        triton_int4.wo_matmul(torch.randn(1, 64), triton_int4.execution_layout(qt), None,
+                              triton_int4.Config("gemv2", block_n=8, block_k=256, run_words=8))
+    with pytest.raises(ValueError, match="allowed: gemv, gemv2"):
+        triton_int4.wo_matmul(torch.randn(1, 64), triton_int4.execution_layout(qt), None,
+                              triton_int4.Config("gemv3"))
     with pytest.raises(ValueError, match="int8_matmul needs"):
         triton_int8.int8_matmul(torch.randn(2, 64), QuantizedTensor.from_float(
             torch.randn(8, 64), "w4g64"))
@@ -192,3 +221,4 @@ def test_candidate_configs_compile_for_hopper(bits: int, tmp_path) -> None:
                 stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
                 assert stack in (0, None), f"{cfg} with {dtype} spills: {stack} bytes of stack"
     assert triton_int4.pick_config(1, 4096, 4096, bits, 128).kind == "gemv"
+    assert any(cfg.kind == "gemv2" for cfg, _ in seen)  # the new GEMV kind was compiled too

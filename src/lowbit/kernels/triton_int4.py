@@ -18,6 +18,19 @@ which run at a quarter of the FMA rate and bounded the first version of these ke
   A step loads ``[BLOCK_N, runs, bytes]`` codes, each run inside one group; per run
   ``s * (sum(code * x) - zc * sum(x))`` in float32. 16-bit x is read as int32 pairs that match
   the bytes of 4-bit codes.
+- ``gemv2`` (M <= ``GEMV_MAX_M``, rows of whole int32 words: K * bits % 32 == 0): CUDA cores,
+  one program per ``BLOCK_N`` outputs and row of x; the codes read as int32 words (8 or 4 codes
+  each). A step reads a ``[BLOCK_N, runs, run_words]`` tile of words, one run of ``run_words``
+  words (inside one group) per thread and row, so the thread loads x of its run once (16-byte
+  loads) and converts it to float32 once for all ``BLOCK_N`` rows. A code c becomes
+  ``f = 1 + c / 2**bits`` from its bits (c shifted into the top mantissa bits of 1.0: one shift
+  and one LOP3 per weight, no subtract), then one FFMA: ``sum(c * x) = 2**bits * (sum(f * x) -
+  sum(x))`` per run, ``s * (2**bits * sum(f * x) - (2**bits + zc) * sum(x))`` its weights'
+  share. Its inner loop is 3.8-4.7 SASS instructions per weight for fp16 x, w4g128 on sm_90
+  (triton 3.6 and 3.9; ``gemv``: 7.2-10.2), counted offline, not timed: the autotuner decides
+  on the device. Each ``f * x`` is rounded once in float32 like ``c * x``, but the sums run over
+  ``(2**bits + c) * x`` before the cancellation, so the float32 error bound is a few times
+  wider than ``gemv``'s (well inside the tests' tolerance).
 - ``gemm``: ``[BLOCK_M, BLOCK_N]`` tiles; a step (one group) puts the integer codes, exact in x's
   dtype, through ``tl.dot`` (float32 accumulation; IEEE for fp32 x) and applies the group's map
   to the partial sums. ``split_k`` > 1 cuts K into slices whose float32 partial sums are added
@@ -25,7 +38,7 @@ which run at a quarter of the FMA rate and bounded the first version of these ke
   ``torch.use_deterministic_algorithms``).
 - ``dequant``: writes the weights in x's dtype, then ``F.linear`` (large M: the vendor GEMM).
 
-Numerics: ``gemv`` and ``gemm`` use the exact float32 weights (not rounded to x's dtype);
+Numerics: ``gemv``, ``gemv2`` and ``gemm`` use the exact float32 weights (not rounded to x's dtype);
 ``dequant`` rounds each weight to x's dtype, so it equals ``qt.dequantize(x.dtype)``. Sums are in
 float32 and the output is rounded once to x's dtype (the bias added before). Tests compare with
 a float64 oracle allowing float32 sums and one rounding of each weight.
@@ -58,6 +71,8 @@ NAME = "triton_int4"
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_M = 4  # rows of x up to which GEMV is a candidate (it re-reads W per row)
 _ONE_GROUP = 1 << 30  # the kernels' GROUP_B for one group per row (kb // GROUP_B == 0)
+KINDS = ("gemv", "gemv2", "gemm", "dequant")
+_ONE_BITS = 0x3F800000  # 1.0f: gemv2 gets it as an argument (ptxas then keeps it in a register)
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,9 +87,11 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters: ``kind`` is "gemv", "gemm" or "dequant"; block sizes in codes (powers
-    of two); ``split_k`` > 1 (gemm): K is cut into that many slices whose float32 partial sums
-    are added atomically (more programs for small M; the sum order then varies run to run)."""
+    """Launch parameters: ``kind`` is "gemv", "gemv2", "gemm" or "dequant"; block sizes in codes
+    (powers of two); ``split_k`` > 1 (gemm): K is cut into that many slices whose float32
+    partial sums are added atomically (more programs for small M; the sum order then varies run
+    to run); ``run_words`` (gemv2: 4, 8 or 16): int32 words of a row per thread and step, a run
+    inside one group (``block_k / (run_words * 32 / bits)`` runs per step)."""
 
     kind: str
     block_m: int = 16
@@ -83,6 +100,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    run_words: int = 4
 
 
 @dataclass(frozen=True)
@@ -289,7 +307,110 @@ def _jit_kernels():
             w = (code - zc) * s
             tl.store(w_rows + offs_b[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
-    return triton, wo_gemv_kernel, wo_gemm_kernel, wo_dequant_kernel
+    @triton.jit
+    def _code_float(word, IDX: tl.constexpr, BITS: tl.constexpr, one):
+        # code IDX of each int32 word as the float 1 + code / 2**BITS: the code shifted into the
+        # top mantissa bits of 1.0 (``one``: 1.0's bits, an argument so that ptxas keeps it in a
+        # register; a shift and one LOP3, no subtract, no int->float convert)
+        SH: tl.constexpr = 23 - BITS * (IDX + 1)
+        if SH >= 0:
+            bits = word << SH
+        else:
+            bits = word >> -SH
+        return ((bits & (((1 << BITS) - 1) << (23 - BITS))) | one).to(
+            tl.float32, bitcast=True)
+
+    @triton.jit
+    def _word_dot(word, xp, ok, part, x_sum, BITS: tl.constexpr, one):
+        # part += f * x over the codes of ``word`` [ROWS, RUNS] (f = 1 + code / 2**BITS), the x
+        # of its codes at xp [RUNS] + (0 .. 32 / BITS - 1); x_sum [1, RUNS] += x
+        CPW: tl.constexpr = 32 // BITS
+        xv = tl.load(xp[None, :, None] + tl.arange(0, CPW)[None, None, :], mask=ok[None, :, None],
+                     other=0.0).to(tl.float32)  # [1, RUNS, CPW]: one vector load per word
+        if BITS == 4:
+            ev, od = tl.split(tl.reshape(xv, (1, xv.shape[1], 4, 2)))  # codes 0 2 4 6 | 1 3 5 7
+            e0, e1 = tl.split(tl.reshape(ev, (1, xv.shape[1], 2, 2)))  # 0 4 | 2 6
+            o0, o1 = tl.split(tl.reshape(od, (1, xv.shape[1], 2, 2)))  # 1 5 | 3 7
+            x0, x4 = tl.split(e0)
+            x2, x6 = tl.split(e1)
+            x1, x5 = tl.split(o0)
+            x3, x7 = tl.split(o1)
+        else:
+            ev, od = tl.split(tl.reshape(xv, (1, xv.shape[1], 2, 2)))  # codes 0 2 | 1 3
+            x0, x2 = tl.split(ev)
+            x1, x3 = tl.split(od)
+        part += _code_float(word, 0, BITS, one) * x0
+        part += _code_float(word, 1, BITS, one) * x1
+        part += _code_float(word, 2, BITS, one) * x2
+        part += _code_float(word, 3, BITS, one) * x3
+        x_sum += (x0 + x1) + (x2 + x3)
+        if BITS == 4:
+            part += _code_float(word, 4, BITS, one) * x4
+            part += _code_float(word, 5, BITS, one) * x5
+            part += _code_float(word, 6, BITS, one) * x6
+            part += _code_float(word, 7, BITS, one) * x7
+            x_sum += (x4 + x5) + (x6 + x7)
+        return part, x_sum
+
+    @triton.jit
+    def wo_gemv2_kernel(
+        x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+        N, KW, stride_xm, stride_pn, stride_sn, stride_ym, one,
+        BITS: tl.constexpr, GROUP_W: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
+        ZC: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, RUNS: tl.constexpr,
+        VW: tl.constexpr,
+    ):
+        # the codes as int32 words (32 / BITS codes each). A step reads a [ROWS, RUNS, VW] tile
+        # of words: RUNS runs of VW words (VW / 4 16-byte loads, inside one group) of ROWS rows;
+        # a thread holds one run of every row, so the x of its run is loaded and made float32
+        # once for all ROWS rows. With f = 1 + code / 2**BITS (exact), per run and row:
+        #   sum(code * x) = 2**BITS * (sum(f * x) - sum(x))
+        #   sum(w * x) = s * (2**BITS * sum(f * x) - (2**BITS + zc) * sum(x))
+        CPW: tl.constexpr = 32 // BITS
+        MUL: tl.constexpr = float(1 << BITS)
+        tl.static_assert(VW % 4 == 0)
+        pid = tl.program_id(0)
+        m = tl.program_id(1)
+        offs_r = pid * ROWS + tl.arange(0, ROWS)
+        r_ok = offs_r < N
+        runs = tl.arange(0, RUNS) * VW  # first word of each run in a step
+        # the words of the first quad of each run (a run is VW / 4 quads of 4 words)
+        offs_f = tl.max_contiguous(tl.multiple_of(
+            (tl.arange(0, RUNS * 4) // 4) * VW + tl.arange(0, RUNS * 4) % 4, 4), 4)
+        x_row = x_ptr + m * stride_xm
+        acc = tl.zeros((ROWS, RUNS), dtype=tl.float32)
+        for kw0 in range(0, KW, RUNS * VW):
+            part = tl.zeros((ROWS, RUNS), dtype=tl.float32)
+            x_sum = tl.zeros((1, RUNS), dtype=tl.float32)
+            v = kw0 + runs
+            for q in tl.static_range(0, VW, 4):
+                # [ROWS, RUNS * 4] words, 4 contiguous ones per thread (one 16-byte load)
+                offs_q = kw0 + q + offs_f
+                words = tl.load(p_ptr + offs_r[:, None] * stride_pn + offs_q[None, :],
+                                mask=r_ok[:, None] & (offs_q < KW)[None, :], other=0)
+                w02, w13 = tl.split(tl.reshape(words, (ROWS, RUNS, 2, 2)))
+                w0, w2 = tl.split(w02)
+                w1, w3 = tl.split(w13)
+                for j in tl.static_range(4):
+                    wj = w0 if j == 0 else (w1 if j == 1 else (w2 if j == 2 else w3))
+                    part, x_sum = _word_dot(wj, x_row + (v + q + j) * CPW, v + q + j < KW,
+                                            part, x_sum, BITS, one)
+            sz_off = offs_r[:, None] * stride_sn + (v // GROUP_W)[None, :]
+            sz_ok = r_ok[:, None] & (v < KW)[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                t = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32) + (MUL - QMIN)
+            else:
+                t = MUL + ZC
+            acc += (MUL * part - t * x_sum) * s
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_r, y.to(y_ptr.dtype.element_ty), mask=r_ok)
+
+    # the interpreter resolves a kernel's callees in the module's globals, not in this closure
+    globals().update(_code_float=_code_float, _word_dot=_word_dot)
+    return triton, wo_gemv_kernel, wo_gemm_kernel, wo_dequant_kernel, wo_gemv2_kernel
 
 
 def _fit_block_k(block_k: int, group_size: int) -> int:
@@ -353,6 +474,13 @@ def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
             Config("gemv", block_n=8, block_k=per_row // 2, num_warps=4),
             Config("gemv", block_n=16, block_k=per_row // 2, num_warps=8),
             Config("gemv", block_n=8, block_k=2 * per_row, num_warps=8)]
+    # gemv2: one run of run_words int32 words per thread and step (block_k = threads * run)
+    cpw = 32 // bits
+    gemv += [Config("gemv2", block_n=rows, block_k=32 * warps * words * cpw, num_warps=warps,
+                    run_words=words)
+             for rows, warps, words in ((8, 4, 4), (8, 2, 8), (16, 2, 4), (4, 4, 4), (16, 4, 4),
+                                        (8, 1, 8), (8, 4, 8))
+             if bits == 4 or (warps, words) != (2, 8)]  # 8 bits: ptxas (triton 3.6) spilled
     return gemv + gemm[:2] + gemm[-3:-1]
 
 
@@ -460,13 +588,15 @@ def _launch(
     x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | None, cfg: Config
 ) -> torch.Tensor:
     """One config's kernels for checked inputs (x contiguous ``[M, K]``)."""
-    if cfg.kind not in ("gemv", "gemm", "dequant"):
-        raise ValueError(f"config kind={cfg.kind!r}; allowed: gemv, gemm, dequant")
+    if cfg.kind not in KINDS:
+        raise ValueError(f"config kind={cfg.kind!r}; allowed: {', '.join(KINDS)}")
     if any(b < 1 or b & (b - 1) for b in (cfg.block_m, cfg.block_n, cfg.block_k)):
         raise ValueError(f"block sizes must be powers of two, got {cfg}")
-    triton, gemv, gemm, dequant = _jit_kernels()
+    triton, gemv, gemm, dequant, gemv2 = _jit_kernels()
     packed, bits, group = layout.packed, layout.bits, layout.group_size
     m, n, kb = x.shape[0], packed.shape[0], packed.shape[1]
+    if cfg.kind == "gemv2":
+        return _launch_gemv2(triton, gemv2, x, layout, bias, cfg)
     run_k = _fit_block_k(cfg.block_k, group)  # codes per run of a row that lie in one group
     if run_k < (32 if bits == 4 and cfg.kind == "gemm" else 16):
         raise ValueError(f"group_size={group} leaves BLOCK_K={run_k}; need a multiple of 32")
@@ -523,6 +653,42 @@ def _launch(
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def _gemv2_words(cfg: Config, bits: int, group_size: int) -> tuple[int, int]:
+    """(RUNS, GROUP_W) of a gemv2 config: a step reads ``block_k`` codes of a row as RUNS runs
+    of ``run_words`` int32 words; a group of ``group_size`` codes is GROUP_W words."""
+    cpw = 32 // bits
+    run = cfg.run_words * cpw  # codes per run
+    if cfg.run_words not in (4, 8, 16) or cfg.block_k % run or (group_size and group_size % run):
+        raise ValueError(f"gemv2 needs run_words 4, 8 or 16 and block_k and group_size multiples "
+                         f"of run_words * {cpw} codes, got {cfg} with group_size={group_size}")
+    return cfg.block_k // run, group_size // cpw if group_size else _ONE_GROUP
+
+
+def _launch_gemv2(triton, kernel, x: torch.Tensor, layout: WeightLayout,
+                  bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """The gemv2 kind: codes read as int32 words (rows of whole words, 4-byte aligned)."""
+    packed, bits = layout.packed, layout.bits
+    m, n, kb = x.shape[0], packed.shape[0], packed.shape[1]
+    runs, group_w = _gemv2_words(cfg, bits, layout.group_size)
+    if kb % 4 or packed.stride(0) % 4 or packed.stride(1) != 1 or packed.data_ptr() % 4:
+        raise ValueError(f"gemv2 reads rows of whole int32 words: packed {tuple(packed.shape)} "
+                         f"stride {packed.stride()} needs 4-byte rows and alignment")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    words = packed.view(torch.int32)
+    scale = layout.scale
+    zero = layout.zero if layout.zero is not None else scale
+    kernel[(triton.cdiv(n, cfg.block_n), m)](
+        x, words, scale, zero, bias if bias is not None else scale, y, n, kb // 4, x.stride(0),
+        words.stride(0), 0 if scale.shape[0] == 1 else scale.stride(0), y.stride(0), _ONE_BITS,
+        BITS=bits, GROUP_W=group_w, QMIN=layout.qmin, HAS_ZERO=layout.zero is not None,
+        ZC=float(layout.sym_zero_code), HAS_BIAS=bias is not None, ROWS=cfg.block_n, RUNS=runs,
+        VW=cfg.run_words, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
 _TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -544,12 +710,17 @@ def compile_offline(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    _, gemv, gemm, dequant = _jit_kernels()
-    fn = {"gemv": gemv, "gemm": gemm, "dequant": dequant}[kind]
+    _, gemv, gemm, dequant, gemv2 = _jit_kernels()
+    fn = {"gemv": gemv, "gemm": gemm, "dequant": dequant, "gemv2": gemv2}[kind]
     run_k = _fit_block_k(config.block_k, group_size)
     consts = dict(BITS=bits, GROUP_B=group_size * bits // 8 if group_size else _ONE_GROUP,
                   QMIN=0, HAS_ZERO=has_zero, ZC=float(1 << (bits - 1)), BLOCK_N=config.block_n)
-    if kind == "dequant":
+    if kind == "gemv2":
+        runs, group_w = _gemv2_words(config, bits, group_size)
+        consts = dict(BITS=bits, GROUP_W=group_w, QMIN=0, HAS_ZERO=has_zero,
+                      ZC=float(1 << (bits - 1)), HAS_BIAS=True, ROWS=config.block_n, RUNS=runs,
+                      VW=config.run_words)
+    elif kind == "dequant":
         consts.update(BLOCK_B=run_k * bits // 8, W_PAIRS=0 if bits == 8 or x_dtype ==
                       torch.float32 else (1 if x_dtype == torch.float16 else 2))
     elif kind == "gemv":
@@ -561,7 +732,8 @@ def compile_offline(
         consts.update(BLOCK_M=config.block_m, BLOCK_B=run_k * bits // 8,
                       IEEE=x_dtype == torch.float32, HAS_BIAS=True, SPLIT_K=config.split_k)
     xt, st = _TL_TYPES[x_dtype], _TL_TYPES[scale_dtype]
-    ptrs = {"x_ptr": "i32" if consts.get("X_PAIRS") else xt, "p_ptr": "u8", "s_ptr": st,
+    ptrs = {"x_ptr": "i32" if consts.get("X_PAIRS") else xt,
+            "p_ptr": "i32" if kind == "gemv2" else "u8", "s_ptr": st,
             "z_ptr": st, "b_ptr": xt, "w_ptr": "i32" if consts.get("W_PAIRS") else xt,
             "y_ptr": "fp32" if config.split_k > 1 and kind == "gemm" else xt}
     names = fn.arg_names

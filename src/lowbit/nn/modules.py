@@ -77,6 +77,7 @@ class _QuantWeightMixin(nn.Module):
         if view is None or len(view[0]) != len(key) or any(
             a is not b for a, b in zip(view[0], key, strict=True)
         ):
+            self._kernel_cache.clear()  # built from buffers the module no longer holds
             qt = self.qweight
             if hasattr(self, "input_scale"):
                 qt.act_scale = self.input_scale

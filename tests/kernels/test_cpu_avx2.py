@@ -152,3 +152,23 @@ def test_many_rows_dequantize_in_blocks(monkeypatch, name: str) -> None:
     qt = QuantizedTensor.from_float(torch.randn(73, 384), name)
     x, bias = torch.randn(2, cpu_avx2.GEMV_MAX_ROWS, 384), torch.randn(73)
     check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
+
+
+def test_bound_kernel_refuses_inputs_it_was_not_bound_for() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 128), "w4g128")
+    run = cpu_avx2.bind_cpu_linear(qt, None, {})
+    with pytest.raises(ValueError, match=r"needs float32 CPU \[\.\.\., 128\]"):
+        run(torch.randn(1, 256))
+    with pytest.raises(ValueError, match="needs float32 CPU"):
+        run(torch.randn(1, 128, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias has 3 elements"):
+        cpu_avx2.bind_cpu_linear(qt, torch.zeros(3), {})
+
+
+def test_memo_keeps_one_kernel_per_input_kind() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 128), "w4g128")
+    cache: dict = {}
+    x = torch.randn(1, 128)
+    for _ in range(5):
+        dispatch.linear(x, qt, torch.randn(8), cache=cache)
+    assert sum(1 for key in cache if key[0] == "bound") == 1

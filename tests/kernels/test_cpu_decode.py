@@ -68,3 +68,16 @@ def test_decode_attention_matches_sdpa(nh, nkv, length):
     ).transpose(1, 2).reshape(batch, 1, nh * hd)
     out = cpu_decode.decode_attention(q, kc, vc, length, scale, torch.empty(cache_len))
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_that_do_not_fit_are_refused_before_the_c_code():
+    kc = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="decode_attention: q"):
+        cpu_decode.decode_attention(torch.randn(1, 1, 8), kc, kc, 2, 0.3, torch.empty(4))
+    q, k = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+    table = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="rope_kv: q"):
+        cpu_decode.rope_kv(q, k, k, table, table, torch.zeros(1, 1, 4, 8), torch.zeros(1), 0,
+                           4, 4)
+    with pytest.raises(ValueError, match="weight has 3 elements"):
+        cpu_decode.rms_norm(torch.randn(2, 8), torch.randn(3), 1e-5)

@@ -86,3 +86,12 @@ def test_bound_kernel_sees_in_place_code_changes():
     second = run(x)
     assert not torch.equal(first, second)
     assert torch.equal(second, int8_reference_linear(x, qt, None, {}))
+
+
+def test_bound_kernel_refuses_inputs_it_was_not_bound_for():
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), "w8a8")
+    run = dispatch.bound_linear(torch.zeros(1, 64), qt, None, cache={})
+    with pytest.raises(ValueError, match=r"needs float32 CPU \[\.\.\., 64\]"):
+        run(torch.randn(1, 128))
+    with pytest.raises(ValueError, match="needs float32 CPU"):
+        run(torch.randn(1, 64, dtype=torch.float64))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -122,3 +123,21 @@ def test_memoized_kernel_follows_weight_changes(spec):
         before = layer(x)
         layer.to(torch.float32)
         assert torch.equal(layer(x), before)
+
+
+def test_weights_made_in_inference_mode_and_in_place_qparam_edits():
+    """Tensors created under inference_mode have no version counter (the kernels' caches must
+    cope); an in-place edit of the scale or zero-point is seen by the next call."""
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        layer = QuantLinear.from_float(nn.Linear(128, 8), "w4g64")
+        x = torch.randn(2, 128)
+        assert torch.allclose(layer(x), F.linear(x, layer.qweight.dequantize(), layer.bias),
+                              atol=1e-5)
+    layer = QuantLinear.from_float(nn.Linear(128, 8), "w4g64")
+    with torch.no_grad():
+        layer(x)
+        layer.weight_scale.mul_(2)
+        layer.weight_zero_point.add_(1)
+        ref = F.linear(x, layer.qweight.dequantize(), layer.bias)
+        assert torch.allclose(layer(x), ref, atol=1e-5)

@@ -99,7 +99,8 @@ def generate_command(
     table = Table(title="tokens/s, batch 1 (same prompt and token count)")
     for column in ("model", "runtime", "tokens/s", "vs float in the same runtime"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    float_tps = new / run(lowbit.Decoder(original, 1, length))[1]
+    float_out, float_seconds = run(lowbit.Decoder(original, 1, length))
+    float_tps = (float_out.shape[1] - ids.shape[1]) / float_seconds  # its own count (eos)
     label = scheme or "as loaded"
     table.add_row("float", "lowbit Decoder", f"{float_tps:.1f}", "1.00x")
     table.add_row(label, "lowbit Decoder", f"{new / seconds:.1f}",

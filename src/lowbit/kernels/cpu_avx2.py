@@ -351,22 +351,32 @@ def bind_cpu_linear(
     qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x [..., K] float32 -> x @ W^T + b [..., N]`` for a 4-bit group-wise or 8-bit W
-    ``[N, K]``, with the weight's pointers and shapes resolved once."""
+    ``[N, K]``, with the weight's pointers and shapes resolved once (and again after an in-place
+    change of a stored tensor)."""
     lib = extension()
     bits = qt.spec.bits
-    held, (packed, scale, scale_zero) = _execution_layout(qt, cache)
     n_out, k_in = qt.shape
     n_groups = qt.scale.numel() // n_out
     row_bytes = k_in * bits // 8
     gemv, dequant = getattr(lib, f"int{bits}_gemv"), getattr(lib, f"int{bits}_dequant")
+    if bias is not None and bias.numel() != n_out:
+        raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
     b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
     b_ptr = None if b is None else b.data_ptr()
     get_threads = torch.get_num_threads
+    layout: list = []  # [version, held tensors, (packed, scale, scale_zero) pointers]
+
+    def pointers() -> tuple[int, int, int]:
+        version = weight_version(qt)
+        if not layout or layout[0] != version:
+            layout[:] = [version, *_execution_layout(qt, cache)]
+        return layout[2]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in:
-            raise ValueError(f"cpu_int{bits}: x {tuple(x.shape)} for weight {tuple(qt.shape)}; "
-                             "x.shape[-1] must equal the weight's in_features")
+        if x.shape[-1] != k_in or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"cpu_int{bits}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
+        packed, scale, scale_zero = pointers()
         x2 = x.reshape(-1, k_in)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -393,7 +403,7 @@ def bind_cpu_linear(
             raise MemoryError(f"cpu_int{bits}: could not allocate {m}x{n_groups} group sums")
         return y
 
-    run.held = (held, b)  # the tensors behind the pointers live as long as run
+    run.held = (layout, b)  # the tensors behind the pointers live as long as run
     return run
 
 

@@ -145,6 +145,8 @@ def _lib(*tensors: torch.Tensor) -> ctypes.CDLL:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x [..., D]`` RMS-normalized and scaled by ``weight [D]`` (float32)."""
     x = x.contiguous()
+    if weight.numel() != x.shape[-1]:
+        raise ValueError(f"weight has {weight.numel()} elements for x {tuple(x.shape)}")
     out = torch.empty_like(x)
     _lib(x, weight).rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(),
                            x.numel() // x.shape[-1], x.shape[-1], eps)
@@ -159,11 +161,21 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
     ``cos``/``signed_sin [T, hd]``: HF's tables, sin's first half negated."""
     batch, length = q.shape[0], q.shape[1]
     hd, cache_len = k_cache.shape[-1], k_cache.shape[-2]
-    if start < 0 or start + length > cache_len or k_cache.shape[0] < batch or (
-        cos.shape[0] < length
-    ):
-        raise ValueError(f"positions [{start}, {start + length}) of batch {batch} do not fit "
-                         f"the cache {tuple(k_cache.shape)} / tables {tuple(cos.shape)}")
+    shapes_ok = (
+        k_cache.dim() == 4 and v_cache.shape == k_cache.shape and k_cache.shape[1] == n_kv
+        and k_cache.shape[0] >= batch and 0 < n_kv <= n_heads and n_heads % n_kv == 0
+        and hd % 2 == 0 and q.numel() == batch * length * n_heads * hd
+        and k.numel() == v.numel() == batch * length * n_kv * hd
+        and cos.shape == signed_sin.shape and cos.dim() == 2 and cos.shape[1] == hd
+        and cos.shape[0] >= length and 0 <= start and start + length <= cache_len
+    )
+    if not shapes_ok:
+        raise ValueError(
+            f"rope_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            f"({n_heads} heads, {n_kv} kv heads) at [{start}, {start + length}) do not fit the "
+            f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} and tables "
+            f"{tuple(cos.shape)}"
+        )
     lib = _lib(q, k, v, cos, signed_sin, k_cache, v_cache)
     lib.rope_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
                 k_cache.data_ptr(), v_cache.data_ptr(), batch, length, n_heads, n_kv, hd,
@@ -175,13 +187,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention of one query per row ``q [B, 1, n_heads * hd]`` over the first ``length``
     positions of the caches ``[B, n_kv, L, hd]``; returns ``[B, 1, n_heads * hd]``.
     ``scratch``: float32 with at least ``length`` elements."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}: need two "
+                         "equal [B, n_kv, L, hd]")
     batch, n_kv, cache_len, hd = k_cache.shape
-    if length > min(cache_len, scratch.numel()) or q.shape[0] != batch:
-        raise ValueError(f"length {length} / batch {q.shape[0]} do not fit the cache "
-                         f"{tuple(k_cache.shape)} and scratch of {scratch.numel()}")
+    n_heads = q.shape[-1] // hd if q.dim() == 3 else 0
+    if not (q.dim() == 3 and q.shape[0] == batch and q.shape[1] == 1 and n_heads * hd ==
+            q.shape[-1] and n_heads >= n_kv > 0 and n_heads % n_kv == 0
+            and 0 < length <= min(cache_len, scratch.numel())):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, length {length} do not fit the "
+                         f"caches {tuple(k_cache.shape)} and scratch of {scratch.numel()}")
     out = torch.empty_like(q)
     lib = _lib(q, k_cache, v_cache, scratch)
     lib.decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-                         scratch.data_ptr(), batch, q.shape[-1] // hd, n_kv, hd, cache_len,
+                         scratch.data_ptr(), batch, n_heads, n_kv, hd, cache_len,
                          length, scale)
     return out

@@ -214,7 +214,13 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     get_threads = torch.get_num_threads
     one_pass = int8.one_pass_shift(qt.spec) is not None
 
+    if bias is not None and bias.numel() != n_out:
+        raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
+
     def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != k_in or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"cpu_w8a8: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
         if one_pass:

@@ -59,7 +59,8 @@ def weight_version(qt: QuantizedTensor) -> tuple:
     execution layouts on it, so a replaced or modified scale, zero-point or code tensor
     rebuilds them. A cache entry keeping this key must also keep ``qt`` (ids stay unique while
     the tensors live)."""
-    return tuple((id(t), t._version) for t in qt.stored_tensors().values())
+    return tuple((id(t), 0 if t.is_inference() else t._version)  # inference: no counter
+                 for t in qt.stored_tensors().values())
 
 
 def _act_mode(qt: QuantizedTensor) -> str:
@@ -138,10 +139,9 @@ def bound_linear(
     """The memoized ``x -> x @ W^T + b`` for inputs like ``x`` (see :func:`linear`)."""
     forced = kernel or os.environ.get("LOWBIT_KERNEL") or None
     key = ("bound", x.device, x.dtype, x.shape[-1] if x.dim() else 0,
-           x.requires_grad and torch.is_grad_enabled(), forced, id(qt), id(bias),
-           _registry_version)
+           x.requires_grad and torch.is_grad_enabled(), forced, _registry_version)
     entry = cache.get(key)
-    if entry is None:  # the entry holds qt and bias, so their ids are not reused meanwhile
+    if entry is None or entry[1] is not qt or entry[2] is not bias:  # one slot per input kind
         entry = cache[key] = (select_kernel(qt, x, forced).bound(qt, bias, cache), qt, bias)
     return entry[0]
 

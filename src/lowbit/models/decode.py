@@ -96,7 +96,8 @@ class Decoder:
 
     ``Decoder(model, batch, max_len)`` binds the model's layers for ``batch`` rows and at most
     ``max_len`` positions (prompt + new tokens); :meth:`generate` may then be called repeatedly.
-    The model is not modified; its weights are shared, not copied.
+    The model is not modified; its weights are shared, not copied, and bound at construction:
+    build a new Decoder after ``.to()``, ``load_state_dict`` or ``set_weight`` on the model.
     """
 
     def __init__(

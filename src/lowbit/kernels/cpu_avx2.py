@@ -364,19 +364,20 @@ def bind_cpu_linear(
     b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
     b_ptr = None if b is None else b.data_ptr()
     get_threads = torch.get_num_threads
-    layout: list = []  # [version, held tensors, (packed, scale, scale_zero) pointers]
-
-    def pointers() -> tuple[int, int, int]:
-        version = weight_version(qt)
-        if not layout or layout[0] != version:
-            layout[:] = [version, *_execution_layout(qt, cache)]
-        return layout[2]
+    layout: list = [None, *_execution_layout(qt, cache)]  # [versions, held, pointers]
+    # The kernel reads the codes in place but copies of the scale and zero-point: follow their
+    # in-place edits (inference tensors have no version counter and cannot be edited).
+    tracked = [t for t in (qt.scale, qt.zero_point) if t is not None and not t.is_inference()]
+    layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype != torch.float32 or x.device.type != "cpu":
+        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
             raise ValueError(f"cpu_int{bits}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
-        packed, scale, scale_zero = pointers()
+        versions = [t._version for t in tracked]
+        if versions != layout[0]:
+            layout[:] = [versions, *_execution_layout(qt, cache)]
+        packed, scale, scale_zero = layout[2]
         x2 = x.reshape(-1, k_in)
         if not x2.is_contiguous():
             x2 = x2.contiguous()

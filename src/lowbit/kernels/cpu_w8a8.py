@@ -187,10 +187,10 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     )
 
 
-def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
-    """Pointers to the centered int8 weight ``[N, K]`` and float32 scales ``[N]`` (or ``[1]``),
-    and whether the scales are per channel; rebuilt when a stored tensor changes (held in
-    ``cache``, never saved)."""
+def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, int]]:
+    """(tensors, pointers): the centered int8 weight ``[N, K]`` and float32 scales ``[N]`` (or
+    ``[1]``), and whether the scales are per channel; rebuilt when a stored tensor changes (held
+    in ``cache``, never saved). Whoever keeps a pointer must keep the tensors."""
     version = weight_version(qt)
     entry = cache.get("cpu_w8a8")
     if entry is None or entry[0] != version:
@@ -198,7 +198,7 @@ def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[int, int, int]:
         sw = int8._weight_scale(qt).reshape(-1).contiguous()
         entry = cache["cpu_w8a8"] = (version, (weight, sw, qt),
                                      (weight.data_ptr(), sw.data_ptr(), int(sw.numel() > 1)))
-    return entry[2]
+    return entry[1], entry[2]
 
 
 def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -216,9 +216,13 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
 
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
+    # the weight copy follows in-place edits of the stored tensors (inference tensors have no
+    # version counter and cannot be edited)
+    tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
+    state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype != torch.float32 or x.device.type != "cpu":
+        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
             raise ValueError(f"cpu_w8a8: x {x.dtype} {tuple(x.shape)} on {x.device} for "
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         x2 = x.reshape(-1, k_in)
@@ -231,7 +235,10 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
             return int8.int8_fbgemm_linear(x, qt, bias, cache)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        weight, sw, per_channel = _prepared(qt, cache)
+        versions = [t._version for t in tracked]
+        if versions != state[0]:
+            state[:] = [versions, *_prepared(qt, cache)]
+        weight, sw, per_channel = state[2]
         y = torch.empty(*x.shape[:-1], n_out)
         status = run_call(x2.data_ptr(), weight, sw, per_channel, b_ptr, y.data_ptr(), m, k_in,
                           n_out, per_token, qmax, qmin, get_threads())
@@ -241,7 +248,7 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
             raise MemoryError(f"cpu_w8a8: could not allocate {m}x{k_in} activation codes")
         return y
 
-    run.bias = b  # keeps b_ptr valid while run lives
+    run.held = (state, b)  # the tensors behind the pointers live as long as run
     return run
 
 

@@ -42,8 +42,9 @@ GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is 
 # Above GEMV_MAX_ROWS the weight is dequantized this many rows at a time (4 MiB at K=4096)
 # into one reused scratch buffer, each block multiplied by torch's fp32 GEMM: a whole fp32 copy
 # of a 4096x4096 weight (64 MiB, page-faulted in on every call) cost more than the GEMM itself
-# (M=128: 111 ms vs 59 ms blocked, fp32 F.linear 67 ms); much smaller blocks starve the GEMM
-# (K=11008, M=2048: 95 rows 3.8 s, 256 rows 2.8 s, fp32 2.8 s).
+# (one-off timings, 1 thread: M=128 111 ms vs 59 ms blocked, fp32 F.linear 67 ms); much smaller
+# blocks starve the GEMM (K=11008, M=2048: 95 rows 3.8 s, 256 rows 2.8 s, fp32 2.8 s).
+# benchmarks/weight_kernels.py measures the result.
 DEQUANT_BLOCK_ROWS = 256
 _scratch_local = threading.local()
 

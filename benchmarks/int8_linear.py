@@ -41,20 +41,20 @@ ONE_PASS_PRESETS = ("w7a8", "w8a7")
 
 NOTES = """## Notes
 
-- Exactness costs a second integer pass for int8 x int8: lowbit's w8a8 kernel runs 2M+1 rows
-  where the saturating single pass runs M+1, so at M >= 128 it takes about twice the 1-pass time.
-  An exact single pass on 8-bit codes on both sides needs VNNI (`vpdpbusd` accumulates in int32
-  and does not saturate), which this machine lacks. With one side at 7 bits (`w7a8`, `w8a7`) no
-  pair sum can saturate and lowbit's kernel runs one exact pass: as fast as the inexact pass and
-  close to torch's own dynamic Linear (which also uses 7-bit activations, per tensor). The
-  accuracy table below prices the lost bit on the fixture LM.
-- The same fast kernel serves static symmetric int8 activations (`w8a8-static`): identical
-  integer path with the calibrated per-tensor scale and the int32 bias added to the
+- Without VNNI, AVX2's int8 products either saturate (`vpmaddubsw` sums two uint8 x int8
+  products in int16: the 1-pass column's wrong outputs) or take int16 operands (`vpmaddwd`, 16
+  multiply-adds per instruction against `vpmaddubsw`'s 32). fbgemm's exact w8a8 runs two
+  saturation-free `vpmaddubsw` passes; `cpu_w8a8` runs one `vpmaddwd` pass on a weight packed so
+  that each 8-channel x 2-k operand is one 16-byte load and one sign extension, with 4 x 16
+  output tiles in registers. On this core it is faster than both fbgemm paths, exact or not,
+  and for every preset the same kernel runs (the 7-bit side no longer buys speed, only what the
+  accuracy table shows it costs).
+- The same integer path serves static symmetric int8 activations (`w8a8-static`) through
+  `int8-fbgemm` with the calibrated per-tensor scale and the int32 bias added to the
   accumulator; it is not timed separately.
-- The machine is shared (see the load averages). With 2 threads, lowbit's kernel and the
-  1-pass column lose far more than fp32 and torch's single call; the likely cause (not
-  isolated) is that each of their several parallel elementwise ops around the GEMM waits for the
-  other core while another job holds it. The 1-thread table is the fairer comparison here.
+- The machine is shared (see the load averages). With 2 threads, the several parallel
+  elementwise ops around fbgemm's GEMM wait for the other core while another job holds it; the
+  1-thread table is the fairer comparison here.
 """
 
 def torch_dynamic_linear(lin: nn.Linear) -> nn.Module:
@@ -213,7 +213,7 @@ def section(rows: list, engines: list[str], note: str, threads: int) -> list[str
             verdict = "met" if speedup >= 1.5 else "NOT met"
             out.append(f"- Issue target (int8 dynamic, M=128, 4096x4096, >= 1.5x fp32), lowbit "
                        f"{label}: {speedup:.2f}x, **{verdict}** at {threads} thread(s).")
-    out += ["", f"Quantized engine under lowbit's fast kernel (4096x4096, no bias, {threads} "
+    out += ["", f"Quantized engine under `int8-fbgemm` (4096x4096, no bias, {threads} "
                 "thread(s), median ms):", "", *engines, ""]
     return out
 
@@ -294,13 +294,12 @@ def main() -> None:
         "- **fp32**: `F.linear` on the float weight.",
         "- **lowbit w8a8 / w7a8 / w8a7**: what `lowbit.quantize(model, preset)` runs, the "
         "kernel dispatch picks, bound once as a QuantLinear does: `cpu_w8a8` (activation "
-        "quantization and int16 `vpmaddwd` dot products in one C++ call) for w8a8 up to "
-        "M=512; for w7a8 / w8a7 up to M=4 or 2^26 multiply-adds, above which it hands over to "
-        "`int8-fbgemm`'s single exact pass (no uint8 x int8 pair sum can saturate int16 with a "
-        "7-bit side). All equal to the reference bit for bit.",
+        "quantization and int16 `vpmaddwd` dot products on a panel-packed weight in one C++ "
+        "call, at every M). All equal to the reference bit for bit.",
         "- **int8-fbgemm w8a8**: lowbit's per-token int8 codes split into two non-negative "
         "halves and run through `quantized::linear_dynamic` with a prepacked per-channel int8 "
-        "weight (exact; what dispatch picks for w8a8 above M=512).",
+        "weight (exact; lowbit's fallback where `cpu_w8a8` cannot be built, and its static "
+        "int8 path).",
         "- **lowbit reference** (`int8-reference`): the exact integer oracle (float64 matmul of "
         f"integer codes); timed only for M <= {REFERENCE_MAX_M}.",
         "- **torch dynamic**: `torch.ao.quantization.quantize_dynamic` Linear (its own "

@@ -1,4 +1,4 @@
-"""cpu_w8a8: bit-identical to the integer reference; hands large M to fbgemm; errors and caching."""
+"""cpu_w8a8: bit-identical to the integer reference at every M; packing; errors and caching."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _built():
 @settings(max_examples=40, deadline=None)
 @given(
     name=st.sampled_from(["w8a8", "w7a8", "w8a7"]),
-    m=st.sampled_from([1, 2, 3, 4, 5, 9, 32]),
+    m=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 9, 32]),
     k=st.integers(1, 300),
     n=st.integers(1, 40),
     with_bias=st.booleans(),
@@ -54,12 +54,31 @@ def test_per_tensor_scales_and_sums_beyond_2_pow_24():
     assert abs(float(got[0, 0]) - 4096) < 1
 
 
-def test_more_rows_go_to_fbgemm_and_stay_exact():
+@pytest.mark.parametrize("name", ["w8a8", "w7a8"])
+def test_many_rows_across_row_chunks_stay_exact(name):
+    """More rows than one chunk of the row loop (128), odd K, a partial last panel."""
     torch.manual_seed(1)
-    qt = QuantizedTensor.from_float(torch.randn(24, 64), "w8a8")
-    x = torch.randn(2, cpu_w8a8.MAX_ROWS // 2 + 1, 64)
-    assert torch.equal(cpu_w8a8.cpu_w8a8_linear(x, qt, None, {}),
-                       int8_reference_linear(x, qt, None, {}))
+    qt = QuantizedTensor.from_float(torch.randn(45, 67), name)
+    x, bias = torch.randn(3, 101, 67), torch.randn(45)
+    got = cpu_w8a8.cpu_w8a8_linear(x, qt, bias, {})
+    assert got.shape == (3, 101, 45)
+    assert torch.equal(got, int8_reference_linear(x, qt, bias, {}))
+
+
+def test_no_rows_give_an_empty_output():
+    qt = QuantizedTensor.from_float(torch.randn(8, 16), "w8a8")
+    assert cpu_w8a8.cpu_w8a8_linear(torch.randn(0, 16), qt, None, {}).shape == (0, 8)
+
+
+def test_packed_weight_layout():
+    """Golden layout: [panel, k pair, channel in panel, k in pair], zero padded."""
+    w = torch.arange(9 * 3, dtype=torch.int8).reshape(9, 3)
+    packed = cpu_w8a8.pack_weight(w)
+    assert packed.shape == (2, 2, 8, 2)
+    assert packed[0, 0, 1].tolist() == [3, 4]  # W[1, 0:2]
+    assert packed[0, 1, 1].tolist() == [5, 0]  # W[1, 2], padded k
+    assert packed[1, 0, 0].tolist() == [24, 25]  # W[8, 0:2]
+    assert packed[1, 0, 1:].abs().sum() == 0  # padded channels
 
 
 def test_static_activations_are_not_taken():

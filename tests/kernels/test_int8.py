@@ -18,7 +18,7 @@ from lowbit.tensor import QuantizedTensor
 needs_engine = pytest.mark.skipif(
     int8_kernels.engine is None, reason="this torch build has no quantized CPU engine"
 )
-# The fast kernel dispatch picks for dynamic W8A8 on CPU (cpu_w8a8 hands large M to fbgemm).
+# The fast kernel dispatch picks for dynamic W8A8 on CPU.
 DYNAMIC_FAST = "cpu_w8a8" if cpu_w8a8.library() is not None else "int8-fbgemm"
 
 # Every |acc| below stays under 2**24 (K * 128 * 127 < 2**24 for K <= 1032), where float32 holds

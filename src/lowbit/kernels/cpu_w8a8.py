@@ -1,21 +1,21 @@
 """``cpu_w8a8``: exact dynamic W8A8 (and W7A8 / W8A7) on AVX2 CPUs in one C++ call.
 
-At decode sizes the fbgemm path (``int8-fbgemm``) is dominated by its ~15 torch ops per call
-(activation range, scale, divide, round, clamp, the pos/neg split, fbgemm's own quantization,
-the scale-out), several times the integer work of a 384-wide layer. This kernel does the whole
-call in C++: per row (token) or per tensor, the activation scale and codes exactly as lowbit's Q
-computes them (``s = absmax / qmax`` in float32, 1 for an all-zero row; codes =
+The whole call in C++: per row (token) or per tensor, the activation scale and codes exactly as
+lowbit's Q computes them (``s = absmax / qmax`` in float32, 1 for an all-zero row; codes =
 ``clamp(round_half_even(x / s))``), the integer dot products with the centered int8 weight
-(sign-extended to int16, ``vpmaddwd`` pair sums into int32: exact, no saturation), then
-``float(acc) * sx``, ``* sw``, ``+ bias`` as separate float32 roundings (compiled with
-``-ffp-contract=off``): bit-identical to ``int8-reference`` while ``|acc| < 2**31``.
+(both sides int16, ``vpmaddwd`` pair sums into int32: exact, no saturation, whatever the bit
+widths), then ``float(acc) * sx``, ``* sw``, ``+ bias`` as separate float32 roundings (compiled
+with ``-ffp-contract=off``): bit-identical to ``int8-reference`` while ``|acc| < 2**31``.
 
-Above ``MAX_ROWS`` rows (presets fbgemm runs in one pass: above ``ONE_PASS_MAX_ROWS`` rows and
-``ONE_PASS_MAX_WORK`` multiply-adds) it hands over to ``int8-fbgemm``, which equals the
-reference while each pass's ``|acc| < 2**24`` (see :mod:`lowbit.kernels.int8`). Specs: signed
-symmetric int weights (per channel or tensor) and dynamic signed symmetric int activations (per
-token or tensor) with float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8,
-w7a8 and w8a7), and K < 2**17 (int32 sums cannot overflow).
+The weight is repacked once (cached, never saved) into panels of 8 output channels whose k pairs
+are 16 contiguous bytes: one load and one sign extension give the 8-channel x 2-k operand of
+``vpmaddwd`` against a broadcast activation pair, so tiles of 4 tokens x 16 channels keep eight
+int32 accumulators in registers and need no horizontal sums. Without VNNI this is the fastest
+exact int8 x int8 path measured here: faster than fbgemm's inexact single pass at every M
+(benchmarks/results/int8_linear.md), so no handover. Specs: signed symmetric int weights (per
+channel or tensor) and dynamic signed symmetric int activations (per token or tensor) with
+float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8, w7a8 and w8a7), and
+K < 2**17 (int32 sums cannot overflow).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ctypes
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels import int8
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
@@ -31,124 +32,167 @@ from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
 
-# Measured here (4096x4096, 1 thread): faster than int8-fbgemm's exact two passes up to M=512
-# (vpmaddwd does 16 MACs per instruction; fbgemm's vpmaddubsw 32, but twice).
-MAX_ROWS = 512
-# Presets fbgemm runs in one exact pass (w7a8, w8a7) are 2x faster there once the call is big
-# enough to hide its per-call overhead: hand over above this many rows and multiply-adds.
-ONE_PASS_MAX_ROWS, ONE_PASS_MAX_WORK = 4, 1 << 26
-
 _SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-// Codes of X [rows, K] with one scale over all of it; returns 1 if X has NaN/Inf.
-static int quantize(const float* X, int64_t rows, int64_t K, float qmax, float qmin,
+
+// Codes of X [rows, K] (one scale for all of it) into XQ [rows, KP] (zero padded); returns 1 if
+// X has NaN/Inf.
+static int quantize(const float* X, int64_t rows, int64_t K, int64_t KP, float qmax, float qmin,
                     int16_t* XQ, float* scale) {
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
   float absmax = 0.f;
-  for (int64_t i = 0; i < rows * K; ++i) {
-    if (!isfinite(X[i])) return 1;
-    const float a = fabsf(X[i]);
-    absmax = a > absmax ? a : absmax;
+  int nonfinite = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_NEQ_UQ));
+    }
+    for (; k < K; ++k) {
+      if (!isfinite(x[k])) nonfinite = 1;
+      const float a = fabsf(x[k]);
+      absmax = a > absmax ? a : absmax;
+    }
   }
+  if (nonfinite || _mm256_movemask_ps(bad)) return 1;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (int i = 0; i < 8; ++i) absmax = lanes[i] > absmax ? lanes[i] : absmax;
   float s = absmax / qmax;
   if (!(s > 0.f)) s = 1.f;
   if (s < 1.40129846e-45f) s = 1.40129846e-45f;  // lowbit's _store_scale: never 0
-  for (int64_t i = 0; i < rows * K; ++i) {
-    float v = nearbyintf(X[i] / s);
-    v = v < qmin ? qmin : (v > qmax ? qmax : v);
-    XQ[i] = (int16_t)v;
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * K;
+    int16_t* q = XQ + r * KP;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m256 a = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256 b = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k + 8), vs),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      a = _mm256_min_ps(_mm256_max_ps(a, lo), hi);
+      b = _mm256_min_ps(_mm256_max_ps(b, lo), hi);
+      const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+      _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(p, 0xD8));
+    }
+    for (; k < K; ++k) {
+      float v = nearbyintf(x[k] / s);
+      v = v < qmin ? qmin : (v > qmax ? qmax : v);
+      q[k] = (int16_t)v;
+    }
+    for (; k < KP; ++k) q[k] = 0;
   }
   *scale = s;
   return 0;
 }
 
-static inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// Integer dots of MT code rows with NR weight rows (stride K) from w:
-// ACC[r * 4 + t] = sum_k XQ[t, k] * w[r * K + k]. Each weight load feeds MT products and each
-// activation load NR.
-template <int MT, int NR>
-static inline void dots(const int16_t* XQ, const int8_t* w, int64_t K, int32_t* ACC) {
-  __m256i acc[NR][MT];
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m256i wv[NR];
-    for (int r = 0; r < NR; ++r)
-      wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + r * K + k)));
-    for (int t = 0; t < MT; ++t) {
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + t * K + k));
-      for (int r = 0; r < NR; ++r)
-        acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(xv, wv[r]));
+// C[t * 24 + j * 8 + c] = sum_k XQ[t, k] * W[8 (p + j) + c, k] for MR activation rows and NP
+// panels of the packed weight (panel stride KH * 16 bytes, see w8a8_linear).
+template <int MR, int NP>
+static inline void dots(const int16_t* xq, int64_t KP, const int8_t* wp, int64_t KH,
+                        int32_t* C) {
+  __m256i c[MR][NP];
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NP; ++j) c[t][j] = _mm256_setzero_si256();
+  for (int64_t h = 0; h < KH; ++h) {
+    __m256i w[NP];
+    for (int j = 0; j < NP; ++j)
+      w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + (j * KH + h) * 16)));
+    for (int t = 0; t < MR; ++t) {
+      int32_t pair;
+      memcpy(&pair, xq + t * KP + 2 * h, 4);
+      const __m256i a = _mm256_set1_epi32(pair);
+      for (int j = 0; j < NP; ++j) c[t][j] = _mm256_add_epi32(c[t][j], _mm256_madd_epi16(a, w[j]));
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < MT; ++t) {
-      int32_t s = hsum_epi32(acc[r][t]);
-      for (int64_t j = k; j < K; ++j) s += (int32_t)XQ[t * K + j] * (int32_t)w[r * K + j];
-      ACC[r * 4 + t] = s;
-    }
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NP; ++j) _mm256_storeu_si256((__m256i*)(C + t * 24 + j * 8), c[t][j]);
 }
 
-template <int NR>
-static inline void tile(const int16_t* xq, const int8_t* w, int64_t K, int64_t rows,
-                        int32_t* acc) {
-  switch (rows) {
-    case 4: dots<4, NR>(xq, w, K, acc); break;
-    case 3: dots<3, NR>(xq, w, K, acc); break;
-    case 2: dots<2, NR>(xq, w, K, acc); break;
-    default: dots<1, NR>(xq, w, K, acc); break;
+// Tiles up to 4 rows x 2 panels (above 3 rows) or 3 rows x 3 panels.
+static void tile(int mr, int np, const int16_t* xq, int64_t KP, const int8_t* wp, int64_t KH,
+                 int32_t* C) {
+  switch (mr * 4 + np) {
+    case 4 * 4 + 2: dots<4, 2>(xq, KP, wp, KH, C); break;
+    case 4 * 4 + 1: dots<4, 1>(xq, KP, wp, KH, C); break;
+    case 3 * 4 + 3: dots<3, 3>(xq, KP, wp, KH, C); break;
+    case 3 * 4 + 2: dots<3, 2>(xq, KP, wp, KH, C); break;
+    case 3 * 4 + 1: dots<3, 1>(xq, KP, wp, KH, C); break;
+    case 2 * 4 + 3: dots<2, 3>(xq, KP, wp, KH, C); break;
+    case 2 * 4 + 2: dots<2, 2>(xq, KP, wp, KH, C); break;
+    case 2 * 4 + 1: dots<2, 1>(xq, KP, wp, KH, C); break;
+    case 1 * 4 + 3: dots<1, 3>(xq, KP, wp, KH, C); break;
+    case 1 * 4 + 2: dots<1, 2>(xq, KP, wp, KH, C); break;
+    default: dots<1, 1>(xq, KP, wp, KH, C); break;
   }
 }
 
-// OUT [M, N] = (float(acc) * sx[m]) * sw[n] (+ B[n]); W [N, K] centered int8 codes; SW [N] or
-// [1] (sw_per_channel 0); per_token 0: one activation scale for all rows. Returns 1 for
-// non-finite X, 2 for an allocation failure.
-extern "C" int w8a8_linear(const float* X, const int8_t* W, const float* SW, int sw_per_channel,
+// OUT [M, N] = (float(acc) * sx[m]) * sw[n] (+ B[n]). WP: the centered int8 weight [N, K] in
+// panels of 8 output rows, each k pair of a panel 16 contiguous bytes:
+// WP[((n / 8) * KH + k / 2) * 16 + (n % 8) * 2 + k % 2] = W[n, k], KH = ceil(K / 2), zero padded
+// to whole panels and pairs. SW [N] or [1] (sw_per_channel 0); per_token 0: one activation scale
+// for all rows. Returns 1 for non-finite X, 2 for an allocation failure.
+extern "C" int w8a8_linear(const float* X, const int8_t* WP, const float* SW, int sw_per_channel,
                            const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
                            int per_token, float qmax, float qmin, int threads) {
-  int16_t* XQ = (int16_t*)malloc(sizeof(int16_t) * M * K);
+  const int64_t KP = (K + 1) / 2 * 2, KH = KP / 2, panels = (N + 7) / 8;
+  int16_t* XQ = (int16_t*)malloc(sizeof(int16_t) * M * KP);
   float* SX = (float*)malloc(sizeof(float) * M);
   if (!XQ || !SX) { free(XQ); free(SX); return 2; }
   int bad = 0;
   if (per_token) {
-    for (int64_t m = 0; m < M && !bad; ++m) bad = quantize(X + m * K, 1, K, qmax, qmin,
-                                                           XQ + m * K, SX + m);
+    for (int64_t m = 0; m < M && !bad; ++m)
+      bad = quantize(X + m * K, 1, K, KP, qmax, qmin, XQ + m * KP, SX + m);
   } else {
-    bad = quantize(X, M, K, qmax, qmin, XQ, SX);
+    bad = quantize(X, M, K, KP, qmax, qmin, XQ, SX);
     for (int64_t m = 1; m < M; ++m) SX[m] = SX[0];
   }
   if (bad) { free(XQ); free(SX); return 1; }
-  // Blocks of NB weight rows (L2-sized for K = 4096) against tiles of 4 activation rows
-  // (L1-sized): the weights stream from memory once, the activations once per block.
-  const int64_t NB = 64;
+  // Below 4 rows, 3-panel tiles (more independent loads in flight for the memory-bound GEMV);
+  // from 4 rows 4 x 2 tiles (8 accumulators: 12 make gcc spill). Chunks of M_CHUNK rows keep
+  // the activation codes of a chunk in cache while every panel group passes over them.
+  const int64_t M_CHUNK = 128;
+  const int MR = M < 4 ? (int)M : 4, NP = M < 4 ? 3 : 2;
+  const int64_t groups = (panels + NP - 1) / NP;
+  for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
+    const int64_t mc_end = mc + M_CHUNK < M ? mc + M_CHUNK : M;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-  for (int64_t nb = 0; nb < N; nb += NB) {
-    const int64_t n_end = nb + NB < N ? nb + NB : N;
-    int32_t acc[8];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t rows = M - m0 < 4 ? M - m0 : 4;
-      const int16_t* xq = XQ + m0 * K;
-      for (int64_t n = nb; n < n_end; n += 2) {
-        const int64_t nr = n + 1 < n_end ? 2 : 1;
-        if (nr == 2) tile<2>(xq, W + n * K, K, rows, acc);
-        else tile<1>(xq, W + n * K, K, rows, acc);
-        for (int64_t r = 0; r < nr; ++r) {
-          const float sw = SW[sw_per_channel ? n + r : 0];
-          for (int64_t t = 0; t < rows; ++t) {
-            float y = (float)acc[r * 4 + t] * SX[m0 + t];
-            y = y * sw;
-            if (B) y = y + B[n + r];
-            OUT[(m0 + t) * N + n + r] = y;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t p0 = g * NP;
+      const int np = panels - p0 < NP ? (int)(panels - p0) : NP;
+      alignas(32) int32_t C[4 * 24];
+      for (int64_t m0 = mc; m0 < mc_end; m0 += MR) {
+        const int mr = mc_end - m0 < MR ? (int)(mc_end - m0) : MR;
+        tile(mr, np, XQ + m0 * KP, KP, WP + p0 * KH * 16, KH, C);
+        for (int t = 0; t < mr; ++t) {
+          const __m256 sx = _mm256_set1_ps(SX[m0 + t]);
+          float* out = OUT + (m0 + t) * N;
+          for (int j = 0; j < np; ++j) {
+            const int64_t n0 = 8 * (p0 + j);
+            const int32_t* acc = C + t * 24 + j * 8;
+            if (n0 + 8 <= N) {
+              const __m256i a = _mm256_load_si256((const __m256i*)acc);
+              const __m256 sw = sw_per_channel ? _mm256_loadu_ps(SW + n0) : _mm256_set1_ps(SW[0]);
+              __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), sx), sw);
+              if (B) y = _mm256_add_ps(y, _mm256_loadu_ps(B + n0));
+              _mm256_storeu_ps(out + n0, y);
+            } else {
+              for (int64_t c = 0; n0 + c < N; ++c) {
+                float y = (float)acc[c] * SX[m0 + t];
+                y = y * SW[sw_per_channel ? n0 + c : 0];
+                if (B) y = y + B[n0 + c];
+                out[n0 + c] = y;
+              }
+            }
           }
         }
       }
@@ -187,14 +231,23 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     )
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Centered int8 codes ``[N, K]`` -> the kernel's panels ``[ceil(N/8), ceil(K/2), 8, 2]``
+    (``[p, h, c, e]`` holds ``W[8p + c, 2h + e]``), zero padded."""
+    n, k = weight.shape
+    panels, pairs = -(-n // 8), -(-k // 2)
+    padded = F.pad(weight.to(torch.int8), (0, 2 * pairs - k, 0, 8 * panels - n))
+    return padded.reshape(panels, 8, pairs, 2).permute(0, 2, 1, 3).contiguous()
+
+
 def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, int]]:
-    """(tensors, pointers): the centered int8 weight ``[N, K]`` and float32 scales ``[N]`` (or
-    ``[1]``), and whether the scales are per channel; rebuilt when a stored tensor changes (held
-    in ``cache``, never saved). Whoever keeps a pointer must keep the tensors."""
+    """(tensors, pointers): the packed int8 weight (:func:`pack_weight`) and float32 scales
+    ``[N]`` (or ``[1]``), and whether the scales are per channel; rebuilt when a stored tensor
+    changes (held in ``cache``, never saved). Whoever keeps a pointer must keep the tensors."""
     version = weight_version(qt)
     entry = cache.get("cpu_w8a8")
     if entry is None or entry[0] != version:
-        weight = int8._centered_weight(qt).to(torch.int8).contiguous()
+        weight = pack_weight(int8._centered_weight(qt))
         sw = int8._weight_scale(qt).reshape(-1).contiguous()
         entry = cache["cpu_w8a8"] = (version, (weight, sw, qt),
                                      (weight.data_ptr(), sw.data_ptr(), int(sw.numel() > 1)))
@@ -212,7 +265,6 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     per_token = int(act.granularity == "token")
     n_out, k_in = qt.shape
     get_threads = torch.get_num_threads
-    one_pass = int8.one_pass_shift(qt.spec) is not None
 
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
@@ -227,12 +279,8 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
-        if one_pass:
-            handover = m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK
-        else:
-            handover = m > MAX_ROWS
-        if handover or m == 0:
-            return int8.int8_fbgemm_linear(x, qt, bias, cache)
+        if m == 0:
+            return torch.empty(*x.shape[:-1], n_out)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         versions = [t._version for t in tracked]

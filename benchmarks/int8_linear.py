@@ -46,9 +46,9 @@ NOTES = """## Notes
   multiply-adds per instruction against `vpmaddubsw`'s 32). fbgemm's exact w8a8 runs two
   saturation-free `vpmaddubsw` passes; `cpu_w8a8` runs one `vpmaddwd` pass on a weight packed so
   that each 8-channel x 2-k operand is one 16-byte load and one sign extension, with 4 x 16
-  output tiles in registers. On this core it is faster than both fbgemm paths, exact or not,
-  and for every preset the same kernel runs (the 7-bit side no longer buys speed, only what the
-  accuracy table shows it costs).
+  output tiles in registers: about twice fbgemm's exact two passes. A 7-bit side lets fbgemm
+  run one exact `vpmaddubsw` pass (3 instructions per 32 multiply-adds against 4), which is why
+  `w7a8` / `w8a7` hand big calls to it; the accuracy table prices the lost bit.
 - The same integer path serves static symmetric int8 activations (`w8a8-static`) through
   `int8-fbgemm` with the calibrated per-tensor scale and the int32 bias added to the
   accumulator; it is not timed separately.
@@ -295,7 +295,9 @@ def main() -> None:
         "- **lowbit w8a8 / w7a8 / w8a7**: what `lowbit.quantize(model, preset)` runs, the "
         "kernel dispatch picks, bound once as a QuantLinear does: `cpu_w8a8` (activation "
         "quantization and int16 `vpmaddwd` dot products on a panel-packed weight in one C++ "
-        "call, at every M). All equal to the reference bit for bit.",
+        "call) at every M for w8a8; w7a8 / w8a7 hand calls above 4 rows and 2^26 "
+        "multiply-adds to `int8-fbgemm`'s single exact pass (no uint8 x int8 pair sum can "
+        "saturate int16 with a 7-bit side). All equal to the reference bit for bit.",
         "- **int8-fbgemm w8a8**: lowbit's per-token int8 codes split into two non-negative "
         "halves and run through `quantized::linear_dynamic` with a prepacked per-channel int8 "
         "weight (exact; lowbit's fallback where `cpu_w8a8` cannot be built, and its static "

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.kernels import cpu_w8a8, dispatch
+from lowbit.kernels import cpu_w8a8, dispatch, int8
 from lowbit.kernels.int8 import int8_reference_linear
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -63,6 +63,21 @@ def test_many_rows_across_row_chunks_stay_exact(name):
     got = cpu_w8a8.cpu_w8a8_linear(x, qt, bias, {})
     assert got.shape == (3, 101, 45)
     assert torch.equal(got, int8_reference_linear(x, qt, bias, {}))
+
+
+def test_big_seven_bit_calls_go_to_fbgemms_one_pass_and_stay_exact(monkeypatch):
+    calls = []
+    real = int8.int8_fbgemm_linear
+    monkeypatch.setattr(int8, "int8_fbgemm_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_w8a8, "ONE_PASS_MAX_WORK", 0)
+    torch.manual_seed(3)
+    x = torch.randn(cpu_w8a8.ONE_PASS_MAX_ROWS + 1, 64)
+    for name, handed_over in (("w7a8", 1), ("w8a8", 0)):
+        qt = QuantizedTensor.from_float(torch.randn(24, 64), name)
+        calls.clear()
+        got = cpu_w8a8.cpu_w8a8_linear(x, qt, None, {})
+        assert len(calls) == handed_over
+        assert torch.equal(got, int8_reference_linear(x, qt, None, {}))
 
 
 def test_no_rows_give_an_empty_output():

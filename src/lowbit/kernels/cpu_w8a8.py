@@ -11,8 +11,11 @@ The weight is repacked once (cached, never saved) into panels of 8 output channe
 are 16 contiguous bytes: one load and one sign extension give the 8-channel x 2-k operand of
 ``vpmaddwd`` against a broadcast activation pair, so tiles of 4 tokens x 16 channels keep eight
 int32 accumulators in registers and need no horizontal sums. Without VNNI this is the fastest
-exact int8 x int8 path measured here: faster than fbgemm's inexact single pass at every M
-(benchmarks/results/int8_linear.md), so no handover. Specs: signed symmetric int weights (per
+exact int8 x int8 path measured here (benchmarks/results/int8_linear.md): about twice
+fbgemm's exact two passes at every M. Presets with a 7-bit side (w7a8, w8a7) let fbgemm run
+one exact ``vpmaddubsw`` pass (3 instructions per 32 multiply-adds against ``vpmaddwd``'s 4),
+which wins on big calls: above ``ONE_PASS_MAX_ROWS`` rows and ``ONE_PASS_MAX_WORK``
+multiply-adds they go to ``int8-fbgemm``. Specs: signed symmetric int weights (per
 channel or tensor) and dynamic signed symmetric int activations (per token or tensor) with
 float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8, w7a8 and w8a7), and
 K < 2**17 (int32 sums cannot overflow).
@@ -31,6 +34,10 @@ from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
+
+# int8_linear.md (1 thread): fbgemm's one exact pass is 0-25% faster than this kernel from
+# M=16 on the 4096/11008 shapes, slower below (its ~15 torch ops per call).
+ONE_PASS_MAX_ROWS, ONE_PASS_MAX_WORK = 4, 1 << 26
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -265,6 +272,7 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     per_token = int(act.granularity == "token")
     n_out, k_in = qt.shape
     get_threads = torch.get_num_threads
+    one_pass = int8.one_pass_shift(qt.spec) is not None
 
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
@@ -281,6 +289,8 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
         m = x2.shape[0]
         if m == 0:
             return torch.empty(*x.shape[:-1], n_out)
+        if one_pass and m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK:
+            return int8.int8_fbgemm_linear(x, qt, bias, cache)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         versions = [t._version for t in tracked]

@@ -287,6 +287,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
                  "scale_dtype": "float32", "act": _ACT_INT8_TOKEN},
     },
+    "w4a8": {
+        "doc": "uint4 asymmetric weights in groups of 128 (as w4g128), int8 per-token dynamic "
+               "activations (integer dot products on AVX2 CPUs)",
+        "spec": {"format": "uint4", "granularity": "group", "group_size": 128,
+                 "act": _ACT_INT8_TOKEN},
+    },
     # One side at 7 bits: no uint8 x int8 pair sum can saturate int16 in the AVX2 int8 GEMM
     # (vpmaddubsw without VNNI), so the exact fast kernel runs one pass instead of two.
     "w7a8": {

@@ -149,6 +149,26 @@ def test_reference_dynamic_matches_float_math_on_fake_quantized_tensors():
     assert not torch.allclose(got, F.linear(x, qt.dequantize(), bias), atol=1e-3)  # x is quantized
 
 
+@pytest.mark.parametrize("weight", [
+    {"format": "uint4", "granularity": "group", "group_size": 32},  # float zero-points
+    {"format": "nf4", "granularity": "group", "group_size": 64, "symmetric": True},  # codebook
+])
+def test_act_reference_is_fake_quantized_float_math_for_other_weights(weight):
+    act = {"format": "int8", "granularity": "token", "symmetric": True,
+           "scale_dtype": "float32", "dynamic": True}
+    spec = QuantSpec.from_dict({**weight, "act": act})
+    torch.manual_seed(4)
+    qt = QuantizedTensor.from_float(torch.randn(24, 128), spec)
+    x, bias = torch.randn(2, 3, 128), torch.randn(24)
+    assert select_kernel(qt, x, "reference").name == "act-reference"
+    xq = fake_quantize(x.reshape(-1, 128), spec.act).reshape(x.shape)
+    expected = F.linear(xq.double(), qt.dequantize(torch.float64), bias.double())
+    got = int8_kernels.act_reference_linear(x, qt, bias, {})
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-5)
+    assert linear(x, qt, bias).shape == (2, 3, 24)  # some kernel runs it on CPU
+
+
 @pytest.mark.parametrize("act_kind", ["int8-sym", "uint8-asym"])
 def test_reference_static_matches_float_math_up_to_the_bias_rounding(act_kind):
     torch.manual_seed(4)

@@ -1,8 +1,10 @@
 """How quantized layers compute: a dispatch table with an always-present reference kernel."""
 
-# imported for their registrations: int4/int8 weight-only (CPU, Triton), W8A8 (CPU, CUDA int8/fp8)
+# imported for their registrations: int4/int8 weight-only (CPU, Triton), W8A8 (CPU, CUDA
+# int8/fp8), W4A8 (CPU)
 from lowbit.kernels import (  # noqa: F401
     cpu_avx2,
+    cpu_w4a8,
     cpu_w8a8,
     cuda_w8a8,
     int8,

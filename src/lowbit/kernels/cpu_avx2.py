@@ -308,6 +308,20 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
     )
 
 
+def scale_and_zero_code(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[N, G]`` scales and zero-points in units of the stored unsigned codes
+    ``u = code - qmin``: ``W = scale * (u - zero_code)`` per group (G = 1 per channel)."""
+    spec = qt.spec
+    qmin, _ = qrange(spec)
+    n_out = qt.shape[0]
+    scale = qt.scale.float().reshape(n_out, -1).contiguous()
+    if spec.has_zero_point:
+        zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
+    else:
+        zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
+    return scale, zero_code
+
+
 def _execution_layout(
     qt: QuantizedTensor, cache: dict
 ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
@@ -324,14 +338,7 @@ def _execution_layout(
     entry = cache.get(name)
     version = weight_version(qt)
     if entry is None or entry[0] != version:
-        spec = qt.spec
-        qmin, _ = qrange(spec)
-        n_out = qt.shape[0]
-        scale = qt.scale.float().reshape(n_out, -1).contiguous()
-        if spec.has_zero_point:
-            zero_code = qt.zero_point.float().reshape(n_out, -1) - qmin
-        else:
-            zero_code = torch.full_like(scale, float(symmetric_zero(spec) - qmin))
+        scale, zero_code = scale_and_zero_code(qt)
         if bits == 8:
             zero_code = zero_code - 128
         tensors = (qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())

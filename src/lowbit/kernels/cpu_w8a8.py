@@ -39,18 +39,19 @@ from lowbit.tensor import QuantizedTensor
 # M=16 on the 4096/11008 shapes, slower below (its ~15 torch ops per call).
 ONE_PASS_MAX_ROWS, ONE_PASS_MAX_WORK = 4, 1 << 26
 
-_SOURCE = r"""
+# Activation Q shared with cpu_w4a8: lowbit's symmetric dynamic Q per row (token) or per tensor.
+ACTIVATION_Q_SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-
-// Codes of X [rows, K] (one scale for all of it) into XQ [rows, KP] (zero padded); returns 1 if
-// X has NaN/Inf.
+// Codes of X [rows, K] (one scale for all of it) into XQ [rows, KP] (zero padded; Code int16_t
+// or int8_t); returns 1 if X has NaN/Inf.
+template <typename Code>
 static int quantize(const float* X, int64_t rows, int64_t K, int64_t KP, float qmax, float qmin,
-                    int16_t* XQ, float* scale) {
+                    Code* XQ, float* scale) {
   __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
   float absmax = 0.f;
@@ -79,7 +80,7 @@ static int quantize(const float* X, int64_t rows, int64_t K, int64_t KP, float q
   const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = X + r * K;
-    int16_t* q = XQ + r * KP;
+    Code* q = XQ + r * KP;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
       __m256 a = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs),
@@ -88,13 +89,19 @@ static int quantize(const float* X, int64_t rows, int64_t K, int64_t KP, float q
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       a = _mm256_min_ps(_mm256_max_ps(a, lo), hi);
       b = _mm256_min_ps(_mm256_max_ps(b, lo), hi);
-      const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
-      _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(p, 0xD8));
+      const __m256i p = _mm256_permute4x64_epi64(
+          _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8);
+      if constexpr (sizeof(Code) == 2) {
+        _mm256_storeu_si256((__m256i*)(q + k), p);
+      } else {
+        _mm_storeu_si128((__m128i*)(q + k), _mm_packs_epi16(_mm256_castsi256_si128(p),
+                                                            _mm256_extracti128_si256(p, 1)));
+      }
     }
     for (; k < K; ++k) {
       float v = nearbyintf(x[k] / s);
       v = v < qmin ? qmin : (v > qmax ? qmax : v);
-      q[k] = (int16_t)v;
+      q[k] = (Code)v;
     }
     for (; k < KP; ++k) q[k] = 0;
   }
@@ -102,6 +109,22 @@ static int quantize(const float* X, int64_t rows, int64_t K, int64_t KP, float q
   return 0;
 }
 
+// Codes XQ [M, KP] and scales SX [M] of X [M, K]: one scale per row (per_token) or for all.
+template <typename Code>
+static int quantize_rows(const float* X, int64_t M, int64_t K, int64_t KP, int per_token,
+                         float qmax, float qmin, Code* XQ, float* SX) {
+  if (!per_token) {
+    if (quantize(X, M, K, KP, qmax, qmin, XQ, SX)) return 1;
+    for (int64_t m = 1; m < M; ++m) SX[m] = SX[0];
+    return 0;
+  }
+  for (int64_t m = 0; m < M; ++m)
+    if (quantize(X + m * K, 1, K, KP, qmax, qmin, XQ + m * KP, SX + m)) return 1;
+  return 0;
+}
+"""
+
+_SOURCE = ACTIVATION_Q_SOURCE + r"""
 // C[t * 24 + j * 8 + c] = sum_k XQ[t, k] * W[8 (p + j) + c, k] for MR activation rows and NP
 // panels of the packed weight (panel stride KH * 16 bytes, see w8a8_linear).
 template <int MR, int NP>
@@ -155,15 +178,11 @@ extern "C" int w8a8_linear(const float* X, const int8_t* WP, const float* SW, in
   int16_t* XQ = (int16_t*)malloc(sizeof(int16_t) * M * KP);
   float* SX = (float*)malloc(sizeof(float) * M);
   if (!XQ || !SX) { free(XQ); free(SX); return 2; }
-  int bad = 0;
-  if (per_token) {
-    for (int64_t m = 0; m < M && !bad; ++m)
-      bad = quantize(X + m * K, 1, K, KP, qmax, qmin, XQ + m * KP, SX + m);
-  } else {
-    bad = quantize(X, M, K, KP, qmax, qmin, XQ, SX);
-    for (int64_t m = 1; m < M; ++m) SX[m] = SX[0];
+  if (quantize_rows(X, M, K, KP, per_token, qmax, qmin, XQ, SX)) {
+    free(XQ);
+    free(SX);
+    return 1;
   }
-  if (bad) { free(XQ); free(SX); return 1; }
   // Below 4 rows, 3-panel tiles (more independent loads in flight for the memory-bound GEMV);
   // from 4 rows 4 x 2 tiles (8 accumulators: 12 make gcc spill). Chunks of M_CHUNK rows keep
   // the activation codes of a chunk in cache while every panel group passes over them.

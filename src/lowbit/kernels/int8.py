@@ -221,6 +221,35 @@ def int8_reference_linear(
     return y.reshape(*x.shape[:-1], qt.shape[0]).to(x.dtype)
 
 
+def act_reference_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """Oracle for dynamic integer activations with weights the integer reference does not take
+    (group-wise, float zero-points, codebooks): ``Q^-1(Q(x)) @ dequantize(W)^T + b`` in float64,
+    cast to ``x.dtype``; ``x [..., K] -> [..., N]``."""
+    x2d = _flatten(x)
+    if x2d.shape[0] == 0:
+        return _empty_out(x, qt, bias)
+    xc, sx = quantize_activation(x2d, qt)
+    y = (xc.double() @ qt.dequantize(torch.float64).T) * sx.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], qt.shape[0]).to(x.dtype)
+
+
+def _act_reference_supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    act = qt.spec.act
+    return (
+        act is not None
+        and act.dynamic
+        and _is_int_affine(act)
+        and act.granularity in ("token", "tensor")
+        and len(qt.shape) == 2
+        and _fits(qt, x)
+        and not _reference_supports(qt, x)
+    )
+
+
 # ---- fast CPU path through fbgemm ---------------------------------------------------------
 def _pick_engine() -> str | None:
     supported = torch.backends.quantized.supported_engines
@@ -346,4 +375,6 @@ def int8_fbgemm_linear(
 register_kernel(
     Kernel("int8-reference", int8_reference_linear, _reference_supports, oracle=True)
 )
+register_kernel(Kernel("act-reference", act_reference_linear, _act_reference_supports,
+                       oracle=True))
 register_kernel(Kernel("int8-fbgemm", int8_fbgemm_linear, _fast_supports, priority=10))

@@ -1,0 +1,275 @@
+"""``cpu_w4a8``: 4-bit group-wise weights x dynamic int8 activations, integer dot products on
+AVX2 CPUs in one C++ call (the ``w4a8`` preset; the idea of llama.cpp's Q4 x Q8 dot products).
+
+Per token (or per tensor) the activations get lowbit's symmetric dynamic Q (the same C code as
+:mod:`lowbit.kernels.cpu_w8a8`: ``s = absmax / qmax``, codes ``clamp(round_half_even(x / s))``),
+then per output channel n and weight group g::
+
+    y[m, n] = sx[m] * sum_g s[n, g] * (sum_{k in g} u[n, k] qx[m, k]  -  zc[n, g] qs[m, g])
+
+with ``u`` the stored unsigned 4-bit codes, ``zc`` the zero-point in code units (8 for signed
+symmetric int4) and ``qs`` the group sums of the activation codes. The inner sums are exact
+integers: ``vpmaddubsw`` multiplies unsigned codes (<= 15) by int8 activations (|q| <= 128), so
+a pair sum stays below 3,840 and two of them (a k octet) below 7,680: no int16 saturation, and
+``vpmaddwd`` widens to int32 once per octet. That is about 3 instructions per 64 multiply-adds
+of a tile, against 4 per 32 for exact int8 x int8 (``vpmaddwd``) and 1 FMA per 8 for fp32.
+The float sums over groups (fused multiply-adds) differ from the float64 oracle by float32
+rounding only.
+
+The weight is repacked once (cached, never saved): panels of 8 output channels, each k octet of
+a panel 32 bytes (``[channel][4]`` bytes, low nibbles k 0-3, high nibbles k 4-7), so one load,
+two masks and one shift give the operands of two ``vpmaddubsw`` against broadcast activation
+quads. Specs: affine 4-bit weights (``uint4`` asymmetric or ``int4`` symmetric), groups a
+multiple of 8 wide dividing K (or per channel), dynamic signed symmetric int activations of at
+most 8 bits per token or tensor, float32 scale, clip ratio 1, round to nearest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.cpu_avx2 import scale_and_zero_code
+from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE
+from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
+from lowbit.kernels.native import NativeLibrary
+from lowbit.quant.maps import check_finite, qrange
+from lowbit.tensor import QuantizedTensor
+
+_SOURCE = ACTIVATION_Q_SOURCE + r"""
+// Tile of MR activation rows x NP panels: T[(t * NP + j) * 8 + c] = sum over groups of
+// s * dot - s * zc * qs for channel 8 (p0 + j) + c (the caller multiplies by sx). WP, SP, SZP
+// start at panel p0; panel strides K / 8 * 32 bytes and G * 8 floats.
+template <int MR, int NP>
+static inline void tile(const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
+                        const float* szp, const float* qs, int64_t G, float* T) {
+  const int64_t octets = K / 8, per_group = octets / G;
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 tot[MR][NP];
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NP; ++j) tot[t][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MR][NP];
+    for (int t = 0; t < MR; ++t)
+      for (int j = 0; j < NP; ++j) acc[t][j] = _mm256_setzero_si256();
+    for (int64_t o = g * per_group; o < (g + 1) * per_group; ++o) {
+      __m256i lo[NP], hi[NP];
+      for (int j = 0; j < NP; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + (j * octets + o) * 32));
+        lo[j] = _mm256_and_si256(v, mask);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      }
+      for (int t = 0; t < MR; ++t) {
+        int32_t q0, q1;
+        memcpy(&q0, xq + t * K + 8 * o, 4);
+        memcpy(&q1, xq + t * K + 8 * o + 4, 4);
+        const __m256i a0 = _mm256_set1_epi32(q0), a1 = _mm256_set1_epi32(q1);
+        for (int j = 0; j < NP; ++j) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], a0),
+                                             _mm256_maddubs_epi16(hi[j], a1));
+          acc[t][j] = _mm256_add_epi32(acc[t][j], _mm256_madd_epi16(p, ones));
+        }
+      }
+    }
+    for (int j = 0; j < NP; ++j) {
+      const __m256 s = _mm256_loadu_ps(sp + (j * G + g) * 8);
+      const __m256 sz = _mm256_loadu_ps(szp + (j * G + g) * 8);
+      for (int t = 0; t < MR; ++t) {
+        tot[t][j] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[t][j]), tot[t][j]);
+        tot[t][j] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(qs[t * G + g]), tot[t][j]);
+      }
+    }
+  }
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(T + (t * NP + j) * 8, tot[t][j]);
+}
+
+constexpr int TILE_ROWS = 4;
+
+static void tile_rows(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
+                      const float* szp, const float* qs, int64_t G, float* T) {
+  switch (mr) {
+    case 4: tile<4, 1>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 3: tile<3, 1>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 2: tile<2, 1>(xq, K, wp, sp, szp, qs, G, T); break;
+    default: tile<1, 1>(xq, K, wp, sp, szp, qs, G, T); break;
+  }
+}
+
+// OUT [M, N] = sx[m] * (sum over groups, see tile) (+ B[n]). WP: the unsigned 4-bit codes of
+// W [N, K] in panels of 8 channels, per panel and k octet o 32 bytes: byte c * 4 + i holds
+// code(8p + c, 8o + i) in its low nibble and code(8p + c, 8o + 4 + i) in its high nibble. SP,
+// SZP [ceil(N / 8)][G][8]: scale and scale * zero_code per channel and group (zero padded).
+// K a multiple of 8 * G. Returns 1 for non-finite X, 2 for an allocation failure.
+extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, const float* SZP,
+                           const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                           int64_t G, int per_token, float qmax, float qmin, int threads) {
+  const int64_t group = K / G, panels = (N + 7) / 8;
+  int8_t* XQ = (int8_t*)malloc(M * K);
+  float* SX = (float*)malloc(sizeof(float) * M);
+  float* QS = (float*)malloc(sizeof(float) * M * G);
+  if (!XQ || !SX || !QS) { free(XQ); free(SX); free(QS); return 2; }
+  if (quantize_rows(X, M, K, K, per_token, qmax, qmin, XQ, SX)) {
+    free(XQ); free(SX); free(QS);
+    return 1;
+  }
+  for (int64_t i = 0; i < M * G; ++i) {  // exact: |sum| <= 128 * group < 2**24
+    int32_t sum = 0;
+    for (int64_t k = 0; k < group; ++k) sum += XQ[i * group + k];
+    QS[i] = (float)sum;
+  }
+  const int MR = M < TILE_ROWS ? (int)M : TILE_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
+  for (int64_t p = 0; p < panels; ++p) {
+    alignas(32) float T[TILE_ROWS * 8];
+    const uint8_t* wp = WP + p * (K / 8) * 32;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+      tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
+      for (int t = 0; t < mr; ++t) {
+        const float sx = SX[m0 + t];
+        float* out = OUT + (m0 + t) * N;
+        for (int64_t c = 0; c < 8 && 8 * p + c < N; ++c)
+          out[8 * p + c] = T[t * 8 + c] * sx + (B ? B[8 * p + c] : 0.f);
+      }
+    }
+  }
+  free(XQ); free(SX); free(QS);
+  return 0;
+}
+"""
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_PTR, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_LIB = NativeLibrary("cpu_w4a8", _SOURCE, _FLAGS, {
+    "w4a8_linear": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _F32,
+                     _F32, _I32], _I32),
+}, fallback="the act-reference kernel")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built (the reason warned once)."""
+    return _LIB.get()
+
+
+def spec_supported(qt: QuantizedTensor) -> bool:
+    """4-bit affine weights in groups (a multiple of 8 dividing K) or per channel, with dynamic
+    signed symmetric int activations of at most 8 bits (see the module docstring)."""
+    spec, act = qt.spec, qt.spec.act
+    if act is None or spec.kind != "affine" or spec.bits != 4 or len(qt.shape) != 2:
+        return False
+    if qt.g_idx is not None or act.kind != "affine":
+        return False
+    k_in = qt.shape[1]
+    if spec.granularity == "group":
+        layout_ok = spec.group_size % 8 == 0 and k_in % spec.group_size == 0
+    else:
+        layout_ok = spec.granularity == "channel" and spec.axis in (0, -2) and k_in % 8 == 0
+    return (
+        layout_ok
+        and act.dynamic and act.signed and act.symmetric and act.bits <= 8
+        and act.granularity in ("token", "tensor")
+        and act.scale_dtype == "float32" and act.clip_ratio == 1.0 and act.rounding == "nearest"
+    )
+
+
+def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
+        and qt.qdata.device.type == "cpu"
+        and x.dim() >= 1 and x.shape[-1] == qt.shape[1]
+        and spec_supported(qt)
+        and library() is not None
+    )
+
+
+def pack_weight(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes ``[N, K]`` (K a multiple of 8) -> the kernel's panels
+    ``[ceil(N/8), K/8, 32]`` uint8: byte ``[p, o, 4c + i]`` = code ``(8p+c, 8o+i)`` in the low
+    nibble, ``(8p+c, 8o+4+i)`` in the high one; zero padded to whole panels."""
+    n, k = codes.shape
+    panels = -(-n // 8)
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, 8 * panels - n))
+    c = c.reshape(panels, 8, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [p, o, c, i, half]
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(panels, k // 8, 32).contiguous()
+
+
+def _panel_floats(v: torch.Tensor) -> torch.Tensor:
+    """``[N, G]`` -> ``[ceil(N/8), G, 8]`` float32, zero padded."""
+    n, g = v.shape
+    panels = -(-n // 8)
+    return F.pad(v.float(), (0, 0, 0, 8 * panels - n)).reshape(panels, 8, g).transpose(1, 2) \
+        .contiguous()
+
+
+def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, int]]:
+    """(tensors, pointers): packed codes, panel scales and scale * zero-code; rebuilt when a
+    stored tensor changes (held in ``cache``, never saved)."""
+    version = weight_version(qt)
+    entry = cache.get("cpu_w4a8")
+    if entry is None or entry[0] != version:
+        scale, zero_code = scale_and_zero_code(qt)
+        held = (pack_weight(qt.codes()), _panel_floats(scale), _panel_floats(scale * zero_code))
+        entry = cache["cpu_w4a8"] = (version, (*held, qt), tuple(t.data_ptr() for t in held))
+    return entry[1], entry[2]
+
+
+def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
+              cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
+    run_call = library().w4a8_linear
+    n_out, k_in = qt.shape
+    if bias is not None and bias.numel() != n_out:
+        raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
+    b = None if bias is None else bias.float().contiguous()
+    b_ptr = None if b is None else b.data_ptr()
+    act = qt.spec.act
+    qmin, qmax = (float(v) for v in qrange(act))
+    per_token = int(act.granularity == "token")
+    n_groups = qt.scale.numel() // n_out
+    get_threads = torch.get_num_threads
+    tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
+    state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
+            raise ValueError(f"cpu_w4a8: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
+        x2 = x.reshape(-1, k_in)
+        m = x2.shape[0]
+        if m == 0:
+            return torch.empty(*x.shape[:-1], n_out)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        versions = [t._version for t in tracked]
+        if versions != state[0]:
+            state[:] = [versions, *_prepared(qt, cache)]
+        packed, scale, scale_zero = state[2]
+        y = torch.empty(*x.shape[:-1], n_out)
+        status = run_call(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
+                          n_out, n_groups, per_token, qmax, qmin, get_threads())
+        if status == 1:
+            check_finite(x2, "activation")
+        if status:
+            raise MemoryError(f"cpu_w4a8: could not allocate {m}x{k_in} activation codes")
+        return y
+
+    run.held = (state, b)  # the tensors behind the pointers live as long as run
+    return run
+
+
+def cpu_w4a8_linear(
+    x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """``x @ W^T + b`` for a 4-bit weight with dynamic int8 activations (module docstring)."""
+    return bind_w4a8(qt, bias, cache)(x)
+
+
+# Below cpu_w8a8 (20): a symmetric per-channel int4 weight, which both take, keeps the kernel
+# that is bit-identical to the exact integer reference.
+register_kernel(Kernel("cpu_w4a8", cpu_w4a8_linear, _supports, priority=15, bind=bind_w4a8))

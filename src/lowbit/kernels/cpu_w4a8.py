@@ -122,7 +122,7 @@ extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, c
     QS[i] = (float)sum;
   }
   // Chunks of M_CHUNK rows keep a chunk's activation codes in cache while every panel passes.
-  const int64_t M_CHUNK = 256;
+  const int64_t M_CHUNK = 64;
   const int MR = M < TILE_ROWS ? (int)M : TILE_ROWS;
   for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
     const int64_t mc_end = mc + M_CHUNK < M ? mc + M_CHUNK : M;

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lowbit
+
 pytest.importorskip("transformers")
 
 LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
@@ -33,7 +35,22 @@ def test_greedy_text_equals_transformers_and_reports_speed(app, runner, llama):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                              min_new_tokens=12, do_sample=False, pad_token_id=1)
     assert tok.decode(out[0], skip_special_tokens=True) in result.output
-    assert re.search(r"12 new tokens in [\d.]+ s: [\d.]+ tokens/s", result.output)
+    assert re.search(r"1 x 12 new tokens in [\d.]+ s: [\d.]+ tokens/s", result.output)
+
+
+def test_several_prompts_decode_as_a_left_padded_batch(app, runner, llama):
+    from lowbit.models.hf import load_hf_model
+
+    prompts = [PROMPT, "JULIET:", "To be, or not to be, that is the question"]
+    args = ["generate", str(llama), "-n", "8", "--no-stop-at-eos"]
+    result = runner.invoke(app, [*args, *(a for p in prompts for a in ("-p", p))])
+    assert result.exit_code == 0, result.output
+    model, tok, _ = load_hf_model(llama)
+    for p in prompts:  # each row as if decoded alone
+        ids = tok(p, return_tensors="pt").input_ids
+        alone = lowbit.generate(model, ids, 8)
+        assert tok.decode(alone[0], skip_special_tokens=True) in result.output
+    assert re.search(r"3 x 8 new tokens in [\d.]+ s", result.output)
 
 
 def test_quantized_folder_and_compare_table(app, runner, llama, tmp_path):

@@ -147,6 +147,53 @@ def test_rows_stop_at_eos_and_pad_after(llama):
         generate(llama, ids, 12, eos_token_id=eos, pad_token_id=-1)
 
 
+def _left_padded(rows: list[torch.Tensor], pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+def test_left_padded_prompts_decode_like_each_prompt_alone(llama, fused):
+    rows = [prompt(length=12, seed=1)[0], prompt(length=7, seed=2)[0], prompt(length=1, seed=3)[0]]
+    ids, mask = _left_padded(rows)
+    decoder = Decoder(llama, len(rows), ids.shape[1] + 10, fused=fused)
+    with torch.inference_mode():
+        pad = (mask == 0).sum(1)
+        logits = decoder.forward(ids, 0, pad)
+        out = decoder.generate(ids, 10, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = Decoder(llama, 1, len(row) + 10, fused=fused)
+            assert torch.allclose(logits[i], alone.forward(row[None], 0)[0], atol=1e-4, rtol=0)
+            assert torch.equal(out[i, ids.shape[1]:], alone.generate(row[None], 10)[0, len(row):])
+    # transformers' generate on the same left-padded batch picks the same tokens
+    with torch.inference_mode():
+        ref = llama.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=1)
+    assert torch.equal(out, ref)
+
+
+def test_an_all_ones_mask_is_the_unpadded_path(llama):
+    ids = prompt(batch=2)
+    assert torch.equal(generate(llama, ids, 6, attention_mask=torch.ones_like(ids)),
+                       generate(llama, ids, 6))
+
+
+def test_bad_attention_masks_fail_in_one_line(llama):
+    ids = prompt(batch=2, length=4)
+    cases = [
+        (torch.ones(2, 3, dtype=torch.long), "must have input_ids' shape"),
+        (torch.full_like(ids, 2), "0 \\(padding\\) and 1 \\(token\\) only"),
+        (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), "pad prompts on the left"),
+        (torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), "a row of padding only"),
+    ]
+    for mask, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate(llama, ids, 2, attention_mask=mask)
+
+
 def test_bad_input_fails_in_one_line(llama):
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
         Decoder(_tiny("gpt2", n_embd=32, n_layer=1, n_head=2), 1, 8)

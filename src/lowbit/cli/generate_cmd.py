@@ -26,7 +26,9 @@ def generate_command(
     model_dir: Path = typer.Argument(
         ..., help="A Hugging Face or lowbit-quantized causal LM folder."
     ),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    prompts: list[str] = typer.Option(
+        ..., "--prompt", "-p", help="Text to continue; repeat for a batch (left-padded)."
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     scheme: str | None = typer.Option(
         None, "--scheme", "-s", help="Quantize the loaded model with this preset first (RTN)."
@@ -59,9 +61,6 @@ def generate_command(
             raise ValueError(f"MODEL_DIR is a {kind}; lowbit generate needs a causal LM")
         if tokenizer is None:
             raise ValueError(f"no tokenizer in {str(model_dir)!r}")
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        if ids.shape[1] == 0:
-            raise ValueError("--prompt encodes to no tokens")
         if compare and any(isinstance(m, QuantLinear) for m in model.modules()):
             raise ValueError("--compare needs the float model: pass a Hugging Face folder "
                              "and quantize it here with -s")
@@ -70,10 +69,12 @@ def generate_command(
             lowbit.quantize(model, scheme)
         eos = tokenizer.eos_token_id if stop_at_eos else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pad = pad if pad is not None else 0
+        ids, mask = _encode(tokenizer, prompts, pad)
         decoding = {"do_sample": sample, "temperature": temperature, "top_k": top_k,
-                    "eos_token_id": eos, "pad_token_id": pad if pad is not None else 0}
-        length = ids.shape[1] + max_new_tokens
-        decoder = lowbit.Decoder(model, 1, length)
+                    "eos_token_id": eos, "pad_token_id": pad, "attention_mask": mask}
+        batch, length = ids.shape[0], ids.shape[1] + max_new_tokens
+        decoder = lowbit.Decoder(model, batch, length)
     except (ValueError, TypeError) as e:
         fail(str(e))
     except OSError as e:
@@ -88,39 +89,54 @@ def generate_command(
     except ValueError as e:  # e.g. the tokenizer's pad id outside the model's vocabulary
         fail(str(e))
     new = out.shape[1] - ids.shape[1]
-    console.print(tokenizer.decode(out[0], skip_special_tokens=True), highlight=False)
+    for row, row_mask in zip(out, mask, strict=True):
+        text = row[int((row_mask == 0).sum()):]  # without the left padding
+        console.print(tokenizer.decode(text, skip_special_tokens=True), highlight=False)
     console.print(
-        f"\n{new} new tokens in {seconds:.2f} s: [bold]{new / seconds:.1f} tokens/s[/] "
-        f"(lowbit Decoder, {torch.get_num_threads()} threads, prompt {ids.shape[1]} tokens, "
-        f"{'sampled' if sample else 'greedy'})", highlight=False,
+        f"\n{batch} x {new} new tokens in {seconds:.2f} s: [bold]{batch * new / seconds:.1f} "
+        f"tokens/s[/] (lowbit Decoder, {torch.get_num_threads()} threads, prompt "
+        f"{ids.shape[1]} tokens, {'sampled' if sample else 'greedy'})", highlight=False,
     )
     if not compare:
         return
-    table = Table(title="tokens/s, batch 1 (same prompt and token count)")
+    table = Table(title=f"tokens/s, batch {batch} (same prompts and token count)")
     for column in ("model", "runtime", "tokens/s", "vs float in the same runtime"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    float_out, float_seconds = run(lowbit.Decoder(original, 1, length))
-    float_tps = (float_out.shape[1] - ids.shape[1]) / float_seconds  # its own count (eos)
-    label = scheme or "as loaded"
+    float_out, float_seconds = run(lowbit.Decoder(original, batch, length))
+    float_tps = batch * (float_out.shape[1] - ids.shape[1]) / float_seconds  # its count (eos)
+    label, tps = scheme or "as loaded", batch * new / seconds
     table.add_row("float", "lowbit Decoder", f"{float_tps:.1f}", "1.00x")
-    table.add_row(label, "lowbit Decoder", f"{new / seconds:.1f}",
-                  f"{new / seconds / float_tps:.2f}x")
+    table.add_row(label, "lowbit Decoder", f"{tps:.1f}", f"{tps / float_tps:.2f}x")
     hf = {}
     with torch.inference_mode():
         for name, m in (("float", original), (label, model)):
             kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
-                      "pad_token_id": decoding["pad_token_id"],
-                      "attention_mask": torch.ones_like(ids)}
+                      "pad_token_id": pad, "attention_mask": mask}
             m.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
             t0 = time.perf_counter()
             m.generate(ids, **kwargs)
-            hf[name] = new / (time.perf_counter() - t0)
+            hf[name] = batch * new / (time.perf_counter() - t0)
     table.add_row("float", "transformers generate", f"{hf['float']:.1f}", "1.00x")
     table.add_row(label, "transformers generate", f"{hf[label]:.1f}",
                   f"{hf[label] / hf['float']:.2f}x")
     console.print(table)
     console.print("One timed run each after a warm-up (greedy for transformers); the machine's "
                   "load moves these: benchmarks/decode.py interleaves rounds.", highlight=False)
+
+
+def _encode(tokenizer, prompts: list[str], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, T]`` of the prompts, left-padded with ``pad``, and their attention mask."""
+    rows = [tokenizer(p).input_ids for p in prompts]
+    for p, row in zip(prompts, rows, strict=True):
+        if not row:
+            raise ValueError(f"--prompt {p!r} encodes to no tokens")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
 
 
 def register(app: typer.Typer) -> None:

@@ -170,15 +170,31 @@ class Decoder:
         h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h32.to(h.dtype)
 
+    def _padded(self, pad: torch.Tensor, start: int,
+                end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row rotary tables ``[B, 1, T, head_dim]`` and the attention mask ``[B, 1, T,
+        end]`` for left-padded rows: causal, padding slots hidden from real tokens. A padding
+        slot attends to itself only, so its (unused) keys and values stay finite."""
+        slots = torch.arange(start, end, device=pad.device)
+        positions = (slots[None] - pad[:, None]).clamp_min(0)  # [B, T]
+        cos, sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]
+        keys = torch.arange(end, device=pad.device)[None, None]  # [1, 1, end]
+        query = slots[None, :, None]  # [1, T, 1]
+        visible = (keys <= query) & (keys >= pad[:, None, None]) | (keys == query)
+        return cos, sin, visible[:, None]
+
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of ``t [B, heads, T, head_dim]``: HF's ``t * cos +
         rotate_half(t) * sin``, where ``rotate_half(t) = cat(-t2, t1) = roll(t, half) * [-1..,
         1..]`` (3 ops, not 7)."""
         return torch.addcmul(t * cos, t.roll(self.head_dim // 2, -1), signed_sin)
 
-    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of the last position for tokens ``ids [B, T]`` at positions
-        ``start..start+T`` (their keys and values enter the cache)."""
+    def forward(self, ids: torch.Tensor, start: int,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the last position for tokens ``ids [B, T]`` in cache slots
+        ``start..start+T`` (their keys and values enter the cache). ``pad [B]`` (int64): each
+        row's number of left-padding slots at the start of the cache; the row's token in slot
+        ``s`` sits at position ``s - pad`` and never attends to the padding."""
         batch, length = ids.shape
         end = start + length
         if batch != self.batch or start < 0 or end > self.max_len:
@@ -189,22 +205,26 @@ class Decoder:
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
-        cos, sin = self.cos[start:end], self.signed_sin[start:end]
+        fused = self.fused and pad is None  # the fused ops share one position range per batch
+        if pad is None:
+            cos, sin = self.cos[start:end], self.signed_sin[start:end]
+        else:
+            cos, sin, causal = self._padded(pad, start, end)
         for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers, strict=True):
             r = self._norm(h, blk.attn_norm)
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
-            if self.fused:
+            if fused:
                 cpu_decode.rope_kv(q, k, v, cos, sin, k_cache, v_cache, start, nh, nkv)
             else:
                 k_cache[:, :, start:end] = self._rope(
                     k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
                 v_cache[:, :, start:end] = v.view(batch, length, nkv, hd).transpose(1, 2)
                 q = self._rope(q.view(batch, length, nh, hd).transpose(1, 2), cos, sin)
-            if self.fused and length == 1:
+            if fused and length == 1:
                 a = cpu_decode.decode_attention(q, k_cache, v_cache, end, self.scaling,
                                                 self._scratch)
             else:
-                if self.fused:  # q is still [B, T, heads * hd], now rotary-embedded
+                if fused:  # q is still [B, T, heads * hd], now rotary-embedded
                     q = q.view(batch, length, nh, hd).transpose(1, 2)
                 keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
                 if nkv != nh:  # grouped-query attention (SDPA's enable_gqa needs torch 2.5)
@@ -232,10 +252,14 @@ class Decoder:
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[B, prompt + new]`` token ids: the prompt (``[B, T]``, equal lengths, no padding)
-        followed by up to ``max_new_tokens`` tokens (greedy unless ``do_sample``). Rows that
-        emitted ``eos_token_id`` continue with ``pad_token_id``; decoding stops when all have."""
+        """``[B, prompt + new]`` token ids: the prompt (``[B, T]``) followed by up to
+        ``max_new_tokens`` tokens (greedy unless ``do_sample``). Prompts of different lengths
+        come left-padded with ``attention_mask`` ``[B, T]`` (1 for tokens, 0 for padding, as a
+        tokenizer with ``padding_side="left"`` makes them); padded batches run the torch ops,
+        not the fused CPU ones. Rows that emitted ``eos_token_id`` continue with
+        ``pad_token_id``; decoding stops when all have."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
                 f"input_ids must be int64 [batch, length]; got {input_ids.dtype} "
@@ -257,10 +281,13 @@ class Decoder:
             raise ValueError(f"temperature={temperature}; must be > 0 when sampling")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k}; must be >= 1 (or None)")
+        pad = None if attention_mask is None else _left_padding(attention_mask, input_ids)
         ids = input_ids.to(self.device)
+        if pad is not None:
+            pad = pad.to(self.device)
         out = [ids]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        logits = self.forward(ids, 0)
+        logits = self.forward(ids, 0, pad)
         for step in range(max_new_tokens):
             token = self._pick(logits, do_sample, temperature, top_k, generator)
             if eos_token_id is not None:
@@ -269,7 +296,7 @@ class Decoder:
             out.append(token[:, None])
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self.forward(token[:, None], length + step)
+            logits = self.forward(token[:, None], length + step, pad)
         return torch.cat(out, dim=1)
 
     @staticmethod
@@ -282,6 +309,24 @@ class Decoder:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Each row's number of left-padding tokens ``[B]`` from a 0/1 ``attention_mask``, or None
+    when nothing is padded."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' "
+                         f"shape {tuple(input_ids.shape)}")
+    mask = attention_mask.to(torch.long)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask pads on the right (or inside a prompt); pad prompts on "
+                         "the left (tokenizer.padding_side = 'left')")
+    pad = (mask == 0).sum(1)
+    if bool((pad == mask.shape[1]).any()):
+        raise ValueError("attention_mask has a row of padding only; every prompt needs a token")
+    return pad if bool(pad.any()) else None
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,

@@ -299,7 +299,8 @@ def main() -> None:
         "quantization and int16 `vpmaddwd` dot products on a panel-packed weight in one C++ "
         "call) at every M for w8a8; w7a8 / w8a7 hand calls above 4 rows and 2^26 "
         "multiply-adds to `int8-fbgemm`'s single exact pass (no uint8 x int8 pair sum can "
-        "saturate int16 with a 7-bit side). All equal to the reference bit for bit.",
+        "saturate int16 with a 7-bit side). All equal to the reference bit for bit (fbgemm's "
+        "pass while its shifted sums stay below 2^24).",
         "- **lowbit w4a8**: the `w4a8` preset (w4g128's 4-bit group-wise weights, int8 "
         "per-token dynamic activations) on `cpu_w4a8` (`vpmaddubsw` dot products of 4-bit codes "
         "and int8 activations, exact per group, float32 over groups); not bit-identical to its "

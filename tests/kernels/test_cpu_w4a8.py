@@ -112,6 +112,26 @@ def test_unsupported_layouts_are_not_taken():
     assert not KERNELS["cpu_w4a8"].supports(qt, torch.randn(1, 64))
 
 
+def test_groups_too_wide_for_exact_int32_sums_are_not_taken(monkeypatch):
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), _spec(False, None))  # per channel: K
+    assert KERNELS["cpu_w4a8"].supports(qt, torch.randn(1, 64))
+    monkeypatch.setattr(cpu_w4a8, "MAX_GROUP", 32)
+    assert not KERNELS["cpu_w4a8"].supports(qt, torch.randn(1, 64))
+
+
+def test_output_is_float32_on_cpu_whatever_the_defaults():
+    qt = QuantizedTensor.from_float(torch.randn(8, 128), "w4a8")
+    x = torch.randn(2, 128)
+    expected = cpu_w4a8.cpu_w4a8_linear(x, qt, None, {})
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cpu_w4a8.cpu_w4a8_linear(x, qt, None, {})
+    finally:
+        torch.set_default_dtype(saved)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 def test_no_rows_give_an_empty_output():
     qt = QuantizedTensor.from_float(torch.randn(8, 128), "w4a8")
     assert cpu_w4a8.cpu_w4a8_linear(torch.randn(0, 128), qt, None, {}).shape == (0, 8)

@@ -150,7 +150,8 @@ def test_reference_dynamic_matches_float_math_on_fake_quantized_tensors():
 
 
 @pytest.mark.parametrize("weight", [
-    {"format": "uint4", "granularity": "group", "group_size": 32},  # float zero-points
+    {"format": "uint4", "granularity": "group", "group_size": 32},  # integer zero-points
+    {"format": "uint4", "granularity": "group", "group_size": 32, "zero_point": "float"},
     {"format": "nf4", "granularity": "group", "group_size": 64, "symmetric": True},  # codebook
 ])
 def test_act_reference_is_fake_quantized_float_math_for_other_weights(weight):

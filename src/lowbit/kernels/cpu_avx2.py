@@ -53,7 +53,7 @@ def _scratch(numel: int) -> torch.Tensor:
     """A float32 buffer of at least ``numel`` elements, reused per thread."""
     buf = getattr(_scratch_local, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch_local.buf = torch.empty(numel)
+        buf = _scratch_local.buf = torch.empty(numel, dtype=torch.float32, device="cpu")
     return buf
 
 _SOURCE = r"""
@@ -374,7 +374,8 @@ def bind_cpu_linear(
     get_threads = torch.get_num_threads
     layout: list = [None, *_execution_layout(qt, cache)]  # [versions, held, pointers]
     # The kernel reads the codes in place but copies of the scale and zero-point: follow their
-    # in-place edits (inference tensors have no version counter and cannot be edited).
+    # in-place edits outside inference_mode (inference tensors have no version counter: after
+    # editing one under inference_mode, clear the module's kernel cache).
     tracked = [t for t in (qt.scale, qt.zero_point) if t is not None and not t.is_inference()]
     layout[0] = [t._version for t in tracked]
 
@@ -392,7 +393,7 @@ def bind_cpu_linear(
         m = x2.shape[0]
         if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
             x2 = _int4_order(x2) if bits == 4 else x2
-            y = torch.empty(m, n_out)
+            y = torch.empty(m, n_out, dtype=torch.float32, device="cpu")
             rows = DEQUANT_BLOCK_ROWS
             block = _scratch(rows * k_in)
             for n0 in range(0, n_out, rows):
@@ -405,7 +406,7 @@ def bind_cpu_linear(
             if b is not None:
                 y += b
             return y.reshape(*x.shape[:-1], n_out)
-        y = torch.empty(*x.shape[:-1], n_out)
+        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         status = gemv(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
                       n_out, n_groups, get_threads())
         if status:

@@ -14,14 +14,17 @@ a pair sum stays below 3,840 and two of them (a k octet) below 7,680: no int16 s
 ``vpmaddwd`` widens to int32 once per octet. That is about 3 instructions per 64 multiply-adds
 of a tile, against 4 per 32 for exact int8 x int8 (``vpmaddwd``) and 1 FMA per 8 for fp32.
 The float sums over groups (fused multiply-adds) differ from the float64 oracle by float32
-rounding only.
+rounding of ``s * dot`` and ``s * zc * qs``, so the error scales with ``s (|u| + |zc|) |qx|``
+rather than ``|W| |x|``: like every zero-point kernel that subtracts the correction after the
+sums (``cpu_int4`` too), an output whose exact value is 0 may come out as a few ulps of those.
 
 The weight is repacked once (cached, never saved): panels of 8 output channels, each k octet of
 a panel 32 bytes (``[channel][4]`` bytes, low nibbles k 0-3, high nibbles k 4-7), so one load,
 two masks and one shift give the operands of two ``vpmaddubsw`` against broadcast activation
-quads. Specs: affine 4-bit weights (``uint4`` asymmetric or ``int4`` symmetric), groups a
-multiple of 8 wide dividing K (or per channel), dynamic signed symmetric int activations of at
-most 8 bits per token or tensor, float32 scale, clip ratio 1, round to nearest.
+quads. Specs: affine 4-bit weights (signed or unsigned, symmetric or with an integer or float
+zero-point), groups a multiple of 8 wide dividing K (or per channel) and at most ``MAX_GROUP``
+wide, dynamic signed symmetric int activations of at most 8 bits per token or tensor, float32
+scale, clip ratio 1, round to nearest.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
+
+# Group sums exact: |sum u * qx| <= 15 * 128 * group < 2**31 and the float32 activation group sums
+# |sum qx| <= 128 * group <= 2**24.
+MAX_GROUP = 1 << 17
 
 _SOURCE = ACTIVATION_Q_SOURCE + r"""
 // Tile of MR activation rows x NP panels: T[(t * NP + j) * 8 + c] = sum over groups of
@@ -116,7 +123,7 @@ extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, c
     free(XQ); free(SX); free(QS);
     return 1;
   }
-  for (int64_t i = 0; i < M * G; ++i) {  // exact: |sum| <= 128 * group < 2**24
+  for (int64_t i = 0; i < M * G; ++i) {  // exact: |sum| <= 128 * group <= 2**24 (MAX_GROUP)
     int32_t sum = 0;
     for (int64_t k = 0; k < group; ++k) sum += XQ[i * group + k];
     QS[i] = (float)sum;
@@ -170,11 +177,14 @@ def spec_supported(qt: QuantizedTensor) -> bool:
         return False
     k_in = qt.shape[1]
     if spec.granularity == "group":
-        layout_ok = spec.group_size % 8 == 0 and k_in % spec.group_size == 0
+        group = spec.group_size
+        layout_ok = group % 8 == 0 and k_in % group == 0
     else:
+        group = k_in
         layout_ok = spec.granularity == "channel" and spec.axis in (0, -2) and k_in % 8 == 0
     return (
         layout_ok
+        and group <= MAX_GROUP
         and act.dynamic and act.signed and act.symmetric and act.bits <= 8
         and act.granularity in ("token", "tensor")
         and act.scale_dtype == "float32" and act.clip_ratio == 1.0 and act.rounding == "nearest"
@@ -238,6 +248,8 @@ def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     per_token = int(act.granularity == "token")
     n_groups = qt.scale.numel() // n_out
     get_threads = torch.get_num_threads
+    # the packed copy follows in-place edits of the stored tensors outside inference_mode
+    # (inference tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
     state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
 
@@ -248,14 +260,14 @@ def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
         if m == 0:
-            return torch.empty(*x.shape[:-1], n_out)
+            return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         versions = [t._version for t in tracked]
         if versions != state[0]:
             state[:] = [versions, *_prepared(qt, cache)]
         packed, scale, scale_zero = state[2]
-        y = torch.empty(*x.shape[:-1], n_out)
+        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         status = run_call(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
                           n_out, n_groups, per_token, qmax, qmin, get_threads())
         if status == 1:

@@ -15,7 +15,9 @@ exact int8 x int8 path measured here (benchmarks/results/int8_linear.md): about 
 fbgemm's exact two passes at every M. Presets with a 7-bit side (w7a8, w8a7) let fbgemm run
 one exact ``vpmaddubsw`` pass (3 instructions per 32 multiply-adds against ``vpmaddwd``'s 4),
 which wins on big calls: above ``ONE_PASS_MAX_ROWS`` rows and ``ONE_PASS_MAX_WORK``
-multiply-adds they go to ``int8-fbgemm``. Specs: signed symmetric int weights (per
+multiply-adds they go to ``int8-fbgemm``, which equals the reference while the shifted sums
+of its pass stay below ``2**24`` in magnitude (see :mod:`lowbit.kernels.int8`; beyond, outputs
+differ in the last float32 bits). Specs: signed symmetric int weights (per
 channel or tensor) and dynamic signed symmetric int activations (per token or tensor) with
 float32 scales, clip ratio 1 and round-to-nearest (the presets w8a8, w7a8 and w8a7), and
 K < 2**17 (int32 sums cannot overflow).
@@ -295,8 +297,8 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
 
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
-    # the weight copy follows in-place edits of the stored tensors (inference tensors have no
-    # version counter and cannot be edited)
+    # the weight copy follows in-place edits of the stored tensors outside inference_mode
+    # (inference tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
     state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
 
@@ -307,7 +309,7 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
         if m == 0:
-            return torch.empty(*x.shape[:-1], n_out)
+            return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         if one_pass and m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK:
             return int8.int8_fbgemm_linear(x, qt, bias, cache)
         if not x2.is_contiguous():
@@ -316,7 +318,7 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
         if versions != state[0]:
             state[:] = [versions, *_prepared(qt, cache)]
         weight, sw, per_channel = state[2]
-        y = torch.empty(*x.shape[:-1], n_out)
+        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         status = run_call(x2.data_ptr(), weight, sw, per_channel, b_ptr, y.data_ptr(), m, k_in,
                           n_out, per_token, qmax, qmin, get_threads())
         if status == 1:

@@ -159,7 +159,7 @@ class Decoder:
         if self.fused and not cpu_decode.available(x_hidden):
             raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
                              f"model is {dtype} on {device}")
-        self._scratch = torch.empty(max_len, dtype=torch.float32)
+        self._scratch = torch.empty(max_len, dtype=torch.float32, device=device)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.cpu_avx2 import scale_and_zero_code
-from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE
+from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE, bind_activation_kernel
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
-from lowbit.quant.maps import check_finite, qrange
+from lowbit.quant.maps import qrange
 from lowbit.tensor import QuantizedTensor
 
 # Group sums exact: |sum u * qx| <= 15 * 128 * group < 2**31 and the float32 activation group sums
@@ -239,45 +239,18 @@ def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
     run_call = library().w4a8_linear
     n_out, k_in = qt.shape
-    if bias is not None and bias.numel() != n_out:
-        raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
-    b = None if bias is None else bias.float().contiguous()
-    b_ptr = None if b is None else b.data_ptr()
     act = qt.spec.act
     qmin, qmax = (float(v) for v in qrange(act))
     per_token = int(act.granularity == "token")
     n_groups = qt.scale.numel() // n_out
     get_threads = torch.get_num_threads
-    # the packed copy follows in-place edits of the stored tensors outside inference_mode
-    # (inference tensors have no version counter: clear the kernel cache after editing one)
-    tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
-    state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
-            raise ValueError(f"cpu_w4a8: x {x.dtype} {tuple(x.shape)} on {x.device} for "
-                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
-        x2 = x.reshape(-1, k_in)
-        m = x2.shape[0]
-        if m == 0:
-            return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        versions = [t._version for t in tracked]
-        if versions != state[0]:
-            state[:] = [versions, *_prepared(qt, cache)]
-        packed, scale, scale_zero = state[2]
-        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
-        status = run_call(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
-                          n_out, n_groups, per_token, qmax, qmin, get_threads())
-        if status == 1:
-            check_finite(x2, "activation")
-        if status:
-            raise MemoryError(f"cpu_w4a8: could not allocate {m}x{k_in} activation codes")
-        return y
+    def call(x_ptr: int, prepared: tuple, b_ptr: int | None, y_ptr: int, m: int) -> int:
+        packed, scale, scale_zero = prepared
+        return run_call(x_ptr, packed, scale, scale_zero, b_ptr, y_ptr, m, k_in, n_out, n_groups,
+                        per_token, qmax, qmin, get_threads())
 
-    run.held = (state, b)  # the tensors behind the pointers live as long as run
-    return run
+    return bind_activation_kernel("cpu_w4a8", qt, bias, cache, _prepared, call)
 
 
 def cpu_w4a8_linear(

@@ -282,53 +282,83 @@ def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, 
     return entry[1], entry[2]
 
 
-def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
-              cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
-    run_call = library().w8a8_linear
-    b = None if bias is None else bias.float().contiguous()
-    b_ptr = None if b is None else b.data_ptr()
-    act = qt.spec.act
-    qmin, qmax = (float(v) for v in qrange(act))
-    per_token = int(act.granularity == "token")
-    n_out, k_in = qt.shape
-    get_threads = torch.get_num_threads
-    one_pass = int8.one_pass_shift(qt.spec) is not None
+# (x2d pointer, the prepared pointers, bias pointer or None, output pointer, rows) -> status
+NativeCall = Callable[[int, tuple, "int | None", int, int], int]
 
+
+def bind_activation_kernel(
+    name: str,
+    qt: QuantizedTensor,
+    bias: torch.Tensor | None,
+    cache: dict,
+    prepare: Callable[[QuantizedTensor, dict], tuple[tuple, tuple]],
+    call: NativeCall,
+    handover: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [..., K] float32 -> [..., N]`` through a C kernel that quantizes the activations
+    itself (status 1: non-finite input, 2: allocation failure). ``prepare(qt, cache)`` gives the
+    (held tensors, pointers) of the execution layout, rebuilt after in-place edits of the stored
+    tensors; ``handover(x, rows)`` may answer a call instead (None: the kernel runs)."""
+    n_out, k_in = qt.shape
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
-    # the weight copy follows in-place edits of the stored tensors outside inference_mode
-    # (inference tensors have no version counter: clear the kernel cache after editing one)
+    b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
+    b_ptr = None if b is None else b.data_ptr()
+    # the layout follows in-place edits of the stored tensors outside inference_mode (inference
+    # tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
-    state = [[t._version for t in tracked], *_prepared(qt, cache)]  # versions, held, pointers
+    state = [[t._version for t in tracked], *prepare(qt, cache)]  # versions, held, pointers
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
-            raise ValueError(f"cpu_w8a8: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+            raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         x2 = x.reshape(-1, k_in)
         m = x2.shape[0]
         if m == 0:
             return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
-        if one_pass and m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK:
-            return int8.int8_fbgemm_linear(x, qt, bias, cache)
+        if handover is not None and (answer := handover(x, m)) is not None:
+            return answer
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         versions = [t._version for t in tracked]
         if versions != state[0]:
-            state[:] = [versions, *_prepared(qt, cache)]
-        weight, sw, per_channel = state[2]
+            state[:] = [versions, *prepare(qt, cache)]
         y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
-        status = run_call(x2.data_ptr(), weight, sw, per_channel, b_ptr, y.data_ptr(), m, k_in,
-                          n_out, per_token, qmax, qmin, get_threads())
+        status = call(x2.data_ptr(), state[2], b_ptr, y.data_ptr(), m)
         if status == 1:
             check_finite(x2, "activation")
         if status:
-            raise MemoryError(f"cpu_w8a8: could not allocate {m}x{k_in} activation codes")
+            raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation codes")
         return y
 
     run.held = (state, b)  # the tensors behind the pointers live as long as run
     return run
+
+
+def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
+              cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
+    run_call = library().w8a8_linear
+    act = qt.spec.act
+    qmin, qmax = (float(v) for v in qrange(act))
+    per_token = int(act.granularity == "token")
+    n_out, k_in = qt.shape
+    get_threads = torch.get_num_threads
+
+    def call(x_ptr: int, prepared: tuple, b_ptr: int | None, y_ptr: int, m: int) -> int:
+        weight, sw, per_channel = prepared
+        return run_call(x_ptr, weight, sw, per_channel, b_ptr, y_ptr, m, k_in, n_out, per_token,
+                        qmax, qmin, get_threads())
+
+    handover = None
+    if int8.one_pass_shift(qt.spec) is not None:
+        def handover(x: torch.Tensor, m: int) -> torch.Tensor | None:
+            if m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK:
+                return int8.int8_fbgemm_linear(x, qt, bias, cache)
+            return None
+
+    return bind_activation_kernel("cpu_w8a8", qt, bias, cache, _prepared, call, handover)
 
 
 def cpu_w8a8_linear(

@@ -15,7 +15,7 @@ def test_demo_table(app, runner) -> None:
     rows = {}
     for line in r.stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0] in ("fp32", "w8", "w4g64", "w8a8"):
+        if cells and cells[0] in ("fp32", "w8", "w4g64", "w8a8", "w4a8"):
             rows[cells[0]] = cells
     assert {"fp32", "w8", "w4g64"} <= set(rows)
     bits = {k: float(v[2]) for k, v in rows.items()}
@@ -23,6 +23,9 @@ def test_demo_table(app, runner) -> None:
     cos = {k: float(v[4]) for k, v in rows.items()}
     assert cos["fp32"] == 1.0 and cos["w8"] > 0.999 and 0.9 < cos["w4g64"] < cos["w8"]
     assert rows["w8"][6].endswith("%") and float(rows["w8"][6][:-1]) >= 95
-    # w8a8 is either measured (a kernel is registered) or skipped with a note saying so
-    assert "w8a8" in rows or re.search(r"w8a8: skipped, no kernel", r.stdout)
+    # each dynamic scheme is either measured (a kernel is registered) or skipped with a note
+    for scheme in ("w8a8", "w4a8"):
+        assert scheme in rows or re.search(rf"{scheme}: skipped, no kernel", r.stdout)
+    if "w4a8" in rows:
+        assert 4.0 < bits["w4a8"] < 4.6 and 0.9 < cos["w4a8"] < cos["w8"]
     assert "HF_HUB_OFFLINE" not in r.output

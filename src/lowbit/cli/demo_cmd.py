@@ -22,7 +22,7 @@ from lowbit.eval.speed import latency, weight_bytes
 from lowbit.nn.modules import QuantLinear
 
 SCHEMES = ("w8", "w4g64")
-DYNAMIC_SCHEME = "w8a8"
+DYNAMIC_SCHEMES = ("w8a8", "w4a8")  # int8 activations quantized at run time
 LATENCY_BATCH = 16  # sentences per timed forward pass
 
 
@@ -89,15 +89,16 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
     ref_emb = embed(reference, tokenizer, sentences, batch_size=len(sentences))
     notes: list[str] = []
     candidates: list[tuple[str, nn.Module]] = [("fp32", reference)]
-    schemes = SCHEMES + ((DYNAMIC_SCHEME,) if include_dynamic else ())
+    schemes = SCHEMES + (DYNAMIC_SCHEMES if include_dynamic else ())
     for scheme in schemes:
         # Embedding tables are weight-only (a lookup has no activations to quantize): w8 there.
-        spec = {"embeddings.*": "w8", "*": scheme} if scheme == DYNAMIC_SCHEME else scheme
+        dynamic = scheme in DYNAMIC_SCHEMES
+        spec = {"embeddings.*": "w8", "*": scheme} if dynamic else scheme
         model = lowbit.quantize(copy.deepcopy(reference), spec)
-        if scheme == DYNAMIC_SCHEME:
+        if dynamic:
             name = kernel_for(model)
             if name is None:
-                notes.append(f"{scheme}: skipped, no kernel is registered for dynamic int8 "
+                notes.append(f"{scheme}: skipped, no kernel is registered for its dynamic int8 "
                              "activations on this device")
                 continue
         candidates.append((scheme, model))
@@ -120,15 +121,15 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
         "(mean pooling + L2 norm); latency: median of "
         f"{repeats} forward passes, {torch.get_num_threads()} torch threads; quantized schemes "
         "cover the Linear layers and the embedding tables (biases and LayerNorms stay fp32"
-        + ("; w8a8 keeps the embedding tables at w8" if include_dynamic else "") + ")"
+        + ("; w8a8 and w4a8 keep the embedding tables at w8" if include_dynamic else "") + ")"
     )
     return rows, notes
 
 
 def demo_command(
     dynamic: bool = typer.Option(
-        False, "--dynamic", help="Also W8A8 (int8 weights, dynamic int8 activations) if a kernel "
-        "for it is registered."
+        False, "--dynamic", help="Also W8A8 and W4A8 (int8 / int4 weights, dynamic int8 "
+        "activations) where a kernel for them is registered."
     ),
     repeats: int = typer.Option(3, "--repeats", help="Timed forward passes per scheme."),
 ) -> None:

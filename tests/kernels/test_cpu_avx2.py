@@ -143,11 +143,14 @@ def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
         assert dispatch.select_kernel(layer.qweight, x).name == "cpu_int4"
 
 
+@pytest.mark.parametrize("whole", [True, False])
 @pytest.mark.parametrize("name", ["w4g128", "w8"])
-def test_many_rows_dequantize_in_blocks(monkeypatch, name: str) -> None:
-    """Above GEMV_MAX_ROWS the weight is dequantized block by block (here 5 rows a block, with a
-    short last block) into the shared scratch buffer."""
+def test_many_rows_dequantize_whole_or_in_blocks(monkeypatch, name: str, whole: bool) -> None:
+    """Above GEMV_MAX_ROWS the weight is dequantized (in stored column order) into the shared
+    scratch buffer: whole, or block by block (here 5 rows a block, with a short last block)."""
     monkeypatch.setattr(cpu_avx2, "DEQUANT_BLOCK_ROWS", 5)
+    if not whole:
+        monkeypatch.setattr(cpu_avx2, "DEQUANT_WHOLE_MAX", 0)
     torch.manual_seed(4)
     qt = QuantizedTensor.from_float(torch.randn(73, 384), name)
     x, bias = torch.randn(2, cpu_avx2.GEMV_MAX_ROWS, 384), torch.randn(73)

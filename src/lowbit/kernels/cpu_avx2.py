@@ -15,9 +15,9 @@ where ``c`` are the codes as the kernel reads them (int4: the stored unsigned co
 qmin``; int8: the stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``,
 8 for signed symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the
 activation sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8)
-fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes blocks of rows into a reused
-fp32 buffer (C++) and multiplies each with torch's fp32 GEMM (compute-bound there; fp32 speed
-minus the dequant).
+fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB
+of fp32, else blocks of rows; stored column order) into a reused fp32 buffer (C++) and
+multiplies with torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
 and called through ctypes (:mod:`lowbit.kernels.native`). If they cannot be built, they report
@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
@@ -46,6 +47,11 @@ GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is 
 # blocks starve the GEMM (K=11008, M=2048: 95 rows 3.8 s, 256 rows 2.8 s, fp32 2.8 s).
 # benchmarks/weight_kernels.py measures the result.
 DEQUANT_BLOCK_ROWS = 256
+# A weight of at most this many elements (16 MiB in fp32) is dequantized whole: one GEMM with the
+# bias fused (on MiniLM's 384/1536-wide layers at M=288 the split into a 256-row and a short
+# block, the copies into the output and the separate bias add cost 10-15%, one-off timing;
+# taller blocks for LLM-size layers were not better at M=128).
+DEQUANT_WHOLE_MAX = 1 << 22
 _scratch_local = threading.local()
 
 
@@ -225,8 +231,20 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
   return 0;
 }
 
-// fp32 weights W [N, K] = code * s - zs, columns in the kernel's code order (int4: permuted
-// within each 32-chunk like the activations).
+// c[q] lane l holds code 4l + q (unpack<false>'s order) -> o[j] lane i holds code 8j + i: a
+// 4 x 8 transpose in registers.
+static inline void natural_order(const __m256 c[4], __m256 o[4]) {
+  const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  o[0] = _mm256_permute2f128_ps(u0, u1, 0x20);
+  o[1] = _mm256_permute2f128_ps(u2, u3, 0x20);
+  o[2] = _mm256_permute2f128_ps(u0, u1, 0x31);
+  o[3] = _mm256_permute2f128_ps(u2, u3, 0x31);
+}
+
+// fp32 weights W [N, K] = code * s - zs in the stored column order.
 template <bool INT8>
 static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W, int64_t N,
                     int64_t K, int64_t G, int threads) {
@@ -236,11 +254,13 @@ static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
     for (int64_t g = 0; g < G; ++g) {
       const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
       for (int64_t i = 0; i < chunks; ++i) {
-        __m256 c[4];
+        __m256 c[4], v[4];
         unpack<INT8>(P + n * row_bytes + CHUNK_BYTES<INT8> * (g * chunks + i), c);
+        if constexpr (!INT8) natural_order(c, v);
+        const __m256* w = INT8 ? c : v;
         float* o = W + n * K + g * group + i * CODES;
         for (int q = 0; q < 4; ++q)
-          _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(c[q], sv, zv));
+          _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
       }
     }
   }
@@ -329,8 +349,8 @@ def _execution_layout(
     scale * zero fp32 [N, G] in the kernel's code units; the two small float tensors are built
     once and held in ``cache``. Whoever keeps a pointer must keep the tensors.
 
-    The codes are read as stored (no repacked copy of the weight is kept: the int4 kernel
-    permutes the activations instead, see ``_int4_order``); 8-bit codes as ``byte - 128``, so
+    The codes are read as stored (no repacked copy of the weight is kept: the int4 GEMV
+    permutes the activations instead); 8-bit codes as ``byte - 128``, so
     a symmetric int8 weight has zero 0 and its correction term vanishes.
     """
     bits = qt.spec.bits
@@ -346,13 +366,6 @@ def _execution_layout(
         entry = (version, tensors, tuple(t.data_ptr() for t in tensors), qt)
         cache[name] = entry
     return entry[1], entry[2]
-
-
-def _int4_order(x2: torch.Tensor) -> torch.Tensor:
-    """``x [M, K]`` with each 32-chunk reordered as [x0, x4, .., x28, x1, x5, .., x29, x2, ..,
-    x31], the order in which the kernel unpacks a chunk of canonical int4 bytes."""
-    m, k = x2.shape
-    return x2.reshape(m, k // 32, 8, 4).transpose(-1, -2).reshape(m, k)
 
 
 def bind_cpu_linear(
@@ -391,11 +404,15 @@ def bind_cpu_linear(
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m = x2.shape[0]
-        if m > GEMV_MAX_ROWS:  # the dequantized int4 columns come in the kernel's order
-            x2 = _int4_order(x2) if bits == 4 else x2
-            y = torch.empty(m, n_out, dtype=torch.float32, device="cpu")
-            rows = DEQUANT_BLOCK_ROWS
+        if m > GEMV_MAX_ROWS:
+            rows = n_out if n_out * k_in <= DEQUANT_WHOLE_MAX else DEQUANT_BLOCK_ROWS
             block = _scratch(rows * k_in)
+            if rows == n_out:  # one block: the whole weight, bias fused into the GEMM
+                w = block[: n_out * k_in].view(n_out, k_in)
+                dequant(packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups,
+                        get_threads())
+                return F.linear(x2, w, b).reshape(*x.shape[:-1], n_out)
+            y = torch.empty(m, n_out, dtype=torch.float32, device="cpu")
             for n0 in range(0, n_out, rows):
                 nb = min(rows, n_out - n0)
                 w = block[: nb * k_in].view(nb, k_in)

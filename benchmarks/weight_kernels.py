@@ -163,12 +163,13 @@ def main() -> None:
             *lines,
             "",
             f"{fast} runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
-            f"above it dequantizes {cpu_avx2.DEQUANT_BLOCK_ROWS} weight rows at a time (AVX2) "
-            "into a reused buffer and multiplies each block with the fp32 GEMM; at large M the "
-            "layer is compute-bound "
+            "above it dequantizes the weight (AVX2; whole up to "
+            f"{cpu_avx2.DEQUANT_WHOLE_MAX * 4 >> 20} MiB of fp32, else "
+            f"{cpu_avx2.DEQUANT_BLOCK_ROWS} rows at a time) into a reused buffer and multiplies "
+            "with the fp32 GEMM; at large M the layer is compute-bound "
             "and no weight-only kernel can beat fp32 on this CPU (there is no faster float "
             "GEMM than fp32 here: bf16 is ~7x slower, and integer GEMMs need quantized "
-            "activations, i.e. W8A8). `torch int4pack` is torch's own CPU int4 op "
+            "activations, i.e. W8A8 or W4A8). `torch int4pack` is torch's own CPU int4 op "
             "(`_weight_int4pack_mm_for_cpu`), rejected because it is far slower than fp32 "
             "on this AVX2 (no AVX-512) CPU.",
             "",

@@ -175,6 +175,15 @@ def test_left_padded_prompts_decode_like_each_prompt_alone(llama, fused):
     assert torch.equal(out, ref)
 
 
+def test_padding_token_ids_outside_the_vocabulary_are_never_looked_up(llama):
+    ids, mask = _left_padded([prompt(length=6, seed=4)[0], prompt(length=3, seed=5)[0]])
+    expected = generate(llama, ids, 4, attention_mask=mask)
+    ids[mask == 0] = llama.config.vocab_size + 7  # e.g. a pad token added to the tokenizer only
+    got = generate(llama, ids, 4, attention_mask=mask)
+    assert torch.equal(got[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+    assert torch.equal(got[:, :ids.shape[1]], ids)  # the prompt comes back as given
+
+
 def test_an_all_ones_mask_is_the_unpadded_path(llama):
     ids = prompt(batch=2)
     assert torch.equal(generate(llama, ids, 6, attention_mask=torch.ones_like(ids)),
@@ -186,6 +195,7 @@ def test_bad_attention_masks_fail_in_one_line(llama):
     cases = [
         (torch.ones(2, 3, dtype=torch.long), "must have input_ids' shape"),
         (torch.full_like(ids, 2), "0 \\(padding\\) and 1 \\(token\\) only"),
+        (torch.tensor([[0, 0.5, 1, 1], [1, 1, 1, 1]]), "0 \\(padding\\) and 1 \\(token\\) only"),
         (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), "pad prompts on the left"),
         (torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), "a row of padding only"),
     ]

@@ -15,9 +15,10 @@ this project's CPU that is about half of the step, which hides whatever the weig
   longrope, are refused).
 
 It covers decoder-only models with pre-norm RMSNorm blocks, rotary attention (grouped-query
-allowed) and a gated SiLU MLP, in inference mode, batches of equal-length prompts (no padding),
-greedy or sampled. Anything else raises a ValueError naming what is unsupported. Tested on CPU;
-on other devices it runs the torch ops (not yet measured on a GPU).
+allowed) and a gated SiLU MLP, in inference mode, batches of prompts (of different lengths:
+left-padded with an attention mask), greedy or sampled. Anything else raises a ValueError
+naming what is unsupported. Tested on CPU; on other devices it runs the torch ops (not yet
+measured on a GPU).
 """
 
 from __future__ import annotations
@@ -287,7 +288,9 @@ class Decoder:
             pad = pad.to(self.device)
         out = [ids]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        logits = self.forward(ids, 0, pad)
+        # padding tokens are never attended to; token 0 keeps the lookup valid whatever they are
+        feed = ids if pad is None else ids.masked_fill(attention_mask.to(ids.device) == 0, 0)
+        logits = self.forward(feed, 0, pad)
         for step in range(max_new_tokens):
             token = self._pick(logits, do_sample, temperature, top_k, generator)
             if eos_token_id is not None:
@@ -317,9 +320,9 @@ def _left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torc
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' "
                          f"shape {tuple(input_ids.shape)}")
-    mask = attention_mask.to(torch.long)
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    mask = attention_mask.to(torch.long)
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask pads on the right (or inside a prompt); pad prompts on "
                          "the left (tokenizer.padding_side = 'left')")

@@ -79,9 +79,10 @@ MIXED = {
         ("w8", None),
         ("nf4g64", None),
         ("km4", ["model.layers.0.self_attn.*"]),  # k-means is slow; one block is enough here
+        ({"model.embed_tokens": "w4g128", "*": "w4a8"}, None),  # int8 activations at run time
         (MIXED, None),
     ],
-    ids=["w4g128", "w8", "nf4g64", "km4", "mixed"],
+    ids=["w4g128", "w8", "nf4g64", "km4", "w4a8", "mixed"],
 )
 def test_llama_round_trip_is_bit_exact(llama, tmp_path, spec, include):
     float_model, _, ids = llama

@@ -293,8 +293,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "uint4", "granularity": "group", "group_size": 128,
                  "act": _ACT_INT8_TOKEN},
     },
-    # One side at 7 bits: no uint8 x int8 pair sum can saturate int16 in the AVX2 int8 GEMM
-    # (vpmaddubsw without VNNI), so the exact fast kernel runs one pass instead of two.
+    # One side at 7 bits: no uint8 x int8 pair sum can saturate int16 in fbgemm's AVX2 int8 GEMM
+    # (vpmaddubsw without VNNI), so its exact path runs one pass instead of two (cpu_w8a8 hands
+    # big calls to it; below that these presets run at w8a8's speed).
     "w7a8": {
         "doc": "int7 per-channel weights, int8 per-token dynamic activations (one-pass int8 "
                "GEMM on AVX2 CPUs)",

@@ -20,7 +20,10 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     against the measured device copy bandwidth; the M=1 floor is those bytes / copy bandwidth.
     The Triton kernels autotune their launch config at the first call of each shape (the
     picks are listed in the report; --no-autotune times the defaults).
-(c) Writes benchmarks/results/gpu.md (card, versions, protocol, tables, the issue's GPU targets
+(c) Decodes end to end on the device: greedy tokens/s of a Llama shaped like the 19M fixture
+    (random fp16 weights) in lowbit's Decoder and transformers' generate, fp16 vs w4g128 / w8
+    (skipped where transformers is missing).
+(d) Writes benchmarks/results/gpu.md (card, versions, protocol, tables, the issue's GPU targets
     met / not met) and prints a short table last.
 
 Exit status: 0 all checks passed, 1 a check failed, 2 no usable CUDA device (or a CPU-only
@@ -545,7 +548,8 @@ def targets(timings: list[Timing], bandwidth: float) -> list[str]:
     return lines
 
 
-def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[str]:
+def write_report(checks, timings, skipped, tuned, bandwidth, out: Path,
+                 decode: list[str]) -> list[str]:
     kernels = ["fp16"] + [k for k, _ in TIMED if any(t.kernel == k for t in timings)]
     by = {(t.kernel, t.m, t.k, t.n): t for t in timings}
     presets = dict(TIMED)
@@ -645,6 +649,10 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[
         "",
         *(tuned_lines if tuned else ["(none: autotuning off or not run)"]),
         "",
+        "## Decode end to end (lowbit Decoder vs transformers generate)",
+        "",
+        *decode,
+        "",
         "## Correctness checks (oracles on the CPU)",
         "",
         *check_lines,
@@ -655,7 +663,102 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path) -> list[
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     log(f"wrote {out}")
-    return short + [""] + target_lines
+    return short + [""] + target_lines + [""] + [ln for ln in decode if ln.startswith("|")]
+
+
+
+# ---- end-to-end decode ------------------------------------------------------------------------
+FIXTURE_CONFIG = ROOT.parent / "shared" / "models" / "llama-19m-shakespeare-mix" / "config.json"
+DECODE_SCHEMES = ("fp16", "w4g128", "w8")
+
+
+def _decode_model():
+    """A Llama with the 19M fixture's shape (its config.json where present) and random weights
+    in fp16 on the device (tiny and fp32 on the CPU for --dry-run): speed needs no training."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if ARGS.dry_run:
+        fields = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    elif FIXTURE_CONFIG.is_file():
+        fields = {k: v for k, v in json.loads(FIXTURE_CONFIG.read_text()).items()
+                  if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "num_key_value_heads", "vocab_size",
+                           "rms_norm_eps", "rope_theta", "max_position_embeddings")}
+    else:
+        fields = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 8,
+                  "num_attention_heads": 6, "num_key_value_heads": 6, "vocab_size": 8192}
+    torch.manual_seed(0)
+    dtype = torch.float32 if ARGS.dry_run else torch.float16
+    return LlamaForCausalLM(LlamaConfig(**fields)).to(DEVICE, dtype).eval(), fields
+
+
+def run_decode() -> list[str]:
+    """Greedy tokens/s at batch 1 of lowbit's Decoder (eager: every Linear bound to the kernel
+    dispatch picks) and of transformers' generate, fp16 vs w4g128 / w8 (RTN), on the device;
+    the Decoder's tokens against transformers' on each model (reported, not a failure: random
+    weights give near-tied logits, where fp16 rounding may pick another token)."""
+    import copy
+
+    try:
+        import lowbit
+        from lowbit.models.decode import Decoder
+    except ImportError as e:
+        return [f"Not run: {e} (lowbit's Decoder needs transformers)."]
+    try:
+        base, fields = _decode_model()
+    except ImportError as e:
+        return [f"Not run: transformers is not importable here ({e})."]
+    new, prompt_len = (8, 8) if ARGS.dry_run else (64, 32)
+    ids = torch.randint(3, fields["vocab_size"], (1, prompt_len),
+                        generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    models = {"fp16": base}
+    for scheme in DECODE_SCHEMES[1:]:
+        models[scheme] = lowbit.quantize(copy.deepcopy(base), scheme)
+    rows, equal = [], {}
+    for scheme, model in models.items():
+        if over_budget():
+            rows.append((scheme, None, None, "over budget"))
+            continue
+        decoder = Decoder(model, 1, prompt_len + new)
+        kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+                  "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
+        with torch.inference_mode():
+            ours, theirs = decoder.generate(ids, new), model.generate(ids, **kwargs)
+            equal[scheme] = bool(torch.equal(ours, theirs))
+            runs = {"lowbit Decoder": lambda d=decoder: d.generate(ids, new),
+                    "transformers generate": lambda m=model, kw=kwargs: m.generate(ids, **kw)}
+            times = {runtime: [] for runtime in runs}
+            for _ in range(3):
+                for runtime, fn in runs.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[runtime].append(time.perf_counter() - t0)
+        kernel = select_kernel(model.model.layers[0].mlp.up_proj.qweight, ids.new_zeros(
+            1, fields["hidden_size"], dtype=base.dtype)).name if scheme != "fp16" else "F.linear"
+        rows.append((scheme, kernel, {k: new / statistics.median(v) for k, v in times.items()},
+                     ""))
+        log(f"decode {scheme}: " + ", ".join(f"{k} {new / statistics.median(v):.0f} tok/s"
+                                            for k, v in times.items()))
+    base_tps = rows[0][2]
+    lines = ["| scheme | kernel | lowbit Decoder tok/s (vs fp16) | transformers generate tok/s "
+             "(vs fp16) | Decoder tokens == generate's |", "| --- | --- | ---: | ---: | --- |"]
+    for scheme, kernel, tps, note in rows:
+        if tps is None:
+            lines.append(f"| {scheme} | | {note} | | |")
+            continue
+        cells = [f"{tps[r]:.0f} ({tps[r] / base_tps[r]:.2f}x)" if base_tps else f"{tps[r]:.0f}"
+                 for r in ("lowbit Decoder", "transformers generate")]
+        lines.append(f"| {scheme} | {kernel} | {cells[0]} | {cells[1]} | "
+                     f"{'yes' if equal[scheme] else 'no'} |")
+    shape = ", ".join(f"{k}={v}" for k, v in fields.items())
+    return [f"Llama with random weights ({shape}), {base.dtype}, batch 1, {prompt_len}-token "
+            f"prompt, exactly {new} greedy new tokens, median of 3 runs each after one "
+            "untimed run; eager (no CUDA graph: launch overhead included).", "", *lines]
 
 
 def main() -> int:
@@ -682,9 +785,14 @@ def main() -> int:
         log(f"timings aborted: {type(e).__name__}: {e}")
         timings, skipped, tuned = [], {"all": f"timings aborted: {type(e).__name__}: {e}"}, {}
         failed = failed | {"timings"}
+    try:
+        decode = run_decode()
+    except Exception as e:  # the kernel results above still count
+        log(f"decode aborted: {type(e).__name__}: {e}")
+        decode = [f"Aborted: {type(e).__name__}: {e}"]
     out = ARGS.out or (RESULTS if ON_GPU else Path(os.environ.get("TMPDIR", "/tmp"))
                        / "lowbit_gpu_dry_run.md")
-    short = write_report(checks, timings, skipped, tuned, bandwidth, out)
+    short = write_report(checks, timings, skipped, tuned, bandwidth, out, decode)
     for c in checks:
         if not c.ok:
             print(f"FAIL {c.kernel} {c.preset} {c.shape} {c.dtype}: {c.detail}")

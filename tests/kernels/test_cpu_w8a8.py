@@ -101,12 +101,13 @@ def test_static_activations_are_not_taken():
     assert not dispatch.KERNELS["cpu_w8a8"].supports(qt, torch.randn(1, 16))
 
 
-def test_non_finite_activations_fail_in_one_line():
-    qt = QuantizedTensor.from_float(torch.randn(8, 16), "w8a8")
-    x = torch.randn(2, 16)
+@pytest.mark.parametrize("name", ["w8a8", "w4a8"])  # bind_activation_kernel serves both
+def test_non_finite_activations_fail_in_one_line(name):
+    qt = QuantizedTensor.from_float(torch.randn(8, 128), name)
+    x = torch.randn(2, 128)
     x[1, 3] = float("inf")
-    with pytest.raises(ValueError, match=r"activation of shape \(2, 16\) has 1 NaN/Inf"):
-        cpu_w8a8.cpu_w8a8_linear(x, qt, None, {})
+    with pytest.raises(ValueError, match=r"activation of shape \(2, 128\) has 1 NaN/Inf"):
+        dispatch.bound_linear(x, qt, None, cache={})(x)
 
 
 def test_bound_kernel_sees_in_place_code_changes():

@@ -1,6 +1,7 @@
 """Weight-only kernel speed on CPU: fp32 F.linear vs lowbit's kernels, against copy bandwidth.
 
-For M in (1, 16, 128, 2048) x (K, N) in (4096x4096, 4096x11008, 11008x4096): median time of
+For M in (1, 16, 128, 2048) x (K, N) in (4096x4096, 4096x11008, 11008x4096), and M=288 on
+all-MiniLM-L6-v2's layer shapes (384x384, 384x1536, 1536x384; not with --quick): median time of
 fp32 ``F.linear``, the ``reference`` kernel (dequantize + F.linear) and the fast kernel dispatch
 picks for ``--spec`` (``cpu_int4`` for w4g128, ``cpu_int8`` for w8), interleaved round-robin
 in the same run (the machine may be shared, so all kernels see the same load). At M=1 torch's
@@ -31,6 +32,8 @@ from lowbit.kernels import KERNELS, cpu_avx2, select_kernel
 RESULTS = Path(__file__).parent / "results" / "kernels.md"
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
 ROWS = (1, 16, 128, 2048)
+# An encoder's layers at a batch: all-MiniLM-L6-v2's (K, N) at M=288 (lowbit demo's 16 x 18 tokens)
+ENCODER_SHAPES, ENCODER_ROWS = ((384, 384), (384, 1536), (1536, 384)), (288,)
 
 
 def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:
@@ -111,7 +114,10 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth:.1f} GB/s")
     lines = []
-    for k, n in shapes:
+    plan = [(k, n, rows) for k, n in shapes]
+    if not args.quick:
+        plan += [(k, n, ENCODER_ROWS) for k, n in ENCODER_SHAPES]
+    for k, n, rows in plan:
         torch.manual_seed(0)
         w = torch.randn(n, k)
         qt = QuantizedTensor.from_float(w, args.spec)

@@ -57,7 +57,7 @@ def test_every_fast_kernel_has_a_case() -> None:
     cpu_kernels = {k for k, _ in CASES}
     assert "reference" in cpu_kernels
     if cpu_avx2.extension() is not None:
-        for name in ("cpu_int4", "cpu_int8"):
+        for name in ("cpu_int2", "cpu_int3", "cpu_int4", "cpu_int8", "cpu_lut"):
             assert name in cpu_kernels, f"{name} supports no preset here: {CASES}"
 
 
@@ -102,9 +102,9 @@ def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
     import lowbit
 
     model = nn.Sequential(nn.Linear(K, 64), nn.Linear(64, 32), nn.Linear(32, 16))
-    lowbit.quantize(model, {"0": "w4g128", "1": "nf4g64", "2": "w8"})
+    lowbit.quantize(model, {"0": "w4g128", "1": "fp8", "2": "w8"})
     plan = dispatch.kernel_plan(model)
     fast = cpu_avx2.extension() is not None
-    assert plan["reference"][0] == ("1", str(preset("nf4g64")))
+    assert plan["reference"][0] == ("1", str(preset("fp8")))
     assert ("0", str(preset("w4g128"))) in plan["cpu_int4" if fast else "reference"]
     assert ("2", str(preset("w8"))) in plan["cpu_int8" if fast else "reference"]

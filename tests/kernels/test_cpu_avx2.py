@@ -1,4 +1,5 @@
-"""The AVX2 int4 / int8 CPU kernels against the reference kernel, their cache and dispatch rules."""
+"""The AVX2 weight-only CPU kernels (cpu_int1/2/3/4/8, cpu_lut) against the reference kernel,
+their cache and dispatch rules."""
 
 from __future__ import annotations
 
@@ -8,10 +9,22 @@ import torch
 from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.kernels.dispatch import reference_linear
 from lowbit.nn.modules import QuantLinear
-from lowbit.spec import preset
+from lowbit.spec import QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
 
-INT4_PRESETS = ("w4g128", "w4g64", "w4g128-sym")
+# every family, group-wise and per channel: spec -> the kernel that runs it
+SPECS = {
+    spec: kernel
+    for kernel, specs in {
+        "cpu_int4": ["w4g128", "w4g64", "w4g128-sym", QuantSpec("uint4", "channel")],
+        "cpu_int3": ["w3g128", QuantSpec("int3", "group", group_size=64, symmetric=True)],
+        "cpu_int2": ["w2g64", QuantSpec("int2", "channel", symmetric=True)],
+        "cpu_int1": [QuantSpec("uint1", "group", group_size=32)],
+        "cpu_lut": ["nf4g64", "fp4g32", "km4", "km3",
+                    QuantSpec("kmeans2", "group", group_size=64)],
+    }.items()
+    for spec in map(as_spec, specs)
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,16 +36,19 @@ def _extension():
 def rounding_tolerance(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """Per-output bound on fp32 reassociation error between two correct kernels.
 
-    Both sum K products whose magnitudes are at most |x| * 16 * s (codes and zero-points lie in
-    [0, 16] code units); fp32 rounding errors of such sums grow like sqrt(K) * eps in practice
-    (random-walk model, Higham 2002 sec. 3.4), times a 16x margin. A wrong nibble, group or
-    zero-point gives errors of the order of the magnitude itself, far above this.
+    Both sum K products whose magnitudes are at most |x| * 2**bits * s for affine codes (codes
+    and zero-points lie in [0, 2**bits] code units), |x| * |w| for table codes; fp32 rounding
+    errors of such sums grow like sqrt(K) * eps in practice (random-walk model, Higham 2002
+    sec. 3.4), times a 16x margin. A wrong code, group, table entry or zero-point gives errors
+    of the order of the magnitude itself, far above this.
     """
     k = qt.shape[1]
-    s = qt.scale.float().reshape(qt.shape[0], -1)
-    s = s.repeat_interleave(k // s.shape[1], dim=1)
-    levels = 1 << qt.spec.bits  # codes and zero-points lie in [0, levels] code units
-    magnitude = x.abs().reshape(-1, k) @ (levels * s).T
+    if qt.spec.kind == "affine":
+        s = qt.scale.float().reshape(qt.shape[0], -1)
+        bound = (1 << qt.spec.bits) * s.repeat_interleave(k // s.shape[1], dim=1)
+    else:
+        bound = qt.dequantize(torch.float32).abs()
+    magnitude = x.abs().reshape(-1, k) @ bound.T
     return 16 * k**0.5 * torch.finfo(torch.float32).eps * magnitude + 1e-6
 
 
@@ -43,14 +59,15 @@ def check_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, qt: Quantiz
     assert bool((err <= tol).all()), f"max err {err.max():.3g}, max tol {tol.max():.3g}"
 
 
-@pytest.mark.parametrize("name", INT4_PRESETS)
+@pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 4, 7, cpu_avx2.GEMV_MAX_ROWS + 1])
-def test_matches_reference(name: str, m: int) -> None:
+def test_matches_reference(spec: QuantSpec, m: int) -> None:
     torch.manual_seed(m)
     w = torch.randn(73, 384) * torch.rand(73, 1) * 3  # odd N: M=1 pairs rows, plus a tail
-    qt = QuantizedTensor.from_float(w, name)
+    qt = QuantizedTensor.from_float(w, spec)
     x = torch.randn(m, 384)
     bias = torch.randn(73)
+    assert dispatch.select_kernel(qt, x).name == SPECS[spec]
     y = cpu_avx2.cpu_linear(x, qt, bias, {})
     check_close(y, reference_linear(x, qt, bias, {}), x, qt)
 
@@ -117,19 +134,34 @@ def test_execution_layout_is_cached_not_saved() -> None:
     assert set(layer.state_dict()) == keys_before  # never saved
 
 
-def test_dispatch_picks_cpu_int4_only_where_supported(monkeypatch) -> None:
+def test_dispatch_picks_the_cpu_kernels_only_where_supported(monkeypatch) -> None:
     monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
     qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g128")
     assert dispatch.select_kernel(qt, torch.randn(1, 128)).name == "cpu_int4"
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
         "reference"
     )
-    for other in ("w3g128", "nf4g64"):
+    for other in ("fp8", "w4g128-sym"):  # 8-bit float grid; act-order group index
         q = QuantizedTensor.from_float(torch.randn(16, 128), other)
+        if other != "fp8":
+            q.g_idx = torch.zeros(128, dtype=torch.int32)  # one group
         assert dispatch.select_kernel(q, torch.randn(1, 128)).name == "reference"
-    small_groups = QuantizedTensor.from_float(torch.randn(16, 128), preset("w4g64").replace(
-        group_size=16))
-    assert not cpu_avx2.spec_supported(small_groups)
+    for spec in (preset("w4g64").replace(group_size=16), QuantSpec("uint4", "tensor"),
+                 QuantSpec("nf4", "block", block=(2, 64), symmetric=True)):
+        assert not cpu_avx2.spec_supported(QuantizedTensor.from_float(torch.randn(16, 128), spec))
+    with pytest.raises(ValueError, match="no cpu_int / cpu_lut kernel"):
+        cpu_avx2.bind_cpu_linear(QuantizedTensor.from_float(torch.randn(8, 128), "fp8"), None, {})
+
+
+def test_wrong_3bit_window_would_fail() -> None:
+    """3-bit codes cross byte boundaries: the tolerance catches a chunk read one window off."""
+    torch.manual_seed(5)
+    qt = QuantizedTensor.from_float(torch.randn(16, 128), "w3g128")
+    shifted = QuantizedTensor(qdata=qt.qdata.roll(3, dims=1), spec=qt.spec, shape=qt.shape,
+                              scale=qt.scale, zero_point=qt.zero_point)
+    x = torch.randn(1, 128)
+    err = cpu_avx2.cpu_linear(x, shifted, None, {}) - reference_linear(x, qt, None, {})
+    assert bool((err.abs() > rounding_tolerance(x, qt)).any())
 
 
 def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
@@ -144,7 +176,7 @@ def test_inputs_needing_gradients_go_to_the_reference(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("whole", [True, False])
-@pytest.mark.parametrize("name", ["w4g128", "w8"])
+@pytest.mark.parametrize("name", ["w4g128", "w8", "w3g128", "nf4g64", "km4"])
 def test_many_rows_dequantize_whole_or_in_blocks(monkeypatch, name: str, whole: bool) -> None:
     """Above GEMV_MAX_ROWS the weight is dequantized (in stored column order) into the shared
     scratch buffer: whole, or block by block (here 5 rows a block, with a short last block)."""

@@ -1,23 +1,29 @@
-"""Fast CPU weight-only kernels (AVX2 + FMA): ``cpu_int4`` for 4-bit group-wise affine specs
-(w4g128, w4g64, w4g128-sym) and ``cpu_int8`` for 8-bit per-channel or group-wise ones (w8).
+"""Fast CPU weight-only kernels (AVX2 + FMA) for every weight format of at most 4 bits and
+for 8-bit integers: ``cpu_int1`` .. ``cpu_int4`` and ``cpu_int8`` run affine codes (w4g128,
+w3g128, w2g64, w8, ...), ``cpu_lut`` runs codes that index a table of at most 16 values: nf4
+and fp4 (one table per spec, times the group's absmax scale) and k-means (one table per row or
+group). Groups (or rows, per channel) must be a multiple of 32 wide.
 
 Why a small compiled kernel: on AVX2 CPUs without AVX-512 (this project's machines) torch's own
 int4 CPU op ``_weight_int4pack_mm_for_cpu`` is several times *slower* than fp32 ``F.linear``
 (measured in benchmarks/results/kernels.md), and ``_weight_int8pack_mm`` was 4-30x slower than
-fp32 here; a ``torch.compile``d fused dequant-GEMV was also slower (tried, not kept).
+fp32 here; a ``torch.compile``d fused dequant-GEMV was also slower (tried, not kept). Without
+these kernels the 2/3-bit, nf4, fp4 and k-means formats dequantize the whole weight on every
+call (100-200x slower than fp32 at M=1 on a 4096x4096 layer, one-off timing).
 
-Per output row and group the kernel unpacks codes to fp32 in AVX2 registers and accumulates
-against the activations:
+Per output row and group the kernel unpacks codes to fp32 in AVX2 registers (affine: the codes
+themselves; tables: a register permute) and accumulates against the activations:
 
-    y[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
+    y[m, n] = sum_g s[n, g] * sum_{k in g} v[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 
-where ``c`` are the codes as the kernel reads them (int4: the stored unsigned codes, ``code -
-qmin``; int8: the stored byte - 128), ``zc`` the zero-point in those units (int4: ``z - qmin``,
-8 for signed symmetric; int8: ``z - qmin - 128``, 0 for signed symmetric) and ``xs[m, g]`` the
-activation sum of group g. Weights never exist as fp32, so M=1 moves 8x (int4) or 4x (int8)
-fewer bytes than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB
-of fp32, else blocks of rows; stored column order) into a reused fp32 buffer (C++) and
-multiplies with torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
+where ``v`` are the codes as the kernel reads them (int1-4: the stored unsigned codes, ``code -
+qmin``; int8: the stored byte - 128; tables: the table entry of the code), ``zc`` the
+zero-point in those units (int1-4: ``z - qmin``, e.g. 8 for signed symmetric int4; int8: ``z -
+qmin - 128``, 0 for signed symmetric; tables: no zero-point) and ``xs[m, g]`` the activation
+sum of group g. Weights never exist as fp32, so M=1 moves 32/bits times fewer weight bytes
+than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB of fp32,
+else blocks of rows; stored column order) into a reused fp32 buffer (C++) and multiplies with
+torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
 and called through ctypes (:mod:`lowbit.kernels.native`). If they cannot be built, they report
@@ -36,7 +42,7 @@ import torch.nn.functional as F
 
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
-from lowbit.quant.maps import qrange, symmetric_zero
+from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
 
 GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
@@ -66,6 +72,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -74,68 +81,141 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One 32-code chunk of lowbit's canonical bytes as fp32 vectors c[0..3], 8 codes each.
-// int4 (16 bytes): byte j holds code 2j (low nibble) and 2j+1 (high nibble); widening each
-// 16-bit pair to a 32-bit lane puts codes 4l..4l+3 in lane l's nibbles 0..3, so c[j] holds
-// codes {4l + j : l = 0..7} -- the activations of each 32-chunk are permuted the same way
-// (cheap: M x K, against N x K weights that stay as stored). Shifts and masks instead of byte
-// shuffles keep the unpacking off the shuffle port.
-// int8 (32 bytes): the stored bytes read as signed, byte ^ 0x80 = code - qmin - 128, in order
-// (a symmetric int8 weight then has zero 0: no correction term to cancel against).
-template <bool INT8>
-static inline void unpack(const uint8_t* p, __m256 c[4]) {
-  if constexpr (INT8) {
-    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
-    for (int q = 0; q < 4; ++q)
-      c[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
-  } else {
+constexpr int64_t CODES = 32;  // codes per chunk: a chunk is 4 * BITS bytes of a row
+template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
+// int4 reads its chunk in a permuted order (see codes<4>); the activations are permuted to match
+template <int BITS> constexpr bool PERMUTED = BITS == 4;
+
+// The integer codes of one chunk of lowbit's canonical bytes (a little-endian bit stream per
+// row), c[0..3] holding 8 codes each as int32 lanes.
+// BITS 1-3: natural order, lane i of c[j] = code 8j + i. Codes 8j..8j+7 are the 8 * BITS bits
+// of the chunk starting at byte BITS * j, so one 32-bit window broadcast to all lanes and
+// shifted right by (0, BITS, .., 7 * BITS) gives them.
+// BITS 4: byte j holds codes 2j (low nibble) and 2j+1; widening each 16-bit pair to a 32-bit
+// lane puts codes 4l..4l+3 in lane l's nibbles, so c[j] holds codes {4l + j : l = 0..7}.
+// Shifts and masks instead of byte shuffles keep the unpacking off the shuffle port.
+template <int BITS>
+static inline void codes(const uint8_t* p, __m256i c[4]) {
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  if constexpr (BITS == 4) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i mask = _mm256_set1_epi32(0x0F);
-    c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
-    c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask));
-    c[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask));
-    c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 12));
+    c[0] = _mm256_and_si256(w, mask);
+    c[1] = _mm256_and_si256(_mm256_srli_epi32(w, 4), mask);
+    c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 8), mask);
+    c[3] = _mm256_srli_epi32(w, 12);
+  } else {
+    uint32_t win[4];
+    if constexpr (BITS == 3) {  // 12 bytes: windows at bits 0, 24, 48, 72
+      uint64_t lo;
+      uint32_t hi;
+      memcpy(&lo, p, 8);
+      memcpy(&hi, p + 8, 4);
+      win[0] = static_cast<uint32_t>(lo);
+      win[1] = static_cast<uint32_t>(lo >> 24);
+      win[2] = static_cast<uint32_t>(lo >> 48) | (hi << 16);
+      win[3] = hi >> 8;
+    } else {  // 4 * BITS <= 8 bytes
+      uint64_t v = 0;
+      memcpy(&v, p, 4 * BITS);
+      for (int j = 0; j < 4; ++j) win[j] = static_cast<uint32_t>(v >> (8 * BITS * j));
+    }
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                             6 * BITS, 7 * BITS);
+    for (int j = 0; j < 4; ++j)
+      c[j] = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(win[j])), shifts), mask);
   }
 }
 
-constexpr int64_t CODES = 32;  // codes per chunk
-template <bool INT8> constexpr int64_t CHUNK_BYTES = INT8 ? 32 : 16;
+// One chunk as fp32 vectors w[0..3], in codes<BITS>' order.
+// Affine (LUT false): the codes themselves; 8 bits: the stored bytes read as signed, byte ^
+// 0x80 = code - qmin - 128, in order (a symmetric int8 weight then has zero 0).
+// Table (LUT true): tab[code], tab the 2**BITS values of the row's (group's) codebook in two
+// registers (entries 0-7, 8-15): one permute for <= 3 bits, two and a blend on bit 3 for 4.
+template <int BITS, bool LUT>
+static inline void decode(const uint8_t* p, const __m256 tab[2], __m256 w[4]) {
+  if constexpr (BITS == 8) {
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+    for (int q = 0; q < 4; ++q)
+      w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
+  } else {
+    __m256i c[4];
+    codes<BITS>(p, c);
+    for (int q = 0; q < 4; ++q) {
+      if constexpr (!LUT) {
+        w[q] = _mm256_cvtepi32_ps(c[q]);
+      } else if constexpr (BITS < 4) {
+        w[q] = _mm256_permutevar8x32_ps(tab[0], c[q]);
+      } else {
+        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(c[q], 28));  // bit 3 -> sign
+        w[q] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab[0], c[q]),
+                                _mm256_permutevar8x32_ps(tab[1], c[q]), high);
+      }
+    }
+  }
+}
 
-// Rows m0..m0+MT of OUT for output channel n; X [M, K], XS [M, G] group sums of X; prow the
-// channel's K * bits / 8 bytes; S, ZS [N, G].
-template <bool INT8, int MT>
-static inline void row_tile(const float* X, const float* XS, const uint8_t* prow,
-                            const float* S, const float* ZS, const float* B, float* OUT,
-                            int64_t m0, int64_t n, int64_t K, int64_t G, int64_t N) {
+// Where a weight's numbers are: P [N, K * BITS / 8] code bytes; S [N, G] scales (null: 1);
+// ZS [N, G] scale * zero-point in code units (null: no zero-point term); T the tables, row n
+// group g at T + n * TR + g * TG (16 floats; affine: unused).
+struct Weight {
+  const uint8_t* P;
+  const float *S, *ZS, *T;
+  int64_t TR, TG;
+};
+
+template <bool LUT>
+static inline void load_table(const Weight& W, int64_t n, int64_t g, __m256 tab[2]) {
+  if constexpr (LUT) {
+    const float* t = W.T + n * W.TR + g * W.TG;
+    tab[0] = _mm256_loadu_ps(t);
+    tab[1] = _mm256_loadu_ps(t + 8);
+  }
+}
+
+static inline float scale_of(const Weight& W, int64_t n, int64_t g, int64_t G) {
+  return W.S ? W.S[n * G + g] : 1.f;
+}
+
+static inline float zero_term(const Weight& W, const float* XS, int64_t m, int64_t n, int64_t g,
+                              int64_t G) {
+  return W.ZS ? W.ZS[n * G + g] * XS[m * G + g] : 0.f;
+}
+
+// Rows m0..m0+MT of OUT for output channel n; X [M, K], XS [M, G] group sums of X.
+template <int BITS, bool LUT, int MT>
+static inline void row_tile(const float* X, const float* XS, const Weight& W, const float* B,
+                            float* OUT, int64_t m0, int64_t n, int64_t K, int64_t G, int64_t N) {
   // Independent accumulators per row: one FMA chain would wait on the FMA latency (4 cycles)
   // at every step; with fewer rows each row gets more chains.
   constexpr int A = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   const int64_t group = K / G, chunks = group / CODES;
+  const uint8_t* prow = W.P + n * (K * BITS / 8);
   __m256 tot[MT];
   float corr[MT];
   for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MT][A];
+    __m256 acc[MT][A], tab[2];
+    load_table<LUT>(W, n, g, tab);
     for (int t = 0; t < MT; ++t)
       for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t k0 = g * group + i * CODES;
       __m256 c[4];
-      unpack<INT8>(prow + CHUNK_BYTES<INT8> * (g * chunks + i), c);
+      decode<BITS, LUT>(prow + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
       for (int t = 0; t < MT; ++t) {
         const float* x = X + (m0 + t) * K + k0;
         for (int q = 0; q < 4; ++q)
           acc[t][q % A] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(x + 8 * q), acc[t][q % A]);
       }
     }
-    const __m256 sv = _mm256_set1_ps(S[n * G + g]);
-    const float zs = ZS[n * G + g];
+    const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
     for (int t = 0; t < MT; ++t) {
       __m256 sum = acc[t][0];
       for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
       tot[t] = _mm256_fmadd_ps(sum, sv, tot[t]);
-      corr[t] += zs * XS[(m0 + t) * G + g];
+      corr[t] += zero_term(W, XS, m0 + t, n, g, G);
     }
   }
   const float bias = B ? B[n] : 0.f;
@@ -143,26 +223,29 @@ static inline void row_tile(const float* X, const float* XS, const uint8_t* prow
 }
 
 // M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
-template <bool INT8>
-static inline void pair_tile(const float* X, const float* XS, const uint8_t* prow,
-                             int64_t row_bytes, const float* S, const float* ZS,
-                             const float* B, float* OUT, int64_t n, int64_t K, int64_t G) {
-  const int64_t group = K / G, chunks = group / CODES;
+template <int BITS, bool LUT>
+static inline void pair_tile(const float* X, const float* XS, const Weight& W, const float* B,
+                             float* OUT, int64_t n, int64_t K, int64_t G) {
+  const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
+  const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
   float corr0 = 0.f, corr1 = 0.f;
   for (int64_t g = 0; g < G; ++g) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    __m256 tab0[2], tab1[2];
+    load_table<LUT>(W, n, g, tab0);
+    load_table<LUT>(W, n + 1, g, tab1);
     for (int64_t i = 0; i < chunks; ++i) {
-      const int64_t off = CHUNK_BYTES<INT8> * (g * chunks + i);
+      const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
       const float* x = X + g * group + i * CODES;
       __m256 c[4], d[4];
       // two streams at once defeat the hardware prefetcher on large weights: help it
-      const char* ahead = reinterpret_cast<const char*>(prow + off + 32 * CHUNK_BYTES<INT8>);
+      const char* ahead = reinterpret_cast<const char*>(prow + off + 32 * CHUNK_BYTES<BITS>);
       _mm_prefetch(ahead, _MM_HINT_T0);
       _mm_prefetch(ahead + row_bytes, _MM_HINT_T0);
-      unpack<INT8>(prow + off, c);
-      unpack<INT8>(prow + row_bytes + off, d);
+      decode<BITS, LUT>(prow + off, tab0, c);
+      decode<BITS, LUT>(prow + row_bytes + off, tab1, d);
       __m256 xv = _mm256_loadu_ps(x);
       a0 = _mm256_fmadd_ps(c[0], xv, a0); b0 = _mm256_fmadd_ps(d[0], xv, b0);
       xv = _mm256_loadu_ps(x + 8);
@@ -172,32 +255,33 @@ static inline void pair_tile(const float* X, const float* XS, const uint8_t* pro
       xv = _mm256_loadu_ps(x + 24);
       a1 = _mm256_fmadd_ps(c[3], xv, a1); b1 = _mm256_fmadd_ps(d[3], xv, b1);
     }
-    const float xs = XS[g];
-    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(S[n * G + g]), tot0);
-    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(S[(n + 1) * G + g]), tot1);
-    corr0 += ZS[n * G + g] * xs;
-    corr1 += ZS[(n + 1) * G + g] * xs;
+    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale_of(W, n, g, G)), tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(scale_of(W, n + 1, g, G)), tot1);
+    corr0 += zero_term(W, XS, 0, n, g, G);
+    corr1 += zero_term(W, XS, 0, n + 1, g, G);
   }
   OUT[n] = (hsum(tot0) - corr0) + (B ? B[n] : 0.f);
   OUT[n + 1] = (hsum(tot1) - corr1) + (B ? B[n + 1] : 0.f);
 }
 
-// OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null); W from P [N, K * bits / 8], S, ZS [N, G].
-template <bool INT8>
-static int gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
-                const float* B, float* OUT, int64_t M, int64_t K, int64_t N, int64_t G,
-                int threads) {
-  const int64_t group = K / G, row_bytes = INT8 ? K : K / 2;
-  float* XS = static_cast<float*>(malloc(sizeof(float) * M * G));
-  if (!XS) return 1;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
-      XS[m * G + g] = s;
-    }
-  float* XP = nullptr;  // int4: X with each 32-chunk in the unpack order (see unpack)
-  if constexpr (!INT8) {
+// OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null).
+template <int BITS, bool LUT>
+static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int64_t M,
+                int64_t K, int64_t N, int64_t G, int threads) {
+  const int64_t group = K / G;
+  float* XS = nullptr;  // group sums of X, for the zero-point term
+  if (W.ZS) {
+    XS = static_cast<float*>(malloc(sizeof(float) * M * G));
+    if (!XS) return 1;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t k = 0; k < group; ++k) s += X[m * K + g * group + k];
+        XS[m * G + g] = s;
+      }
+  }
+  float* XP = nullptr;  // X with each 32-chunk in the permuted order of codes<4>
+  if constexpr (PERMUTED<BITS>) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
@@ -207,22 +291,20 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
   }
   if (M == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-    for (int64_t p = 0; p < N / 2; ++p)
-      pair_tile<INT8>(X, XS, P + 2 * p * row_bytes, row_bytes, S, ZS, B, OUT, 2 * p, K, G);
-    if (N % 2) row_tile<INT8, 1>(X, XS, P + (N - 1) * row_bytes, S, ZS, B, OUT, 0, N - 1, K, G, N);
+    for (int64_t p = 0; p < N / 2; ++p) pair_tile<BITS, LUT>(X, XS, W, B, OUT, 2 * p, K, G);
+    if (N % 2) row_tile<BITS, LUT, 1>(X, XS, W, B, OUT, 0, N - 1, K, G, N);
     free(XS);
     free(XP);
     return 0;
   }
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* prow = P + n * row_bytes;
     int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) row_tile<INT8, 4>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N);
+    for (; m0 + 4 <= M; m0 += 4) row_tile<BITS, LUT, 4>(X, XS, W, B, OUT, m0, n, K, G, N);
     switch (M - m0) {
-      case 3: row_tile<INT8, 3>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
-      case 2: row_tile<INT8, 2>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
-      case 1: row_tile<INT8, 1>(X, XS, prow, S, ZS, B, OUT, m0, n, K, G, N); break;
+      case 3: row_tile<BITS, LUT, 3>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+      case 2: row_tile<BITS, LUT, 2>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+      case 1: row_tile<BITS, LUT, 1>(X, XS, W, B, OUT, m0, n, K, G, N); break;
       default: break;
     }
   }
@@ -231,8 +313,8 @@ static int gemv(const float* X, const uint8_t* P, const float* S, const float* Z
   return 0;
 }
 
-// c[q] lane l holds code 4l + q (unpack<false>'s order) -> o[j] lane i holds code 8j + i: a
-// 4 x 8 transpose in registers.
+// c[q] lane l holds code 4l + q (codes<4>' order) -> o[j] lane i holds code 8j + i: a 4 x 8
+// transpose in registers.
 static inline void natural_order(const __m256 c[4], __m256 o[4]) {
   const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
   const __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
@@ -244,53 +326,64 @@ static inline void natural_order(const __m256 c[4], __m256 o[4]) {
   o[3] = _mm256_permute2f128_ps(u2, u3, 0x31);
 }
 
-// fp32 weights W [N, K] = code * s - zs in the stored column order.
-template <bool INT8>
-static void dequant(const uint8_t* P, const float* S, const float* ZS, float* W, int64_t N,
-                    int64_t K, int64_t G, int threads) {
-  const int64_t group = K / G, chunks = group / CODES, row_bytes = INT8 ? K : K / 2;
+// fp32 weights OUT [N, K] = value * s - zs in the stored column order.
+template <int BITS, bool LUT>
+static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G, int threads) {
+  const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 sv = _mm256_set1_ps(S[n * G + g]), zv = _mm256_set1_ps(ZS[n * G + g]);
+      __m256 tab[2];
+      load_table<LUT>(W, n, g, tab);
+      const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
+      const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
       for (int64_t i = 0; i < chunks; ++i) {
         __m256 c[4], v[4];
-        unpack<INT8>(P + n * row_bytes + CHUNK_BYTES<INT8> * (g * chunks + i), c);
-        if constexpr (!INT8) natural_order(c, v);
-        const __m256* w = INT8 ? c : v;
-        float* o = W + n * K + g * group + i * CODES;
-        for (int q = 0; q < 4; ++q)
-          _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
+        decode<BITS, LUT>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
+        if constexpr (PERMUTED<BITS>) natural_order(c, v);
+        const __m256* w = PERMUTED<BITS> ? v : c;
+        float* o = OUT + n * K + g * group + i * CODES;
+        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
       }
     }
   }
 }
 
-extern "C" int int4_gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
-                         const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
-                         int64_t G, int threads) {
-  return gemv<false>(X, P, S, ZS, B, OUT, M, K, N, G, threads);
-}
-extern "C" int int8_gemv(const float* X, const uint8_t* P, const float* S, const float* ZS,
-                         const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
-                         int64_t G, int threads) {
-  return gemv<true>(X, P, S, ZS, B, OUT, M, K, N, G, threads);
-}
-extern "C" void int4_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
-                             int64_t N, int64_t K, int64_t G, int threads) {
-  dequant<false>(P, S, ZS, W, N, K, G, threads);
-}
-extern "C" void int8_dequant(const uint8_t* P, const float* S, const float* ZS, float* W,
-                             int64_t N, int64_t K, int64_t G, int threads) {
-  dequant<true>(P, S, ZS, W, N, K, G, threads);
-}
+#define EXPORT(NAME, BITS, LUT)                                                              \
+  extern "C" int NAME##_gemv(const float* X, const uint8_t* P, const float* S,               \
+                             const float* ZS, const float* T, int64_t TR, int64_t TG,        \
+                             const float* B, float* OUT, int64_t M, int64_t K, int64_t N,    \
+                             int64_t G, int threads) {                                       \
+    return gemv<BITS, LUT>(X, Weight{P, S, ZS, T, TR, TG}, B, OUT, M, K, N, G, threads);     \
+  }                                                                                          \
+  extern "C" void NAME##_dequant(const uint8_t* P, const float* S, const float* ZS,          \
+                                 const float* T, int64_t TR, int64_t TG, float* OUT,         \
+                                 int64_t N, int64_t K, int64_t G, int threads) {             \
+    dequant<BITS, LUT>(Weight{P, S, ZS, T, TR, TG}, OUT, N, K, G, threads);                  \
+  }
+EXPORT(int1, 1, false)
+EXPORT(int2, 2, false)
+EXPORT(int3, 3, false)
+EXPORT(int4, 4, false)
+EXPORT(int8, 8, false)
+EXPORT(lut1, 1, true)
+EXPORT(lut2, 2, true)
+EXPORT(lut3, 3, true)
+EXPORT(lut4, 4, true)
 """
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
+AFFINE_BITS = (1, 2, 3, 4, 8)  # cpu_int{bits}: affine codes
+TABLE_BITS = (1, 2, 3, 4)  # cpu_lut: codebook, float-grid and k-means codes (a 16-entry table)
+TABLE_KINDS = ("codebook", "float", "kmeans")
+
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
+_DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
+_FAMILIES = [f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS]
 _LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
-    **{f"int{b}_gemv": ([_PTR] * 6 + [_I64] * 4 + [_INT], _INT) for b in (4, 8)},
-    **{f"int{b}_dequant": ([_PTR] * 4 + [_I64] * 3 + [_INT], None) for b in (4, 8)},
+    **{f"{f}_gemv": (_GEMV_ARGS, _INT) for f in _FAMILIES},
+    **{f"{f}_dequant": (_DEQUANT_ARGS, None) for f in _FAMILIES},
 }, fallback="the reference kernel")
 
 
@@ -300,30 +393,43 @@ def extension() -> ctypes.CDLL | None:
     return _LIB.get()
 
 
-def spec_supported(qt: QuantizedTensor) -> bool:
-    """Weight-only 2-D affine specs, 4-bit group-wise or 8-bit per-channel / group-wise, whose
-    groups (or rows) are a multiple of 32 wide."""
+def family(qt: QuantizedTensor) -> str | None:
+    """The C kernel family that runs ``qt`` (``"int3"``, ``"lut4"``, ...), or None.
+
+    Weight-only 2-D specs with group-wise or per-output-channel parameters and groups (or rows)
+    a multiple of 32 wide: affine codes of 1, 2, 3, 4 or 8 bits; codebook (nf4), float-grid
+    (fp4) and k-means codes of at most 4 bits (looked up in a table per row, group or spec).
+    """
     spec = qt.spec
-    if spec.act is not None or spec.kind != "affine" or len(qt.shape) != 2 or qt.g_idx is not None:
-        return False
-    if spec.bits == 4:
-        return spec.granularity == "group" and spec.group_size % 32 == 0
-    if spec.bits == 8:
-        if spec.granularity == "group":
-            return spec.group_size % 32 == 0
-        return spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 32 == 0
-    return False
+    if spec.act is not None or len(qt.shape) != 2 or qt.g_idx is not None:
+        return None
+    if spec.granularity == "group":
+        if spec.group_size % 32:
+            return None
+    elif not (spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 32 == 0):
+        return None
+    if spec.kind == "affine" and spec.bits in AFFINE_BITS:
+        return f"int{spec.bits}"
+    if spec.kind in TABLE_KINDS and spec.bits in TABLE_BITS:
+        return f"lut{spec.bits}"
+    return None
 
 
-def _supports(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
+def spec_supported(qt: QuantizedTensor) -> bool:
+    """Whether one of these kernels runs ``qt`` (see :func:`family`)."""
+    return family(qt) is not None
+
+
+def _supports(qt: QuantizedTensor, x: torch.Tensor, kernel: str) -> bool:
+    found = family(qt)
     return (
-        x.device.type == "cpu"
+        found is not None
+        and (kernel == "cpu_lut" if found.startswith("lut") else kernel == f"cpu_{found}")
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
         and qt.qdata.device.type == "cpu"
-        and qt.spec.bits == bits
         and x.dim() >= 1 and x.shape[-1] == qt.shape[1]
-        and spec_supported(qt)
         and extension() is not None
     )
 
@@ -342,64 +448,104 @@ def scale_and_zero_code(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor
     return scale, zero_code
 
 
-def _execution_layout(
-    qt: QuantizedTensor, cache: dict
-) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
-    """(tensors, their data pointers): lowbit's canonical code bytes, scale fp32 [N, G] and
-    scale * zero fp32 [N, G] in the kernel's code units; the two small float tensors are built
-    once and held in ``cache``. Whoever keeps a pointer must keep the tensors.
+def _tables(qt: QuantizedTensor) -> tuple[torch.Tensor, int, int]:
+    """float32 tables of 16 entries (code -> unscaled value; padded) and their row and group
+    strides in floats: one per spec (nf4, fp4: strides 0) or per row and group (k-means)."""
+    entries = 1 << qt.spec.bits
+    if qt.spec.kind == "kmeans":
+        book = qt.codebook.float().reshape(qt.shape[0], -1, entries)  # [N, G, 2**bits]
+        padded = torch.zeros(*book.shape[:2], 16)
+        padded[..., :entries] = book
+        return padded, 16 * book.shape[1], 16
+    padded = torch.zeros(16)
+    padded[:entries] = code_values(qt.spec)
+    return padded, 0, 0
 
-    The codes are read as stored (no repacked copy of the weight is kept: the int4 GEMV
-    permutes the activations instead); 8-bit codes as ``byte - 128``, so
-    a symmetric int8 weight has zero 0 and its correction term vanishes.
+
+def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
+    """(held tensors, the kernel's weight arguments ``(P, S, ZS, T, TR, TG)``): lowbit's
+    canonical code bytes read in place (no repacked copy of the weight is kept: the int4 GEMV
+    permutes the activations instead) and small float32 copies of the parameters, held in
+    ``cache``:
+
+    - affine: scale ``[N, G]`` and scale * zero-point ``[N, G]`` in the kernel's code units
+      (8-bit codes are read as ``byte - 128``; a zero-point term that is 0 everywhere, as for a
+      symmetric int8 weight, is dropped);
+    - tables: scale ``[N, G]`` (none for k-means) and the tables of :func:`_tables`.
+
+    Whoever keeps a pointer must keep the tensors.
     """
-    bits = qt.spec.bits
-    name = f"cpu_int{bits}"
+    name = f"cpu_{family(qt)}"
     entry = cache.get(name)
     version = weight_version(qt)
     if entry is None or entry[0] != version:
-        scale, zero_code = scale_and_zero_code(qt)
-        if bits == 8:
-            zero_code = zero_code - 128
-        tensors = (qt.qdata.contiguous(), scale, (scale * zero_code).contiguous())
+        scale = zero_term = table = None
+        strides = (0, 0)
+        if qt.spec.kind == "affine":
+            scale, zero_code = scale_and_zero_code(qt)
+            if qt.spec.bits == 8:
+                zero_code = zero_code - 128
+            if bool(zero_code.any()):
+                zero_term = (scale * zero_code).contiguous()
+        else:
+            if qt.scale is not None:
+                scale = qt.scale.float().reshape(qt.shape[0], -1).contiguous()
+            table, *strides = _tables(qt)
+        tensors = (qt.qdata.contiguous(), scale, zero_term, table)
         # the tensors keep the pointers valid; the ints save per-call ctypes work
-        entry = (version, tensors, tuple(t.data_ptr() for t in tensors), qt)
+        pointers = (*(None if t is None else t.data_ptr() for t in tensors), *strides)
+        entry = (version, tensors, pointers, qt)
         cache[name] = entry
     return entry[1], entry[2]
+
+
+def _groups(qt: QuantizedTensor) -> int:
+    """G: parameter groups per output row (1 per channel)."""
+    if qt.spec.kind == "kmeans":
+        return qt.codebook.numel() // (qt.shape[0] << qt.spec.bits)
+    return qt.scale.numel() // qt.shape[0]
+
+
+def _at(pointer: int | None, offset: int) -> int | None:
+    return None if pointer is None else pointer + offset
 
 
 def bind_cpu_linear(
     qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x [..., K] float32 -> x @ W^T + b [..., N]`` for a 4-bit group-wise or 8-bit W
-    ``[N, K]``, with the weight's pointers and shapes resolved once (and again after an in-place
-    change of a stored tensor)."""
+    """``x [..., K] float32 -> x @ W^T + b [..., N]`` for a W ``[N, K]`` of :func:`family`,
+    with the weight's pointers and shapes resolved once (and again after an in-place change of
+    a stored tensor)."""
     lib = extension()
-    bits = qt.spec.bits
+    kind = family(qt)
+    if kind is None:
+        raise ValueError(f"spec {qt.spec} on shape {qt.shape} has no cpu_int / cpu_lut kernel")
+    name = "cpu_lut" if kind.startswith("lut") else f"cpu_{kind}"
     n_out, k_in = qt.shape
-    n_groups = qt.scale.numel() // n_out
-    row_bytes = k_in * bits // 8
-    gemv, dequant = getattr(lib, f"int{bits}_gemv"), getattr(lib, f"int{bits}_dequant")
+    n_groups = _groups(qt)
+    row_bytes = k_in * qt.spec.bits // 8
+    gemv, dequant = getattr(lib, f"{kind}_gemv"), getattr(lib, f"{kind}_dequant")
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
     b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
     b_ptr = None if b is None else b.data_ptr()
     get_threads = torch.get_num_threads
     layout: list = [None, *_execution_layout(qt, cache)]  # [versions, held, pointers]
-    # The kernel reads the codes in place but copies of the scale and zero-point: follow their
+    # The kernel reads the codes in place but copies of the other tensors: follow their
     # in-place edits outside inference_mode (inference tensors have no version counter: after
     # editing one under inference_mode, clear the module's kernel cache).
-    tracked = [t for t in (qt.scale, qt.zero_point) if t is not None and not t.is_inference()]
+    tracked = [t for name_, t in qt.stored_tensors().items()
+               if name_ != "qdata" and not t.is_inference()]
     layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
-            raise ValueError(f"cpu_int{bits}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+            raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         versions = [t._version for t in tracked]
         if versions != layout[0]:
             layout[:] = [versions, *_execution_layout(qt, cache)]
-        packed, scale, scale_zero = layout[2]
+        packed, scale, zero_term, table, t_row, t_group = layout[2]
         x2 = x.reshape(-1, k_in)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -409,25 +555,26 @@ def bind_cpu_linear(
             block = _scratch(rows * k_in)
             if rows == n_out:  # one block: the whole weight, bias fused into the GEMM
                 w = block[: n_out * k_in].view(n_out, k_in)
-                dequant(packed, scale, scale_zero, w.data_ptr(), n_out, k_in, n_groups,
-                        get_threads())
+                dequant(packed, scale, zero_term, table, t_row, t_group, w.data_ptr(), n_out,
+                        k_in, n_groups, get_threads())
                 return F.linear(x2, w, b).reshape(*x.shape[:-1], n_out)
             y = torch.empty(m, n_out, dtype=torch.float32, device="cpu")
             for n0 in range(0, n_out, rows):
                 nb = min(rows, n_out - n0)
                 w = block[: nb * k_in].view(nb, k_in)
-                dequant(packed + n0 * row_bytes, scale + 4 * n0 * n_groups,
-                        scale_zero + 4 * n0 * n_groups, w.data_ptr(), nb, k_in, n_groups,
-                        get_threads())
+                offset = 4 * n0 * n_groups  # bytes into the [N, G] float32 parameters
+                dequant(packed + n0 * row_bytes, _at(scale, offset), _at(zero_term, offset),
+                        _at(table, 4 * n0 * t_row), t_row, t_group, w.data_ptr(), nb, k_in,
+                        n_groups, get_threads())
                 y[:, n0:n0 + nb] = x2 @ w.T
             if b is not None:
                 y += b
             return y.reshape(*x.shape[:-1], n_out)
         y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
-        status = gemv(x2.data_ptr(), packed, scale, scale_zero, b_ptr, y.data_ptr(), m, k_in,
-                      n_out, n_groups, get_threads())
+        status = gemv(x2.data_ptr(), packed, scale, zero_term, table, t_row, t_group, b_ptr,
+                      y.data_ptr(), m, k_in, n_out, n_groups, get_threads())
         if status:
-            raise MemoryError(f"cpu_int{bits}: could not allocate {m}x{n_groups} group sums")
+            raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation scratch")
         return y
 
     run.held = (layout, b)  # the tensors behind the pointers live as long as run
@@ -437,11 +584,10 @@ def bind_cpu_linear(
 def cpu_linear(
     x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> torch.Tensor:
-    """``x [..., K] float32 @ W^T`` for a 4-bit group-wise or 8-bit W ``[N, K]``; ``[..., N]``."""
+    """``x [..., K] float32 @ W^T`` for a W ``[N, K]`` of :func:`family`; ``[..., N]``."""
     return bind_cpu_linear(qt, bias, cache)(x)
 
 
-for _bits in (4, 8):
-    register_kernel(Kernel(f"cpu_int{_bits}", cpu_linear,
-                           lambda qt, x, b=_bits: _supports(qt, x, b), priority=10,
-                           bind=bind_cpu_linear))
+for _name in [f"cpu_int{b}" for b in AFFINE_BITS] + ["cpu_lut"]:
+    register_kernel(Kernel(_name, cpu_linear, lambda qt, x, k=_name: _supports(qt, x, k),
+                           priority=10, bind=bind_cpu_linear))

@@ -210,6 +210,18 @@ def _grid_values(spec: QuantSpec) -> torch.Tensor:
     return torch.tensor(_grid(spec).values, dtype=torch.float32)
 
 
+def code_values(spec: QuantSpec) -> torch.Tensor:
+    """float32 ``[2**bits]``: the unscaled value of every code of a codebook (nf4) or
+    float-grid (fp4, fp8) spec; Q^-1 of code ``c`` in a block of scale ``s`` is
+    ``code_values(spec)[c] * s``."""
+    codes = torch.arange(1 << spec.bits)
+    if spec.kind == "float":
+        return _grid(spec).decode(codes).float()
+    if spec.kind == "codebook":
+        return _grid_values(spec)
+    raise ValueError(f"spec {spec} has no fixed code values (kind {spec.kind!r})")
+
+
 def _affine_zero(spec: QuantSpec, qp: QParams) -> torch.Tensor | int:
     return _expand(qp.zero_point) if spec.has_zero_point else symmetric_zero(spec)
 

@@ -83,48 +83,48 @@ static inline float hsum(__m256 v) {
 
 constexpr int64_t CODES = 32;  // codes per chunk: a chunk is 4 * BITS bytes of a row
 template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
-// int4 reads its chunk in a permuted order (see codes<4>); the activations are permuted to match
-template <int BITS> constexpr bool PERMUTED = BITS == 4;
+// Codes of at most 4 bits are read in a permuted order (see codes); the activations are
+// permuted to match (cheap: M x K, against N x K weights that stay as stored).
+template <int BITS> constexpr bool PERMUTED = BITS <= 4;
 
 // The integer codes of one chunk of lowbit's canonical bytes (a little-endian bit stream per
-// row), c[0..3] holding 8 codes each as int32 lanes.
-// BITS 1-3: natural order, lane i of c[j] = code 8j + i. Codes 8j..8j+7 are the 8 * BITS bits
-// of the chunk starting at byte BITS * j, so one 32-bit window broadcast to all lanes and
-// shifted right by (0, BITS, .., 7 * BITS) gives them.
-// BITS 4: byte j holds codes 2j (low nibble) and 2j+1; widening each 16-bit pair to a 32-bit
-// lane puts codes 4l..4l+3 in lane l's nibbles, so c[j] holds codes {4l + j : l = 0..7}.
-// Shifts and masks instead of byte shuffles keep the unpacking off the shuffle port.
+// row), c[0..3] holding 8 codes each as int32 lanes. Lane l first gets the 4 * BITS bits of
+// codes 4l..4l+3 (bits [4 * BITS * l, 4 * BITS * (l + 1)) of the chunk); c[j] is then lane >>
+// (BITS * j) masked, so lane l of c[j] holds code 4l + j. Shifts and masks (and one byte
+// shuffle for 3 bits) keep the unpacking cheap:
+//   1 bit: the chunk's 32-bit word in every lane, shifted right by 4l;
+//   2, 4 bits: the chunk's bytes (16-bit pairs) widened to 32-bit lanes;
+//   3 bits: 12-bit fields at byte offsets 0, 1.5, 3, ..: bytes floor(1.5 l), +1 gathered into
+//   lane l by a shuffle, odd lanes shifted right by 4.
 template <int BITS>
 static inline void codes(const uint8_t* p, __m256i c[4]) {
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  if constexpr (BITS == 4) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    c[0] = _mm256_and_si256(w, mask);
-    c[1] = _mm256_and_si256(_mm256_srli_epi32(w, 4), mask);
-    c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 8), mask);
-    c[3] = _mm256_srli_epi32(w, 12);
+  __m256i w;
+  if constexpr (BITS == 1) {
+    uint32_t word;
+    memcpy(&word, p, 4);
+    w = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)),
+                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+  } else if constexpr (BITS == 2) {
+    w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (BITS == 3) {
+    int32_t tail;
+    memcpy(&tail, p + 8, 4);  // 12 bytes, never read past the chunk
+    const __m128i bytes =
+        _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), tail, 2);
+    const __m256i both = _mm256_broadcastsi128_si256(bytes);
+    const __m256i gather = _mm256_setr_epi8(
+        0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
+        6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    w = _mm256_srlv_epi32(_mm256_shuffle_epi8(both, gather),
+                          _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
   } else {
-    uint32_t win[4];
-    if constexpr (BITS == 3) {  // 12 bytes: windows at bits 0, 24, 48, 72
-      uint64_t lo;
-      uint32_t hi;
-      memcpy(&lo, p, 8);
-      memcpy(&hi, p + 8, 4);
-      win[0] = static_cast<uint32_t>(lo);
-      win[1] = static_cast<uint32_t>(lo >> 24);
-      win[2] = static_cast<uint32_t>(lo >> 48) | (hi << 16);
-      win[3] = hi >> 8;
-    } else {  // 4 * BITS <= 8 bytes
-      uint64_t v = 0;
-      memcpy(&v, p, 4 * BITS);
-      for (int j = 0; j < 4; ++j) win[j] = static_cast<uint32_t>(v >> (8 * BITS * j));
-    }
-    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
-                                             6 * BITS, 7 * BITS);
-    for (int j = 0; j < 4; ++j)
-      c[j] = _mm256_and_si256(
-          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(win[j])), shifts), mask);
+    w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  c[0] = _mm256_and_si256(w, mask);
+  c[1] = _mm256_and_si256(_mm256_srli_epi32(w, BITS), mask);
+  c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 2 * BITS), mask);
+  c[3] = _mm256_and_si256(_mm256_srli_epi32(w, 3 * BITS), mask);
 }
 
 // One chunk as fp32 vectors w[0..3], in codes<BITS>' order.
@@ -280,7 +280,7 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
         XS[m * G + g] = s;
       }
   }
-  float* XP = nullptr;  // X with each 32-chunk in the permuted order of codes<4>
+  float* XP = nullptr;  // X with each 32-chunk in the permuted order of codes()
   if constexpr (PERMUTED<BITS>) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
@@ -313,7 +313,7 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
   return 0;
 }
 
-// c[q] lane l holds code 4l + q (codes<4>' order) -> o[j] lane i holds code 8j + i: a 4 x 8
+// c[q] lane l holds code 4l + q (codes()' order) -> o[j] lane i holds code 8j + i: a 4 x 8
 // transpose in registers.
 static inline void natural_order(const __m256 c[4], __m256 o[4]) {
   const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);

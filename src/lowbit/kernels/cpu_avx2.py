@@ -83,9 +83,8 @@ static inline float hsum(__m256 v) {
 
 constexpr int64_t CODES = 32;  // codes per chunk: a chunk is 4 * BITS bytes of a row
 template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
-// Codes of at most 4 bits are read in a permuted order (see codes); the activations are
-// permuted to match (cheap: M x K, against N x K weights that stay as stored).
-template <int BITS> constexpr bool PERMUTED = BITS <= 4;
+// Codes of at most 4 bits are read in a permuted order (see codes, code_at); the activations
+// are permuted to match (cheap: M x K, against N x K weights that stay as stored).
 
 // The integer codes of one chunk of lowbit's canonical bytes (a little-endian bit stream per
 // row), c[0..3] holding 8 codes each as int32 lanes. Lane l first gets the 4 * BITS bits of
@@ -127,50 +126,87 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
   c[3] = _mm256_and_si256(_mm256_srli_epi32(w, 3 * BITS), mask);
 }
 
-// One chunk as fp32 vectors w[0..3], in codes<BITS>' order.
-// Affine (LUT false): the codes themselves; 8 bits: the stored bytes read as signed, byte ^
-// 0x80 = code - qmin - 128, in order (a symmetric int8 weight then has zero 0).
-// Table (LUT true): tab[code], tab the 2**BITS values of the row's (group's) codebook in two
-// registers (entries 0-7, 8-15): one permute for <= 3 bits, two and a blend on bit 3 for 4.
+// 4-bit tables are looked up one byte plane at a time: vpshufb maps 32 codes at once to byte k
+// of their entries (a 16-byte plane per k), and two rounds of byte / 16-bit unpacks assemble
+// the floats: 15 shuffles per 32 codes where register permutes took 25. The floats come out
+// in their own order (see code_at).
+template <int BITS, bool LUT> constexpr bool BYTE_PLANES = LUT && BITS == 4;
+
+// The index within its chunk of the code whose value decode puts in lane l of w[j]: codes()'
+// order (4l + j) for affine and <= 3-bit table codes; for 4-bit tables w[j] holds codes 8j +
+// (0, 2, 4, 6, 1, 3, 5, 7); 8 bits: natural (8j + l).
 template <int BITS, bool LUT>
-static inline void decode(const uint8_t* p, const __m256 tab[2], __m256 w[4]) {
+constexpr int code_at(int j, int l) {
+  if constexpr (BYTE_PLANES<BITS, LUT>) return 8 * j + (l < 4 ? 2 * l : 2 * (l - 4) + 1);
+  if constexpr (BITS <= 4) return 4 * l + j;
+  return 8 * j + l;
+}
+
+// A table in registers: <= 3 bits, its 8 floats in r[0]; 4 bits, its four byte planes (plane k
+// = byte k of the 16 entries) each in both 128-bit halves of r[k].
+struct Table {
+  __m256i r[4];
+};
+
+// One chunk as fp32 vectors w[0..3], lane l of w[j] the value of code code_at(j, l).
+// Affine (LUT false): the codes themselves; 8 bits: the stored bytes read as signed, byte ^
+// 0x80 = code - qmin - 128 (a symmetric int8 weight then has zero 0).
+// Table (LUT true): the table entry of each code.
+template <int BITS, bool LUT>
+static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
   if constexpr (BITS == 8) {
     const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (int q = 0; q < 4; ++q)
       w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
+  } else if constexpr (BYTE_PLANES<BITS, LUT>) {
+    // byte i of idx: code 2i (i < 16: low nibbles) or code 2(i - 16) + 1 (high nibbles)
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(p)));
+    const __m256i idx = _mm256_and_si256(
+        _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+        _mm256_set1_epi8(0x0F));
+    const __m256i b0 = _mm256_shuffle_epi8(tab.r[0], idx), b1 = _mm256_shuffle_epi8(tab.r[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(tab.r[2], idx), b3 = _mm256_shuffle_epi8(tab.r[3], idx);
+    const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
   } else {
     __m256i c[4];
     codes<BITS>(p, c);
     for (int q = 0; q < 4; ++q) {
-      if constexpr (!LUT) {
+      if constexpr (LUT)
+        w[q] = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(tab.r[0]), c[q]);
+      else
         w[q] = _mm256_cvtepi32_ps(c[q]);
-      } else if constexpr (BITS < 4) {
-        w[q] = _mm256_permutevar8x32_ps(tab[0], c[q]);
-      } else {
-        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(c[q], 28));  // bit 3 -> sign
-        w[q] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab[0], c[q]),
-                                _mm256_permutevar8x32_ps(tab[1], c[q]), high);
-      }
     }
   }
 }
 
 // Where a weight's numbers are: P [N, K * BITS / 8] code bytes; S [N, G] scales (null: 1);
 // ZS [N, G] scale * zero-point in code units (null: no zero-point term); T the tables, row n
-// group g at T + n * TR + g * TG (16 floats; affine: unused).
+// group g at T + n * TR + g * TG (16 floats: <= 3 bits the values, 4 bits their byte planes,
+// 16 bytes each; affine: unused).
 struct Weight {
   const uint8_t* P;
   const float *S, *ZS, *T;
   int64_t TR, TG;
 };
 
-template <bool LUT>
-static inline void load_table(const Weight& W, int64_t n, int64_t g, __m256 tab[2]) {
+template <int BITS, bool LUT>
+static inline void load_table(const Weight& W, int64_t n, int64_t g, Table& tab) {
   if constexpr (LUT) {
     const float* t = W.T + n * W.TR + g * W.TG;
-    tab[0] = _mm256_loadu_ps(t);
-    tab[1] = _mm256_loadu_ps(t + 8);
+    if constexpr (BYTE_PLANES<BITS, LUT>) {
+      for (int k = 0; k < 4; ++k)
+        tab.r[k] = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 4 * k)));
+    } else {
+      tab.r[0] = _mm256_castps_si256(_mm256_loadu_ps(t));
+    }
   }
 }
 
@@ -194,10 +230,11 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
   const uint8_t* prow = W.P + n * (K * BITS / 8);
   __m256 tot[MT];
   float corr[MT];
+  Table tab;
   for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MT][A], tab[2];
-    load_table<LUT>(W, n, g, tab);
+    __m256 acc[MT][A];
+    if (g == 0 || W.TG) load_table<BITS, LUT>(W, n, g, tab);
     for (int t = 0; t < MT; ++t)
       for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < chunks; ++i) {
@@ -230,12 +267,14 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
   const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
   float corr0 = 0.f, corr1 = 0.f;
+  Table tab0, tab1;
   for (int64_t g = 0; g < G; ++g) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    __m256 tab0[2], tab1[2];
-    load_table<LUT>(W, n, g, tab0);
-    load_table<LUT>(W, n + 1, g, tab1);
+    if (g == 0 || W.TG) {  // a table per spec (nf4, fp4) is loaded once
+      load_table<BITS, LUT>(W, n, g, tab0);
+      if (W.TR) load_table<BITS, LUT>(W, n + 1, g, tab1); else tab1 = tab0;
+    }
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
       const float* x = X + g * group + i * CODES;
@@ -280,13 +319,13 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
         XS[m * G + g] = s;
       }
   }
-  float* XP = nullptr;  // X with each 32-chunk in the permuted order of codes()
-  if constexpr (PERMUTED<BITS>) {
+  float* XP = nullptr;  // X with each 32-chunk in decode's order (code_at)
+  if constexpr (BITS <= 4) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + 4 * l + j];
+        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + code_at<BITS, LUT>(j, l)];
     X = XP;
   }
   if (M == 1) {
@@ -332,16 +371,21 @@ static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
+    Table tab;
     for (int64_t g = 0; g < G; ++g) {
-      __m256 tab[2];
-      load_table<LUT>(W, n, g, tab);
+      if (g == 0 || W.TG) load_table<BITS, LUT>(W, n, g, tab);
       const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
       const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
       for (int64_t i = 0; i < chunks; ++i) {
         __m256 c[4], v[4];
         decode<BITS, LUT>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
-        if constexpr (PERMUTED<BITS>) natural_order(c, v);
-        const __m256* w = PERMUTED<BITS> ? v : c;
+        if constexpr (BYTE_PLANES<BITS, LUT>) {
+          const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+          for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
+        } else if constexpr (BITS <= 4) {
+          natural_order(c, v);
+        }
+        const __m256* w = BITS <= 4 ? v : c;
         float* o = OUT + n * K + g * group + i * CODES;
         for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
       }
@@ -449,17 +493,22 @@ def scale_and_zero_code(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _tables(qt: QuantizedTensor) -> tuple[torch.Tensor, int, int]:
-    """float32 tables of 16 entries (code -> unscaled value; padded) and their row and group
-    strides in floats: one per spec (nf4, fp4: strides 0) or per row and group (k-means)."""
+    """The tables of 16 float32 slots (code -> unscaled value; padded) and their row and group
+    strides in floats: one per spec (nf4, fp4: strides 0) or per row and group (k-means). For
+    4-bit codes each table is stored as its four byte planes (byte k of the 16 entries, then
+    byte k + 1, ...), the kernel's vpshufb operands."""
     entries = 1 << qt.spec.bits
     if qt.spec.kind == "kmeans":
-        book = qt.codebook.float().reshape(qt.shape[0], -1, entries)  # [N, G, 2**bits]
-        padded = torch.zeros(*book.shape[:2], 16)
-        padded[..., :entries] = book
-        return padded, 16 * book.shape[1], 16
-    padded = torch.zeros(16)
-    padded[:entries] = code_values(qt.spec)
-    return padded, 0, 0
+        values = qt.codebook.float().reshape(qt.shape[0], -1, entries)  # [N, G, 2**bits]
+        strides = (16 * values.shape[1], 16)
+    else:
+        values, strides = code_values(qt.spec), (0, 0)
+    tables = torch.zeros(*values.shape[:-1], 16)
+    tables[..., :entries] = values
+    if entries == 16:
+        planes = tables.view(torch.uint8).unflatten(-1, (16, 4)).transpose(-1, -2)
+        tables = planes.contiguous().flatten(-2).view(torch.float32)
+    return tables, *strides
 
 
 def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:

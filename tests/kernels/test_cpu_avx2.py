@@ -141,11 +141,8 @@ def test_dispatch_picks_the_cpu_kernels_only_where_supported(monkeypatch) -> Non
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
         "reference"
     )
-    for other in ("fp8", "w4g128-sym"):  # 8-bit float grid; act-order group index
-        q = QuantizedTensor.from_float(torch.randn(16, 128), other)
-        if other != "fp8":
-            q.g_idx = torch.zeros(128, dtype=torch.int32)  # one group
-        assert dispatch.select_kernel(q, torch.randn(1, 128)).name == "reference"
+    fp8 = QuantizedTensor.from_float(torch.randn(16, 128), "fp8")  # an 8-bit float grid
+    assert dispatch.select_kernel(fp8, torch.randn(1, 128)).name == "reference"
     for spec in (preset("w4g64").replace(group_size=16), QuantSpec("uint4", "tensor"),
                  QuantSpec("nf4", "block", block=(2, 64), symmetric=True)):
         assert not cpu_avx2.spec_supported(QuantizedTensor.from_float(torch.randn(16, 128), spec))
@@ -207,3 +204,42 @@ def test_memo_keeps_one_kernel_per_input_kind() -> None:
     for _ in range(5):
         dispatch.linear(x, qt, torch.randn(8), cache=cache)
     assert sum(1 for key in cache if key[0] == "bound") == 1
+
+
+def _act_order(qt: QuantizedTensor, generator: torch.Generator) -> QuantizedTensor:
+    """``qt`` with GPTQ act-order's kind of group index: a random column order cut into groups."""
+    k, group = qt.shape[1], qt.spec.group_size
+    order = torch.randperm(k, generator=generator)
+    qt.g_idx = torch.empty(k, dtype=torch.int32)
+    qt.g_idx[order] = torch.arange(k, dtype=torch.int32) // group
+    qt.validate()
+    return qt
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w3g128", "nf4g64"])
+@pytest.mark.parametrize("m", [1, 6, cpu_avx2.GEMV_MAX_ROWS + 1])
+def test_group_index_regroups_the_columns(name: str, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    qt = _act_order(QuantizedTensor.from_float(torch.randn(41, 256, generator=gen), name), gen)
+    x, bias = torch.randn(2, m, 256, generator=gen), torch.randn(41, generator=gen)
+    assert dispatch.select_kernel(qt, x).name in ("cpu_int4", "cpu_int3", "cpu_lut")
+    check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
+
+
+def test_group_index_with_uneven_groups_goes_to_the_reference() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 256), "w4g128")
+    qt.g_idx = torch.zeros(256, dtype=torch.int32)
+    qt.g_idx[:10] = 1  # valid, but group 0 has 246 columns
+    qt.validate()
+    assert not cpu_avx2.spec_supported(qt)
+    assert dispatch.select_kernel(qt, torch.randn(1, 256)).name == "reference"
+
+
+def test_regrouped_codes_follow_in_place_edits() -> None:
+    gen = torch.Generator().manual_seed(9)
+    qt = _act_order(QuantizedTensor.from_float(torch.randn(8, 128, generator=gen), "w4g128"), gen)
+    run = cpu_avx2.bind_cpu_linear(qt, None, {})
+    x = torch.randn(1, 128, generator=gen)
+    run(x)
+    qt.qdata.bitwise_xor_(0x11)  # every code changes
+    check_close(run(x), reference_linear(x, qt, None, {}), x, qt)

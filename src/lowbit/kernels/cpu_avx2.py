@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.packing import pack
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import code_values, qrange, symmetric_zero
@@ -443,12 +444,14 @@ def family(qt: QuantizedTensor) -> str | None:
     Weight-only 2-D specs with group-wise or per-output-channel parameters and groups (or rows)
     a multiple of 32 wide: affine codes of 1, 2, 3, 4 or 8 bits; codebook (nf4), float-grid
     (fp4) and k-means codes of at most 4 bits (looked up in a table per row, group or spec).
+    A group index (GPTQ act-order's ``g_idx``) is taken when every group has ``group_size``
+    columns: the kernel then keeps a copy of the codes with each group's columns together.
     """
     spec = qt.spec
-    if spec.act is not None or len(qt.shape) != 2 or qt.g_idx is not None:
+    if spec.act is not None or len(qt.shape) != 2:
         return None
     if spec.granularity == "group":
-        if spec.group_size % 32:
+        if spec.group_size % 32 or not _whole_groups(qt):
             return None
     elif not (spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 32 == 0):
         return None
@@ -457,6 +460,15 @@ def family(qt: QuantizedTensor) -> str | None:
     if spec.kind in TABLE_KINDS and spec.bits in TABLE_BITS:
         return f"lut{spec.bits}"
     return None
+
+
+def _whole_groups(qt: QuantizedTensor) -> bool:
+    """No group index, or one that gives every group exactly ``group_size`` columns."""
+    if qt.g_idx is None:
+        return True
+    groups = qt.shape[1] // qt.spec.group_size
+    counts = torch.bincount(qt.g_idx.long(), minlength=groups)
+    return counts.numel() == groups and bool((counts == qt.spec.group_size).all())
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:
@@ -520,7 +532,9 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
     - affine: scale ``[N, G]`` and scale * zero-point ``[N, G]`` in the kernel's code units
       (8-bit codes are read as ``byte - 128``; a zero-point term that is 0 everywhere, as for a
       symmetric int8 weight, is dropped);
-    - tables: scale ``[N, G]`` (none for k-means) and the tables of :func:`_tables`.
+    - tables: scale ``[N, G]`` (none for k-means) and the tables of :func:`_tables`;
+    - with a group index: the codes repacked with their columns sorted by group, and that
+      column order (int64 ``[K]``, last of the held tensors).
 
     Whoever keeps a pointer must keep the tensors.
     """
@@ -540,9 +554,14 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
             if qt.scale is not None:
                 scale = qt.scale.float().reshape(qt.shape[0], -1).contiguous()
             table, *strides = _tables(qt)
-        tensors = (qt.qdata.contiguous(), scale, zero_term, table)
+        qdata, order = qt.qdata.contiguous(), None
+        if qt.g_idx is not None:  # columns sorted by group: the activations are gathered alike
+            order = torch.argsort(qt.g_idx, stable=True)
+            qdata = pack(qt.codes()[:, order].contiguous(), qt.spec.bits)
+        tensors = (qdata, scale, zero_term, table)
         # the tensors keep the pointers valid; the ints save per-call ctypes work
         pointers = (*(None if t is None else t.data_ptr() for t in tensors), *strides)
+        tensors = (*tensors, order)
         entry = (version, tensors, pointers, qt)
         cache[name] = entry
     return entry[1], entry[2]
@@ -580,11 +599,11 @@ def bind_cpu_linear(
     b_ptr = None if b is None else b.data_ptr()
     get_threads = torch.get_num_threads
     layout: list = [None, *_execution_layout(qt, cache)]  # [versions, held, pointers]
-    # The kernel reads the codes in place but copies of the other tensors: follow their
-    # in-place edits outside inference_mode (inference tensors have no version counter: after
-    # editing one under inference_mode, clear the module's kernel cache).
+    # The kernel reads the codes in place (unless regrouped) but copies of the other tensors:
+    # follow their in-place edits outside inference_mode (inference tensors have no version
+    # counter: after editing one under inference_mode, clear the module's kernel cache).
     tracked = [t for name_, t in qt.stored_tensors().items()
-               if name_ != "qdata" and not t.is_inference()]
+               if (name_ != "qdata" or qt.g_idx is not None) and not t.is_inference()]
     layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -595,8 +614,11 @@ def bind_cpu_linear(
         if versions != layout[0]:
             layout[:] = [versions, *_execution_layout(qt, cache)]
         packed, scale, zero_term, table, t_row, t_group = layout[2]
+        order = layout[1][-1]
         x2 = x.reshape(-1, k_in)
-        if not x2.is_contiguous():
+        if order is not None:
+            x2 = x2.index_select(1, order)
+        elif not x2.is_contiguous():
             x2 = x2.contiguous()
         m = x2.shape[0]
         if m > GEMV_MAX_ROWS:

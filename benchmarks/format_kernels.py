@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,10 +86,9 @@ def main() -> None:
         times: dict[int, dict[str, float]] = {}
         for m in rows:
             x = torch.randn(m, k)
-            fns = {"fp32": lambda x=x: F.linear(x, w)}
+            fns = {"fp32": partial(F.linear, x, w)}
             for name, qt in weights.items():
-                fns[name] = lambda x=x, qt=qt, name=name: KERNELS[kernel[name]].fn(
-                    x, qt, None, caches[name])
+                fns[name] = partial(KERNELS[kernel[name]].fn, x, qt, None, caches[name])
             times[m] = interleaved_medians(fns, args.repeats)
             print(f"{k}x{n} M={m}: " + ", ".join(
                 f"{name} {times[m]['fp32'] / t:.2f}x" for name, t in times[m].items()), flush=True)
@@ -143,8 +143,7 @@ def main() -> None:
         *sections,
         "cpu_int1-4 and cpu_lut run a fused AVX2 GEMV for M <= 32 (the codes never exist as "
         "fp32) and above it dequantize the weight into a reused fp32 buffer for torch's fp32 "
-        "GEMM, so at M=128 they can only approach fp32. Formats of 8 bits other than "
-        "integers (fp8) have no fast CPU kernel.",
+        "GEMM, so at M=128 they can only approach fp32; cpu_int8 and cpu_fp8 likewise.",
         "",
     ])
     args.out.write_text(text)

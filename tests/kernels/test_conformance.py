@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowbit.kernels import KERNELS, cpu_avx2, dispatch
-from lowbit.spec import PRESETS, preset
+from lowbit.spec import PRESETS, QuantSpec, preset
 from lowbit.tensor import QuantizedTensor
 
 K, N = 256, 40
@@ -57,7 +57,7 @@ def test_every_fast_kernel_has_a_case() -> None:
     cpu_kernels = {k for k, _ in CASES}
     assert "reference" in cpu_kernels
     if cpu_avx2.extension() is not None:
-        for name in ("cpu_int2", "cpu_int3", "cpu_int4", "cpu_int8", "cpu_lut"):
+        for name in ("cpu_int2", "cpu_int3", "cpu_int4", "cpu_int8", "cpu_lut", "cpu_fp8"):
             assert name in cpu_kernels, f"{name} supports no preset here: {CASES}"
 
 
@@ -102,9 +102,10 @@ def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
     import lowbit
 
     model = nn.Sequential(nn.Linear(K, 64), nn.Linear(64, 32), nn.Linear(32, 16))
-    lowbit.quantize(model, {"0": "w4g128", "1": "fp8", "2": "w8"})
+    fp6 = QuantSpec("fp6_e3m2", "channel", symmetric=True)  # no fast CPU kernel
+    lowbit.quantize(model, {"0": "w4g128", "1": fp6, "2": "w8"})
     plan = dispatch.kernel_plan(model)
     fast = cpu_avx2.extension() is not None
-    assert plan["reference"][0] == ("1", str(preset("fp8")))
+    assert plan["reference"][0] == ("1", str(fp6))
     assert ("0", str(preset("w4g128"))) in plan["cpu_int4" if fast else "reference"]
     assert ("2", str(preset("w8"))) in plan["cpu_int8" if fast else "reference"]

@@ -1,5 +1,5 @@
-"""The AVX2 weight-only CPU kernels (cpu_int1/2/3/4/8, cpu_lut) against the reference kernel,
-their cache and dispatch rules."""
+"""The AVX2 weight-only CPU kernels (cpu_int1/2/3/4/8, cpu_lut, cpu_fp8) against the reference
+kernel, their cache and dispatch rules."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import torch
 from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.kernels.dispatch import reference_linear
 from lowbit.nn.modules import QuantLinear
+from lowbit.quant.maps import code_values
 from lowbit.spec import QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
+
+FP6 = QuantSpec("fp6_e3m2", "channel", symmetric=True)  # no fast CPU kernel
 
 # every family, group-wise and per channel: spec -> the kernel that runs it
 SPECS = {
@@ -22,6 +25,7 @@ SPECS = {
         "cpu_int1": [QuantSpec("uint1", "group", group_size=32)],
         "cpu_lut": ["nf4g64", "fp4g32", "km4", "km3",
                     QuantSpec("kmeans2", "group", group_size=64)],
+        "cpu_fp8": ["fp8", QuantSpec("fp8_e5m2", "group", group_size=32, symmetric=True)],
     }.items()
     for spec in map(as_spec, specs)
 }
@@ -141,13 +145,33 @@ def test_dispatch_picks_the_cpu_kernels_only_where_supported(monkeypatch) -> Non
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
         "reference"
     )
-    fp8 = QuantizedTensor.from_float(torch.randn(16, 128), "fp8")  # an 8-bit float grid
-    assert dispatch.select_kernel(fp8, torch.randn(1, 128)).name == "reference"
+    fp6 = QuantizedTensor.from_float(torch.randn(16, 128), FP6)  # a 6-bit float grid
+    assert dispatch.select_kernel(fp6, torch.randn(1, 128)).name == "reference"
     for spec in (preset("w4g64").replace(group_size=16), QuantSpec("uint4", "tensor"),
                  QuantSpec("nf4", "block", block=(2, 64), symmetric=True)):
         assert not cpu_avx2.spec_supported(QuantizedTensor.from_float(torch.randn(16, 128), spec))
-    with pytest.raises(ValueError, match="no cpu_int / cpu_lut kernel"):
-        cpu_avx2.bind_cpu_linear(QuantizedTensor.from_float(torch.randn(8, 128), "fp8"), None, {})
+    with pytest.raises(ValueError, match="no cpu_int / cpu_lut / cpu_fp8 kernel"):
+        cpu_avx2.bind_cpu_linear(QuantizedTensor.from_float(torch.randn(8, 128), FP6), None, {})
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e5m2"])
+@pytest.mark.parametrize("flush_denormals", [False, True])
+@pytest.mark.parametrize("m", [32, 33])  # the GEMV; the dequantized weight
+def test_fp8_decodes_every_finite_code_exactly(fmt: str, flush_denormals: bool, m: int) -> None:
+    """All 256 bit patterns but inf / NaN, subnormals included, come out bit for bit (x holds
+    unit rows: y = W^T), also where torch flushes denormals to zero."""
+    spec = QuantSpec(fmt, "channel", symmetric=True, scale_dtype="float32")
+    values = code_values(spec)
+    finite = torch.nonzero(torch.isfinite(values))[:, 0].to(torch.uint8)
+    codes = finite.repeat(-(-8 * 32 // finite.numel()))[: 8 * 32].reshape(8, 32)
+    qt = QuantizedTensor(qdata=codes, spec=spec, shape=(8, 32), scale=torch.rand(8, 1) + 0.5)
+    x = torch.eye(32).repeat(2, 1)[:m]
+    torch.set_flush_denormal(flush_denormals)
+    try:
+        y = cpu_avx2.cpu_linear(x, qt, None, {})
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(y.T[:, :32], qt.dequantize())
 
 
 def test_wrong_3bit_window_would_fail() -> None:

@@ -1,28 +1,31 @@
 """Fast CPU weight-only kernels (AVX2 + FMA) for every weight format of at most 4 bits and
-for 8-bit integers: ``cpu_int1`` .. ``cpu_int4`` and ``cpu_int8`` run affine codes (w4g128,
-w3g128, w2g64, w8, ...), ``cpu_lut`` runs codes that index a table of at most 16 values: nf4
-and fp4 (one table per spec, times the group's absmax scale) and k-means (one table per row or
-group). Groups (or rows, per channel) must be a multiple of 32 wide.
+for 8-bit integers and floats: ``cpu_int1`` .. ``cpu_int4`` and ``cpu_int8`` run affine codes
+(w4g128, w3g128, w2g64, w8, ...), ``cpu_lut`` runs codes that index a table of at most 16
+values: nf4 and fp4 (one table per spec, times the group's absmax scale) and k-means (one
+table per row or group), ``cpu_fp8`` runs fp8 e4m3fn / e5m2 codes (decoded from their bits).
+Groups (or rows, per channel) must be a multiple of 32 wide.
 
 Why a small compiled kernel: on AVX2 CPUs without AVX-512 (this project's machines) torch's own
 int4 CPU op ``_weight_int4pack_mm_for_cpu`` is several times *slower* than fp32 ``F.linear``
 (measured in benchmarks/results/kernels.md), and ``_weight_int8pack_mm`` was 4-30x slower than
 fp32 here; a ``torch.compile``d fused dequant-GEMV was also slower (tried, not kept). Without
-these kernels the 2/3-bit, nf4, fp4 and k-means formats dequantize the whole weight on every
-call (100-200x slower than fp32 at M=1 on a 4096x4096 layer, one-off timing).
+these kernels the 2/3-bit, nf4, fp4, fp8 and k-means formats dequantized the whole weight on
+every call, 13-100x slower than fp32 at M=1 on a 4096x4096 layer
+(benchmarks/results/format_kernels.md, reference column).
 
-Per output row and group the kernel unpacks codes to fp32 in AVX2 registers (affine: the codes
-themselves; tables: a register permute) and accumulates against the activations:
+Per output row and group the kernel unpacks codes to fp32 in AVX2 registers (affine: the
+codes themselves; tables: byte or register shuffles; fp8: shifts and a multiply) and
+accumulates against the activations:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} v[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 
 where ``v`` are the codes as the kernel reads them (int1-4: the stored unsigned codes, ``code -
-qmin``; int8: the stored byte - 128; tables: the table entry of the code), ``zc`` the
+qmin``; int8: the stored byte - 128; tables: the code's entry; fp8: its value), ``zc`` the
 zero-point in those units (int1-4: ``z - qmin``, e.g. 8 for signed symmetric int4; int8: ``z -
-qmin - 128``, 0 for signed symmetric; tables: no zero-point) and ``xs[m, g]`` the activation
-sum of group g. Weights never exist as fp32, so M=1 moves 32/bits times fewer weight bytes
-than fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB of fp32,
-else blocks of rows; stored column order) into a reused fp32 buffer (C++) and multiplies with
+qmin - 128``, 0 for signed symmetric; tables, fp8: none) and ``xs[m, g]`` the activation sum
+of group g. Weights never exist as fp32, so M=1 moves 32/bits times fewer weight bytes than
+fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB of fp32, else
+blocks of rows; stored column order) into a reused fp32 buffer (C++) and multiplies with
 torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
@@ -82,6 +85,9 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// What the codes are: affine integers, indices into a table, or fp8 bit patterns.
+enum : int { AFFINE = 0, TABLE = 1, E4M3 = 2, E5M2 = 3 };
+
 constexpr int64_t CODES = 32;  // codes per chunk: a chunk is 4 * BITS bytes of a row
 template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
 // Codes of at most 4 bits are read in a permuted order (see codes, code_at); the activations
@@ -131,14 +137,14 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
 // of their entries (a 16-byte plane per k), and two rounds of byte / 16-bit unpacks assemble
 // the floats: 15 shuffles per 32 codes where register permutes took 25. The floats come out
 // in their own order (see code_at).
-template <int BITS, bool LUT> constexpr bool BYTE_PLANES = LUT && BITS == 4;
+template <int BITS, int KIND> constexpr bool BYTE_PLANES = KIND == TABLE && BITS == 4;
 
 // The index within its chunk of the code whose value decode puts in lane l of w[j]: codes()'
 // order (4l + j) for affine and <= 3-bit table codes; for 4-bit tables w[j] holds codes 8j +
 // (0, 2, 4, 6, 1, 3, 5, 7); 8 bits: natural (8j + l).
-template <int BITS, bool LUT>
+template <int BITS, int KIND>
 constexpr int code_at(int j, int l) {
-  if constexpr (BYTE_PLANES<BITS, LUT>) return 8 * j + (l < 4 ? 2 * l : 2 * (l - 4) + 1);
+  if constexpr (BYTE_PLANES<BITS, KIND>) return 8 * j + (l < 4 ? 2 * l : 2 * (l - 4) + 1);
   if constexpr (BITS <= 4) return 4 * l + j;
   return 8 * j + l;
 }
@@ -150,17 +156,33 @@ struct Table {
 };
 
 // One chunk as fp32 vectors w[0..3], lane l of w[j] the value of code code_at(j, l).
-// Affine (LUT false): the codes themselves; 8 bits: the stored bytes read as signed, byte ^
-// 0x80 = code - qmin - 128 (a symmetric int8 weight then has zero 0).
-// Table (LUT true): the table entry of each code.
-template <int BITS, bool LUT>
+// AFFINE: the codes themselves; 8 bits: the stored bytes read as signed, byte ^ 0x80 = code -
+// qmin - 128 (a symmetric int8 weight then has zero 0).
+// TABLE: the table entry of each code.
+// E4M3, E5M2: the fp8 value, from the bits: the magnitude's exponent and mantissa shifted into
+// fp32's fields (a subnormal fp8 lands on an fp32 subnormal) times 2^(127 - fp8 bias), the
+// sign bit or-ed in. Exact for every finite code (lowbit's Q saturates: it never stores the
+// inf / NaN patterns, which this would read as large finite values).
+template <int BITS, int KIND>
 static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == 8 && KIND == AFFINE) {
     const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (int q = 0; q < 4; ++q)
       w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
-  } else if constexpr (BYTE_PLANES<BITS, LUT>) {
+  } else if constexpr (BITS == 8) {
+    constexpr int SHIFT = KIND == E4M3 ? 20 : 21;  // 23 - mantissa bits
+    const __m256 rebias = _mm256_set1_ps(KIND == E4M3 ? 0x1p120f : 0x1p112f);
+    const __m256i magnitude = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
+    for (int q = 0; q < 4; ++q) {
+      const __m256i c = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
+      const __m256 value = _mm256_mul_ps(
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, magnitude), SHIFT)), rebias);
+      w[q] = _mm256_or_ps(value, _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_and_si256(c, sign), 24)));
+    }
+  } else if constexpr (BYTE_PLANES<BITS, KIND>) {
     // byte i of idx: code 2i (i < 16: low nibbles) or code 2(i - 16) + 1 (high nibbles)
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(
         reinterpret_cast<const __m128i*>(p)));
@@ -179,7 +201,7 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
     __m256i c[4];
     codes<BITS>(p, c);
     for (int q = 0; q < 4; ++q) {
-      if constexpr (LUT)
+      if constexpr (KIND == TABLE)
         w[q] = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(tab.r[0]), c[q]);
       else
         w[q] = _mm256_cvtepi32_ps(c[q]);
@@ -197,11 +219,11 @@ struct Weight {
   int64_t TR, TG;
 };
 
-template <int BITS, bool LUT>
+template <int BITS, int KIND>
 static inline void load_table(const Weight& W, int64_t n, int64_t g, Table& tab) {
-  if constexpr (LUT) {
+  if constexpr (KIND == TABLE) {
     const float* t = W.T + n * W.TR + g * W.TG;
-    if constexpr (BYTE_PLANES<BITS, LUT>) {
+    if constexpr (BYTE_PLANES<BITS, KIND>) {
       for (int k = 0; k < 4; ++k)
         tab.r[k] = _mm256_broadcastsi128_si256(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 4 * k)));
@@ -210,6 +232,19 @@ static inline void load_table(const Weight& W, int64_t n, int64_t g, Table& tab)
     }
   }
 }
+
+// fp8 subnormals decode through fp32 subnormals: keep them where the caller flushes denormal
+// inputs to zero (torch.set_flush_denormal sets MXCSR's DAZ bit) for as long as this lives.
+template <int KIND>
+struct KeepDenormals {
+  unsigned saved = 0;
+  KeepDenormals() {
+    if constexpr (KIND >= E4M3) { saved = _mm_getcsr(); _mm_setcsr(saved & ~0x0040u); }
+  }
+  ~KeepDenormals() {
+    if constexpr (KIND >= E4M3) _mm_setcsr(saved);
+  }
+};
 
 static inline float scale_of(const Weight& W, int64_t n, int64_t g, int64_t G) {
   return W.S ? W.S[n * G + g] : 1.f;
@@ -221,12 +256,13 @@ static inline float zero_term(const Weight& W, const float* XS, int64_t m, int64
 }
 
 // Rows m0..m0+MT of OUT for output channel n; X [M, K], XS [M, G] group sums of X.
-template <int BITS, bool LUT, int MT>
+template <int BITS, int KIND, int MT>
 static inline void row_tile(const float* X, const float* XS, const Weight& W, const float* B,
                             float* OUT, int64_t m0, int64_t n, int64_t K, int64_t G, int64_t N) {
   // Independent accumulators per row: one FMA chain would wait on the FMA latency (4 cycles)
   // at every step; with fewer rows each row gets more chains.
   constexpr int A = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES;
   const uint8_t* prow = W.P + n * (K * BITS / 8);
   __m256 tot[MT];
@@ -235,13 +271,13 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
   for (int t = 0; t < MT; ++t) { tot[t] = _mm256_setzero_ps(); corr[t] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
     __m256 acc[MT][A];
-    if (g == 0 || W.TG) load_table<BITS, LUT>(W, n, g, tab);
+    if (g == 0 || W.TG) load_table<BITS, KIND>(W, n, g, tab);
     for (int t = 0; t < MT; ++t)
       for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t k0 = g * group + i * CODES;
       __m256 c[4];
-      decode<BITS, LUT>(prow + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
+      decode<BITS, KIND>(prow + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
       for (int t = 0; t < MT; ++t) {
         const float* x = X + (m0 + t) * K + k0;
         for (int q = 0; q < 4; ++q)
@@ -261,9 +297,10 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
 }
 
 // M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
-template <int BITS, bool LUT>
+template <int BITS, int KIND>
 static inline void pair_tile(const float* X, const float* XS, const Weight& W, const float* B,
                              float* OUT, int64_t n, int64_t K, int64_t G) {
+  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
   const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
@@ -273,8 +310,8 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
     if (g == 0 || W.TG) {  // a table per spec (nf4, fp4) is loaded once
-      load_table<BITS, LUT>(W, n, g, tab0);
-      if (W.TR) load_table<BITS, LUT>(W, n + 1, g, tab1); else tab1 = tab0;
+      load_table<BITS, KIND>(W, n, g, tab0);
+      if (W.TR) load_table<BITS, KIND>(W, n + 1, g, tab1); else tab1 = tab0;
     }
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
@@ -284,8 +321,8 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
       const char* ahead = reinterpret_cast<const char*>(prow + off + 32 * CHUNK_BYTES<BITS>);
       _mm_prefetch(ahead, _MM_HINT_T0);
       _mm_prefetch(ahead + row_bytes, _MM_HINT_T0);
-      decode<BITS, LUT>(prow + off, tab0, c);
-      decode<BITS, LUT>(prow + row_bytes + off, tab1, d);
+      decode<BITS, KIND>(prow + off, tab0, c);
+      decode<BITS, KIND>(prow + row_bytes + off, tab1, d);
       __m256 xv = _mm256_loadu_ps(x);
       a0 = _mm256_fmadd_ps(c[0], xv, a0); b0 = _mm256_fmadd_ps(d[0], xv, b0);
       xv = _mm256_loadu_ps(x + 8);
@@ -305,7 +342,7 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
 }
 
 // OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null).
-template <int BITS, bool LUT>
+template <int BITS, int KIND>
 static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int64_t M,
                 int64_t K, int64_t N, int64_t G, int threads) {
   const int64_t group = K / G;
@@ -326,13 +363,13 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + code_at<BITS, LUT>(j, l)];
+        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + code_at<BITS, KIND>(j, l)];
     X = XP;
   }
   if (M == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-    for (int64_t p = 0; p < N / 2; ++p) pair_tile<BITS, LUT>(X, XS, W, B, OUT, 2 * p, K, G);
-    if (N % 2) row_tile<BITS, LUT, 1>(X, XS, W, B, OUT, 0, N - 1, K, G, N);
+    for (int64_t p = 0; p < N / 2; ++p) pair_tile<BITS, KIND>(X, XS, W, B, OUT, 2 * p, K, G);
+    if (N % 2) row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, 0, N - 1, K, G, N);
     free(XS);
     free(XP);
     return 0;
@@ -340,11 +377,11 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
     int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) row_tile<BITS, LUT, 4>(X, XS, W, B, OUT, m0, n, K, G, N);
+    for (; m0 + 4 <= M; m0 += 4) row_tile<BITS, KIND, 4>(X, XS, W, B, OUT, m0, n, K, G, N);
     switch (M - m0) {
-      case 3: row_tile<BITS, LUT, 3>(X, XS, W, B, OUT, m0, n, K, G, N); break;
-      case 2: row_tile<BITS, LUT, 2>(X, XS, W, B, OUT, m0, n, K, G, N); break;
-      case 1: row_tile<BITS, LUT, 1>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+      case 3: row_tile<BITS, KIND, 3>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+      case 2: row_tile<BITS, KIND, 2>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+      case 1: row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m0, n, K, G, N); break;
       default: break;
     }
   }
@@ -367,20 +404,21 @@ static inline void natural_order(const __m256 c[4], __m256 o[4]) {
 }
 
 // fp32 weights OUT [N, K] = value * s - zs in the stored column order.
-template <int BITS, bool LUT>
+template <int BITS, int KIND>
 static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G, int threads) {
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
+    const KeepDenormals<KIND> guard;
     Table tab;
     for (int64_t g = 0; g < G; ++g) {
-      if (g == 0 || W.TG) load_table<BITS, LUT>(W, n, g, tab);
+      if (g == 0 || W.TG) load_table<BITS, KIND>(W, n, g, tab);
       const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
       const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
       for (int64_t i = 0; i < chunks; ++i) {
         __m256 c[4], v[4];
-        decode<BITS, LUT>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
-        if constexpr (BYTE_PLANES<BITS, LUT>) {
+        decode<BITS, KIND>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
+        if constexpr (BYTE_PLANES<BITS, KIND>) {
           const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
           for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
         } else if constexpr (BITS <= 4) {
@@ -394,38 +432,42 @@ static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G
   }
 }
 
-#define EXPORT(NAME, BITS, LUT)                                                              \
+#define EXPORT(NAME, BITS, KIND)                                                             \
   extern "C" int NAME##_gemv(const float* X, const uint8_t* P, const float* S,               \
                              const float* ZS, const float* T, int64_t TR, int64_t TG,        \
                              const float* B, float* OUT, int64_t M, int64_t K, int64_t N,    \
                              int64_t G, int threads) {                                       \
-    return gemv<BITS, LUT>(X, Weight{P, S, ZS, T, TR, TG}, B, OUT, M, K, N, G, threads);     \
+    return gemv<BITS, KIND>(X, Weight{P, S, ZS, T, TR, TG}, B, OUT, M, K, N, G, threads);     \
   }                                                                                          \
   extern "C" void NAME##_dequant(const uint8_t* P, const float* S, const float* ZS,          \
                                  const float* T, int64_t TR, int64_t TG, float* OUT,         \
                                  int64_t N, int64_t K, int64_t G, int threads) {             \
-    dequant<BITS, LUT>(Weight{P, S, ZS, T, TR, TG}, OUT, N, K, G, threads);                  \
+    dequant<BITS, KIND>(Weight{P, S, ZS, T, TR, TG}, OUT, N, K, G, threads);                  \
   }
-EXPORT(int1, 1, false)
-EXPORT(int2, 2, false)
-EXPORT(int3, 3, false)
-EXPORT(int4, 4, false)
-EXPORT(int8, 8, false)
-EXPORT(lut1, 1, true)
-EXPORT(lut2, 2, true)
-EXPORT(lut3, 3, true)
-EXPORT(lut4, 4, true)
+EXPORT(int1, 1, AFFINE)
+EXPORT(int2, 2, AFFINE)
+EXPORT(int3, 3, AFFINE)
+EXPORT(int4, 4, AFFINE)
+EXPORT(int8, 8, AFFINE)
+EXPORT(lut1, 1, TABLE)
+EXPORT(lut2, 2, TABLE)
+EXPORT(lut3, 3, TABLE)
+EXPORT(lut4, 4, TABLE)
+EXPORT(e4m3, 8, E4M3)
+EXPORT(e5m2, 8, E5M2)
 """
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 AFFINE_BITS = (1, 2, 3, 4, 8)  # cpu_int{bits}: affine codes
 TABLE_BITS = (1, 2, 3, 4)  # cpu_lut: codebook, float-grid and k-means codes (a 16-entry table)
 TABLE_KINDS = ("codebook", "float", "kmeans")
+FP8_FORMATS = {"fp8_e4m3fn": "e4m3", "fp8_e5m2": "e5m2"}  # cpu_fp8: decoded from the bits
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
-_FAMILIES = [f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS]
+_FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS]
+             + list(FP8_FORMATS.values()))
 _LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
     **{f"{f}_gemv": (_GEMV_ARGS, _INT) for f in _FAMILIES},
     **{f"{f}_dequant": (_DEQUANT_ARGS, None) for f in _FAMILIES},
@@ -443,9 +485,10 @@ def family(qt: QuantizedTensor) -> str | None:
 
     Weight-only 2-D specs with group-wise or per-output-channel parameters and groups (or rows)
     a multiple of 32 wide: affine codes of 1, 2, 3, 4 or 8 bits; codebook (nf4), float-grid
-    (fp4) and k-means codes of at most 4 bits (looked up in a table per row, group or spec).
-    A group index (GPTQ act-order's ``g_idx``) is taken when every group has ``group_size``
-    columns: the kernel then keeps a copy of the codes with each group's columns together.
+    (fp4) and k-means codes of at most 4 bits (looked up in a table per row, group or spec);
+    fp8 (e4m3fn, e5m2) codes. A group index (GPTQ act-order's ``g_idx``) is taken when every
+    group has ``group_size`` columns: the kernel then keeps a copy of the codes with each
+    group's columns together.
     """
     spec = qt.spec
     if spec.act is not None or len(qt.shape) != 2:
@@ -459,7 +502,7 @@ def family(qt: QuantizedTensor) -> str | None:
         return f"int{spec.bits}"
     if spec.kind in TABLE_KINDS and spec.bits in TABLE_BITS:
         return f"lut{spec.bits}"
-    return None
+    return FP8_FORMATS.get(spec.format)
 
 
 def _whole_groups(qt: QuantizedTensor) -> bool:
@@ -476,11 +519,18 @@ def spec_supported(qt: QuantizedTensor) -> bool:
     return family(qt) is not None
 
 
+def kernel_name(found: str) -> str:
+    """The registered kernel of a :func:`family`."""
+    if found.startswith("lut"):
+        return "cpu_lut"
+    return "cpu_fp8" if found in FP8_FORMATS.values() else f"cpu_{found}"
+
+
 def _supports(qt: QuantizedTensor, x: torch.Tensor, kernel: str) -> bool:
     found = family(qt)
     return (
         found is not None
-        and (kernel == "cpu_lut" if found.startswith("lut") else kernel == f"cpu_{found}")
+        and kernel == kernel_name(found)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
@@ -533,6 +583,7 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
       (8-bit codes are read as ``byte - 128``; a zero-point term that is 0 everywhere, as for a
       symmetric int8 weight, is dropped);
     - tables: scale ``[N, G]`` (none for k-means) and the tables of :func:`_tables`;
+    - fp8: scale ``[N, G]``;
     - with a group index: the codes repacked with their columns sorted by group, and that
       column order (int64 ``[K]``, last of the held tensors).
 
@@ -553,7 +604,8 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
         else:
             if qt.scale is not None:
                 scale = qt.scale.float().reshape(qt.shape[0], -1).contiguous()
-            table, *strides = _tables(qt)
+            if qt.spec.bits <= 4:
+                table, *strides = _tables(qt)
         qdata, order = qt.qdata.contiguous(), None
         if qt.g_idx is not None:  # columns sorted by group: the activations are gathered alike
             order = torch.argsort(qt.g_idx, stable=True)
@@ -587,8 +639,9 @@ def bind_cpu_linear(
     lib = extension()
     kind = family(qt)
     if kind is None:
-        raise ValueError(f"spec {qt.spec} on shape {qt.shape} has no cpu_int / cpu_lut kernel")
-    name = "cpu_lut" if kind.startswith("lut") else f"cpu_{kind}"
+        raise ValueError(f"spec {qt.spec} on shape {qt.shape} has no cpu_int / cpu_lut / cpu_fp8 "
+                         "kernel")
+    name = kernel_name(kind)
     n_out, k_in = qt.shape
     n_groups = _groups(qt)
     row_bytes = k_in * qt.spec.bits // 8
@@ -602,8 +655,8 @@ def bind_cpu_linear(
     # The kernel reads the codes in place (unless regrouped) but copies of the other tensors:
     # follow their in-place edits outside inference_mode (inference tensors have no version
     # counter: after editing one under inference_mode, clear the module's kernel cache).
-    tracked = [t for name_, t in qt.stored_tensors().items()
-               if (name_ != "qdata" or qt.g_idx is not None) and not t.is_inference()]
+    tracked = [t for field, t in qt.stored_tensors().items()
+               if (field != "qdata" or qt.g_idx is not None) and not t.is_inference()]
     layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -659,6 +712,6 @@ def cpu_linear(
     return bind_cpu_linear(qt, bias, cache)(x)
 
 
-for _name in [f"cpu_int{b}" for b in AFFINE_BITS] + ["cpu_lut"]:
+for _name in [f"cpu_int{b}" for b in AFFINE_BITS] + ["cpu_lut", "cpu_fp8"]:
     register_kernel(Kernel(_name, cpu_linear, lambda qt, x, k=_name: _supports(qt, x, k),
                            priority=10, bind=bind_cpu_linear))

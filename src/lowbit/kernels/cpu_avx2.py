@@ -297,7 +297,9 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
 }
 
 // M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
-template <int BITS, int KIND>
+// SHARED: one table for every row (nf4, fp4), kept in registers once rather than twice (two
+// 4-register tables beside the accumulators spill).
+template <int BITS, int KIND, bool SHARED>
 static inline void pair_tile(const float* X, const float* XS, const Weight& W, const float* B,
                              float* OUT, int64_t n, int64_t K, int64_t G) {
   const KeepDenormals<KIND> guard;
@@ -309,9 +311,9 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
   for (int64_t g = 0; g < G; ++g) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    if (g == 0 || W.TG) {  // a table per spec (nf4, fp4) is loaded once
+    if (g == 0 || W.TG) {  // a table per spec is loaded once
       load_table<BITS, KIND>(W, n, g, tab0);
-      if (W.TR) load_table<BITS, KIND>(W, n + 1, g, tab1); else tab1 = tab0;
+      if constexpr (!SHARED) load_table<BITS, KIND>(W, n + 1, g, tab1);
     }
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
@@ -322,7 +324,7 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
       _mm_prefetch(ahead, _MM_HINT_T0);
       _mm_prefetch(ahead + row_bytes, _MM_HINT_T0);
       decode<BITS, KIND>(prow + off, tab0, c);
-      decode<BITS, KIND>(prow + row_bytes + off, tab1, d);
+      decode<BITS, KIND>(prow + row_bytes + off, SHARED ? tab0 : tab1, d);
       __m256 xv = _mm256_loadu_ps(x);
       a0 = _mm256_fmadd_ps(c[0], xv, a0); b0 = _mm256_fmadd_ps(d[0], xv, b0);
       xv = _mm256_loadu_ps(x + 8);
@@ -368,7 +370,12 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
   }
   if (M == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-    for (int64_t p = 0; p < N / 2; ++p) pair_tile<BITS, KIND>(X, XS, W, B, OUT, 2 * p, K, G);
+    for (int64_t p = 0; p < N / 2; ++p) {
+      if (KIND == TABLE && W.TR == 0)
+        pair_tile<BITS, KIND, true>(X, XS, W, B, OUT, 2 * p, K, G);
+      else
+        pair_tile<BITS, KIND, false>(X, XS, W, B, OUT, 2 * p, K, G);
+    }
     if (N % 2) row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, 0, N - 1, K, G, N);
     free(XS);
     free(XP);

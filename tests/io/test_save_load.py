@@ -13,6 +13,7 @@ from torch import nn
 
 import lowbit
 from lowbit.io.save import SaveResult
+from lowbit.kernels import cpu_avx2, select_kernel
 from lowbit.nn.modules import QuantEmbedding, QuantLinear
 
 pytest.importorskip("transformers")
@@ -319,7 +320,7 @@ def test_load_rejects_truncated_weights_and_foreign_folders(saved, tmp_path):
         lowbit.load(saved)
 
 
-def test_gptq_act_order_g_idx_round_trips(llama, tmp_path):
+def test_gptq_act_order_g_idx_round_trips(llama, tmp_path, monkeypatch):
     if not VAL_TEXT.exists():
         pytest.skip(f"{VAL_TEXT} is absent")
     float_model, tokenizer, ids = llama
@@ -330,3 +331,9 @@ def test_gptq_act_order_g_idx_round_trips(llama, tmp_path):
     assert q.qweight.g_idx is not None and "weight_g_idx" in dict(q.named_buffers())
     loaded, _ = _round_trip(model, ids, tmp_path / "out")
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight_g_idx, q.weight_g_idx)
+    # the fast CPU kernel takes the group index and agrees with the oracle
+    if cpu_avx2.extension() is not None:
+        assert select_kernel(q.qweight, torch.zeros(1, q.in_features)).name == "cpu_int4"
+    fast = _logits(loaded, ids)
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    torch.testing.assert_close(fast, _logits(loaded, ids), rtol=1e-4, atol=1e-4)

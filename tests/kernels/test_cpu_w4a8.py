@@ -72,6 +72,22 @@ def test_many_rows_across_row_chunks():
     _assert_close(cpu_w4a8.cpu_w4a8_linear(x, qt, bias, {}), x, qt, bias)
 
 
+@pytest.mark.parametrize("m", [1, 70])
+def test_act_order_group_index(m: int):
+    """GPTQ act-order's g_idx: the kernel's codes and the gathered activations in group order."""
+    gen = torch.Generator().manual_seed(m)
+    qt = QuantizedTensor.from_float(torch.randn(20, 256, generator=gen), preset("w4a8"))
+    order = torch.randperm(256, generator=gen)
+    qt.g_idx = torch.empty(256, dtype=torch.int32)
+    qt.g_idx[order] = torch.arange(256, dtype=torch.int32) // 128
+    x, bias = torch.randn(m, 256, generator=gen), torch.randn(20, generator=gen)
+    assert dispatch.select_kernel(qt, x).name == "cpu_w4a8"
+    run = cpu_w4a8.bind_w4a8(qt, bias, {})
+    _assert_close(run(x), x, qt, bias)
+    qt.g_idx.copy_(qt.g_idx.flip(0))  # a new order: layout and gather follow it
+    _assert_close(run(x), x, qt, bias)
+
+
 def test_extreme_codes_do_not_saturate():
     """Every code 15 against activations at +-127: the largest int16 pair sums the kernel
     makes (a saturating sum would be off by thousands)."""

@@ -501,7 +501,7 @@ def family(qt: QuantizedTensor) -> str | None:
     if spec.act is not None or len(qt.shape) != 2:
         return None
     if spec.granularity == "group":
-        if spec.group_size % 32 or not _whole_groups(qt):
+        if spec.group_size % 32 or not whole_groups(qt):
             return None
     elif not (spec.granularity == "channel" and spec.axis in (0, -2) and qt.shape[1] % 32 == 0):
         return None
@@ -512,13 +512,20 @@ def family(qt: QuantizedTensor) -> str | None:
     return FP8_FORMATS.get(spec.format)
 
 
-def _whole_groups(qt: QuantizedTensor) -> bool:
+def whole_groups(qt: QuantizedTensor) -> bool:
     """No group index, or one that gives every group exactly ``group_size`` columns."""
     if qt.g_idx is None:
         return True
     groups = qt.shape[1] // qt.spec.group_size
     counts = torch.bincount(qt.g_idx.long(), minlength=groups)
     return counts.numel() == groups and bool((counts == qt.spec.group_size).all())
+
+
+def group_order(qt: QuantizedTensor) -> torch.Tensor | None:
+    """The column order (int64 ``[K]``) that puts each group's columns together, for a weight
+    with a group index (of :func:`whole_groups`); None without one. Kernels keep the codes in
+    this order and gather the activations alike."""
+    return None if qt.g_idx is None else torch.argsort(qt.g_idx, stable=True)
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:
@@ -613,9 +620,8 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
                 scale = qt.scale.float().reshape(qt.shape[0], -1).contiguous()
             if qt.spec.bits <= 4:
                 table, *strides = _tables(qt)
-        qdata, order = qt.qdata.contiguous(), None
-        if qt.g_idx is not None:  # columns sorted by group: the activations are gathered alike
-            order = torch.argsort(qt.g_idx, stable=True)
+        qdata, order = qt.qdata.contiguous(), group_order(qt)
+        if order is not None:  # columns sorted by group: the activations are gathered alike
             qdata = pack(qt.codes()[:, order].contiguous(), qt.spec.bits)
         tensors = (qdata, scale, zero_term, table)
         # the tensors keep the pointers valid; the ints save per-call ctypes work

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.cpu_avx2 import scale_and_zero_code
+from lowbit.kernels.cpu_avx2 import group_order, scale_and_zero_code, whole_groups
 from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE, bind_activation_kernel
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
@@ -168,12 +168,13 @@ def library() -> ctypes.CDLL | None:
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:
-    """4-bit affine weights in groups (a multiple of 8 dividing K) or per channel, with dynamic
+    """4-bit affine weights in groups (a multiple of 8 dividing K; a GPTQ act-order group index
+    allowed, see :func:`lowbit.kernels.cpu_avx2.whole_groups`) or per channel, with dynamic
     signed symmetric int activations of at most 8 bits (see the module docstring)."""
     spec, act = qt.spec, qt.spec.act
     if act is None or spec.kind != "affine" or spec.bits != 4 or len(qt.shape) != 2:
         return False
-    if qt.g_idx is not None or act.kind != "affine":
+    if not whole_groups(qt) or act.kind != "affine":
         return False
     k_in = qt.shape[1]
     if spec.granularity == "group":
@@ -229,7 +230,10 @@ def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, 
     entry = cache.get("cpu_w4a8")
     if entry is None or entry[0] != version:
         scale, zero_code = scale_and_zero_code(qt)
-        held = (pack_weight(qt.codes()), _panel_floats(scale), _panel_floats(scale * zero_code))
+        codes, order = qt.codes(), group_order(qt)
+        if order is not None:  # each group's columns together, as bind_activation_kernel feeds x
+            codes = codes[:, order]
+        held = (pack_weight(codes), _panel_floats(scale), _panel_floats(scale * zero_code))
         entry = cache["cpu_w4a8"] = (version, (*held, qt), tuple(t.data_ptr() for t in held))
     return entry[1], entry[2]
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import int8
+from lowbit.kernels.cpu_avx2 import group_order
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
@@ -298,7 +299,9 @@ def bind_activation_kernel(
     """``x [..., K] float32 -> [..., N]`` through a C kernel that quantizes the activations
     itself (status 1: non-finite input, 2: allocation failure). ``prepare(qt, cache)`` gives the
     (held tensors, pointers) of the execution layout, rebuilt after in-place edits of the stored
-    tensors; ``handover(x, rows)`` may answer a call instead (None: the kernel runs)."""
+    tensors, with the codes of a weight with a group index in :func:`group_order` (the
+    activations are gathered alike); ``handover(x, rows)`` may answer a call instead (None:
+    the kernel runs)."""
     n_out, k_in = qt.shape
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
@@ -307,7 +310,8 @@ def bind_activation_kernel(
     # the layout follows in-place edits of the stored tensors outside inference_mode (inference
     # tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
-    state = [[t._version for t in tracked], *prepare(qt, cache)]  # versions, held, pointers
+    # versions, held, pointers, column order (a group index's: the layout keeps its codes so)
+    state = [[t._version for t in tracked], *prepare(qt, cache), group_order(qt)]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
@@ -319,11 +323,13 @@ def bind_activation_kernel(
             return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         if handover is not None and (answer := handover(x, m)) is not None:
             return answer
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
         versions = [t._version for t in tracked]
         if versions != state[0]:
-            state[:] = [versions, *prepare(qt, cache)]
+            state[:] = [versions, *prepare(qt, cache), group_order(qt)]
+        if state[3] is not None:
+            x2 = x2.index_select(1, state[3])
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
         y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
         status = call(x2.data_ptr(), state[2], b_ptr, y.data_ptr(), m)
         if status == 1:

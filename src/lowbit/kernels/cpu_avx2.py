@@ -130,13 +130,15 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
   c[0] = _mm256_and_si256(w, mask);
   c[1] = _mm256_and_si256(_mm256_srli_epi32(w, BITS), mask);
   c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 2 * BITS), mask);
-  c[3] = _mm256_and_si256(_mm256_srli_epi32(w, 3 * BITS), mask);
+  // 2 and 4 bits: lanes hold 4 * BITS bits, nothing above the last code to mask off
+  c[3] = _mm256_srli_epi32(w, 3 * BITS);
+  if constexpr (BITS == 1 || BITS == 3) c[3] = _mm256_and_si256(c[3], mask);
 }
 
 // 4-bit tables are looked up one byte plane at a time: vpshufb maps 32 codes at once to byte k
 // of their entries (a 16-byte plane per k), and two rounds of byte / 16-bit unpacks assemble
-// the floats: 15 shuffles per 32 codes where register permutes took 25. The floats come out
-// in their own order (see code_at).
+// the floats: 15 instructions per 32 codes where register permutes took 25. The floats come
+// out in their own order (see code_at).
 template <int BITS, int KIND> constexpr bool BYTE_PLANES = KIND == TABLE && BITS == 4;
 
 // The index within its chunk of the code whose value decode puts in lane l of w[j]: codes()'
@@ -246,7 +248,9 @@ struct KeepDenormals {
   }
 };
 
+template <int KIND>
 static inline float scale_of(const Weight& W, int64_t n, int64_t g, int64_t G) {
+  if constexpr (KIND == AFFINE) return W.S[n * G + g];  // affine weights always have scales
   return W.S ? W.S[n * G + g] : 1.f;
 }
 
@@ -284,7 +288,7 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
           acc[t][q % A] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(x + 8 * q), acc[t][q % A]);
       }
     }
-    const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
+    const __m256 sv = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
     for (int t = 0; t < MT; ++t) {
       __m256 sum = acc[t][0];
       for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
@@ -334,8 +338,10 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
       xv = _mm256_loadu_ps(x + 24);
       a1 = _mm256_fmadd_ps(c[3], xv, a1); b1 = _mm256_fmadd_ps(d[3], xv, b1);
     }
-    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale_of(W, n, g, G)), tot0);
-    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(scale_of(W, n + 1, g, G)), tot1);
+    const __m256 s0 = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
+    const __m256 s1 = _mm256_set1_ps(scale_of<KIND>(W, n + 1, g, G));
+    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s0, tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), s1, tot1);
     corr0 += zero_term(W, XS, 0, n, g, G);
     corr1 += zero_term(W, XS, 0, n + 1, g, G);
   }
@@ -420,7 +426,7 @@ static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G
     Table tab;
     for (int64_t g = 0; g < G; ++g) {
       if (g == 0 || W.TG) load_table<BITS, KIND>(W, n, g, tab);
-      const __m256 sv = _mm256_set1_ps(scale_of(W, n, g, G));
+      const __m256 sv = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
       const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
       for (int64_t i = 0; i < chunks; ++i) {
         __m256 c[4], v[4];

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "llama-19m-shakespeare-mix"
 TEXT = ROOT.parent / "shared" / "data" / "shakespeare-mix-val.txt"
 RESULTS = Path(__file__).parent / "results" / "decode.md"
-SCHEMES = ("fp32", "w4g128", "w8", "w8a8", "w4a8")
+SCHEMES = ("fp32", "w4g128", "w8", "w8a8", "w4a8", "w3g128", "nf4g64")
 PROMPT = 32
 
 

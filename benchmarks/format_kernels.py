@@ -141,9 +141,11 @@ def main() -> None:
         "3 calls of its own. The machine is shared: compare ratios within a row.",
         "",
         *sections,
-        "cpu_int1-4 and cpu_lut run a fused AVX2 GEMV for M <= 32 (the codes never exist as "
-        "fp32) and above it dequantize the weight into a reused fp32 buffer for torch's fp32 "
-        "GEMM, so at M=128 they can only approach fp32; cpu_int8 and cpu_fp8 likewise.",
+        "The weight-only kernels (cpu_int1-4, cpu_int8, cpu_lut, cpu_fp8) run a fused AVX2 "
+        "GEMV for M <= 32 (the codes never exist as fp32); above it they dequantize the "
+        "weight, 256 rows at a time for these shapes, into a reused fp32 buffer for torch's "
+        "fp32 GEMM: the same multiply-adds as fp32 plus the dequantization, on blocks that "
+        "stay in cache.",
         "",
     ])
     args.out.write_text(text)

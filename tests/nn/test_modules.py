@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit.kernels import select_kernel
+from lowbit.kernels import cpu_avx2, select_kernel
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.quant import fake_quantize
 
@@ -42,6 +42,22 @@ def test_conv2d_and_embedding():
     ids = torch.tensor([[1, 2, 49], [0, 0, 7]])
     full = fake_quantize(emb.weight.detach(), qe.spec)
     assert torch.equal(qe(ids), full[ids])
+
+
+@pytest.mark.parametrize("spec", ["w4g64", "w3g128", "w2g64", "nf4g64", "fp8", "km4", "w8"])
+def test_embedding_lookup_equals_the_dequantized_table(spec: str) -> None:
+    """CPU float32 tables are looked up by the kernel library (cpu_avx2.embedding_rows), bit for
+    bit the rows of the dequantized table; the torch path answers the rest."""
+    torch.manual_seed(0)
+    qe = QuantEmbedding(nn.Embedding(70, 128), spec)
+    ids = torch.tensor([[1, 2, 69], [0, 0, 7]])
+    fast = cpu_avx2.embedding_rows(qe.qweight, ids, {})
+    assert fast is not None or cpu_avx2.extension() is None
+    assert torch.equal(qe(ids), qe.qweight.dequantize()[ids])
+    assert qe(torch.zeros(0, dtype=torch.long)).shape == (0, 128)
+    for bad in (70, -1):
+        with pytest.raises(IndexError):
+            qe(torch.tensor([bad]))
 
 
 def test_state_dict_round_trip_through_a_fresh_module():

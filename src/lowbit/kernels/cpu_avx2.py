@@ -416,33 +416,45 @@ static inline void natural_order(const __m256 c[4], __m256 o[4]) {
   o[3] = _mm256_permute2f128_ps(u2, u3, 0x31);
 }
 
-// fp32 weights OUT [N, K] = value * s - zs in the stored column order.
+// Row n of the weight in fp32, OUT [K] = value * s - zs in the stored column order.
 template <int BITS, int KIND>
-static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G, int threads) {
+static inline void dequant_row(const Weight& W, int64_t n, float* OUT, int64_t K, int64_t G) {
+  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const KeepDenormals<KIND> guard;
-    Table tab;
-    for (int64_t g = 0; g < G; ++g) {
-      if (g == 0 || W.TG) load_table<BITS, KIND>(W, n, g, tab);
-      const __m256 sv = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
-      const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
-      for (int64_t i = 0; i < chunks; ++i) {
-        __m256 c[4], v[4];
-        decode<BITS, KIND>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
-        if constexpr (BYTE_PLANES<BITS, KIND>) {
-          const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-          for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
-        } else if constexpr (BITS <= 4) {
-          natural_order(c, v);
-        }
-        const __m256* w = BITS <= 4 ? v : c;
-        float* o = OUT + n * K + g * group + i * CODES;
-        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
+  Table tab;
+  for (int64_t g = 0; g < G; ++g) {
+    if (g == 0 || W.TG) load_table<BITS, KIND>(W, n, g, tab);
+    const __m256 sv = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
+    const __m256 zv = _mm256_set1_ps(W.ZS ? W.ZS[n * G + g] : 0.f);
+    for (int64_t i = 0; i < chunks; ++i) {
+      __m256 c[4], v[4];
+      decode<BITS, KIND>(W.P + n * row_bytes + CHUNK_BYTES<BITS> * (g * chunks + i), tab, c);
+      if constexpr (BYTE_PLANES<BITS, KIND>) {
+        const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
+      } else if constexpr (BITS <= 4) {
+        natural_order(c, v);
       }
+      const __m256* w = BITS <= 4 ? v : c;
+      float* o = OUT + g * group + i * CODES;
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
     }
   }
+}
+
+// fp32 weights OUT [N, K].
+template <int BITS, int KIND>
+static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) dequant_row<BITS, KIND>(W, n, OUT + n * K, K, G);
+}
+
+// OUT [count, K] = rows IDS [count] of the weight (an embedding lookup; ids checked by the
+// caller).
+template <int BITS, int KIND>
+static void rows(const Weight& W, const int64_t* IDS, int64_t count, float* OUT, int64_t K,
+                 int64_t G) {
+  for (int64_t i = 0; i < count; ++i) dequant_row<BITS, KIND>(W, IDS[i], OUT + i * K, K, G);
 }
 
 #define EXPORT(NAME, BITS, KIND)                                                             \
@@ -456,6 +468,11 @@ static void dequant(const Weight& W, float* OUT, int64_t N, int64_t K, int64_t G
                                  const float* T, int64_t TR, int64_t TG, float* OUT,         \
                                  int64_t N, int64_t K, int64_t G, int threads) {             \
     dequant<BITS, KIND>(Weight{P, S, ZS, T, TR, TG}, OUT, N, K, G, threads);                  \
+  }                                                                                          \
+  extern "C" void NAME##_rows(const uint8_t* P, const float* S, const float* ZS,             \
+                              const float* T, int64_t TR, int64_t TG, const int64_t* IDS,    \
+                              int64_t count, float* OUT, int64_t K, int64_t G) {             \
+    rows<BITS, KIND>(Weight{P, S, ZS, T, TR, TG}, IDS, count, OUT, K, G);                    \
   }
 EXPORT(int1, 1, AFFINE)
 EXPORT(int2, 2, AFFINE)
@@ -479,11 +496,13 @@ FP8_FORMATS = {"fp8_e4m3fn": "e4m3", "fp8_e5m2": "e5m2"}  # cpu_fp8: decoded fro
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
+_ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
 _FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS]
              + list(FP8_FORMATS.values()))
 _LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
     **{f"{f}_gemv": (_GEMV_ARGS, _INT) for f in _FAMILIES},
     **{f"{f}_dequant": (_DEQUANT_ARGS, None) for f in _FAMILIES},
+    **{f"{f}_rows": (_ROWS_ARGS, None) for f in _FAMILIES},
 }, fallback="the reference kernel")
 
 
@@ -722,6 +741,25 @@ def bind_cpu_linear(
 
     run.held = (layout, b)  # the tensors behind the pointers live as long as run
     return run
+
+
+def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, cache: dict) -> torch.Tensor | None:
+    """Rows ``ids`` of a float32 table W ``[N, K]`` (an embedding lookup), ``[*ids.shape, K]``
+    float32, dequantized by the kernel library from the stored codes; None where it cannot
+    (spec, device, dtype, group index, library unavailable): use the torch path then."""
+    if (qt.dtype != torch.float32 or ids.device.type != "cpu" or qt.qdata.device.type != "cpu"
+            or qt.g_idx is not None or family(qt) is None or extension() is None):
+        return None
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    n_rows, k = qt.shape
+    if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < n_rows):
+        raise IndexError(f"embedding ids must lie in [0, {n_rows}); got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    _, pointers = _execution_layout(qt, cache)
+    out = torch.empty(flat.numel(), k, dtype=torch.float32, device="cpu")
+    getattr(extension(), f"{family(qt)}_rows")(*pointers, flat.data_ptr(), flat.numel(),
+                                                out.data_ptr(), k, _groups(qt))
+    return out.reshape(*ids.shape, k)
 
 
 def cpu_linear(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import dispatch
+from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.spec import QuantSpec, as_spec
 from lowbit.tensor import STATE_NAMES, QuantizedTensor, stored_shapes
 
@@ -188,6 +188,9 @@ class QuantEmbedding(_QuantWeightMixin):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         qt = self.qweight
+        rows = cpu_avx2.embedding_rows(qt, ids, self._kernel_cache)  # CPU float32 tables
+        if rows is not None:
+            return rows
         if qt.layout.block_rows == 1 and qt.layout.channel_axis is None:
             rows = qt.select_rows(ids.reshape(-1)).dequantize()
             return rows.reshape(*ids.shape, qt.shape[1])

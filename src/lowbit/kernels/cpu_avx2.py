@@ -732,7 +732,7 @@ def bind_cpu_linear(
             if b is not None:
                 y += b
             return y.reshape(*x.shape[:-1], n_out)
-        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
+        y = x.new_empty((*x.shape[:-1], n_out))  # float32 CPU, as checked (~2 us under empty)
         status = gemv(x2.data_ptr(), packed, scale, zero_term, table, t_row, t_group, b_ptr,
                       y.data_ptr(), m, k_in, n_out, n_groups, get_threads())
         if status:

@@ -330,7 +330,7 @@ def bind_activation_kernel(
             x2 = x2.index_select(1, state[3])
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
+        y = x.new_empty((*x.shape[:-1], n_out))  # float32 CPU, as checked (~2 us under empty)
         status = call(x2.data_ptr(), state[2], b_ptr, y.data_ptr(), m)
         if status == 1:
             check_finite(x2, "activation")

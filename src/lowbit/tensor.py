@@ -244,5 +244,6 @@ def elementwise_view(
     expanded = QParams(
         scale=None if qparams.scale is None else qparams.scale[:, cols],
         zero_point=None if qparams.zero_point is None else qparams.zero_point[:, cols],
+        codebook=None if qparams.codebook is None else qparams.codebook[:, cols],
     )
     return per_element, expanded, layout_for(shape, per_element)

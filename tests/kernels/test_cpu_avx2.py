@@ -261,9 +261,20 @@ def test_group_index_with_uneven_groups_goes_to_the_reference() -> None:
 
 def test_regrouped_codes_follow_in_place_edits() -> None:
     gen = torch.Generator().manual_seed(9)
-    qt = _act_order(QuantizedTensor.from_float(torch.randn(8, 128, generator=gen), "w4g128"), gen)
+    qt = _act_order(QuantizedTensor.from_float(torch.randn(8, 256, generator=gen), "w4g128"), gen)
     run = cpu_avx2.bind_cpu_linear(qt, None, {})
-    x = torch.randn(1, 128, generator=gen)
+    x = torch.randn(1, 256, generator=gen)
     run(x)
     qt.qdata.bitwise_xor_(0x11)  # every code changes
     check_close(run(x), reference_linear(x, qt, None, {}), x, qt)
+    qt.g_idx.zero_()[:10] = 1  # still valid, but uneven groups: the bound kernel defers
+    assert not cpu_avx2.spec_supported(qt)
+    assert torch.equal(run(x), reference_linear(x, qt, None, {}))
+
+
+def test_kmeans_group_index_matches_the_reference() -> None:
+    gen = torch.Generator().manual_seed(10)
+    spec = QuantSpec("kmeans4", "group", group_size=64)
+    qt = _act_order(QuantizedTensor.from_float(torch.randn(8, 256, generator=gen), spec), gen)
+    x = torch.randn(3, 256, generator=gen)
+    check_close(cpu_avx2.cpu_linear(x, qt, None, {}), reference_linear(x, qt, None, {}), x, qt)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.packing import pack
-from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
+from lowbit.kernels.dispatch import Kernel, reference_linear, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
@@ -703,6 +703,8 @@ def bind_cpu_linear(
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         versions = [t._version for t in tracked]
         if versions != layout[0]:
+            if family(qt) is None:  # edited in place into groups these kernels cannot run
+                return reference_linear(x, qt, bias, {})
             layout[:] = [versions, *_execution_layout(qt, cache)]
         packed, scale, zero_term, table, t_row, t_group = layout[2]
         order = layout[1][-1]

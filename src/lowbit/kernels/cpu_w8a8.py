@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import int8
-from lowbit.kernels.cpu_avx2 import group_order
+from lowbit.kernels.cpu_avx2 import group_order, whole_groups
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import check_finite, qrange
@@ -325,6 +325,8 @@ def bind_activation_kernel(
             return answer
         versions = [t._version for t in tracked]
         if versions != state[0]:
+            if not whole_groups(qt):  # g_idx edited in place into uneven groups
+                return int8.act_reference_linear(x, qt, bias, {})
             state[:] = [versions, *prepare(qt, cache), group_order(qt)]
         if state[3] is not None:
             x2 = x2.index_select(1, state[3])

@@ -250,6 +250,16 @@ def test_group_index_regroups_the_columns(name: str, m: int) -> None:
     check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
 
 
+def test_group_index_in_natural_order_needs_no_copy() -> None:
+    qt = QuantizedTensor.from_float(torch.randn(8, 256), "w4g128")
+    qt.g_idx = torch.arange(256, dtype=torch.int32) // 128
+    assert cpu_avx2.group_order(qt) is None
+    cache: dict = {}
+    x = torch.randn(2, 256)
+    check_close(cpu_avx2.cpu_linear(x, qt, None, cache), reference_linear(x, qt, None, {}), x, qt)
+    assert cache["cpu_int4"][1][0] is qt.qdata  # the stored codes, read in place
+
+
 def test_group_index_with_uneven_groups_goes_to_the_reference() -> None:
     qt = QuantizedTensor.from_float(torch.randn(8, 256), "w4g128")
     qt.g_idx = torch.zeros(256, dtype=torch.int32)

@@ -548,9 +548,12 @@ def whole_groups(qt: QuantizedTensor) -> bool:
 
 def group_order(qt: QuantizedTensor) -> torch.Tensor | None:
     """The column order (int64 ``[K]``) that puts each group's columns together, for a weight
-    with a group index (of :func:`whole_groups`); None without one. Kernels keep the codes in
-    this order and gather the activations alike."""
-    return None if qt.g_idx is None else torch.argsort(qt.g_idx, stable=True)
+    with a group index (of :func:`whole_groups`); None without one, or where the columns are
+    in group order already. Kernels keep the codes in this order and gather the activations
+    alike."""
+    if qt.g_idx is None or bool((qt.g_idx[1:] >= qt.g_idx[:-1]).all()):
+        return None
+    return torch.argsort(qt.g_idx, stable=True)
 
 
 def spec_supported(qt: QuantizedTensor) -> bool:

@@ -143,6 +143,9 @@ def test_dispatch_picks_the_cpu_kernels_only_where_supported(monkeypatch) -> Non
     qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g128")
     assert dispatch.select_kernel(qt, torch.randn(1, 128)).name == "cpu_int4"
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.bfloat16)).name == (
+        "cpu_int4"
+    )
+    assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.float64)).name == (
         "reference"
     )
     fp6 = QuantizedTensor.from_float(torch.randn(16, 128), FP6)  # a 6-bit float grid
@@ -210,12 +213,29 @@ def test_many_rows_dequantize_whole_or_in_blocks(monkeypatch, name: str, whole: 
     check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["w4g128", "w3g128", "nf4g64"])
+def test_half_activations_are_computed_in_float32(name: str, dtype: torch.dtype) -> None:
+    """bf16 / fp16 inputs (a half-precision model) run the kernel in float32 and round once:
+    the float32 answer in x's dtype, closer to exact than the reference's half F.linear."""
+    torch.manual_seed(6)
+    qt = QuantizedTensor.from_float(torch.randn(40, 256), name)
+    x = torch.randn(2, 5, 256).to(dtype)
+    bias = torch.randn(40).to(dtype)
+    y = dispatch.linear(x, qt, bias, cache={})
+    assert y.dtype == dtype
+    exact = reference_linear(x.double(), qt, bias.double(), {})
+    assert torch.equal(y, cpu_avx2.cpu_linear(x.float(), qt, bias, {}).to(dtype))
+    assert (y.double() - exact).abs().max() <= (reference_linear(x, qt, bias, {}).double()
+                                                  - exact).abs().max()
+
+
 def test_bound_kernel_refuses_inputs_it_was_not_bound_for() -> None:
     qt = QuantizedTensor.from_float(torch.randn(8, 128), "w4g128")
     run = cpu_avx2.bind_cpu_linear(qt, None, {})
-    with pytest.raises(ValueError, match=r"needs float32 CPU \[\.\.\., 128\]"):
+    with pytest.raises(ValueError, match=r"CPU \[\.\.\., 128\]"):
         run(torch.randn(1, 256))
-    with pytest.raises(ValueError, match="needs float32 CPU"):
+    with pytest.raises(ValueError, match=r"needs float32 \(or bfloat16 / float16\) CPU"):
         run(torch.randn(1, 128, dtype=torch.float64))
     with pytest.raises(ValueError, match="bias has 3 elements"):
         cpu_avx2.bind_cpu_linear(qt, torch.zeros(3), {})

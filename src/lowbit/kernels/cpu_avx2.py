@@ -492,6 +492,9 @@ AFFINE_BITS = (1, 2, 3, 4, 8)  # cpu_int{bits}: affine codes
 TABLE_BITS = (1, 2, 3, 4)  # cpu_lut: codebook, float-grid and k-means codes (a 16-entry table)
 TABLE_KINDS = ("codebook", "float", "kmeans")
 FP8_FORMATS = {"fp8_e4m3fn": "e4m3", "fp8_e5m2": "e5m2"}  # cpu_fp8: decoded from the bits
+# Activations the kernels take: float32, and half types computed in float32 (the result
+# rounded to x's dtype once: closer to exact than the reference's half-precision F.linear)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
@@ -574,7 +577,7 @@ def _supports(qt: QuantizedTensor, x: torch.Tensor, kernel: str) -> bool:
         found is not None
         and kernel == kernel_name(found)
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in ACTIVATION_DTYPES
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
         and qt.qdata.device.type == "cpu"
         and x.dim() >= 1 and x.shape[-1] == qt.shape[1]
@@ -674,9 +677,10 @@ def _at(pointer: int | None, offset: int) -> int | None:
 def bind_cpu_linear(
     qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x [..., K] float32 -> x @ W^T + b [..., N]`` for a W ``[N, K]`` of :func:`family`,
-    with the weight's pointers and shapes resolved once (and again after an in-place change of
-    a stored tensor)."""
+    """``x [..., K] -> x @ W^T + b [..., N]`` for a W ``[N, K]`` of :func:`family`, with the
+    weight's pointers and shapes resolved once (and again after an in-place change of a stored
+    tensor). x is float32, or bfloat16 / float16 (computed in float32, returned in x's
+    dtype)."""
     lib = extension()
     kind = family(qt)
     if kind is None:
@@ -701,9 +705,12 @@ def bind_cpu_linear(
     layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
+        if x.shape[-1] != k_in or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu:
             raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
-                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
+                             f"weight {tuple(qt.shape)}; needs float32 (or bfloat16 / float16) "
+                             f"CPU [..., {k_in}]")
+        if x.dtype is not torch.float32:
+            return run(x.float()).to(x.dtype)
         versions = [t._version for t in tracked]
         if versions != layout[0]:
             if family(qt) is None:  # edited in place into groups these kernels cannot run

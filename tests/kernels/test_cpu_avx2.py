@@ -148,6 +148,10 @@ def test_dispatch_picks_the_cpu_kernels_only_where_supported(monkeypatch) -> Non
     assert dispatch.select_kernel(qt, torch.randn(1, 128, dtype=torch.float64)).name == (
         "reference"
     )
+    # fp4 e2m1's values are bf16 numbers: two byte planes of its table are looked up, not four
+    assert cpu_avx2.family(QuantizedTensor.from_float(torch.randn(16, 128), "fp4g32")) == (
+        "lut4bf16")
+    assert cpu_avx2.family(QuantizedTensor.from_float(torch.randn(16, 128), "nf4g64")) == "lut4"
     fp6 = QuantizedTensor.from_float(torch.randn(16, 128), FP6)  # a 6-bit float grid
     assert dispatch.select_kernel(fp6, torch.randn(1, 128)).name == "reference"
     for spec in (preset("w4g64").replace(group_size=16), QuantSpec("uint4", "tensor"),

@@ -85,8 +85,11 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// What the codes are: affine integers, indices into a table, or fp8 bit patterns.
-enum : int { AFFINE = 0, TABLE = 1, E4M3 = 2, E5M2 = 3 };
+// What the codes are: affine integers, indices into a table (TABLE_BF16: a 4-bit table whose
+// entries are bf16 values, the low 16 bits of each float zero, as fp4 e2m1's), or fp8 bit
+// patterns.
+enum : int { AFFINE = 0, TABLE = 1, TABLE_BF16 = 2, E4M3 = 3, E5M2 = 4 };
+constexpr bool is_table(int kind) { return kind == TABLE || kind == TABLE_BF16; }
 
 constexpr int64_t CODES = 32;  // codes per chunk: a chunk is 4 * BITS bytes of a row
 template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
@@ -139,7 +142,7 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
 // of their entries (a 16-byte plane per k), and two rounds of byte / 16-bit unpacks assemble
 // the floats: 15 instructions per 32 codes where register permutes took 25. The floats come
 // out in their own order (see code_at).
-template <int BITS, int KIND> constexpr bool BYTE_PLANES = KIND == TABLE && BITS == 4;
+template <int BITS, int KIND> constexpr bool BYTE_PLANES = is_table(KIND) && BITS == 4;
 
 // The index within its chunk of the code whose value decode puts in lane l of w[j]: codes()'
 // order (4l + j) for affine and <= 3-bit table codes; for 4-bit tables w[j] holds codes 8j +
@@ -160,7 +163,7 @@ struct Table {
 // One chunk as fp32 vectors w[0..3], lane l of w[j] the value of code code_at(j, l).
 // AFFINE: the codes themselves; 8 bits: the stored bytes read as signed, byte ^ 0x80 = code -
 // qmin - 128 (a symmetric int8 weight then has zero 0).
-// TABLE: the table entry of each code.
+// TABLE, TABLE_BF16: the table entry of each code.
 // E4M3, E5M2: the fp8 value, from the bits: the magnitude's exponent and mantissa shifted into
 // fp32's fields (a subnormal fp8 lands on an fp32 subnormal) times 2^(127 - fp8 bias), the
 // sign bit or-ed in. Exact for every finite code (lowbit's Q saturates: it never stores the
@@ -191,10 +194,17 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
     const __m256i idx = _mm256_and_si256(
         _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
         _mm256_set1_epi8(0x0F));
-    const __m256i b0 = _mm256_shuffle_epi8(tab.r[0], idx), b1 = _mm256_shuffle_epi8(tab.r[1], idx);
     const __m256i b2 = _mm256_shuffle_epi8(tab.r[2], idx), b3 = _mm256_shuffle_epi8(tab.r[3], idx);
-    const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
     const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    __m256i lo01, hi01;
+    if constexpr (KIND == TABLE_BF16) {  // bytes 0 and 1 of every entry are zero
+      lo01 = hi01 = _mm256_setzero_si256();
+    } else {
+      const __m256i b0 = _mm256_shuffle_epi8(tab.r[0], idx);
+      const __m256i b1 = _mm256_shuffle_epi8(tab.r[1], idx);
+      lo01 = _mm256_unpacklo_epi8(b0, b1);
+      hi01 = _mm256_unpackhi_epi8(b0, b1);
+    }
     w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
     w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
     w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
@@ -203,7 +213,7 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
     __m256i c[4];
     codes<BITS>(p, c);
     for (int q = 0; q < 4; ++q) {
-      if constexpr (KIND == TABLE)
+      if constexpr (is_table(KIND))
         w[q] = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(tab.r[0]), c[q]);
       else
         w[q] = _mm256_cvtepi32_ps(c[q]);
@@ -223,7 +233,7 @@ struct Weight {
 
 template <int BITS, int KIND>
 static inline void load_table(const Weight& W, int64_t n, int64_t g, Table& tab) {
-  if constexpr (KIND == TABLE) {
+  if constexpr (is_table(KIND)) {
     const float* t = W.T + n * W.TR + g * W.TG;
     if constexpr (BYTE_PLANES<BITS, KIND>) {
       for (int k = 0; k < 4; ++k)
@@ -377,7 +387,7 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
   if (M == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
     for (int64_t p = 0; p < N / 2; ++p) {
-      if (KIND == TABLE && W.TR == 0)
+      if (is_table(KIND) && W.TR == 0)
         pair_tile<BITS, KIND, true>(X, XS, W, B, OUT, 2 * p, K, G);
       else
         pair_tile<BITS, KIND, false>(X, XS, W, B, OUT, 2 * p, K, G);
@@ -483,6 +493,7 @@ EXPORT(lut1, 1, TABLE)
 EXPORT(lut2, 2, TABLE)
 EXPORT(lut3, 3, TABLE)
 EXPORT(lut4, 4, TABLE)
+EXPORT(lut4bf16, 4, TABLE_BF16)
 EXPORT(e4m3, 8, E4M3)
 EXPORT(e5m2, 8, E5M2)
 """
@@ -500,7 +511,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
 _ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
-_FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS]
+_FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS] + ["lut4bf16"]
              + list(FP8_FORMATS.values()))
 _LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
     **{f"{f}_gemv": (_GEMV_ARGS, _INT) for f in _FAMILIES},
@@ -536,8 +547,16 @@ def family(qt: QuantizedTensor) -> str | None:
     if spec.kind == "affine" and spec.bits in AFFINE_BITS:
         return f"int{spec.bits}"
     if spec.kind in TABLE_KINDS and spec.bits in TABLE_BITS:
+        if spec.bits == 4 and spec.kind != "kmeans" and _bf16_values(spec):
+            return "lut4bf16"  # fp4 e2m1: two byte planes of four to look up
         return f"lut{spec.bits}"
     return FP8_FORMATS.get(spec.format)
+
+
+def _bf16_values(spec) -> bool:
+    """Whether every code value of a codebook / float-grid spec is a bf16 number (the low 16
+    bits of its float32 zero)."""
+    return not bool((code_values(spec).view(torch.int32) & 0xFFFF).any())
 
 
 def whole_groups(qt: QuantizedTensor) -> bool:

@@ -32,6 +32,7 @@ from lowbit.spec import preset
 RESULTS = Path(__file__).parent / "results" / "format_kernels.md"
 SHAPES = ((4096, 4096), (11008, 4096))  # (K, N)
 ROWS = (1, 16, 128)
+ROUNDS_FACTOR = {1: 5, 16: 2}  # rounds = --repeats x this
 ACT_ORDER = "w4g128 + g_idx"  # w4g128 with a GPTQ act-order group index
 
 
@@ -88,8 +89,10 @@ def main() -> None:
             x = torch.randn(m, k)
             fns = {"fp32": partial(F.linear, x, w)}
             for name, qt in weights.items():
-                fns[name] = partial(KERNELS[kernel[name]].fn, x, qt, None, caches[name])
-            times[m] = interleaved_medians(fns, args.repeats)
+                # bound once, as a QuantLinear runs it
+                fns[name] = partial(KERNELS[kernel[name]].bound(qt, None, caches[name]), x)
+            # the short calls get more rounds: their medians resist the shared machine's bursts
+            times[m] = interleaved_medians(fns, args.repeats * ROUNDS_FACTOR.get(m, 1))
             print(f"{k}x{n} M={m}: " + ", ".join(
                 f"{name} {times[m]['fp32'] / t:.2f}x" for name, t in times[m].items()), flush=True)
         reference = {}
@@ -135,10 +138,12 @@ def main() -> None:
         f"--threads {torch.get_num_threads()}`; random fp32 weights (N(0, 1)) and "
         "activations; each format quantized with RTN (`QuantizedTensor.from_float`), "
         f"`{ACT_ORDER}` is w4g128 with a random GPTQ act-order group index. Per shape and M, "
-        f"one warm-up call each, then {args.repeats} rounds in which fp32 and every format's "
-        "kernel run once in turn (interleaved); medians. The `reference` column (dequantize + "
-        "`F.linear`, which formats without a fast kernel run on every call) is the median of "
-        "3 calls of its own. The machine is shared: compare ratios within a row.",
+        f"one warm-up call each, then {args.repeats * ROUNDS_FACTOR[1]} (M=1), "
+        f"{args.repeats * ROUNDS_FACTOR[16]} (M=16) or {args.repeats} (M=128) rounds in which "
+        "fp32 and every format's kernel run once in turn (interleaved); medians. The "
+        "`reference` column (dequantize + `F.linear`, which formats without a fast kernel run "
+        "on every call) is the median of 3 calls of its own. The machine is shared: compare "
+        "ratios within a row.",
         "",
         *sections,
         "The weight-only kernels (cpu_int1-4, cpu_int8, cpu_lut, cpu_fp8) run a fused AVX2 "

@@ -37,6 +37,7 @@ reference.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Callable
 
@@ -47,6 +48,7 @@ from lowbit.formats.packing import pack
 from lowbit.kernels.dispatch import Kernel, reference_linear, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import code_values, qrange, symmetric_zero
+from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
 GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
@@ -553,7 +555,8 @@ def family(qt: QuantizedTensor) -> str | None:
     return FP8_FORMATS.get(spec.format)
 
 
-def _bf16_values(spec) -> bool:
+@functools.lru_cache(maxsize=64)
+def _bf16_values(spec: QuantSpec) -> bool:
     """Whether every code value of a codebook / float-grid spec is a bf16 number (the low 16
     bits of its float32 zero)."""
     return not bool((code_values(spec).view(torch.int32) & 0xFFFF).any())

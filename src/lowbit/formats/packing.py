@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-_SHIFTS = {b: torch.arange(8, dtype=torch.int64) * b for b in range(1, 9)}
-
 
 def packed_length(n: int, bits: int) -> int:
     """Bytes taken by a row of ``n`` codes of ``bits`` bits."""
@@ -49,13 +47,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return out
     out_len = packed_length(n, bits)
     groups = -(-n // 8)
-    padded = torch.zeros(*lead, groups * 8, dtype=torch.int64, device=codes.device)
-    padded[..., :n] = codes
-    # 8 codes of b bits -> one integer of 8*b <= 56 bits -> b little-endian bytes.
-    words = (padded.view(*lead, groups, 8) << _SHIFTS[bits].to(codes.device)).sum(-1)
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
-    stream = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(*lead, groups * bits)
-    return stream[..., :out_len].to(torch.uint8).contiguous()
+    padded = codes.to(torch.uint8)
+    if groups * 8 != n:
+        padded = torch.nn.functional.pad(padded, (0, groups * 8 - n))
+    eight = padded.reshape(*lead, groups, 8)
+    # 8 codes of b bits -> one integer of 8*b <= 56 bits -> b little-endian bytes; one op per
+    # code and per byte on [..., groups] (int32 holds 8 * 3 = 24 bits, int64 the rest)
+    wide = torch.int32 if bits <= 3 else torch.int64
+    word = eight[..., 0].to(wide)
+    for i in range(1, 8):
+        word |= eight[..., i].to(wide) << (i * bits)
+    stream = torch.empty(*lead, groups, bits, dtype=torch.uint8, device=codes.device)
+    for j in range(bits):
+        stream[..., j] = (word >> (8 * j)) & 0xFF
+    return stream.reshape(*lead, groups * bits)[..., :out_len].contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -79,9 +84,16 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         parts = [(packed >> (j * bits)) & mask for j in range(per_byte)]
         return torch.stack(parts, -1).reshape(*lead, n)
     groups = -(-n // 8)
-    stream = torch.zeros(*lead, groups * bits, dtype=torch.int64, device=packed.device)
-    stream[..., :expected] = packed
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-    words = (stream.view(*lead, groups, bits) << byte_shifts).sum(-1)
-    codes = (words.unsqueeze(-1) >> _SHIFTS[bits].to(packed.device)) & ((1 << bits) - 1)
-    return codes.reshape(*lead, groups * 8)[..., :n].to(torch.uint8)
+    stream = packed
+    if groups * bits != expected:
+        stream = torch.nn.functional.pad(packed, (0, groups * bits - expected))
+    bytes_ = stream.reshape(*lead, groups, bits)
+    wide = torch.int32 if bits <= 3 else torch.int64  # holds 8 * bits bits
+    word = bytes_[..., 0].to(wide)
+    for j in range(1, bits):
+        word |= bytes_[..., j].to(wide) << (8 * j)
+    codes = torch.empty(*lead, groups, 8, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    for i in range(8):
+        codes[..., i] = (word >> (i * bits)) & mask
+    return codes.reshape(*lead, groups * 8)[..., :n]

@@ -68,3 +68,8 @@ def test_out_of_range_codes_and_dtypes():
         unpack(torch.zeros(1, 4, dtype=torch.int32), 2, 16)
     with pytest.raises(ValueError, match="need"):
         unpack(torch.zeros(1, 3, dtype=torch.uint8), 4, 16)
+
+
+def test_unpacked_codes_are_contiguous() -> None:
+    codes = torch.ones(2, 5, dtype=torch.uint8)
+    assert unpack(pack(codes, 3), 3, 5).view(-1).tolist() == [1] * 10

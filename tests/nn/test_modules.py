@@ -7,6 +7,7 @@ import lowbit
 from lowbit.kernels import cpu_avx2, select_kernel
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.quant import fake_quantize
+from lowbit.spec import QuantSpec
 
 
 def test_quant_linear_equals_fake_quantized_float_linear():
@@ -58,6 +59,29 @@ def test_embedding_lookup_equals_the_dequantized_table(spec: str) -> None:
     for bad in (70, -1):
         with pytest.raises(IndexError):
             qe(torch.tensor([bad]))
+    with pytest.raises((IndexError, RuntimeError)):  # torch's own error for float ids
+        qe(torch.tensor([2.9]))
+    assert torch.equal(qe(ids.int()), qe(ids))
+
+
+def test_embedding_lookup_of_a_signed_float_zero_point_table_is_exact() -> None:
+    """int4 with a float zero-point: s * (z - qmin) can round, so such tables take the torch
+    path (a kernel row would differ from Q^-1 by an ulp)."""
+    torch.manual_seed(1)
+    spec = QuantSpec("int4", "group", group_size=64, zero_point="float")
+    qe = QuantEmbedding(nn.Embedding(64, 256), spec)
+    assert cpu_avx2.embedding_rows(qe.qweight, torch.tensor([1]), {}) is None
+    ids = torch.arange(64)
+    assert torch.equal(qe(ids), qe.qweight.dequantize()[ids])
+
+
+def test_quantized_linear_follows_in_place_edits_of_a_half_precision_bias() -> None:
+    q = QuantLinear.from_float(nn.Linear(128, 16).to(torch.bfloat16), "w4g128")
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = q(x)
+        q.bias.add_(1.0)
+        assert torch.allclose(q(x).float(), before.float() + 1, atol=0.05)
 
 
 def test_state_dict_round_trip_through_a_fresh_module():

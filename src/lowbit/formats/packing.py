@@ -96,4 +96,4 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     for i in range(8):
         codes[..., i] = (word >> (i * bits)) & mask
-    return codes.reshape(*lead, groups * 8)[..., :n]
+    return codes.reshape(*lead, groups * 8)[..., :n].contiguous()

@@ -724,6 +724,8 @@ def bind_cpu_linear(
     # counter: after editing one under inference_mode, clear the module's kernel cache).
     tracked = [t for field, t in qt.stored_tensors().items()
                if (field != "qdata" or qt.g_idx is not None) and not t.is_inference()]
+    if bias is not None and b is not bias and not bias.is_inference():
+        tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
     layout[0] = [t._version for t in tracked]
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -733,11 +735,15 @@ def bind_cpu_linear(
                              f"CPU [..., {k_in}]")
         if x.dtype is not torch.float32:
             return run(x.float()).to(x.dtype)
+        nonlocal b, b_ptr
         versions = [t._version for t in tracked]
         if versions != layout[0]:
             if family(qt) is None:  # edited in place into groups these kernels cannot run
                 return reference_linear(x, qt, bias, {})
             layout[:] = [versions, *_execution_layout(qt, cache)]
+            if b is not bias and bias is not None:
+                b = bias.float().contiguous()
+                b_ptr = b.data_ptr()
         packed, scale, zero_term, table, t_row, t_group = layout[2]
         order = layout[1][-1]
         x2 = x.reshape(-1, k_in)
@@ -773,17 +779,22 @@ def bind_cpu_linear(
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation scratch")
         return y
 
-    run.held = (layout, b)  # the tensors behind the pointers live as long as run
+    run.held = layout  # the tensors behind the pointers live as long as run (b: its closure)
     return run
 
 
 def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, cache: dict) -> torch.Tensor | None:
-    """Rows ``ids`` of a float32 table W ``[N, K]`` (an embedding lookup), ``[*ids.shape, K]``
-    float32, dequantized by the kernel library from the stored codes; None where it cannot
-    (spec, device, dtype, group index, library unavailable): use the torch path then."""
+    """Rows ``ids`` (int64 / int32) of a float32 table W ``[N, K]`` (an embedding lookup),
+    ``[*ids.shape, K]`` float32, dequantized by the kernel library from the stored codes, bit
+    for bit ``qt.dequantize()[ids]``; None where it cannot (spec, device, dtypes, group index,
+    library unavailable): use the torch path then."""
+    spec = qt.spec
     if (qt.dtype != torch.float32 or ids.device.type != "cpu" or qt.qdata.device.type != "cpu"
+            or ids.dtype not in (torch.int64, torch.int32)  # others: torch's error
             or qt.g_idx is not None or family(qt) is None or extension() is None):
         return None
+    if spec.kind == "affine" and spec.signed and spec.zero_point == "float" and spec.bits < 8:
+        return None  # s * (z - qmin) may round: the rows would differ from Q^-1 by an ulp
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     n_rows, k = qt.shape
     if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < n_rows):

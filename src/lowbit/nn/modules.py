@@ -8,6 +8,8 @@ construction work as for any module. The bias stays in float.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,10 +189,11 @@ class QuantEmbedding(_QuantWeightMixin):
         self.set_weight(QuantizedTensor.from_float(w, spec))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        qt = self.qweight
-        rows = cpu_avx2.embedding_rows(qt, ids, self._kernel_cache)  # CPU float32 tables
-        if rows is not None:
-            return rows
+        qt = self._weight_view()
+        if not (self.kernel or os.environ.get("LOWBIT_KERNEL")):  # a forced kernel: torch path
+            rows = cpu_avx2.embedding_rows(qt, ids, self._kernel_cache)  # CPU float32 tables
+            if rows is not None:
+                return rows
         if qt.layout.block_rows == 1 and qt.layout.channel_axis is None:
             rows = qt.select_rows(ids.reshape(-1)).dequantize()
             return rows.reshape(*ids.shape, qt.shape[1])

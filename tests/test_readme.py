@@ -1,5 +1,5 @@
-"""The README's presets table against the code: every preset listed, with the bits per weight
-and the CPU kernel it states."""
+"""The README's presets table against the code: every preset listed once, with the spec, the
+bits per weight and the CPU kernel it states."""
 
 from __future__ import annotations
 
@@ -15,29 +15,38 @@ from lowbit.spec import preset
 from lowbit.tensor import stored_nbytes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+HEADER = "| preset | spec | bits/weight (4096×4096) | CPU kernel | meaning |"
 
 
-def _preset_rows() -> dict[str, list[str]]:
-    text = README.read_text(encoding="utf-8")
-    table = text[text.index("| preset | spec |"):].split("\n\n", 1)[0].splitlines()[2:]
-    rows = {}
-    for line in table:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        for i, name in enumerate(re.findall(r"`([^`]+)`", cells[0])):
-            rows[name] = [cells[2].split(",")[i].strip(), cells[3]]
+def preset_rows() -> dict[str, tuple[str, str, str]]:
+    """preset -> (spec, bits, kernel cell) from the README's table (a row may list several
+    presets, with their specs and bits in the same order, comma separated)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    if HEADER not in lines:
+        raise AssertionError(f"README has no presets table headed {HEADER!r}")
+    rows: dict[str, tuple[str, str, str]] = {}
+    for line in lines[lines.index(HEADER) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        specs = re.findall(r"`([^`]+)`", cells[1])
+        bits = [b.strip() for b in cells[2].split(",")]
+        assert len(specs) == len(bits) == len(names), f"row {line!r}: one spec and bits per preset"
+        for name, spec, bit in zip(names, specs, bits, strict=True):
+            assert name not in rows, f"preset {name} listed twice"
+            rows[name] = (spec, bit, cells[3])
     return rows
 
 
-ROWS = _preset_rows()
-
-
-def test_every_preset_is_in_the_table() -> None:
-    assert set(ROWS) == set(PRESETS)
+def test_every_preset_is_in_the_table_once() -> None:
+    assert set(preset_rows()) == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_bits_and_cpu_kernel_are_what_the_code_does(name: str) -> None:
-    bits, kernel_cell = ROWS[name]
+def test_spec_bits_and_cpu_kernel_are_what_the_code_does(name: str) -> None:
+    spec, bits, kernel_cell = preset_rows()[name]
+    assert spec == str(preset(name))
     assert f"{stored_nbytes(name, (4096, 4096)) * 8 / 4096**2:.3f}" == bits
     qt = QuantizedTensor.from_float(torch.randn(64, 256), name)
     if preset(name).act is not None and not preset(name).act.dynamic:

@@ -85,6 +85,12 @@ def without_linears(model, batch: int, max_len: int) -> lowbit.Decoder:
     return decoder
 
 
+def per_step(run: list[float], prefill: list[float], new_tokens: int) -> float:
+    """Seconds per decode step: a run's median less its prefill's (the prompt and the first
+    token), over the other new tokens."""
+    return (statistics.median(run) - statistics.median(prefill)) / (new_tokens - 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -117,23 +123,26 @@ def main() -> None:
             ids = prompts(tokenizer, batch, PROMPT)
             decoders = {s: lowbit.Decoder(m, batch, PROMPT + args.new_tokens)
                         for s, m in models.items()}
-            runs = {}
+            runs = {}  # (runtime, scheme) -> (time fn, its target, new tokens)
             for scheme in models:
-                runs[("lowbit Decoder", scheme)] = (decoder_seconds, decoders[scheme])
-            if batch == 1:  # the step without its Linears, timed in the same rounds
+                runs[("lowbit Decoder", scheme)] = (decoder_seconds, decoders[scheme],
+                                                    args.new_tokens)
+            if batch == 1:  # the step split: with and without Linears, prefill alone too
                 for scheme, model in models.items():
-                    runs[("no Linear", scheme)] = (
-                        decoder_seconds, without_linears(model, batch, PROMPT + args.new_tokens))
+                    bare = without_linears(model, batch, PROMPT + args.new_tokens)
+                    runs[("prefill", scheme)] = (decoder_seconds, decoders[scheme], 1)
+                    runs[("no Linear", scheme)] = (decoder_seconds, bare, args.new_tokens)
+                    runs[("no Linear prefill", scheme)] = (decoder_seconds, bare, 1)
             for scheme, model in models.items():
-                runs[("transformers generate", scheme)] = (hf_seconds, model)
-            for fn, target in runs.values():  # warm-up (builds kernel caches)
+                runs[("transformers generate", scheme)] = (hf_seconds, model, args.new_tokens)
+            for fn, target, _ in runs.values():  # warm-up (builds kernel caches)
                 fn(target, ids, 4)
             times = {key: [] for key in runs}
             for _ in range(args.rounds):
-                for key, (fn, target) in runs.items():
-                    times[key].append(fn(target, ids, args.new_tokens))
+                for key, (fn, target, tokens) in runs.items():
+                    times[key].append(fn(target, ids, tokens))
             for runtime, scheme in runs:
-                if runtime == "no Linear":
+                if runtime not in ("lowbit Decoder", "transformers generate"):
                     continue
                 tps = batch * args.new_tokens / statistics.median(times[(runtime, scheme)])
                 base_tps = batch * args.new_tokens / statistics.median(times[(runtime, "fp32")])
@@ -143,8 +152,10 @@ def main() -> None:
                 table.append(line)
             if batch == 1:
                 for scheme in models:
-                    step, rest = (statistics.median(times[(runtime, scheme)]) / args.new_tokens
-                                  for runtime in ("lowbit Decoder", "no Linear"))
+                    step, rest = (per_step(times[(full, scheme)], times[(prefill, scheme)],
+                                           args.new_tokens)
+                                  for full, prefill in (("lowbit Decoder", "prefill"),
+                                                        ("no Linear", "no Linear prefill")))
                     steps[scheme] = (step, step - rest)
     split = [
         f"| {scheme} | {step * 1e3:.2f} | {lin * 1e3:.2f} | {(step - lin) * 1e3:.2f} | "
@@ -172,9 +183,11 @@ def main() -> None:
         "| ---: | --- | --- | --- | ---: | ---: |",
         *table,
         "",
-        "Where a batch-1 step of the Decoder goes (step = median decode time / new tokens; "
-        "rest = the same for a Decoder whose bound Linears answer every call after the first "
-        "from a cache, timed in the same rounds; Linear = step - rest):",
+        "Where a batch-1 decode step of the Decoder goes (step = (median time of the run - "
+        "median time of the prompt's prefill and first token) / (new tokens - 1); rest = the "
+        "same for a Decoder whose bound Linears answer every call after the first from a cache, "
+        "timed in the same rounds; Linear = step - rest. The rest runs without the Linears' "
+        "weights streaming through the caches, so it is a lower bound):",
         "",
         "| scheme | step ms | Linear ms | rest ms | Linear share |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -515,7 +515,7 @@ _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
 _ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
 _FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS] + ["lut4bf16"]
              + list(FP8_FORMATS.values()))
-_LIB = NativeLibrary("cpu_int4", _SOURCE, _FLAGS, {
+_LIB = NativeLibrary("cpu_avx2", _SOURCE, _FLAGS, {
     **{f"{f}_gemv": (_GEMV_ARGS, _INT) for f in _FAMILIES},
     **{f"{f}_dequant": (_DEQUANT_ARGS, None) for f in _FAMILIES},
     **{f"{f}_rows": (_ROWS_ARGS, None) for f in _FAMILIES},

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.kernels.dispatch import reference_linear
@@ -312,3 +314,40 @@ def test_kmeans_group_index_matches_the_reference() -> None:
     qt = _act_order(QuantizedTensor.from_float(torch.randn(8, 256, generator=gen), spec), gen)
     x = torch.randn(3, 256, generator=gen)
     check_close(cpu_avx2.cpu_linear(x, qt, None, {}), reference_linear(x, qt, None, {}), x, qt)
+
+
+_FUZZ_FORMATS = ["uint1", "uint2", "int2", "uint3", "int3", "uint4", "int4", "uint8", "int8",
+                 "nf4", "fp4_e2m1", "kmeans2", "kmeans4", "fp8_e4m3fn", "fp8_e5m2"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fmt=st.sampled_from(_FUZZ_FORMATS),
+    group=st.sampled_from([32, 64, 128, None]),
+    groups=st.integers(1, 3),
+    symmetric=st.booleans(),
+    m=st.integers(1, cpu_avx2.GEMV_MAX_ROWS + 8),
+    n=st.integers(1, 40),
+    act_order=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_any_weight_only_spec_matches_the_reference(fmt, group, groups, symmetric, m, n,
+                                                    act_order, seed) -> None:
+    """Random specs of every family (affine of 1-8 bits, tables, fp8; groups or per channel;
+    act-order group indices) against the reference kernel, through dispatch's bound path."""
+    fixed_grid = fmt in ("nf4", "fp4_e2m1") or fmt.startswith("fp8")
+    symmetric = symmetric or fixed_grid or fmt.startswith("kmeans")
+    if fmt == "uint1":
+        symmetric = False  # a 1-bit grid has no level above zero
+    granularity = {"granularity": "group", "group_size": group} if group else {
+        "granularity": "channel"}
+    spec = QuantSpec(fmt, symmetric=symmetric, **granularity)
+    k = (group or 32) * groups
+    gen = torch.Generator().manual_seed(seed)
+    qt = QuantizedTensor.from_float(torch.randn(n, k, generator=gen) * 2, spec)
+    if act_order and group:
+        qt = _act_order(qt, gen)
+    x = torch.randn(m, k, generator=gen)
+    assert dispatch.select_kernel(qt, x).name.startswith("cpu_")
+    y = dispatch.linear(x, qt, None, cache={})
+    check_close(y, reference_linear(x, qt, None, {}), x, qt)

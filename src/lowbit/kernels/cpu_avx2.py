@@ -107,7 +107,7 @@ template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
 //   2, 4 bits: the chunk's bytes (16-bit pairs) widened to 32-bit lanes;
 //   3 bits: 12-bit fields at byte offsets 0, 1.5, 3, ..: bytes floor(1.5 l), +1 gathered into
 //   lane l by a shuffle, odd lanes shifted right by 4.
-template <int BITS>
+template <int BITS, bool IN_PLACE>
 static inline void codes(const uint8_t* p, __m256i c[4]) {
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
   __m256i w;
@@ -132,12 +132,29 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
   } else {
     w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  if constexpr (IN_PLACE) {
+    for (int j = 0; j < 4; ++j)
+      c[j] = _mm256_and_si256(w, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * j)));
+    return;
+  }
   c[0] = _mm256_and_si256(w, mask);
   c[1] = _mm256_and_si256(_mm256_srli_epi32(w, BITS), mask);
   c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 2 * BITS), mask);
   // 2 and 4 bits: lanes hold 4 * BITS bits, nothing above the last code to mask off
   c[3] = _mm256_srli_epi32(w, 3 * BITS);
   if constexpr (BITS == 1 || BITS == 3) c[3] = _mm256_and_si256(c[3], mask);
+}
+
+// Affine codes of at most 4 bits are decoded where they sit: field j of a lane masked in place
+// is code * 2^(BITS * j), converted exactly; the GEMV multiplies it by the activation times
+// 2^(-BITS * j) (see code_scale), the same product, so the shifts that would move each code
+// down are saved (they shared a pipe with the shuffles and conversions: ~20% of an int4 GEMV).
+template <int BITS, int KIND> constexpr bool IN_PLACE_CODES = KIND == AFFINE && BITS <= 4;
+
+// What decode's w[j] values are multiplied by to give the codes' values (1 unless in place).
+template <int BITS, int KIND>
+constexpr float code_scale(int j) {
+  return IN_PLACE_CODES<BITS, KIND> ? 1.f / static_cast<float>(1 << (BITS * j)) : 1.f;
 }
 
 // 4-bit tables are looked up one byte plane at a time: vpshufb maps 32 codes at once to byte k
@@ -213,7 +230,7 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
     w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
   } else {
     __m256i c[4];
-    codes<BITS>(p, c);
+    codes<BITS, IN_PLACE_CODES<BITS, KIND>>(p, c);
     for (int q = 0; q < 4; ++q) {
       if constexpr (is_table(KIND))
         w[q] = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(tab.r[0]), c[q]);
@@ -377,13 +394,14 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
         XS[m * G + g] = s;
       }
   }
-  float* XP = nullptr;  // X with each 32-chunk in decode's order (code_at)
+  float* XP = nullptr;  // X with each 32-chunk in decode's order (code_at), times code_scale
   if constexpr (BITS <= 4) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) XP[i + 8 * j + l] = X[i + code_at<BITS, KIND>(j, l)];
+        for (int l = 0; l < 8; ++l)
+          XP[i + 8 * j + l] = X[i + code_at<BITS, KIND>(j, l)] * code_scale<BITS, KIND>(j);
     X = XP;
   }
   if (M == 1) {
@@ -445,6 +463,9 @@ static inline void dequant_row(const Weight& W, int64_t n, float* OUT, int64_t K
         const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
       } else if constexpr (BITS <= 4) {
+        if constexpr (IN_PLACE_CODES<BITS, KIND>)
+          for (int q = 0; q < 4; ++q)
+            c[q] = _mm256_mul_ps(c[q], _mm256_set1_ps(code_scale<BITS, KIND>(q)));
         natural_order(c, v);
       }
       const __m256* w = BITS <= 4 ? v : c;
@@ -469,12 +490,19 @@ static void rows(const Weight& W, const int64_t* IDS, int64_t count, float* OUT,
   for (int64_t i = 0; i < count; ++i) dequant_row<BITS, KIND>(W, IDS[i], OUT + i * K, K, G);
 }
 
+// What a GEMV call needs besides the activations: built once per weight layout by the caller,
+// so that a call passes 5 arguments (ctypes converts each argument on every call: 14 of them
+// cost ~2 us, comparable to a small layer's arithmetic).
+struct GemvArgs {
+  Weight W;
+  const float* B;
+  int64_t K, N, G;
+};
+
 #define EXPORT(NAME, BITS, KIND)                                                             \
-  extern "C" int NAME##_gemv(const float* X, const uint8_t* P, const float* S,               \
-                             const float* ZS, const float* T, int64_t TR, int64_t TG,        \
-                             const float* B, float* OUT, int64_t M, int64_t K, int64_t N,    \
-                             int64_t G, int threads) {                                       \
-    return gemv<BITS, KIND>(X, Weight{P, S, ZS, T, TR, TG}, B, OUT, M, K, N, G, threads);     \
+  extern "C" int NAME##_gemv(const float* X, float* OUT, int64_t M, const GemvArgs* A,      \
+                             int threads) {                                                  \
+    return gemv<BITS, KIND>(X, A->W, A->B, OUT, M, A->K, A->N, A->G, threads);               \
   }                                                                                          \
   extern "C" void NAME##_dequant(const uint8_t* P, const float* S, const float* ZS,          \
                                  const float* T, int64_t TR, int64_t TG, float* OUT,         \
@@ -510,7 +538,15 @@ FP8_FORMATS = {"fp8_e4m3fn": "e4m3", "fp8_e5m2": "e5m2"}  # cpu_fp8: decoded fro
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_GEMV_ARGS = [_PTR] * 5 + [_I64] * 2 + [_PTR] * 2 + [_I64] * 4 + [_INT]
+_GEMV_ARGS = [_PTR, _PTR, _I64, _PTR, _INT]
+
+
+class GemvArgs(ctypes.Structure):
+    """The C ``GemvArgs``: a weight's pointers and sizes, passed to ``<family>_gemv`` by
+    address."""
+
+    _fields_ = [("P", _PTR), ("S", _PTR), ("ZS", _PTR), ("T", _PTR), ("TR", _I64), ("TG", _I64),
+                ("B", _PTR), ("K", _I64), ("N", _I64), ("G", _I64)]
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
 _ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
 _FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS] + ["lut4bf16"]
@@ -716,9 +752,19 @@ def bind_cpu_linear(
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
     b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
-    b_ptr = None if b is None else b.data_ptr()
     get_threads = torch.get_num_threads
-    layout: list = [None, *_execution_layout(qt, cache)]  # [versions, held, pointers]
+    args = GemvArgs(K=k_in, N=n_out, G=n_groups)
+    args_at = ctypes.addressof(args)
+    layout: list = [None, None, None]  # [versions, held tensors, pointers]
+
+    def build(versions: list[int]) -> None:
+        nonlocal b
+        if b is not bias and bias is not None:
+            b = bias.float().contiguous()
+        layout[:] = [versions, *_execution_layout(qt, cache)]
+        args.P, args.S, args.ZS, args.T, args.TR, args.TG = layout[2]
+        args.B = None if b is None else b.data_ptr()
+
     # The kernel reads the codes in place (unless regrouped) but copies of the other tensors:
     # follow their in-place edits outside inference_mode (inference tensors have no version
     # counter: after editing one under inference_mode, clear the module's kernel cache).
@@ -726,57 +772,59 @@ def bind_cpu_linear(
                if (field != "qdata" or qt.g_idx is not None) and not t.is_inference()]
     if bias is not None and b is not bias and not bias.is_inference():
         tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
-    layout[0] = [t._version for t in tracked]
+    build([t._version for t in tracked])
+    float32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu:
-            raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
-                             f"weight {tuple(qt.shape)}; needs float32 (or bfloat16 / float16) "
-                             f"CPU [..., {k_in}]")
-        if x.dtype is not torch.float32:
+        # the common case first, with as few torch calls as possible: a small layer's whole
+        # call is ~10-20 us, and each attribute or method of a tensor costs ~0.2-2 us
+        if x.dtype is not float32 or x.shape[-1] != k_in or not x.is_cpu:
+            if x.shape[-1] != k_in or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu:
+                raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
+                                 f"weight {tuple(qt.shape)}; needs float32 (or bfloat16 / "
+                                 f"float16) CPU [..., {k_in}]")
             return run(x.float()).to(x.dtype)
-        nonlocal b, b_ptr
-        versions = [t._version for t in tracked]
-        if versions != layout[0]:
-            if family(qt) is None:  # edited in place into groups these kernels cannot run
-                return reference_linear(x, qt, bias, {})
-            layout[:] = [versions, *_execution_layout(qt, cache)]
-            if b is not bias and bias is not None:
-                b = bias.float().contiguous()
-                b_ptr = b.data_ptr()
-        packed, scale, zero_term, table, t_row, t_group = layout[2]
+        if tracked:
+            versions = [t._version for t in tracked]
+            if versions != layout[0]:
+                if family(qt) is None:  # edited in place into groups these kernels cannot run
+                    return reference_linear(x, qt, bias, {})
+                build(versions)
         order = layout[1][-1]
-        x2 = x.reshape(-1, k_in)
         if order is not None:
-            x2 = x2.index_select(1, order)
-        elif not x2.is_contiguous():
-            x2 = x2.contiguous()
-        m = x2.shape[0]
+            x = x.reshape(-1, k_in).index_select(1, order).view(x.shape)
+        elif not x.is_contiguous():
+            x = x.contiguous()
+        m = x.numel() // k_in
         if m > GEMV_MAX_ROWS:
-            rows = n_out if n_out * k_in <= DEQUANT_WHOLE_MAX else DEQUANT_BLOCK_ROWS
-            block = _scratch(rows * k_in)
-            if rows == n_out:  # one block: the whole weight, bias fused into the GEMM
-                w = block[: n_out * k_in].view(n_out, k_in)
-                dequant(packed, scale, zero_term, table, t_row, t_group, w.data_ptr(), n_out,
-                        k_in, n_groups, get_threads())
-                return F.linear(x2, w, b).reshape(*x.shape[:-1], n_out)
-            y = torch.empty(m, n_out, dtype=torch.float32, device="cpu")
-            for n0 in range(0, n_out, rows):
-                nb = min(rows, n_out - n0)
-                w = block[: nb * k_in].view(nb, k_in)
-                offset = 4 * n0 * n_groups  # bytes into the [N, G] float32 parameters
-                dequant(packed + n0 * row_bytes, _at(scale, offset), _at(zero_term, offset),
-                        _at(table, 4 * n0 * t_row), t_row, t_group, w.data_ptr(), nb, k_in,
-                        n_groups, get_threads())
-                y[:, n0:n0 + nb] = x2 @ w.T
-            if b is not None:
-                y += b
-            return y.reshape(*x.shape[:-1], n_out)
-        y = x.new_empty((*x.shape[:-1], n_out))  # float32 CPU, as checked (~2 us under empty)
-        status = gemv(x2.data_ptr(), packed, scale, zero_term, table, t_row, t_group, b_ptr,
-                      y.data_ptr(), m, k_in, n_out, n_groups, get_threads())
-        if status:
+            return dequant_linear(x.view(m, k_in)).view(*x.shape[:-1], n_out)
+        y = torch.empty((*x.shape[:-1], n_out), dtype=float32)
+        if m and gemv(x.data_ptr(), y.data_ptr(), m, args_at, get_threads()):
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation scratch")
+        return y
+
+    def dequant_linear(x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [m, K] @ W^T + b`` through fp32 weights dequantized into the scratch buffer."""
+        m = x2.shape[0]
+        packed, scale, zero_term, table, t_row, t_group = layout[2]
+        rows = n_out if n_out * k_in <= DEQUANT_WHOLE_MAX else DEQUANT_BLOCK_ROWS
+        block = _scratch(rows * k_in)
+        if rows == n_out:  # one block: the whole weight, bias fused into the GEMM
+            w = block[: n_out * k_in].view(n_out, k_in)
+            dequant(packed, scale, zero_term, table, t_row, t_group, w.data_ptr(), n_out,
+                    k_in, n_groups, get_threads())
+            return F.linear(x2, w, b)
+        y = torch.empty(m, n_out, dtype=float32)
+        for n0 in range(0, n_out, rows):
+            nb = min(rows, n_out - n0)
+            w = block[: nb * k_in].view(nb, k_in)
+            offset = 4 * n0 * n_groups  # bytes into the [N, G] float32 parameters
+            dequant(packed + n0 * row_bytes, _at(scale, offset), _at(zero_term, offset),
+                    _at(table, 4 * n0 * t_row), t_row, t_group, w.data_ptr(), nb, k_in,
+                    n_groups, get_threads())
+            y[:, n0:n0 + nb] = x2 @ w.T
+        if b is not None:
+            y += b
         return y
 
     run.held = layout  # the tensors behind the pointers live as long as run (b: its closure)

@@ -111,9 +111,9 @@ static void tile_rows(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, co
 // code(8p + c, 8o + i) in its low nibble and code(8p + c, 8o + 4 + i) in its high nibble. SP,
 // SZP [ceil(N / 8)][G][8]: scale and scale * zero_code per channel and group (zero padded).
 // K a multiple of 8 * G. Returns 1 for non-finite X, 2 for an allocation failure.
-extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, const float* SZP,
-                           const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
-                           int64_t G, int per_token, float qmax, float qmin, int threads) {
+static int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, const float* SZP,
+                       const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                       int64_t G, int per_token, float qmax, float qmin, int threads) {
   const int64_t group = K / G, panels = (N + 7) / 8;
   int8_t* XQ = (int8_t*)malloc(M * K);
   float* SX = (float*)malloc(sizeof(float) * M);
@@ -152,13 +152,26 @@ extern "C" int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, c
   free(XQ); free(SX); free(QS);
   return 0;
 }
+
+// A call's arguments besides the activations, built once per weight (see cpu_avx2's GemvArgs).
+struct W4A8Args {
+  const uint8_t* WP;
+  const float *SP, *SZP, *B;
+  int64_t K, N, G;
+  int per_token;
+  float qmax, qmin;
+};
+
+extern "C" int w4a8_call(const float* X, float* OUT, int64_t M, const W4A8Args* A, int threads) {
+  return w4a8_linear(X, A->WP, A->SP, A->SZP, A->B, OUT, M, A->K, A->N, A->G, A->per_token,
+                     A->qmax, A->qmin, threads);
+}
 """
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _PTR, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _LIB = NativeLibrary("cpu_w4a8", _SOURCE, _FLAGS, {
-    "w4a8_linear": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _F32,
-                     _F32, _I32], _I32),
+    "w4a8_call": ([_PTR, _PTR, _I64, _PTR, _I32], _I32),
 }, fallback="the act-reference kernel")
 
 
@@ -238,23 +251,34 @@ def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, 
     return entry[1], entry[2]
 
 
+class W4A8Args(ctypes.Structure):
+    """The C ``W4A8Args``: a weight's pointers, sizes and activation grid, passed by address."""
+
+    _fields_ = [("WP", _PTR), ("SP", _PTR), ("SZP", _PTR), ("B", _PTR), ("K", _I64),
+                ("N", _I64), ("G", _I64), ("per_token", _I32), ("qmax", _F32), ("qmin", _F32)]
+
+
 def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
               cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
-    run_call = library().w4a8_linear
+    entry = library().w4a8_call
     n_out, k_in = qt.shape
     act = qt.spec.act
     qmin, qmax = (float(v) for v in qrange(act))
-    per_token = int(act.granularity == "token")
     n_groups = qt.scale.numel() // n_out
     get_threads = torch.get_num_threads
 
-    def call(x_ptr: int, prepared: tuple, b_ptr: int | None, y_ptr: int, m: int) -> int:
+    def make_call(prepared: tuple, b_ptr: int | None) -> Callable[[int, int, int], int]:
         packed, scale, scale_zero = prepared
-        return run_call(x_ptr, packed, scale, scale_zero, b_ptr, y_ptr, m, k_in, n_out, n_groups,
-                        per_token, qmax, qmin, get_threads())
+        args = W4A8Args(packed, scale, scale_zero, b_ptr, k_in, n_out, n_groups,
+                        int(act.granularity == "token"), qmax, qmin)
+        at = ctypes.addressof(args)
 
-    return bind_activation_kernel("cpu_w4a8", qt, bias, cache, _prepared, call)
+        def call(x_ptr: int, y_ptr: int, m: int, args: W4A8Args = args) -> int:  # keeps args
+            return entry(x_ptr, y_ptr, m, at, get_threads())
+        return call
+
+    return bind_activation_kernel("cpu_w4a8", qt, bias, cache, _prepared, make_call)
 
 
 def cpu_w4a8_linear(

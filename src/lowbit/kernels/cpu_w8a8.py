@@ -174,9 +174,9 @@ static void tile(int mr, int np, const int16_t* xq, int64_t KP, const int8_t* wp
 // WP[((n / 8) * KH + k / 2) * 16 + (n % 8) * 2 + k % 2] = W[n, k], KH = ceil(K / 2), zero padded
 // to whole panels and pairs. SW [N] or [1] (sw_per_channel 0); per_token 0: one activation scale
 // for all rows. Returns 1 for non-finite X, 2 for an allocation failure.
-extern "C" int w8a8_linear(const float* X, const int8_t* WP, const float* SW, int sw_per_channel,
-                           const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
-                           int per_token, float qmax, float qmin, int threads) {
+static int w8a8_linear(const float* X, const int8_t* WP, const float* SW, int sw_per_channel,
+                       const float* B, float* OUT, int64_t M, int64_t K, int64_t N,
+                       int per_token, float qmax, float qmin, int threads) {
   const int64_t KP = (K + 1) / 2 * 2, KH = KP / 2, panels = (N + 7) / 8;
   int16_t* XQ = (int16_t*)malloc(sizeof(int16_t) * M * KP);
   float* SX = (float*)malloc(sizeof(float) * M);
@@ -231,6 +231,20 @@ extern "C" int w8a8_linear(const float* X, const int8_t* WP, const float* SW, in
   free(SX);
   return 0;
 }
+
+// A call's arguments besides the activations, built once per weight (see cpu_avx2's GemvArgs).
+struct W8A8Args {
+  const int8_t* WP;
+  const float *SW, *B;
+  int64_t K, N;
+  int sw_per_channel, per_token;
+  float qmax, qmin;
+};
+
+extern "C" int w8a8_call(const float* X, float* OUT, int64_t M, const W8A8Args* A, int threads) {
+  return w8a8_linear(X, A->WP, A->SW, A->sw_per_channel, A->B, OUT, M, A->K, A->N,
+                     A->per_token, A->qmax, A->qmin, threads);
+}
 """
 # -ffp-contract=off: no fused multiply-adds, so each float32 step rounds like torch's ops.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
@@ -238,8 +252,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", 
 
 _PTR, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _LIB = NativeLibrary("cpu_w8a8", _SOURCE, _FLAGS, {
-    "w8a8_linear": ([_PTR, _PTR, _PTR, _I32, _PTR, _PTR, _I64, _I64, _I64, _I32, _F32, _F32,
-                     _I32], _I32),
+    "w8a8_call": ([_PTR, _PTR, _I64, _PTR, _I32], _I32),
 }, fallback="int8-fbgemm")
 
 
@@ -283,8 +296,10 @@ def _prepared(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple[int, int, 
     return entry[1], entry[2]
 
 
-# (x2d pointer, the prepared pointers, bias pointer or None, output pointer, rows) -> status
-NativeCall = Callable[[int, tuple, "int | None", int, int], int]
+# (x2d pointer, output pointer, rows) -> status, for one weight layout and bias
+NativeCall = Callable[[int, int, int], int]
+# (the prepared pointers, bias pointer or None) -> the call for them
+MakeCall = Callable[[tuple, "int | None"], NativeCall]
 
 
 def bind_activation_kernel(
@@ -293,15 +308,15 @@ def bind_activation_kernel(
     bias: torch.Tensor | None,
     cache: dict,
     prepare: Callable[[QuantizedTensor, dict], tuple[tuple, tuple]],
-    call: NativeCall,
+    make_call: MakeCall,
     handover: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x [..., K] float32 -> [..., N]`` through a C kernel that quantizes the activations
     itself (status 1: non-finite input, 2: allocation failure). ``prepare(qt, cache)`` gives the
     (held tensors, pointers) of the execution layout, rebuilt after in-place edits of the stored
     tensors, with the codes of a weight with a group index in :func:`group_order` (the
-    activations are gathered alike); ``handover(x, rows)`` may answer a call instead (None:
-    the kernel runs)."""
+    activations are gathered alike); ``make_call(pointers, bias pointer)`` binds the C entry to
+    them; ``handover(x, rows)`` may answer a call instead (None: the kernel runs)."""
     n_out, k_in = qt.shape
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
@@ -310,32 +325,39 @@ def bind_activation_kernel(
     # the layout follows in-place edits of the stored tensors outside inference_mode (inference
     # tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
-    # versions, held, pointers, column order (a group index's: the layout keeps its codes so)
-    state = [[t._version for t in tracked], *prepare(qt, cache), group_order(qt)]
+    state: list = []  # versions, held, pointers, column order (a group index's), the call
+
+    def build(versions: list[int]) -> None:
+        held, pointers = prepare(qt, cache)
+        state[:] = [versions, held, pointers, group_order(qt), make_call(pointers, b_ptr)]
+
+    build([t._version for t in tracked])
+    float32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != k_in or x.dtype is not torch.float32 or not x.is_cpu:
+        # few torch calls on the common path: see cpu_avx2's bound run
+        if x.dtype is not float32 or x.shape[-1] != k_in or not x.is_cpu:
             raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
-        x2 = x.reshape(-1, k_in)
-        m = x2.shape[0]
+        m = x.numel() // k_in
         if m == 0:
-            return torch.empty(*x.shape[:-1], n_out, dtype=torch.float32, device="cpu")
+            return torch.empty(*x.shape[:-1], n_out, dtype=float32)
         if handover is not None and (answer := handover(x, m)) is not None:
             return answer
-        versions = [t._version for t in tracked]
-        if versions != state[0]:
-            if not whole_groups(qt):  # g_idx edited in place into uneven groups
-                return int8.act_reference_linear(x, qt, bias, {})
-            state[:] = [versions, *prepare(qt, cache), group_order(qt)]
+        if tracked:
+            versions = [t._version for t in tracked]
+            if versions != state[0]:
+                if not whole_groups(qt):  # g_idx edited in place into uneven groups
+                    return int8.act_reference_linear(x, qt, bias, {})
+                build(versions)
+        y = torch.empty((*x.shape[:-1], n_out), dtype=float32)
         if state[3] is not None:
-            x2 = x2.index_select(1, state[3])
-        elif not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = x.new_empty((*x.shape[:-1], n_out))  # float32 CPU, as checked (~2 us under empty)
-        status = call(x2.data_ptr(), state[2], b_ptr, y.data_ptr(), m)
+            x = x.reshape(m, k_in).index_select(1, state[3])
+        elif not x.is_contiguous():
+            x = x.contiguous()
+        status = state[4](x.data_ptr(), y.data_ptr(), m)
         if status == 1:
-            check_finite(x2, "activation")
+            check_finite(x, "activation")
         if status:
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation codes")
         return y
@@ -344,20 +366,32 @@ def bind_activation_kernel(
     return run
 
 
+class W8A8Args(ctypes.Structure):
+    """The C ``W8A8Args``: a weight's pointers, sizes and activation grid, passed by address."""
+
+    _fields_ = [("WP", ctypes.c_void_p), ("SW", ctypes.c_void_p), ("B", ctypes.c_void_p),
+                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("sw_per_channel", ctypes.c_int),
+                ("per_token", ctypes.c_int), ("qmax", ctypes.c_float), ("qmin", ctypes.c_float)]
+
+
 def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
               cache: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x [..., K] -> [..., N]`` with everything but the activations resolved once."""
-    run_call = library().w8a8_linear
+    entry = library().w8a8_call
     act = qt.spec.act
     qmin, qmax = (float(v) for v in qrange(act))
-    per_token = int(act.granularity == "token")
     n_out, k_in = qt.shape
     get_threads = torch.get_num_threads
 
-    def call(x_ptr: int, prepared: tuple, b_ptr: int | None, y_ptr: int, m: int) -> int:
+    def make_call(prepared: tuple, b_ptr: int | None) -> NativeCall:
         weight, sw, per_channel = prepared
-        return run_call(x_ptr, weight, sw, per_channel, b_ptr, y_ptr, m, k_in, n_out, per_token,
-                        qmax, qmin, get_threads())
+        args = W8A8Args(weight, sw, b_ptr, k_in, n_out, per_channel,
+                        int(act.granularity == "token"), qmax, qmin)
+        at = ctypes.addressof(args)
+
+        def call(x_ptr: int, y_ptr: int, m: int, args: W8A8Args = args) -> int:  # keeps args
+            return entry(x_ptr, y_ptr, m, at, get_threads())
+        return call
 
     handover = None
     if int8.one_pass_shift(qt.spec) is not None:
@@ -366,7 +400,7 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
                 return int8.int8_fbgemm_linear(x, qt, bias, cache)
             return None
 
-    return bind_activation_kernel("cpu_w8a8", qt, bias, cache, _prepared, call, handover)
+    return bind_activation_kernel("cpu_w8a8", qt, bias, cache, _prepared, make_call, handover)
 
 
 def cpu_w8a8_linear(

@@ -168,8 +168,9 @@ def main() -> None:
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *lines,
             "",
-            f"{fast} runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} and "
-            "above it dequantizes the weight (AVX2; whole up to "
+            f"{fast} runs its fused AVX2 GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} (weights of "
+            f"fewer than {cpu_avx2.GEMV_SMALL_WEIGHT} elements: {cpu_avx2.GEMV_SMALL_MAX_ROWS}) "
+            "and above it dequantizes the weight (AVX2; whole up to "
             f"{cpu_avx2.DEQUANT_WHOLE_MAX * 4 >> 20} MiB of fp32, else "
             f"{cpu_avx2.DEQUANT_BLOCK_ROWS} rows at a time) into a reused buffer and multiplies "
             "with the fp32 GEMM; at large M the layer is compute-bound "

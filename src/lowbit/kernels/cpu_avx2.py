@@ -24,9 +24,9 @@ qmin``; int8: the stored byte - 128; tables: the code's entry; fp8: its value), 
 zero-point in those units (int1-4: ``z - qmin``, e.g. 8 for signed symmetric int4; int8: ``z -
 qmin - 128``, 0 for signed symmetric; tables, fp8: none) and ``xs[m, g]`` the activation sum
 of group g. Weights never exist as fp32, so M=1 moves 32/bits times fewer weight bytes than
-fp32. For M > ``GEMV_MAX_ROWS`` it dequantizes the weight (whole up to 16 MiB of fp32, else
-blocks of rows; stored column order) into a reused fp32 buffer (C++) and multiplies with
-torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
+fp32. For M > ``GEMV_MAX_ROWS`` (8 for small weights) it dequantizes the weight (whole up to
+16 MiB of fp32, else blocks of rows; stored column order) into a reused fp32 buffer (C++) and
+multiplies with torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
 and called through ctypes (:mod:`lowbit.kernels.native`). If they cannot be built, they report
@@ -51,7 +51,14 @@ from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
-GEMV_MAX_ROWS = 32  # above this many activation rows, dequantize + F.linear is faster here
+# Above this many activation rows dequantize + F.linear is faster here than the GEMV; above
+# GEMV_SMALL_MAX_ROWS already for weights of fewer than GEMV_SMALL_WEIGHT elements (one-off
+# sweep, 1 thread, w4g128 / w8 / nf4g64 on 384x384 .. 4096x4096: at M=32 the dequantizing path
+# won on every shape, 0.67-1.23x fp32 against 0.32-0.83x; at M=16 it won below ~2M elements
+# and tied or lost above; at M=8 the GEMV won or tied everywhere).
+GEMV_MAX_ROWS = 16
+GEMV_SMALL_MAX_ROWS = 8
+GEMV_SMALL_WEIGHT = 1 << 21
 # Above GEMV_MAX_ROWS the weight is dequantized this many rows at a time (4 MiB at K=4096)
 # into one reused scratch buffer, each block multiplied by torch's fp32 GEMM: a whole fp32 copy
 # of a 4096x4096 weight (64 MiB, page-faulted in on every call) cost more than the GEMM itself
@@ -774,6 +781,7 @@ def bind_cpu_linear(
         tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
     build([t._version for t in tracked])
     float32 = torch.float32
+    max_rows = GEMV_MAX_ROWS if n_out * k_in >= GEMV_SMALL_WEIGHT else GEMV_SMALL_MAX_ROWS
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # the common case first, with as few torch calls as possible: a small layer's whole
@@ -796,7 +804,7 @@ def bind_cpu_linear(
         elif not x.is_contiguous():
             x = x.contiguous()
         m = x.numel() // k_in
-        if m > GEMV_MAX_ROWS:
+        if m > max_rows:
             return dequant_linear(x.view(m, k_in)).view(*x.shape[:-1], n_out)
         y = torch.empty((*x.shape[:-1], n_out), dtype=float32)
         if m and gemv(x.data_ptr(), y.data_ptr(), m, args_at, get_threads()):

@@ -183,6 +183,28 @@ def test_fp8_decodes_every_finite_code_exactly(fmt: str, flush_denormals: bool, 
     assert torch.equal(y.T[:, :32], qt.dequantize())
 
 
+
+@pytest.mark.parametrize(("fmt", "pattern"), [("fp8_e4m3fn", 0x7F), ("fp8_e4m3fn", 0xFF),
+                                              ("fp8_e5m2", 0x7C), ("fp8_e5m2", 0xFE)])
+def test_fp8_inf_and_nan_codes_keep_the_reference_path(fmt: str, pattern: int) -> None:
+    """An imported fp8 weight holding an inf / NaN pattern (lowbit's Q never writes one) gives
+    what the reference gives, through the bound kernel and the embedding lookup alike; the
+    same weight without it runs the kernel again after the edit."""
+    spec = QuantSpec(fmt, "channel", symmetric=True, scale_dtype="float32")
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), spec)
+    qt.qdata[3, 5] = pattern
+    cache: dict = {}
+    run = cpu_avx2.bind_cpu_linear(qt, None, cache)
+    x = torch.randn(2, 64)
+    expected = reference_linear(x, qt, None, {})
+    assert torch.equal(run(x).isnan(), expected.isnan())
+    assert not torch.isfinite(run(x)[:, 3]).any() and torch.isfinite(run(x)[:, :3]).all()
+    assert cpu_avx2.embedding_rows(qt, torch.tensor([3]), cache) is None
+    qt.qdata[3, 5] = 0x01
+    assert cpu_avx2.nonfinite_codes(qt, cache) is False
+    check_close(run(x), reference_linear(x, qt, None, {}), x, qt)
+    assert cpu_avx2.embedding_rows(qt, torch.tensor([3]), cache) is not None
+
 def test_wrong_3bit_window_would_fail() -> None:
     """3-bit codes cross byte boundaries: the tolerance catches a chunk read one window off."""
     torch.manual_seed(5)

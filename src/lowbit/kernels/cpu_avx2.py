@@ -547,13 +547,6 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR, _PTR, _I64, _PTR, _INT]
 
-
-class GemvArgs(ctypes.Structure):
-    """The C ``GemvArgs``: a weight's pointers and sizes, passed to ``<family>_gemv`` by
-    address."""
-
-    _fields_ = [("P", _PTR), ("S", _PTR), ("ZS", _PTR), ("T", _PTR), ("TR", _I64), ("TG", _I64),
-                ("B", _PTR), ("K", _I64), ("N", _I64), ("G", _I64)]
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
 _ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
 _FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS] + ["lut4bf16"]
@@ -563,6 +556,14 @@ _LIB = NativeLibrary("cpu_avx2", _SOURCE, _FLAGS, {
     **{f"{f}_dequant": (_DEQUANT_ARGS, None) for f in _FAMILIES},
     **{f"{f}_rows": (_ROWS_ARGS, None) for f in _FAMILIES},
 }, fallback="the reference kernel")
+
+
+class GemvArgs(ctypes.Structure):
+    """The C ``GemvArgs``: a weight's pointers and sizes, passed to ``<family>_gemv`` by
+    address."""
+
+    _fields_ = [("P", _PTR), ("S", _PTR), ("ZS", _PTR), ("T", _PTR), ("TR", _I64), ("TG", _I64),
+                ("B", _PTR), ("K", _I64), ("N", _I64), ("G", _I64)]
 
 
 def extension() -> ctypes.CDLL | None:
@@ -728,6 +729,22 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
     return entry[1], entry[2]
 
 
+def nonfinite_codes(qt: QuantizedTensor, cache: dict) -> bool:
+    """Whether an fp8 weight holds inf / NaN bit patterns. lowbit's Q never stores them (it
+    saturates), but an imported checkpoint may; the kernels' bit decode would read them as
+    large finite values, so such a weight keeps the reference path. Cached per weight version
+    in ``cache``."""
+    fmt = FP8_FORMATS.get(qt.spec.format)
+    if fmt is None:
+        return False
+    version = weight_version(qt)
+    entry = cache.get("fp8_nonfinite")
+    if entry is None or entry[0] != version:
+        magnitude = qt.qdata.view(torch.uint8) & 0x7F
+        special = magnitude == 0x7F if fmt == "e4m3" else magnitude >= 0x7C
+        entry = cache["fp8_nonfinite"] = (version, bool(special.any()), qt)
+    return entry[1]
+
 def _groups(qt: QuantizedTensor) -> int:
     """G: parameter groups per output row (1 per channel)."""
     if qt.spec.kind == "kmeans":
@@ -762,13 +779,14 @@ def bind_cpu_linear(
     get_threads = torch.get_num_threads
     args = GemvArgs(K=k_in, N=n_out, G=n_groups)
     args_at = ctypes.addressof(args)
-    layout: list = [None, None, None]  # [versions, held tensors, pointers]
+    # [versions, held tensors, pointers, whether to defer to the reference]
+    layout: list = [None, None, None, False]
 
     def build(versions: list[int]) -> None:
         nonlocal b
         if b is not bias and bias is not None:
             b = bias.float().contiguous()
-        layout[:] = [versions, *_execution_layout(qt, cache)]
+        layout[:] = [versions, *_execution_layout(qt, cache), nonfinite_codes(qt, cache)]
         args.P, args.S, args.ZS, args.T, args.TR, args.TG = layout[2]
         args.B = None if b is None else b.data_ptr()
 
@@ -798,6 +816,8 @@ def bind_cpu_linear(
                 if family(qt) is None:  # edited in place into groups these kernels cannot run
                     return reference_linear(x, qt, bias, {})
                 build(versions)
+        if layout[3]:
+            return reference_linear(x, qt, bias, {})
         order = layout[1][-1]
         if order is not None:
             x = x.reshape(-1, k_in).index_select(1, order).view(x.shape)
@@ -847,7 +867,8 @@ def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, cache: dict) -> torch
     spec = qt.spec
     if (qt.dtype != torch.float32 or ids.device.type != "cpu" or qt.qdata.device.type != "cpu"
             or ids.dtype not in (torch.int64, torch.int32)  # others: torch's error
-            or qt.g_idx is not None or family(qt) is None or extension() is None):
+            or qt.g_idx is not None or family(qt) is None or extension() is None
+            or nonfinite_codes(qt, cache)):
         return None
     if spec.kind == "affine" and spec.signed and spec.zero_point == "float" and spec.bits < 8:
         return None  # s * (z - qmin) may round: the rows would differ from Q^-1 by an ulp

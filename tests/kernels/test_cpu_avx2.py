@@ -183,27 +183,41 @@ def test_fp8_decodes_every_finite_code_exactly(fmt: str, flush_denormals: bool, 
     assert torch.equal(y.T[:, :32], qt.dequantize())
 
 
-
 @pytest.mark.parametrize(("fmt", "pattern"), [("fp8_e4m3fn", 0x7F), ("fp8_e4m3fn", 0xFF),
                                               ("fp8_e5m2", 0x7C), ("fp8_e5m2", 0xFE)])
 def test_fp8_inf_and_nan_codes_keep_the_reference_path(fmt: str, pattern: int) -> None:
-    """An imported fp8 weight holding an inf / NaN pattern (lowbit's Q never writes one) gives
-    what the reference gives, through the bound kernel and the embedding lookup alike; the
-    same weight without it runs the kernel again after the edit."""
+    """An fp8 weight holding an inf / NaN pattern (an imported checkpoint; lowbit's Q never
+    writes one) gives what the reference gives, through the bound kernel and the embedding
+    lookup alike, also when the pattern is written after binding; once it is gone the kernel
+    runs again."""
     spec = QuantSpec(fmt, "channel", symmetric=True, scale_dtype="float32")
     qt = QuantizedTensor.from_float(torch.randn(8, 64), spec)
-    qt.qdata[3, 5] = pattern
     cache: dict = {}
     run = cpu_avx2.bind_cpu_linear(qt, None, cache)
     x = torch.randn(2, 64)
+    run(x)
+    qt.qdata[3, 5] = pattern
     expected = reference_linear(x, qt, None, {})
+    assert not torch.isfinite(expected[:, 3]).any()
     assert torch.equal(run(x).isnan(), expected.isnan())
     assert not torch.isfinite(run(x)[:, 3]).any() and torch.isfinite(run(x)[:, :3]).all()
     assert cpu_avx2.embedding_rows(qt, torch.tensor([3]), cache) is None
     qt.qdata[3, 5] = 0x01
-    assert cpu_avx2.nonfinite_codes(qt, cache) is False
     check_close(run(x), reference_linear(x, qt, None, {}), x, qt)
+    assert run.held[3] is False  # the kernel, not the reference
     assert cpu_avx2.embedding_rows(qt, torch.tensor([3]), cache) is not None
+
+
+def test_outputs_are_on_the_cpu_under_another_default_device() -> None:
+    """The bound kernels allocate their outputs on the CPU whatever the default device."""
+    qt = QuantizedTensor.from_float(torch.randn(64, 128), "w4g128")
+    run = cpu_avx2.bind_cpu_linear(qt, None, {})
+    x = torch.randn(2, 128)
+    with torch.device("meta"):
+        y = run(x)
+    assert y.is_cpu
+    check_close(y, reference_linear(x, qt, None, {}), x, qt)
+
 
 def test_wrong_3bit_window_would_fail() -> None:
     """3-bit codes cross byte boundaries: the tolerance catches a chunk read one window off."""

@@ -130,3 +130,21 @@ def test_bound_kernel_refuses_inputs_it_was_not_bound_for():
         run(torch.randn(1, 128))
     with pytest.raises(ValueError, match="needs float32 CPU"):
         run(torch.randn(1, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a8"])
+def test_half_bias_edits_and_default_device(name):
+    """A bf16 bias's float32 copy follows its in-place edits, and outputs land on the CPU
+    whatever the default device."""
+    torch.manual_seed(3)
+    qt = QuantizedTensor.from_float(torch.randn(16, 128), name)
+    bias = torch.randn(16).to(torch.bfloat16)
+    run = dispatch.bound_linear(torch.randn(1, 128), qt, bias, cache={})
+    x = torch.randn(3, 128)
+    before = run(x)
+    bias.add_(1)
+    after = run(x)
+    torch.testing.assert_close(after - before, torch.ones(3, 16), atol=0.02, rtol=0)  # bf16 ulps
+    with torch.device("meta"):
+        y = run(x)
+    assert y.is_cpu and torch.equal(y, after)

@@ -154,8 +154,9 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
 
 // Affine codes of at most 4 bits are decoded where they sit: field j of a lane masked in place
 // is code * 2^(BITS * j), converted exactly; the GEMV multiplies it by the activation times
-// 2^(-BITS * j) (see code_scale), the same product, so the shifts that would move each code
-// down are saved (they shared a pipe with the shuffles and conversions: ~20% of an int4 GEMV).
+// 2^(-BITS * j) (see code_scale), the same product for |x| >= 2^(3 * BITS - 126) (~5e-35 at 4
+// bits; below, x * 2^(-BITS * j) is subnormal and loses bits, or is flushed under FTZ), so the
+// shifts that would move each code down are saved (they shared pipes with the conversions).
 template <int BITS, int KIND> constexpr bool IN_PLACE_CODES = KIND == AFFINE && BITS <= 4;
 
 // What decode's w[j] values are multiplied by to give the codes' values (1 unless in place).
@@ -546,7 +547,6 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _GEMV_ARGS = [_PTR, _PTR, _I64, _PTR, _INT]
-
 _DEQUANT_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 3 + [_INT]
 _ROWS_ARGS = [_PTR] * 4 + [_I64] * 2 + [_PTR, _I64, _PTR] + [_I64] * 2
 _FAMILIES = ([f"int{b}" for b in AFFINE_BITS] + [f"lut{b}" for b in TABLE_BITS] + ["lut4bf16"]
@@ -745,6 +745,7 @@ def nonfinite_codes(qt: QuantizedTensor, cache: dict) -> bool:
         entry = cache["fp8_nonfinite"] = (version, bool(special.any()), qt)
     return entry[1]
 
+
 def _groups(qt: QuantizedTensor) -> int:
     """G: parameter groups per output row (1 per channel)."""
     if qt.spec.kind == "kmeans":
@@ -786,19 +787,23 @@ def bind_cpu_linear(
         nonlocal b
         if b is not bias and bias is not None:
             b = bias.float().contiguous()
-        layout[:] = [versions, *_execution_layout(qt, cache), nonfinite_codes(qt, cache)]
-        args.P, args.S, args.ZS, args.T, args.TR, args.TG = layout[2]
+        held, pointers = _execution_layout(qt, cache)
+        # the struct first: a concurrent call that sees the new versions finds its pointers
+        args.P, args.S, args.ZS, args.T, args.TR, args.TG = pointers
         args.B = None if b is None else b.data_ptr()
+        layout[:] = [versions, held, pointers, nonfinite_codes(qt, cache)]
 
-    # The kernel reads the codes in place (unless regrouped) but copies of the other tensors:
-    # follow their in-place edits outside inference_mode (inference tensors have no version
-    # counter: after editing one under inference_mode, clear the module's kernel cache).
+    # The kernel reads the codes in place (unless regrouped, or fp8, whose codes are checked
+    # for inf / NaN patterns) but copies of the other tensors: follow their in-place edits
+    # outside inference_mode (inference tensors have no version counter: after editing one
+    # under inference_mode, clear the module's kernel cache).
+    watch_codes = qt.g_idx is not None or kind in FP8_FORMATS.values()
     tracked = [t for field, t in qt.stored_tensors().items()
-               if (field != "qdata" or qt.g_idx is not None) and not t.is_inference()]
+               if (field != "qdata" or watch_codes) and not t.is_inference()]
     if bias is not None and b is not bias and not bias.is_inference():
         tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
     build([t._version for t in tracked])
-    float32 = torch.float32
+    float32, cpu = torch.float32, torch.device("cpu")
     max_rows = GEMV_MAX_ROWS if n_out * k_in >= GEMV_SMALL_WEIGHT else GEMV_SMALL_MAX_ROWS
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -826,7 +831,7 @@ def bind_cpu_linear(
         m = x.numel() // k_in
         if m > max_rows:
             return dequant_linear(x.view(m, k_in)).view(*x.shape[:-1], n_out)
-        y = torch.empty((*x.shape[:-1], n_out), dtype=float32)
+        y = torch.empty((*x.shape[:-1], n_out), dtype=float32, device=cpu)
         if m and gemv(x.data_ptr(), y.data_ptr(), m, args_at, get_threads()):
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation scratch")
         return y
@@ -842,7 +847,7 @@ def bind_cpu_linear(
             dequant(packed, scale, zero_term, table, t_row, t_group, w.data_ptr(), n_out,
                     k_in, n_groups, get_threads())
             return F.linear(x2, w, b)
-        y = torch.empty(m, n_out, dtype=float32)
+        y = torch.empty(m, n_out, dtype=float32, device=cpu)
         for n0 in range(0, n_out, rows):
             nb = min(rows, n_out - n0)
             w = block[: nb * k_in].view(nb, k_in)

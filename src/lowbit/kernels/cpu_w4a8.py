@@ -274,8 +274,9 @@ def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
                         int(act.granularity == "token"), qmax, qmin)
         at = ctypes.addressof(args)
 
-        def call(x_ptr: int, y_ptr: int, m: int, args: W4A8Args = args) -> int:  # keeps args
+        def call(x_ptr: int, y_ptr: int, m: int) -> int:
             return entry(x_ptr, y_ptr, m, at, get_threads())
+        call.args = args  # the struct behind ``at`` lives as long as the call
         return call
 
     return bind_activation_kernel("cpu_w4a8", qt, bias, cache, _prepared, make_call)

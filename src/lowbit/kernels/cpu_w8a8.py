@@ -321,18 +321,23 @@ def bind_activation_kernel(
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
     b = None if bias is None else bias.float().contiguous()  # the same tensor if already so
-    b_ptr = None if b is None else b.data_ptr()
     # the layout follows in-place edits of the stored tensors outside inference_mode (inference
     # tensors have no version counter: clear the kernel cache after editing one)
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
+    if bias is not None and b is not bias and not bias.is_inference():
+        tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
     state: list = []  # versions, held, pointers, column order (a group index's), the call
 
     def build(versions: list[int]) -> None:
+        nonlocal b
+        if b is not bias and bias is not None:
+            b = bias.float().contiguous()
         held, pointers = prepare(qt, cache)
-        state[:] = [versions, held, pointers, group_order(qt), make_call(pointers, b_ptr)]
+        call = make_call(pointers, None if b is None else b.data_ptr())
+        state[:] = [versions, held, pointers, group_order(qt), call]
 
     build([t._version for t in tracked])
-    float32 = torch.float32
+    float32, cpu = torch.float32, torch.device("cpu")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # few torch calls on the common path: see cpu_avx2's bound run
@@ -341,7 +346,7 @@ def bind_activation_kernel(
                              f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
         m = x.numel() // k_in
         if m == 0:
-            return torch.empty(*x.shape[:-1], n_out, dtype=float32)
+            return torch.empty(*x.shape[:-1], n_out, dtype=float32, device=cpu)
         if handover is not None and (answer := handover(x, m)) is not None:
             return answer
         if tracked:
@@ -350,7 +355,7 @@ def bind_activation_kernel(
                 if not whole_groups(qt):  # g_idx edited in place into uneven groups
                     return int8.act_reference_linear(x, qt, bias, {})
                 build(versions)
-        y = torch.empty((*x.shape[:-1], n_out), dtype=float32)
+        y = torch.empty((*x.shape[:-1], n_out), dtype=float32, device=cpu)
         if state[3] is not None:
             x = x.reshape(m, k_in).index_select(1, state[3])
         elif not x.is_contiguous():
@@ -362,16 +367,15 @@ def bind_activation_kernel(
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation codes")
         return y
 
-    run.held = (state, b)  # the tensors behind the pointers live as long as run
+    run.held = state  # the tensors behind the pointers live as long as run (b: its closure)
     return run
 
 
 class W8A8Args(ctypes.Structure):
     """The C ``W8A8Args``: a weight's pointers, sizes and activation grid, passed by address."""
 
-    _fields_ = [("WP", ctypes.c_void_p), ("SW", ctypes.c_void_p), ("B", ctypes.c_void_p),
-                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("sw_per_channel", ctypes.c_int),
-                ("per_token", ctypes.c_int), ("qmax", ctypes.c_float), ("qmin", ctypes.c_float)]
+    _fields_ = [("WP", _PTR), ("SW", _PTR), ("B", _PTR), ("K", _I64), ("N", _I64),
+                ("sw_per_channel", _I32), ("per_token", _I32), ("qmax", _F32), ("qmin", _F32)]
 
 
 def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -389,8 +393,9 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
                         int(act.granularity == "token"), qmax, qmin)
         at = ctypes.addressof(args)
 
-        def call(x_ptr: int, y_ptr: int, m: int, args: W8A8Args = args) -> int:  # keeps args
+        def call(x_ptr: int, y_ptr: int, m: int) -> int:
             return entry(x_ptr, y_ptr, m, at, get_threads())
+        call.args = args  # the struct behind ``at`` lives as long as the call
         return call
 
     handover = None

@@ -61,10 +61,11 @@ def tinygemm_layout(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def candidates(x, w, qt, cache, tinygemm, fast: str) -> dict:
     """name -> zero-argument callable computing ``x @ W^T`` that way."""
+    bound = KERNELS[fast].bound(qt, None, cache)  # as a QuantLinear runs it: bound once
     fns = {
         "fp32": lambda: F.linear(x, w),
         "reference": lambda: KERNELS["reference"].fn(x, qt, None, {}),
-        fast: lambda: KERNELS[fast].fn(x, qt, None, cache),
+        fast: lambda: bound(x),
     }
     if tinygemm is not None:
         packed, scales_zeros = tinygemm
@@ -155,7 +156,8 @@ def main() -> None:
             f"Protocol: `python benchmarks/weight_kernels.py --spec {args.spec}"
             f"{' --quick' if args.quick else ''} "
             f"--threads {torch.get_num_threads()}`; "
-            f"random fp32 weights and activations; per shape one warm-up call of each kernel, "
+            f"random fp32 weights and activations; the fast kernel bound once to its weight "
+            f"(as a QuantLinear runs it); per shape one warm-up call of each kernel, "
             f"then {args.repeats} rounds (half for the largest products) in which every kernel "
             "runs once in turn (interleaved, so all see the same machine load); medians. "
             "The machine was shared with other jobs while this ran: absolute times are noisy, "

@@ -81,3 +81,54 @@ def test_shapes_that_do_not_fit_are_refused_before_the_c_code():
                            4, 4)
     with pytest.raises(ValueError, match="weight has 3 elements"):
         cpu_decode.rms_norm(torch.randn(2, 8), torch.randn(3), 1e-5)
+
+
+def test_bound_ops_equal_the_one_shot_ops():
+    """The Decoder's bound forms (weights, caches and tables checked once) compute what the
+    one-shot ops compute, bit for bit; the residual add fused into the norm is h += delta."""
+    torch.manual_seed(3)
+    batch, nh, nkv, hd, cache_len, start = 2, 6, 2, 16, 12, 5
+    w = torch.randn(nh * hd)
+    h, delta = torch.randn(batch, 1, nh * hd), torch.randn(batch, 1, nh * hd)
+    norm = cpu_decode.bind_rms_norm(w, 1e-5)
+    assert torch.equal(norm(h), cpu_decode.rms_norm(h, w, 1e-5))
+    expected = cpu_decode.rms_norm(h + delta, w, 1e-5)
+    total = h + delta
+    assert torch.equal(norm.add(h, delta), expected) and torch.equal(h, total)
+
+    angles = torch.rand(cache_len, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k, v = (torch.randn(batch, 1, n * hd) for n in (nh, nkv, nkv))
+    caches = [torch.zeros(batch, nkv, cache_len, hd) for _ in range(4)]
+    q1 = q.clone()
+    cpu_decode.rope_kv(q, k, v, cos[start:start + 1], sin[start:start + 1], caches[0],
+                       caches[1], start, nh, nkv)
+    cpu_decode.bind_rope_kv(cos, sin, caches[2], caches[3], nh, nkv)(q1, k, v, start)
+    assert torch.equal(q1, q) and torch.equal(caches[2], caches[0])
+    assert torch.equal(caches[3], caches[1])
+
+    scratch = torch.empty(cache_len)
+    attend = cpu_decode.bind_decode_attention(caches[0], caches[1], 0.25, scratch)
+    assert torch.equal(attend(q, start + 1),
+                       cpu_decode.decode_attention(q, caches[0], caches[1], start + 1, 0.25,
+                                                   scratch))
+
+
+def test_bound_ops_refuse_inputs_that_do_not_fit():
+    kc = torch.zeros(1, 2, 4, 8)
+    table = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="bind_rope_kv"):
+        cpu_decode.bind_rope_kv(table, table, kc, kc, 3, 2)  # 3 heads over 2 kv heads
+    rope = cpu_decode.bind_rope_kv(table, table, kc, kc, 4, 2)
+    with pytest.raises(ValueError, match="rope_kv: q"):
+        rope(torch.randn(1, 1, 32), torch.randn(1, 1, 16), torch.randn(1, 1, 16), 4)  # past L
+    with pytest.raises(ValueError, match="rope_kv: k"):
+        rope(torch.randn(1, 1, 32), torch.randn(1, 1, 8), torch.randn(1, 1, 16), 0)
+    attend = cpu_decode.bind_decode_attention(kc, kc, 0.3, torch.empty(4))
+    with pytest.raises(ValueError, match="decode_attention: q"):
+        attend(torch.randn(1, 1, 32), 5)
+    norm = cpu_decode.bind_rms_norm(torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="rms_norm: x"):
+        norm(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="add_rms_norm: delta"):
+        norm.add(torch.randn(2, 8), torch.randn(2, 4))

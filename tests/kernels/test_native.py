@@ -1,5 +1,5 @@
 """NativeLibrary: builds once into the cache, loads with signatures, degrades to None with one
-warning when the source does not compile."""
+warning when the source does not compile; the bound kernels' output allocator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import ctypes
 import shutil
 
 import pytest
+import torch
 
+from lowbit.kernels import native
 from lowbit.kernels.native import NativeLibrary
 
 pytestmark = pytest.mark.skipif(
@@ -36,3 +38,13 @@ def test_a_source_that_does_not_compile_gives_none_and_one_warning(tmp_path, mon
         assert lib.get() is None
     assert lib.get() is None and "failed" in lib.error
     assert not list((tmp_path / "kernels").glob("t_bad_*"))  # nothing half-written left
+
+
+def test_output_allocator_follows_the_leading_shape_on_the_cpu():
+    allocate = native.output_allocator(5)
+    shapes = [(), (3,), (3,), (2, 4), (), (3,)]
+    with torch.device("meta"):  # a default device does not move the outputs
+        outs = [allocate(torch.Size(lead)) for lead in shapes]
+    for lead, out in zip(shapes, outs, strict=True):
+        assert out.shape == (*lead, 5) and out.dtype == torch.float32 and out.is_cpu
+    assert outs[1].data_ptr() != outs[2].data_ptr()  # fresh tensors, not a shared buffer

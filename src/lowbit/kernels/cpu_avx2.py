@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.packing import pack
 from lowbit.kernels.dispatch import Kernel, reference_linear, register_kernel, weight_version
-from lowbit.kernels.native import NativeLibrary
+from lowbit.kernels.native import NativeLibrary, output_allocator
 from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -809,6 +809,7 @@ def bind_cpu_linear(
     build([t._version for t in tracked])
     float32, cpu = torch.float32, torch.device("cpu")
     max_rows = GEMV_MAX_ROWS if n_out * k_in >= GEMV_SMALL_WEIGHT else GEMV_SMALL_MAX_ROWS
+    allocate = output_allocator(n_out)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # the common case first, with as few torch calls as possible: a small layer's whole
@@ -835,7 +836,7 @@ def bind_cpu_linear(
         m = x.numel() // k_in
         if m > max_rows:
             return dequant_linear(x.view(m, k_in)).view(*x.shape[:-1], n_out)
-        y = torch.empty((*x.shape[:-1], n_out), dtype=float32, device=cpu)
+        y = allocate(x.shape[:-1])
         if m and gemv(x.data_ptr(), y.data_ptr(), m, args_at, get_threads()):
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation scratch")
         return y

@@ -36,6 +36,14 @@ extern "C" void rms_norm(const float* X, const float* W, float* OUT, int64_t row
   }
 }
 
+// H [rows, D] += DELTA [rows, D] in place, then OUT = rms_norm(H) * W as above (the residual
+// add that precedes every norm of a pre-norm block).
+extern "C" void add_rms_norm(float* H, const float* DELTA, const float* W, float* OUT,
+                             int64_t rows, int64_t D, float eps) {
+  for (int64_t i = 0; i < rows * D; ++i) H[i] += DELTA[i];
+  rms_norm(H, W, OUT, rows, D, eps);
+}
+
 // Rotary embedding (half-split layout: t' = t * cos + cat(-t2, t1) * sin) of Q [B, T, NH, HD]
 // in place and of K [B, T, NKV, HD] into KC [B, NKV, L, HD] at positions start..start+T; V into
 // VC likewise. COS, SIN [T, HD] are the rows for those positions, SIN's first half negated
@@ -111,6 +119,7 @@ _PTR, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _LIB = NativeLibrary(
     "cpu_decode", _SOURCE, _FLAGS + (["-mavx2", "-mfma"] if cpu_has_avx2() else []),
     {"rms_norm": ([_PTR] * 3 + [_I64] * 2 + [_F32], None),
+     "add_rms_norm": ([_PTR] * 4 + [_I64] * 2 + [_F32], None),
      "rope_kv": ([_PTR] * 7 + [_I64] * 7, None),
      "decode_attention": ([_PTR] * 5 + [_I64] * 6 + [_F32], None)},
     needs_avx2=False, fallback="torch ops",
@@ -203,3 +212,114 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          scratch.data_ptr(), batch, n_heads, n_kv, hd, cache_len,
                          length, scale)
     return out
+
+
+# Bound forms for the Decoder: everything that does not change between steps (weights, caches,
+# tables, their pointers and shapes) is checked once when bound; a call checks only its inputs
+# (dtype, layout, shape) and passes integers, which took ~10-23 us per op off a decode step's
+# ~20 us of Python per op (a 19M-parameter model makes 4 such calls per layer and token).
+
+_FLOAT32 = torch.float32  # outputs come from empty_like of a checked input: torch.empty with
+# dtype / device keywords took 4-6 us per call here, empty_like 2 us (one-off)
+
+
+def _dense(name: str, t: torch.Tensor, numel: int) -> None:
+    if t.dtype is not _FLOAT32 or not t.is_contiguous() or t.numel() != numel or not t.is_cpu:
+        raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of {numel} "
+                         f"elements; got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def bind_rms_norm(weight: torch.Tensor, eps: float):
+    """``(x [..., D]) -> RMSNorm(x) * weight`` and, as ``.add(h, delta)``, the same after ``h +=
+    delta`` in place (h contiguous); the weight ``[D]`` is checked once."""
+    lib = _lib(weight)
+    width = weight.numel()
+    w_ptr, norm, add_norm = weight.data_ptr(), lib.rms_norm, lib.add_rms_norm
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not _FLOAT32 or x.shape[-1] != width or not x.is_cpu:
+            raise ValueError(f"rms_norm: x {x.dtype} {tuple(x.shape)} on {x.device}; expected "
+                             f"float32 CPU [..., {width}]")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty_like(x)
+        norm(x.data_ptr(), w_ptr, out.data_ptr(), x.numel() // width, width, eps)
+        return out
+
+    def add(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        numel = h.numel()
+        if h.shape[-1] != width:
+            raise ValueError(f"add_rms_norm: h {tuple(h.shape)} for a weight of {width}")
+        _dense("add_rms_norm: h", h, numel)
+        _dense("add_rms_norm: delta", delta, numel)
+        out = torch.empty_like(h)
+        add_norm(h.data_ptr(), delta.data_ptr(), w_ptr, out.data_ptr(), numel // width, width,
+                 eps)
+        return out
+
+    run.add = add
+    run.held = weight
+    return run
+
+
+def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, n_heads: int, n_kv: int):
+    """``(q, k, v, start) -> None``: :func:`rope_kv` with the rotary tables ``[L, hd]`` indexed
+    by cache slot (row ``start + t`` for token t) and the caches ``[B, n_kv, L, hd]`` bound."""
+    batch, kv, cache_len, hd = k_cache.shape if k_cache.dim() == 4 else (0, 0, 0, 0)
+    if not (v_cache.shape == k_cache.shape and kv == n_kv and 0 < n_kv <= n_heads
+            and n_heads % n_kv == 0 and hd % 2 == 0 and cos.shape == signed_sin.shape
+            and cos.shape == (cache_len, hd)):
+        raise ValueError(f"bind_rope_kv: caches {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}, tables {tuple(cos.shape)} / "
+                         f"{tuple(signed_sin.shape)}, {n_heads} heads, {n_kv} kv heads do not "
+                         "fit together")
+    lib = _lib(cos, signed_sin, k_cache, v_cache)
+    fn, row = lib.rope_kv, 4 * hd
+    cos_ptr, sin_ptr = cos.data_ptr(), signed_sin.data_ptr()
+    kc_ptr, vc_ptr = k_cache.data_ptr(), v_cache.data_ptr()
+    q_width, kv_width = n_heads * hd, n_kv * hd
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        b, t = q.shape[0], q.shape[1]
+        if not (q.dim() == 3 and b <= batch and 0 <= start and start + t <= cache_len):
+            raise ValueError(f"rope_kv: q {tuple(q.shape)} at [{start}, {start + t}) does not "
+                             f"fit the caches {tuple(k_cache.shape)}")
+        _dense("rope_kv: q", q, b * t * q_width)
+        _dense("rope_kv: k", k, b * t * kv_width)
+        _dense("rope_kv: v", v, b * t * kv_width)
+        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos_ptr + start * row,
+           sin_ptr + start * row, kc_ptr, vc_ptr, b, t, n_heads, n_kv, hd, cache_len, start)
+
+    run.held = (cos, signed_sin, k_cache, v_cache)
+    return run
+
+
+def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                          scratch: torch.Tensor):
+    """``(q [B, 1, n_heads * hd], length) -> [B, 1, n_heads * hd]``: :func:`decode_attention`
+    with the caches and the scratch bound."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}: need two "
+                         "equal [B, n_kv, L, hd]")
+    batch, n_kv, cache_len, hd = k_cache.shape
+    lib = _lib(k_cache, v_cache, scratch)
+    fn, longest = lib.decode_attention, min(cache_len, scratch.numel())
+    kc_ptr, vc_ptr, s_ptr = k_cache.data_ptr(), v_cache.data_ptr(), scratch.data_ptr()
+
+    def run(q: torch.Tensor, length: int) -> torch.Tensor:
+        n_heads = q.shape[-1] // hd
+        if not (q.dim() == 3 and q.shape[0] == batch and q.shape[1] == 1
+                and n_heads * hd == q.shape[-1] and n_heads >= n_kv and n_heads % n_kv == 0
+                and 0 < length <= longest):
+            raise ValueError(f"decode_attention: q {tuple(q.shape)}, length {length} do not "
+                             f"fit the caches {tuple(k_cache.shape)} and scratch of "
+                             f"{scratch.numel()}")
+        _dense("decode_attention: q", q, q.numel())
+        out = torch.empty_like(q)
+        fn(q.data_ptr(), kc_ptr, vc_ptr, out.data_ptr(), s_ptr, batch, n_heads, n_kv, hd,
+           cache_len, length, scale)
+        return out
+
+    run.held = (k_cache, v_cache, scratch)
+    return run

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lowbit.kernels import int8
 from lowbit.kernels.cpu_avx2 import group_order, whole_groups
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
-from lowbit.kernels.native import NativeLibrary
+from lowbit.kernels.native import NativeLibrary, output_allocator
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
 
@@ -338,6 +338,7 @@ def bind_activation_kernel(
 
     build([t._version for t in tracked])
     float32, cpu = torch.float32, torch.device("cpu")
+    allocate = output_allocator(n_out)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # few torch calls on the common path: see cpu_avx2's bound run
@@ -355,7 +356,7 @@ def bind_activation_kernel(
                 if not whole_groups(qt):  # g_idx edited in place into uneven groups
                     return int8.act_reference_linear(x, qt, bias, {})
                 build(versions)
-        y = torch.empty((*x.shape[:-1], n_out), dtype=float32, device=cpu)
+        y = allocate(x.shape[:-1])
         if state[3] is not None:
             x = x.reshape(m, k_in).index_select(1, state[3])
         elif not x.is_contiguous():

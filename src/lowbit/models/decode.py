@@ -63,6 +63,11 @@ class _Block:
     gate: Linear
     up: Linear
     down: Linear
+    # the fused CPU ops bound to this layer's norms, cache and tables (None: torch ops)
+    attn_norm_op: Callable | None = None
+    mlp_norm_op: Callable | None = None
+    rope: Callable | None = None
+    attend: Callable | None = None
 
 
 def _rope_type(config) -> str:
@@ -161,6 +166,17 @@ class Decoder:
             raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
                              f"model is {dtype} on {device}")
         self._scratch = torch.empty(max_len, dtype=torch.float32, device=device)
+        self.final_norm_op = None
+        if self.fused:
+            for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers,
+                                             strict=True):
+                blk.attn_norm_op = cpu_decode.bind_rms_norm(blk.attn_norm, self.eps)
+                blk.mlp_norm_op = cpu_decode.bind_rms_norm(blk.mlp_norm, self.eps)
+                blk.rope = cpu_decode.bind_rope_kv(self.cos, self.signed_sin, k_cache, v_cache,
+                                                   self.n_heads, self.n_kv)
+                blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
+                                                              self._scratch)
+            self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -202,11 +218,12 @@ class Decoder:
             raise ValueError(f"ids {tuple(ids.shape)} at start={start}: this Decoder holds "
                              f"batch {self.batch} and positions [0, {self.max_len})")
         h = self.embed(ids)
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
-        fused = self.fused and pad is None  # the fused ops share one position range per batch
+        if self.fused and pad is None:  # the fused ops share one position range per batch
+            return self.lm_head(self._fused_layers(h.contiguous(), start, causal)[:, -1])
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         if pad is None:
             cos, sin = self.cos[start:end], self.signed_sin[start:end]
         else:
@@ -214,32 +231,52 @@ class Decoder:
         for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers, strict=True):
             r = self._norm(h, blk.attn_norm)
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
-            if fused:
-                cpu_decode.rope_kv(q, k, v, cos, sin, k_cache, v_cache, start, nh, nkv)
-            else:
-                k_cache[:, :, start:end] = self._rope(
-                    k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
-                v_cache[:, :, start:end] = v.view(batch, length, nkv, hd).transpose(1, 2)
-                q = self._rope(q.view(batch, length, nh, hd).transpose(1, 2), cos, sin)
-            if fused and length == 1:
-                a = cpu_decode.decode_attention(q, k_cache, v_cache, end, self.scaling,
-                                                self._scratch)
-            else:
-                if fused:  # q is still [B, T, heads * hd], now rotary-embedded
-                    q = q.view(batch, length, nh, hd).transpose(1, 2)
-                keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-                if nkv != nh:  # grouped-query attention (SDPA's enable_gqa needs torch 2.5)
-                    keys = keys.repeat_interleave(nh // nkv, dim=1)
-                    values = values.repeat_interleave(nh // nkv, dim=1)
-                a = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=causal, is_causal=causal is None and length > 1,
-                    scale=self.scaling,
-                ).transpose(1, 2).reshape(batch, length, nh * hd)
+            k_cache[:, :, start:end] = self._rope(
+                k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
+            v_cache[:, :, start:end] = v.view(batch, length, nkv, hd).transpose(1, 2)
+            q = self._rope(q.view(batch, length, nh, hd).transpose(1, 2), cos, sin)
+            a = self._sdpa(q, k_cache, v_cache, end, causal)
             h = h + blk.o(a)
             r = self._norm(h, blk.mlp_norm)
             h = h + blk.down(F.silu(blk.gate(r)) * blk.up(r))
         last = self._norm(h[:, -1], self.final_norm)
         return self.lm_head(last)
+
+    def _sdpa(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, end: int,
+              causal: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``q [B, heads, T, hd]`` over cache slots ``[0, end)``; ``[B, T, heads *
+        hd]``."""
+        batch, nh, length, hd = q.shape
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if self.n_kv != nh:  # grouped-query attention (SDPA's enable_gqa needs torch 2.5)
+            keys = keys.repeat_interleave(nh // self.n_kv, dim=1)
+            values = values.repeat_interleave(nh // self.n_kv, dim=1)
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=causal, is_causal=causal is None and length > 1,
+            scale=self.scaling,
+        ).transpose(1, 2).reshape(batch, length, nh * hd)
+
+    def _fused_layers(self, h: torch.Tensor, start: int,
+                      causal: torch.Tensor | None) -> torch.Tensor:
+        """The blocks through the bound CPU ops, ``h [B, T, hidden]`` updated in place (each
+        residual add fused into the norm after it); returns the final norm of every position."""
+        batch, length = h.shape[0], h.shape[1]
+        end = start + length
+        blocks = self.blocks
+        r = blocks[0].attn_norm_op(h)
+        for i, (blk, k_cache, v_cache) in enumerate(zip(blocks, self.k_layers, self.v_layers,
+                                                        strict=True)):
+            q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
+            blk.rope(q, k, v, start)  # q in place, k and v into the cache
+            if length == 1:
+                a = blk.attend(q, end)
+            else:
+                a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
+                               k_cache, v_cache, end, causal)
+            r = blk.mlp_norm_op.add(h, blk.o(a))
+            after = blocks[i + 1].attn_norm_op if i + 1 < len(blocks) else self.final_norm_op
+            r = after.add(h, blk.down(F.silu(blk.gate(r)) * blk.up(r)))
+        return r
 
     @torch.inference_mode()
     def generate(

@@ -132,3 +132,13 @@ def test_bound_ops_refuse_inputs_that_do_not_fit():
         norm(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="add_rms_norm: delta"):
         norm.add(torch.randn(2, 8), torch.randn(2, 4))
+
+
+def test_bound_norm_follows_a_weight_whose_storage_moved():
+    """A model's parameters can move after binding (``share_memory()``, ``.data`` swaps): the
+    bound norm reads the weight's address per call."""
+    w = torch.nn.Parameter(torch.randn(16))
+    norm = cpu_decode.bind_rms_norm(w, 1e-5)
+    x = torch.randn(2, 16)
+    w.data = torch.randn(16) * 3
+    assert torch.equal(norm(x), cpu_decode.rms_norm(x, w.detach(), 1e-5))

@@ -14,6 +14,7 @@ False and the Decoder uses torch ops.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -219,8 +220,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # (dtype, layout, shape) and passes integers, which took ~10-23 us per op off a decode step's
 # ~20 us of Python per op (a 19M-parameter model makes 4 such calls per layer and token).
 
-_FLOAT32 = torch.float32  # outputs come from empty_like of a checked input: torch.empty with
-# dtype / device keywords took 4-6 us per call here, empty_like 2 us (one-off)
+# Outputs come from empty_like of a checked input: torch.empty with dtype / device keywords took
+# 4-6 us per call here, empty_like 2 us (one-off).
+_FLOAT32 = torch.float32
 
 
 def _dense(name: str, t: torch.Tensor, numel: int) -> None:
@@ -229,12 +231,13 @@ def _dense(name: str, t: torch.Tensor, numel: int) -> None:
                          f"elements; got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
-def bind_rms_norm(weight: torch.Tensor, eps: float):
+def bind_rms_norm(weight: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """``(x [..., D]) -> RMSNorm(x) * weight`` and, as ``.add(h, delta)``, the same after ``h +=
-    delta`` in place (h contiguous); the weight ``[D]`` is checked once."""
+    delta`` in place (h contiguous); the weight ``[D]`` is checked once and its address read
+    per call (a model's parameters can move: ``share_memory()``, ``.data`` swaps)."""
     lib = _lib(weight)
     width = weight.numel()
-    w_ptr, norm, add_norm = weight.data_ptr(), lib.rms_norm, lib.add_rms_norm
+    norm, add_norm = lib.rms_norm, lib.add_rms_norm
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not _FLOAT32 or x.shape[-1] != width or not x.is_cpu:
@@ -243,7 +246,7 @@ def bind_rms_norm(weight: torch.Tensor, eps: float):
         if not x.is_contiguous():
             x = x.contiguous()
         out = torch.empty_like(x)
-        norm(x.data_ptr(), w_ptr, out.data_ptr(), x.numel() // width, width, eps)
+        norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // width, width, eps)
         return out
 
     def add(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -253,8 +256,8 @@ def bind_rms_norm(weight: torch.Tensor, eps: float):
         _dense("add_rms_norm: h", h, numel)
         _dense("add_rms_norm: delta", delta, numel)
         out = torch.empty_like(h)
-        add_norm(h.data_ptr(), delta.data_ptr(), w_ptr, out.data_ptr(), numel // width, width,
-                 eps)
+        add_norm(h.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                 numel // width, width, eps)
         return out
 
     run.add = add
@@ -263,7 +266,7 @@ def bind_rms_norm(weight: torch.Tensor, eps: float):
 
 
 def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, n_heads: int, n_kv: int):
+                 v_cache: torch.Tensor, n_heads: int, n_kv: int) -> Callable[..., None]:
     """``(q, k, v, start) -> None``: :func:`rope_kv` with the rotary tables ``[L, hd]`` indexed
     by cache slot (row ``start + t`` for token t) and the caches ``[B, n_kv, L, hd]`` bound."""
     batch, kv, cache_len, hd = k_cache.shape if k_cache.dim() == 4 else (0, 0, 0, 0)
@@ -296,13 +299,15 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
 
 
 def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                          scratch: torch.Tensor):
+                          scratch: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``(q [B, 1, n_heads * hd], length) -> [B, 1, n_heads * hd]``: :func:`decode_attention`
     with the caches and the scratch bound."""
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}: need two "
                          "equal [B, n_kv, L, hd]")
     batch, n_kv, cache_len, hd = k_cache.shape
+    if n_kv < 1 or hd < 1:
+        raise ValueError(f"caches {tuple(k_cache.shape)}: need kv heads and head_dim >= 1")
     lib = _lib(k_cache, v_cache, scratch)
     fn, longest = lib.decode_attention, min(cache_len, scratch.numel())
     kc_ptr, vc_ptr, s_ptr = k_cache.data_ptr(), v_cache.data_ptr(), scratch.data_ptr()

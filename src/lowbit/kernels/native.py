@@ -101,17 +101,24 @@ class NativeLibrary:
 
 
 def output_allocator(n_out: int) -> Callable[[tuple[int, ...]], torch.Tensor]:
-    """``lead -> an empty float32 CPU tensor [*lead, n_out]`` for a bound kernel's output:
-    ``empty_like`` of a template kept for the last leading shape, whatever the default device
-    or dtype. (``torch.empty`` with dtype / device keywords took 4-6 us per call here,
-    ``empty_like`` 2 us: a third of a small layer's call.)"""
+    """``lead -> an empty float32 CPU tensor [*lead, n_out]`` for a bound kernel's output,
+    whatever the default device or dtype: ``empty_like`` of a template kept for the last
+    leading shape when the output is small (``torch.empty`` with dtype / device keywords took
+    4-6 us per call here, ``empty_like`` 2 us: a third of a small layer's call); larger outputs
+    are allocated directly, so no template holds memory worth mentioning."""
     last: list = [((), torch.empty(n_out, dtype=torch.float32, device="cpu"))]
 
     def allocate(lead: tuple[int, ...]) -> torch.Tensor:
         entry = last[0]  # one (shape, template) pair, read once: consistent across threads
         if entry[0] != lead:
-            entry = last[0] = (lead, torch.empty((*lead, n_out), dtype=torch.float32,
-                                                 device="cpu"))
+            out = torch.empty((*lead, n_out), dtype=torch.float32, device="cpu")
+            if out.numel() > TEMPLATE_MAX_ELEMENTS:
+                return out
+            last[0] = (lead, out)
+            return torch.empty_like(out)
         return torch.empty_like(entry[1])
 
     return allocate
+
+
+TEMPLATE_MAX_ELEMENTS = 1 << 16  # 256 KiB of float32: decode-sized outputs

@@ -221,7 +221,8 @@ class Decoder:
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
-        if self.fused and pad is None:  # the fused ops share one position range per batch
+        # the fused ops (bound when the Decoder was built fused) share one position range
+        if self.fused and self.final_norm_op is not None and pad is None:
             return self.lm_head(self._fused_layers(h.contiguous(), start, causal)[:, -1])
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         if pad is None:

@@ -166,5 +166,5 @@ def test_bound_kernel_follows_in_place_edits_and_refuses_misfits():
     second = run(x)
     assert not torch.equal(first, second)
     _assert_close(second, x, qt, None)
-    with pytest.raises(ValueError, match=r"needs float32 CPU \[\.\.\., 128\]"):
+    with pytest.raises(ValueError, match=r"float16\) CPU \[\.\.\., 128\]"):
         run(torch.randn(1, 64))

@@ -126,9 +126,9 @@ def test_bound_kernel_sees_in_place_code_changes():
 def test_bound_kernel_refuses_inputs_it_was_not_bound_for():
     qt = QuantizedTensor.from_float(torch.randn(8, 64), "w8a8")
     run = dispatch.bound_linear(torch.zeros(1, 64), qt, None, cache={})
-    with pytest.raises(ValueError, match=r"needs float32 CPU \[\.\.\., 64\]"):
+    with pytest.raises(ValueError, match=r"float16\) CPU \[\.\.\., 64\]"):
         run(torch.randn(1, 128))
-    with pytest.raises(ValueError, match="needs float32 CPU"):
+    with pytest.raises(ValueError, match=r"needs float32 \(or bfloat16 / float16\) CPU"):
         run(torch.randn(1, 64, dtype=torch.float64))
 
 
@@ -148,3 +148,19 @@ def test_half_bias_edits_and_default_device(name):
     with torch.device("meta"):
         y = run(x)
     assert y.is_cpu and torch.equal(y, after)
+
+
+@pytest.mark.parametrize(("name", "fast", "oracle"), [("w8a8", "cpu_w8a8", "int8-reference"),
+                                                      ("w4a8", "cpu_w4a8", "act-reference")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_half_activations_run_the_kernel_as_the_oracle_does(name, fast, oracle, dtype, m):
+    """bf16 / fp16 activations (a half-precision model) are quantized from their float32 values
+    and the result rounded to x's dtype once: what the oracle gives, bit for bit."""
+    torch.manual_seed(4)
+    qt = QuantizedTensor.from_float(torch.randn(24, 256), name)
+    x, bias = torch.randn(2, m, 256).to(dtype), torch.randn(24).to(dtype)
+    assert dispatch.select_kernel(qt, x).name == fast
+    y = dispatch.bound_linear(x, qt, bias, cache={})(x)
+    assert y.dtype == dtype and y.shape == (2, m, 24)
+    assert torch.equal(y, dispatch.KERNELS[oracle].fn(x, qt, bias, {}))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.cpu_avx2 import group_order, scale_and_zero_code, whole_groups
-from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE, bind_activation_kernel
+from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE, HALF_DTYPES, bind_activation_kernel
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import qrange
@@ -208,7 +208,7 @@ def spec_supported(qt: QuantizedTensor) -> bool:
 def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, *HALF_DTYPES)
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through ctypes
         and qt.qdata.device.type == "cpu"
         and x.dim() >= 1 and x.shape[-1] == qt.shape[1]

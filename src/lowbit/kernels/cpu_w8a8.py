@@ -261,10 +261,23 @@ def library() -> ctypes.CDLL | None:
     return _LIB.get()
 
 
+# Activations the integer-activation kernels take: float32, and half types quantized from their
+# float32 values (exactly what the oracles do with them) with the result rounded to x's dtype
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def as_float32_probe(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for the float32-only support checks, which read device, dtype and shape: a
+    half-precision x as a float32 zero expanded to its shape (no copy)."""
+    if x.dtype in HALF_DTYPES:
+        return torch.zeros((), dtype=torch.float32, device=x.device).expand(x.shape)
+    return x
+
+
 def _supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     act = qt.spec.act
     return (
-        int8._fast_supports(qt, x)
+        int8._fast_supports(qt, as_float32_probe(x))
         and act.dynamic
         and act.scale_dtype == "float32"
         and act.clip_ratio == 1.0
@@ -343,8 +356,11 @@ def bind_activation_kernel(
     def run(x: torch.Tensor) -> torch.Tensor:
         # few torch calls on the common path: see cpu_avx2's bound run
         if x.dtype is not float32 or x.shape[-1] != k_in or not x.is_cpu:
+            if x.dtype in HALF_DTYPES and x.shape[-1] == k_in and x.is_cpu:
+                return run(x.float()).to(x.dtype)
             raise ValueError(f"{name}: x {x.dtype} {tuple(x.shape)} on {x.device} for "
-                             f"weight {tuple(qt.shape)}; needs float32 CPU [..., {k_in}]")
+                             f"weight {tuple(qt.shape)}; needs float32 (or bfloat16 / "
+                             f"float16) CPU [..., {k_in}]")
         m = x.numel() // k_in
         if m == 0:
             return torch.empty(*x.shape[:-1], n_out, dtype=float32, device=cpu)

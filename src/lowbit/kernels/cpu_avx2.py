@@ -191,10 +191,9 @@ struct Table {
 // AFFINE: the codes themselves; 8 bits: the stored bytes read as signed, byte ^ 0x80 = code -
 // qmin - 128 (a symmetric int8 weight then has zero 0).
 // TABLE, TABLE_BF16: the table entry of each code.
-// E4M3, E5M2: the fp8 value, from the bits: the magnitude's exponent and mantissa shifted into
-// fp32's fields (a subnormal fp8 lands on an fp32 subnormal) times 2^(127 - fp8 bias), the
-// sign bit or-ed in. Exact for every finite code (lowbit's Q saturates: it never stores the
-// inf / NaN patterns, which this would read as large finite values).
+// E4M3, E5M2: the fp8 value, through the fp16 with the same bits (see below). Exact for every
+// finite code (e4m3fn's NaN pattern would read as 480; weights holding inf / NaN patterns keep
+// the reference path, see nonfinite_codes).
 template <int BITS, int KIND>
 static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
   if constexpr (BITS == 8 && KIND == AFFINE) {
@@ -203,16 +202,24 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
       w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)), flip)));
   } else if constexpr (BITS == 8) {
-    constexpr int SHIFT = KIND == E4M3 ? 20 : 21;  // 23 - mantissa bits
-    const __m256 rebias = _mm256_set1_ps(KIND == E4M3 ? 0x1p120f : 0x1p112f);
-    const __m256i magnitude = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
-    for (int q = 0; q < 4; ++q) {
-      const __m256i c = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
-      const __m256 value = _mm256_mul_ps(
-          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, magnitude), SHIFT)), rebias);
-      w[q] = _mm256_or_ps(value, _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_and_si256(c, sign), 24)));
+    // through fp16 (F16C converts 8 halves per instruction): an e5m2 code is the top byte of
+    // an fp16; an e4m3 code shifted left by 7 has its exponent and mantissa in fp16's fields
+    // (the value / 2^8, subnormals included) and its sign at bit 14, moved to bit 15 by adding
+    // that bit to itself
+    for (int h = 0; h < 2; ++h) {
+      const __m256i wide = _mm256_cvtepu8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+      __m256i half;
+      if constexpr (KIND == E5M2) {
+        half = _mm256_slli_epi16(wide, 8);
+      } else {
+        half = _mm256_slli_epi16(wide, 7);
+        half = _mm256_add_epi16(half, _mm256_and_si256(half, _mm256_set1_epi16(0x4000)));
+      }
+      w[2 * h] = _mm256_cvtph_ps(_mm256_castsi256_si128(half));
+      w[2 * h + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1));
+      if constexpr (KIND == E4M3)
+        for (int q = 2 * h; q < 2 * h + 2; ++q) w[q] = _mm256_mul_ps(w[q], _mm256_set1_ps(256.f));
     }
   } else if constexpr (BYTE_PLANES<BITS, KIND>) {
     // byte i of idx: code 2i (i < 16: low nibbles) or code 2(i - 16) + 1 (high nibbles)
@@ -272,19 +279,6 @@ static inline void load_table(const Weight& W, int64_t n, int64_t g, Table& tab)
   }
 }
 
-// fp8 subnormals decode through fp32 subnormals: keep them where the caller flushes denormal
-// inputs to zero (torch.set_flush_denormal sets MXCSR's DAZ bit) for as long as this lives.
-template <int KIND>
-struct KeepDenormals {
-  unsigned saved = 0;
-  KeepDenormals() {
-    if constexpr (KIND >= E4M3) { saved = _mm_getcsr(); _mm_setcsr(saved & ~0x0040u); }
-  }
-  ~KeepDenormals() {
-    if constexpr (KIND >= E4M3) _mm_setcsr(saved);
-  }
-};
-
 template <int KIND>
 static inline float scale_of(const Weight& W, int64_t n, int64_t g, int64_t G) {
   if constexpr (KIND == AFFINE) return W.S[n * G + g];  // affine weights always have scales
@@ -303,7 +297,6 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
   // Independent accumulators per row: one FMA chain would wait on the FMA latency (4 cycles)
   // at every step; with fewer rows each row gets more chains.
   constexpr int A = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
-  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES;
   const uint8_t* prow = W.P + n * (K * BITS / 8);
   __m256 tot[MT];
@@ -345,7 +338,6 @@ constexpr int64_t PREFETCH_BYTES = 2048;
 template <int BITS, int KIND, bool SHARED>
 static inline void pair_tile(const float* X, const float* XS, const Weight& W, const float* B,
                              float* OUT, int64_t n, int64_t K, int64_t G) {
-  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
   const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
@@ -461,7 +453,6 @@ static inline void natural_order(const __m256 c[4], __m256 o[4]) {
 // Row n of the weight in fp32, OUT [K] = value * s - zs in the stored column order.
 template <int BITS, int KIND>
 static inline void dequant_row(const Weight& W, int64_t n, float* OUT, int64_t K, int64_t G) {
-  const KeepDenormals<KIND> guard;
   const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
   Table tab;
   for (int64_t g = 0; g < G; ++g) {
@@ -539,7 +530,7 @@ EXPORT(lut4bf16, 4, TABLE_BF16)
 EXPORT(e4m3, 8, E4M3)
 EXPORT(e5m2, 8, E5M2)
 """
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 AFFINE_BITS = (1, 2, 3, 4, 8)  # cpu_int{bits}: affine codes
 TABLE_BITS = (1, 2, 3, 4)  # cpu_lut: codebook, float-grid and k-means codes (a 16-entry table)

@@ -14,8 +14,8 @@ every call, 13-100x slower than fp32 at M=1 on a 4096x4096 layer
 (benchmarks/results/format_kernels.md, reference column).
 
 Per output row and group the kernel unpacks codes to fp32 in AVX2 registers (affine: the
-codes themselves; tables: byte or register shuffles; fp8: shifts and a multiply) and
-accumulates against the activations:
+codes themselves; tables: byte or register shuffles; fp8: shifted into fp16 bits, converted by
+F16C) and accumulates against the activations:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} v[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 

@@ -36,7 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.cpu_avx2 import group_order, scale_and_zero_code, whole_groups
-from lowbit.kernels.cpu_w8a8 import ACTIVATION_Q_SOURCE, HALF_DTYPES, bind_activation_kernel
+from lowbit.kernels.cpu_w8a8 import (
+    ACTIVATION_Q_SOURCE,
+    HALF_DTYPES,
+    bind_activation_kernel,
+    struct_call,
+)
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary
 from lowbit.quant.maps import qrange
@@ -266,18 +271,12 @@ def bind_w4a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     act = qt.spec.act
     qmin, qmax = (float(v) for v in qrange(act))
     n_groups = qt.scale.numel() // n_out
-    get_threads = torch.get_num_threads
 
     def make_call(prepared: tuple, b_ptr: int | None) -> Callable[[int, int, int], int]:
         packed, scale, scale_zero = prepared
-        args = W4A8Args(packed, scale, scale_zero, b_ptr, k_in, n_out, n_groups,
-                        int(act.granularity == "token"), qmax, qmin)
-        at = ctypes.addressof(args)
-
-        def call(x_ptr: int, y_ptr: int, m: int) -> int:
-            return entry(x_ptr, y_ptr, m, at, get_threads())
-        call.args = args  # the struct behind ``at`` lives as long as the call
-        return call
+        return struct_call(entry, W4A8Args(packed, scale, scale_zero, b_ptr, k_in, n_out,
+                                           n_groups, int(act.granularity == "token"), qmax,
+                                           qmin))
 
     return bind_activation_kernel("cpu_w4a8", qt, bias, cache, _prepared, make_call)
 

@@ -388,6 +388,18 @@ def bind_activation_kernel(
     return run
 
 
+def struct_call(entry: Callable, args: ctypes.Structure) -> NativeCall:
+    """``(x_ptr, y_ptr, m) -> entry(x_ptr, y_ptr, m, &args, threads)``, the C entry of an
+    integer-activation kernel with its constant arguments in ``args`` (kept alive by the
+    call)."""
+    at, get_threads = ctypes.addressof(args), torch.get_num_threads
+
+    def call(x_ptr: int, y_ptr: int, m: int) -> int:
+        return entry(x_ptr, y_ptr, m, at, get_threads())
+    call.args = args
+    return call
+
+
 class W8A8Args(ctypes.Structure):
     """The C ``W8A8Args``: a weight's pointers, sizes and activation grid, passed by address."""
 
@@ -402,18 +414,11 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
     act = qt.spec.act
     qmin, qmax = (float(v) for v in qrange(act))
     n_out, k_in = qt.shape
-    get_threads = torch.get_num_threads
 
     def make_call(prepared: tuple, b_ptr: int | None) -> NativeCall:
         weight, sw, per_channel = prepared
-        args = W8A8Args(weight, sw, b_ptr, k_in, n_out, per_channel,
-                        int(act.granularity == "token"), qmax, qmin)
-        at = ctypes.addressof(args)
-
-        def call(x_ptr: int, y_ptr: int, m: int) -> int:
-            return entry(x_ptr, y_ptr, m, at, get_threads())
-        call.args = args  # the struct behind ``at`` lives as long as the call
-        return call
+        return struct_call(entry, W8A8Args(weight, sw, b_ptr, k_in, n_out, per_channel,
+                                           int(act.granularity == "token"), qmax, qmin))
 
     handover = None
     if int8.one_pass_shift(qt.spec) is not None:

@@ -495,7 +495,7 @@ static void rows(const Weight& W, const int64_t* IDS, int64_t count, float* OUT,
 
 // What a GEMV call needs besides the activations: built once per weight layout by the caller,
 // so that a call passes 5 arguments (ctypes converts each argument on every call: 14 of them
-// cost ~2 us, comparable to a small layer's arithmetic).
+// took ~3 us, 5 take ~1.4 us, against ~13 us of arithmetic in a 384x384 layer).
 struct GemvArgs {
   Weight W;
   const float* B;

@@ -331,6 +331,7 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
 }
 
 constexpr int64_t PREFETCH_BYTES = 2048;
+constexpr int64_t PAIR_ROWS_MIN_M = 6, PAIR_ROWS_MIN_K = 2048;  // see gemv
 
 // M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
 // SHARED: one table for every row (nf4, fp4), kept in registers once rather than twice (two
@@ -382,6 +383,69 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
   OUT[n + 1] = (hsum(tot1) - corr1) + (B ? B[n + 1] : 0.f);
 }
 
+// Output channels n and n + 1 for activation rows m0..m0+MT: each decoded chunk and each
+// activation load feed twice the FMAs of row_tile. SHARED: one table for every row, or none.
+template <int BITS, int KIND, int MT, bool SHARED>
+static inline void pair_rows_tile(const float* X, const float* XS, const Weight& W,
+                                  const float* B, float* OUT, int64_t m0, int64_t n, int64_t K,
+                                  int64_t G, int64_t N) {
+  const int64_t group = K / G, chunks = group / CODES, row_bytes = K * BITS / 8;
+  const uint8_t* prow = W.P + n * row_bytes;
+  __m256 tot0[MT], tot1[MT];
+  float corr0[MT], corr1[MT];
+  Table tab0, tab1;
+  for (int t = 0; t < MT; ++t) {
+    tot0[t] = tot1[t] = _mm256_setzero_ps();
+    corr0[t] = corr1[t] = 0.f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a[MT], b[MT];
+    for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
+    if (g == 0 || W.TG) {
+      load_table<BITS, KIND>(W, n, g, tab0);
+      if constexpr (!SHARED) load_table<BITS, KIND>(W, n + 1, g, tab1);
+    }
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
+      __m256 c[4], d[4];
+      decode<BITS, KIND>(prow + off, tab0, c);
+      decode<BITS, KIND>(prow + row_bytes + off, SHARED ? tab0 : tab1, d);
+      for (int t = 0; t < MT; ++t) {
+        const float* x = X + (m0 + t) * K + g * group + i * CODES;
+        for (int q = 0; q < 4; ++q) {
+          const __m256 xv = _mm256_loadu_ps(x + 8 * q);
+          a[t] = _mm256_fmadd_ps(c[q], xv, a[t]);
+          b[t] = _mm256_fmadd_ps(d[q], xv, b[t]);
+        }
+      }
+    }
+    const __m256 s0 = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
+    const __m256 s1 = _mm256_set1_ps(scale_of<KIND>(W, n + 1, g, G));
+    for (int t = 0; t < MT; ++t) {
+      tot0[t] = _mm256_fmadd_ps(a[t], s0, tot0[t]);
+      tot1[t] = _mm256_fmadd_ps(b[t], s1, tot1[t]);
+      corr0[t] += zero_term(W, XS, m0 + t, n, g, G);
+      corr1[t] += zero_term(W, XS, m0 + t, n + 1, g, G);
+    }
+  }
+  const float bias0 = B ? B[n] : 0.f, bias1 = B ? B[n + 1] : 0.f;
+  for (int t = 0; t < MT; ++t) {
+    OUT[(m0 + t) * N + n] = (hsum(tot0[t]) - corr0[t]) + bias0;
+    OUT[(m0 + t) * N + n + 1] = (hsum(tot1[t]) - corr1[t]) + bias1;
+  }
+}
+
+// Every activation row of output channels n, n + 1 in pair_rows_tile's tiles of 3.
+template <int BITS, int KIND, bool SHARED>
+static inline void pair_rows(const float* X, const float* XS, const Weight& W, const float* B,
+                             float* OUT, int64_t M, int64_t n, int64_t K, int64_t G, int64_t N) {
+  int64_t m0 = 0;
+  for (; m0 + 3 <= M; m0 += 3)
+    pair_rows_tile<BITS, KIND, 3, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
+  if (M - m0 == 2) pair_rows_tile<BITS, KIND, 2, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
+  if (M - m0 == 1) pair_rows_tile<BITS, KIND, 1, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
+}
+
 // OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null).
 template <int BITS, int KIND>
 static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int64_t M,
@@ -417,6 +481,23 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
         pair_tile<BITS, KIND, false>(X, XS, W, B, OUT, 2 * p, K, G);
     }
     if (N % 2) row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, 0, N - 1, K, G, N);
+    free(XS);
+    free(XP);
+    return 0;
+  }
+  // Pairs of output channels (not for per-row tables) where they were measured to win: on
+  // 4096-11008 wide layers at M=8, 16-23% (M=16: 2-13%); at M=2-4, and on 384-wide layers,
+  // row_tile was as fast or faster (one-off A/Bs).
+  if ((!is_table(KIND) || W.TR == 0) && M >= PAIR_ROWS_MIN_M && K >= PAIR_ROWS_MIN_K) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
+    for (int64_t p = 0; p < N / 2; ++p) {
+      if (is_table(KIND))
+        pair_rows<BITS, KIND, true>(X, XS, W, B, OUT, M, 2 * p, K, G, N);
+      else
+        pair_rows<BITS, KIND, false>(X, XS, W, B, OUT, M, 2 * p, K, G, N);
+    }
+    if (N % 2)
+      for (int64_t m = 0; m < M; ++m) row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m, N - 1, K, G, N);
     free(XS);
     free(XP);
     return 0;

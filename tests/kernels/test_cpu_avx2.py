@@ -393,7 +393,8 @@ def test_any_weight_only_spec_matches_the_reference(fmt, group, groups, symmetri
 @pytest.mark.parametrize(("n", "m"), [(24, 6), (25, 8), (25, 13)])
 def test_wide_layers_at_several_rows_run_pairs_of_channels(name: str, n: int, m: int) -> None:
     """From 6 rows and 2048 columns the GEMV takes output channels in pairs (an odd last one
-    alone; per-row tables, km4, keep one at a time) against 3 activation rows at a time."""
+    alone; table formats, nf4 and km4, keep one at a time) against 3 activation rows at a
+    time."""
     torch.manual_seed(8)
     qt = QuantizedTensor.from_float(torch.randn(n, 2048), name)
     x, bias = torch.randn(m, 2048), torch.randn(n)

@@ -384,8 +384,9 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
 }
 
 // Output channels n and n + 1 for activation rows m0..m0+MT: each decoded chunk and each
-// activation load feed twice the FMAs of row_tile. SHARED: one table for every row, or none.
-template <int BITS, int KIND, int MT, bool SHARED>
+// activation load feed twice the FMAs of row_tile. Codes without tables (affine, fp8): a
+// table's registers beside 8 decoded vectors and 6 accumulators would spill.
+template <int BITS, int KIND, int MT>
 static inline void pair_rows_tile(const float* X, const float* XS, const Weight& W,
                                   const float* B, float* OUT, int64_t m0, int64_t n, int64_t K,
                                   int64_t G, int64_t N) {
@@ -393,7 +394,8 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
   const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0[MT], tot1[MT];
   float corr0[MT], corr1[MT];
-  Table tab0, tab1;
+  static_assert(!is_table(KIND), "pair_rows_tile takes codes without tables");
+  const Table none{};
   for (int t = 0; t < MT; ++t) {
     tot0[t] = tot1[t] = _mm256_setzero_ps();
     corr0[t] = corr1[t] = 0.f;
@@ -401,15 +403,11 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
   for (int64_t g = 0; g < G; ++g) {
     __m256 a[MT], b[MT];
     for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
-    if (g == 0 || W.TG) {
-      load_table<BITS, KIND>(W, n, g, tab0);
-      if constexpr (!SHARED) load_table<BITS, KIND>(W, n + 1, g, tab1);
-    }
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
       __m256 c[4], d[4];
-      decode<BITS, KIND>(prow + off, tab0, c);
-      decode<BITS, KIND>(prow + row_bytes + off, SHARED ? tab0 : tab1, d);
+      decode<BITS, KIND>(prow + off, none, c);
+      decode<BITS, KIND>(prow + row_bytes + off, none, d);
       for (int t = 0; t < MT; ++t) {
         const float* x = X + (m0 + t) * K + g * group + i * CODES;
         for (int q = 0; q < 4; ++q) {
@@ -436,14 +434,14 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
 }
 
 // Every activation row of output channels n, n + 1 in pair_rows_tile's tiles of 3.
-template <int BITS, int KIND, bool SHARED>
+template <int BITS, int KIND>
 static inline void pair_rows(const float* X, const float* XS, const Weight& W, const float* B,
                              float* OUT, int64_t M, int64_t n, int64_t K, int64_t G, int64_t N) {
   int64_t m0 = 0;
   for (; m0 + 3 <= M; m0 += 3)
-    pair_rows_tile<BITS, KIND, 3, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
-  if (M - m0 == 2) pair_rows_tile<BITS, KIND, 2, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
-  if (M - m0 == 1) pair_rows_tile<BITS, KIND, 1, SHARED>(X, XS, W, B, OUT, m0, n, K, G, N);
+    pair_rows_tile<BITS, KIND, 3>(X, XS, W, B, OUT, m0, n, K, G, N);
+  if (M - m0 == 2) pair_rows_tile<BITS, KIND, 2>(X, XS, W, B, OUT, m0, n, K, G, N);
+  if (M - m0 == 1) pair_rows_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m0, n, K, G, N);
 }
 
 // OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null).
@@ -485,22 +483,22 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
     free(XP);
     return 0;
   }
-  // Pairs of output channels (not for per-row tables) where they were measured to win: on
-  // 4096-11008 wide layers at M=8, 16-23% (M=16: 2-13%); at M=2-4, and on 384-wide layers,
-  // row_tile was as fast or faster (one-off A/Bs).
-  if ((!is_table(KIND) || W.TR == 0) && M >= PAIR_ROWS_MIN_M && K >= PAIR_ROWS_MIN_K) {
+  // Pairs of output channels where they were measured to win: on 4096-11008 wide layers at
+  // M=8, 16-23% (M=16: 2-13%); at M=2-4, on 384-wide layers and for nf4 / fp4's table lookups
+  // (M=16: 0.84x / 0.74x fp32 against 1.06x / 0.92x), row_tile was as fast or faster
+  // (one-off A/Bs and format_kernels.md runs).
+  if constexpr (!is_table(KIND)) {
+    if (M >= PAIR_ROWS_MIN_M && K >= PAIR_ROWS_MIN_K) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-    for (int64_t p = 0; p < N / 2; ++p) {
-      if (is_table(KIND))
-        pair_rows<BITS, KIND, true>(X, XS, W, B, OUT, M, 2 * p, K, G, N);
-      else
-        pair_rows<BITS, KIND, false>(X, XS, W, B, OUT, M, 2 * p, K, G, N);
+      for (int64_t p = 0; p < N / 2; ++p)
+        pair_rows<BITS, KIND>(X, XS, W, B, OUT, M, 2 * p, K, G, N);
+      if (N % 2)
+        for (int64_t m = 0; m < M; ++m)
+          row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m, N - 1, K, G, N);
+      free(XS);
+      free(XP);
+      return 0;
     }
-    if (N % 2)
-      for (int64_t m = 0; m < M; ++m) row_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m, N - 1, K, G, N);
-    free(XS);
-    free(XP);
-    return 0;
   }
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
   for (int64_t n = 0; n < N; ++n) {

@@ -26,7 +26,7 @@ from _machine import machine_line
 from weight_kernels import copy_bandwidth, interleaved_medians
 
 from lowbit import PRESETS, QuantizedTensor
-from lowbit.kernels import KERNELS, select_kernel
+from lowbit.kernels import KERNELS, cpu_avx2, select_kernel
 from lowbit.spec import preset
 
 RESULTS = Path(__file__).parent / "results" / "format_kernels.md"
@@ -147,7 +147,8 @@ def main() -> None:
         "",
         *sections,
         "The weight-only kernels (cpu_int1-4, cpu_int8, cpu_lut, cpu_fp8) run a fused AVX2 "
-        "GEMV for M <= 32 (the codes never exist as fp32); above it they dequantize the "
+        f"GEMV for M <= {cpu_avx2.GEMV_MAX_ROWS} (the codes never exist as fp32); above it "
+        "they dequantize the "
         "weight, 256 rows at a time for these shapes, into a reused fp32 buffer for torch's "
         "fp32 GEMM: the same multiply-adds as fp32 plus the dequantization, on blocks that "
         "stay in cache.",

@@ -217,8 +217,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # Bound forms for the Decoder: everything that does not change between steps (weights, caches,
 # tables, their pointers and shapes) is checked once when bound; a call checks only its inputs
-# (dtype, layout, shape) and passes integers, which took ~10-23 us per op off a decode step's
-# ~20 us of Python per op (a 19M-parameter model makes 4 such calls per layer and token).
+# (dtype, layout, shape) and passes integers (one-off, per call: rope_kv 25 -> 7 us, rms_norm
+# 10 -> 7 us, attention 25 -> 17 us; a 19M-parameter model makes 4 such calls per layer and
+# token).
 
 # Outputs come from empty_like of a checked input: torch.empty with dtype / device keywords took
 # 4-6 us per call here, empty_like 2 us (one-off).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import int8
-from lowbit.kernels.cpu_avx2 import group_order, whole_groups
+from lowbit.kernels.cpu_avx2 import ACTIVATION_DTYPES, group_order, whole_groups
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
 from lowbit.kernels.native import NativeLibrary, output_allocator
 from lowbit.quant.maps import check_finite, qrange
@@ -263,7 +263,7 @@ def library() -> ctypes.CDLL | None:
 
 # Activations the integer-activation kernels take: float32, and half types quantized from their
 # float32 values (exactly what the oracles do with them) with the result rounded to x's dtype
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+HALF_DTYPES = tuple(d for d in ACTIVATION_DTYPES if d is not torch.float32)
 
 
 def as_float32_probe(x: torch.Tensor) -> torch.Tensor:

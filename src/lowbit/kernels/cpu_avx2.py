@@ -358,9 +358,11 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
       // two streams at once defeat the hardware prefetcher on large weights: help it, far
       // enough ahead to cover a DRAM access (512 bytes ahead was 10-30% slower on cold
       // 4096-wide weights, one-off)
-      const char* ahead = reinterpret_cast<const char*>(prow + off + PREFETCH_BYTES);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + row_bytes, _MM_HINT_T0);
+      // (integer arithmetic: the last pair's address may lie past the weight, where a
+      // pointer may not point; a prefetch never faults)
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(prow + off) + PREFETCH_BYTES;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + row_bytes), _MM_HINT_T0);
       decode<BITS, KIND>(prow + off, tab0, c);
       decode<BITS, KIND>(prow + row_bytes + off, SHARED ? tab0 : tab1, d);
       __m256 xv = _mm256_loadu_ps(x);

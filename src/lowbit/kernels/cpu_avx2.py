@@ -114,9 +114,8 @@ template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
 //   2, 4 bits: the chunk's bytes (16-bit pairs) widened to 32-bit lanes;
 //   3 bits: 12-bit fields at byte offsets 0, 1.5, 3, ..: bytes floor(1.5 l), +1 gathered into
 //   lane l by a shuffle, odd lanes shifted right by 4.
-template <int BITS, bool IN_PLACE>
-static inline void codes(const uint8_t* p, __m256i c[4]) {
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+template <int BITS>
+static inline __m256i code_word(const uint8_t* p) {
   __m256i w;
   if constexpr (BITS == 1) {
     uint32_t word;
@@ -139,6 +138,13 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
   } else {
     w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  return w;
+}
+
+template <int BITS, bool IN_PLACE>
+static inline void codes(const uint8_t* p, __m256i c[4]) {
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256i w = code_word<BITS>(p);
   if constexpr (IN_PLACE) {
     for (int j = 0; j < 4; ++j)
       c[j] = _mm256_and_si256(w, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * j)));
@@ -255,6 +261,39 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
   }
 }
 
+// decode's w[q] alone, for codes without tables (pair_rows_tile decodes one vector at a time:
+// two channels' chunks decoded whole would take 8 registers). ``word`` is chunk_word(p).
+template <int BITS, int KIND>
+static inline __m256i chunk_word(const uint8_t* p) {
+  if constexpr (IN_PLACE_CODES<BITS, KIND>) return code_word<BITS>(p);
+  return _mm256_setzero_si256();
+}
+
+template <int BITS, int KIND>
+static inline __m256 decode_vector(const uint8_t* p, __m256i word, int q) {
+  static_assert(!is_table(KIND), "decode_vector takes codes without tables");
+  if constexpr (IN_PLACE_CODES<BITS, KIND>) {
+    return _mm256_cvtepi32_ps(
+        _mm256_and_si256(word, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * q))));
+  } else if constexpr (KIND == AFFINE) {
+    static_assert(BITS == 8, "affine codes above 4 bits are bytes");
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)),
+        _mm_set1_epi8(static_cast<char>(0x80)))));
+  } else {  // fp8 through fp16, as decode
+    __m128i half = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
+    if constexpr (KIND == E5M2) {
+      half = _mm_slli_epi16(half, 8);
+    } else {
+      half = _mm_slli_epi16(half, 7);
+      half = _mm_add_epi16(half, _mm_and_si128(half, _mm_set1_epi16(0x4000)));
+    }
+    const __m256 v = _mm256_cvtph_ps(half);
+    if constexpr (KIND == E4M3) return _mm256_mul_ps(v, _mm256_set1_ps(256.f));
+    return v;
+  }
+}
+
 // Where a weight's numbers are: P [N, K * BITS / 8] code bytes; S [N, G] scales (null: 1);
 // ZS [N, G] scale * zero-point in code units (null: no zero-point term); T the tables, row n
 // group g at T + n * TR + g * TG (16 floats: <= 3 bits the values, 4 bits their byte planes,
@@ -332,6 +371,7 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
 
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t PAIR_ROWS_MIN_M = 6, PAIR_ROWS_MIN_K = 2048;  // see gemv
+constexpr int PAIR_TILE_ROWS = 4;
 
 // M = 1, output channels n and n + 1 together: each activation load feeds both rows' FMAs.
 // SHARED: one table for every row (nf4, fp4), kept in registers once rather than twice (two
@@ -385,9 +425,10 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
   OUT[n + 1] = (hsum(tot1) - corr1) + (B ? B[n + 1] : 0.f);
 }
 
-// Output channels n and n + 1 for activation rows m0..m0+MT: each decoded chunk and each
-// activation load feed twice the FMAs of row_tile. Codes without tables (affine, fp8): a
-// table's registers beside 8 decoded vectors and 6 accumulators would spill.
+// Output channels n and n + 1 for activation rows m0..m0+MT: each decoded vector feeds MT
+// FMAs and each activation load two. Codes without tables (affine, fp8), decoded one vector at
+// a time: 2 x MT accumulators, two code words, two vectors and an activation fit the 16
+// registers for MT <= 4.
 template <int BITS, int KIND, int MT>
 static inline void pair_rows_tile(const float* X, const float* XS, const Weight& W,
                                   const float* B, float* OUT, int64_t m0, int64_t n, int64_t K,
@@ -396,8 +437,6 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
   const uint8_t* prow = W.P + n * row_bytes;
   __m256 tot0[MT], tot1[MT];
   float corr0[MT], corr1[MT];
-  static_assert(!is_table(KIND), "pair_rows_tile takes codes without tables");
-  const Table none{};
   for (int t = 0; t < MT; ++t) {
     tot0[t] = tot1[t] = _mm256_setzero_ps();
     corr0[t] = corr1[t] = 0.f;
@@ -406,16 +445,17 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
     __m256 a[MT], b[MT];
     for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < chunks; ++i) {
-      const int64_t off = CHUNK_BYTES<BITS> * (g * chunks + i);
-      __m256 c[4], d[4];
-      decode<BITS, KIND>(prow + off, none, c);
-      decode<BITS, KIND>(prow + row_bytes + off, none, d);
-      for (int t = 0; t < MT; ++t) {
-        const float* x = X + (m0 + t) * K + g * group + i * CODES;
-        for (int q = 0; q < 4; ++q) {
-          const __m256 xv = _mm256_loadu_ps(x + 8 * q);
-          a[t] = _mm256_fmadd_ps(c[q], xv, a[t]);
-          b[t] = _mm256_fmadd_ps(d[q], xv, b[t]);
+      const uint8_t* p0 = prow + CHUNK_BYTES<BITS> * (g * chunks + i);
+      const uint8_t* p1 = p0 + row_bytes;
+      const __m256i w0 = chunk_word<BITS, KIND>(p0), w1 = chunk_word<BITS, KIND>(p1);
+      const float* x = X + m0 * K + g * group + i * CODES;
+      for (int q = 0; q < 4; ++q) {
+        const __m256 c = decode_vector<BITS, KIND>(p0, w0, q);
+        const __m256 d = decode_vector<BITS, KIND>(p1, w1, q);
+        for (int t = 0; t < MT; ++t) {
+          const __m256 xv = _mm256_loadu_ps(x + t * K + 8 * q);
+          a[t] = _mm256_fmadd_ps(c, xv, a[t]);
+          b[t] = _mm256_fmadd_ps(d, xv, b[t]);
         }
       }
     }
@@ -435,15 +475,19 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
   }
 }
 
-// Every activation row of output channels n, n + 1 in pair_rows_tile's tiles of 3.
+// Every activation row of output channels n, n + 1 in pair_rows_tile's tiles of PAIR_TILE_ROWS.
 template <int BITS, int KIND>
 static inline void pair_rows(const float* X, const float* XS, const Weight& W, const float* B,
                              float* OUT, int64_t M, int64_t n, int64_t K, int64_t G, int64_t N) {
   int64_t m0 = 0;
-  for (; m0 + 3 <= M; m0 += 3)
-    pair_rows_tile<BITS, KIND, 3>(X, XS, W, B, OUT, m0, n, K, G, N);
-  if (M - m0 == 2) pair_rows_tile<BITS, KIND, 2>(X, XS, W, B, OUT, m0, n, K, G, N);
-  if (M - m0 == 1) pair_rows_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m0, n, K, G, N);
+  for (; m0 + PAIR_TILE_ROWS <= M; m0 += PAIR_TILE_ROWS)
+    pair_rows_tile<BITS, KIND, PAIR_TILE_ROWS>(X, XS, W, B, OUT, m0, n, K, G, N);
+  switch (M - m0) {
+    case 3: pair_rows_tile<BITS, KIND, 3>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+    case 2: pair_rows_tile<BITS, KIND, 2>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+    case 1: pair_rows_tile<BITS, KIND, 1>(X, XS, W, B, OUT, m0, n, K, G, N); break;
+    default: break;
+  }
 }
 
 // OUT [M, N] = X [M, K] @ W^T (+ B [N] if not null).
@@ -486,9 +530,10 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
     return 0;
   }
   // Pairs of output channels where they were measured to win: on 4096-11008 wide layers at
-  // M=8, 16-23% (M=16: 2-13%); at M=2-4, on 384-wide layers and for nf4 / fp4's table lookups
-  // (M=16: 0.84x / 0.74x fp32 against 1.06x / 0.92x), row_tile was as fast or faster
-  // (one-off A/Bs and format_kernels.md runs).
+  // M=8, 16-23% (M=16: 2-13%) as 2 x 3 tiles of whole decoded chunks, and a further 4-23% at
+  // M=8-16 as 2 x 4 tiles decoded a vector at a time (-13-19% at M=2); at M=2-4, on 384-wide
+  // layers and for nf4 / fp4's table lookups (M=16: 0.84x / 0.74x fp32 against 1.06x / 0.92x),
+  // row_tile was as fast or faster (one-off A/Bs and format_kernels.md runs).
   if constexpr (!is_table(KIND)) {
     if (M >= PAIR_ROWS_MIN_M && K >= PAIR_ROWS_MIN_K) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))

@@ -226,3 +226,24 @@ def test_bad_input_fails_in_one_line(llama):
         Decoder(_tiny("mistral", sliding_window=8), 1, 16)
     with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
         Decoder(_tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 1, 16)
+
+
+def test_a_model_changed_after_binding_is_bound_again(fused):
+    """Weights replaced, moved to shared memory or swapped for another module after the Decoder
+    was built: the next generate binds them again and matches a freshly built Decoder."""
+    model = lowbit.quantize(_tiny("llama"), "w8")
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    decoder = Decoder(model, 1, 16, fused=fused)
+    first = decoder.generate(ids, 8)
+
+    donor = lowbit.quantize(_tiny("llama", initializer_range=0.2), "w8")
+    layer, other = model.model.layers[0], donor.model.layers[0]
+    layer.self_attn.q_proj.set_weight(other.self_attn.q_proj.qweight)
+    layer.mlp.down_proj.set_weight(other.mlp.down_proj.qweight)
+    model.model.layers[1].mlp.up_proj = donor.model.layers[1].mlp.up_proj
+    changed = decoder.generate(ids, 8)
+    assert torch.equal(changed, Decoder(model, 1, 16, fused=fused).generate(ids, 8))
+    assert not torch.equal(changed, first)
+
+    model.share_memory()  # every tensor moves: the old addresses are freed
+    assert torch.equal(decoder.generate(ids, 8), changed)

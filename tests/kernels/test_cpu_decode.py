@@ -114,6 +114,42 @@ def test_bound_ops_equal_the_one_shot_ops():
                                                    scratch))
 
 
+def test_bound_ops_on_left_padded_rows_shift_positions_and_hide_the_padding():
+    """With per-row left padding, token t of row b in slot start + t takes the rotary row of
+    position start + t - pad[b] (at least 0), and attention never reads slots below pad[b]: the
+    same as the one-shot ops on each row alone, from its first real slot."""
+    torch.manual_seed(4)
+    batch, nh, nkv, hd, cache_len, start = 3, 4, 2, 16, 12, 6
+    pad = torch.tensor([0, 2, 5])
+    angles = torch.rand(cache_len, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k, v = (torch.randn(batch, 2, n * hd) for n in (nh, nkv, nkv))
+    kc, vc = torch.randn(batch, nkv, cache_len, hd), torch.randn(batch, nkv, cache_len, hd)
+    qb = q.clone()
+    cpu_decode.bind_rope_kv(cos, sin, kc, vc, nh, nkv)(qb, k, v, start, pad)
+    scratch = torch.empty(cache_len)
+    out = cpu_decode.bind_decode_attention(kc, vc, 0.25, scratch)(qb[:, -1:].contiguous(),
+                                                                  start + 2, pad)
+    for b in range(batch):
+        first = int(pad[b])
+        row_kc, row_vc = torch.zeros(1, nkv, cache_len, hd), torch.zeros(1, nkv, cache_len, hd)
+        qa = q[b:b + 1].clone()
+        position = start - first
+        cpu_decode.rope_kv(qa, k[b:b + 1].clone(), v[b:b + 1].clone(),
+                           cos[position:position + 2], sin[position:position + 2], row_kc,
+                           row_vc, start, nh, nkv)
+        assert torch.equal(qa, qb[b:b + 1])
+        assert torch.equal(kc[b, :, start:start + 2], row_kc[0, :, start:start + 2])
+        alone = cpu_decode.decode_attention(qa[:, -1:].contiguous(),
+                                            kc[b:b + 1, :, first:].contiguous(),
+                                            vc[b:b + 1, :, first:].contiguous(),
+                                            start + 2 - first, 0.25, scratch)
+        assert torch.allclose(out[b:b + 1], alone, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="pad: expected contiguous int64"):
+        cpu_decode.bind_decode_attention(kc, vc, 0.25, scratch)(qb[:, -1:].contiguous(), 4,
+                                                                pad.int())
+
+
 def test_bound_ops_refuse_inputs_that_do_not_fit():
     kc = torch.zeros(1, 2, 4, 8)
     table = torch.zeros(4, 8)

@@ -46,17 +46,21 @@ extern "C" void add_rms_norm(float* H, const float* DELTA, const float* W, float
 }
 
 // Rotary embedding (half-split layout: t' = t * cos + cat(-t2, t1) * sin) of Q [B, T, NH, HD]
-// in place and of K [B, T, NKV, HD] into KC [B, NKV, L, HD] at positions start..start+T; V into
-// VC likewise. COS, SIN [T, HD] are the rows for those positions, SIN's first half negated
-// (so t'[i] = t[i] * cos[i] + t[i +- HD/2] * SIN[i] in both halves).
+// in place and of K [B, T, NKV, HD] into KC [B, NKV, L, HD] at cache slots start..start+T; V
+// into VC likewise. Token t of row b takes table row max(0, row0 + t - PAD[b]) of COS, SIN
+// [rows, HD] (PAD: each row's left-padding slots, or null for none); SIN's first half is
+// negated (so t'[i] = t[i] * cos[i] + t[i +- HD/2] * SIN[i] in both halves).
 extern "C" void rope_kv(float* Q, const float* K, const float* V, const float* COS,
-                        const float* SIN, float* KC, float* VC, int64_t B, int64_t T,
-                        int64_t NH, int64_t NKV, int64_t HD, int64_t L, int64_t start) {
+                        const float* SIN, float* KC, float* VC, const int64_t* PAD, int64_t B,
+                        int64_t T, int64_t NH, int64_t NKV, int64_t HD, int64_t L,
+                        int64_t start, int64_t row0) {
   const int64_t half = HD / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
-      const float* c = COS + t * HD;
-      const float* s = SIN + t * HD;
+      int64_t row = row0 + t - (PAD ? PAD[b] : 0);
+      row = row < 0 ? 0 : row;
+      const float* c = COS + row * HD;
+      const float* s = SIN + row * HD;
       for (int64_t h = 0; h < NH; ++h) {
         float* q = Q + ((b * T + t) * NH + h) * HD;
         for (int64_t i = 0; i < half; ++i) {
@@ -79,33 +83,35 @@ extern "C" void rope_kv(float* Q, const float* K, const float* V, const float* C
     }
 }
 
-// One query per row: OUT [B, NH * HD] = softmax(Q [B, NH, HD] . K^T * scale) V over the first
-// `len` cached positions of KC, VC [B, NKV, L, HD]; query head h reads kv head h / (NH / NKV).
-// SCORES: scratch of len floats.
+// One query per row: OUT [B, NH * HD] = softmax(Q [B, NH, HD] . K^T * scale) V over cached
+// slots PAD[b]..len - 1 of KC, VC [B, NKV, L, HD] (PAD: each row's left-padding slots, never
+// attended to; null: none); query head h reads kv head h / (NH / NKV). SCORES: scratch of len
+// floats.
 extern "C" void decode_attention(const float* Q, const float* KC, const float* VC, float* OUT,
-                                 float* SCORES, int64_t B, int64_t NH, int64_t NKV, int64_t HD,
-                                 int64_t L, int64_t len, float scale) {
+                                 float* SCORES, const int64_t* PAD, int64_t B, int64_t NH,
+                                 int64_t NKV, int64_t HD, int64_t L, int64_t len, float scale) {
   const int64_t group = NH / NKV;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h) {
+      const int64_t first = PAD && PAD[b] < len ? PAD[b] : 0;
       const float* q = Q + (b * NH + h) * HD;
       const float* kc = KC + (b * NKV + h / group) * L * HD;
       const float* vc = VC + (b * NKV + h / group) * L * HD;
       float top = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = first; j < len; ++j) {
         float d = 0.f;
         for (int64_t i = 0; i < HD; ++i) d += q[i] * kc[j * HD + i];
         SCORES[j] = d * scale;
         top = SCORES[j] > top ? SCORES[j] : top;
       }
       float total = 0.f;
-      for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = first; j < len; ++j) {
         SCORES[j] = expf(SCORES[j] - top);
         total += SCORES[j];
       }
       float* o = OUT + (b * NH + h) * HD;
       for (int64_t i = 0; i < HD; ++i) o[i] = 0.f;
-      for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = first; j < len; ++j) {
         const float p = SCORES[j] / total;
         for (int64_t i = 0; i < HD; ++i) o[i] += p * vc[j * HD + i];
       }
@@ -121,8 +127,8 @@ _LIB = NativeLibrary(
     "cpu_decode", _SOURCE, _FLAGS + (["-mavx2", "-mfma"] if cpu_has_avx2() else []),
     {"rms_norm": ([_PTR] * 3 + [_I64] * 2 + [_F32], None),
      "add_rms_norm": ([_PTR] * 4 + [_I64] * 2 + [_F32], None),
-     "rope_kv": ([_PTR] * 7 + [_I64] * 7, None),
-     "decode_attention": ([_PTR] * 5 + [_I64] * 6 + [_F32], None)},
+     "rope_kv": ([_PTR] * 8 + [_I64] * 8, None),
+     "decode_attention": ([_PTR] * 6 + [_I64] * 6 + [_F32], None)},
     needs_avx2=False, fallback="torch ops",
 )
 
@@ -188,8 +194,8 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
         )
     lib = _lib(q, k, v, cos, signed_sin, k_cache, v_cache)
     lib.rope_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
-                k_cache.data_ptr(), v_cache.data_ptr(), batch, length, n_heads, n_kv, hd,
-                cache_len, start)
+                k_cache.data_ptr(), v_cache.data_ptr(), None, batch, length, n_heads, n_kv, hd,
+                cache_len, start, 0)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
@@ -210,7 +216,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     lib = _lib(q, k_cache, v_cache, scratch)
     lib.decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-                         scratch.data_ptr(), batch, n_heads, n_kv, hd, cache_len,
+                         scratch.data_ptr(), None, batch, n_heads, n_kv, hd, cache_len,
                          length, scale)
     return out
 
@@ -230,6 +236,15 @@ def _dense(name: str, t: torch.Tensor, numel: int) -> None:
     if t.dtype is not _FLOAT32 or not t.is_contiguous() or t.numel() != numel or not t.is_cpu:
         raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of {numel} "
                          f"elements; got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _pad_pointer(pad: torch.Tensor, batch: int) -> int:
+    """The address of per-row left-padding counts: contiguous int64 CPU ``[batch]``."""
+    if pad.dtype != torch.int64 or pad.shape != (batch,) or not pad.is_contiguous() or \
+            not pad.is_cpu:
+        raise ValueError(f"pad: expected contiguous int64 CPU [{batch}]; got {pad.dtype} "
+                         f"{tuple(pad.shape)} on {pad.device}")
+    return pad.data_ptr()
 
 
 def bind_rms_norm(weight: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -268,8 +283,10 @@ def bind_rms_norm(weight: torch.Tensor, eps: float) -> Callable[[torch.Tensor], 
 
 def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, n_heads: int, n_kv: int) -> Callable[..., None]:
-    """``(q, k, v, start) -> None``: :func:`rope_kv` with the rotary tables ``[L, hd]`` indexed
-    by cache slot (row ``start + t`` for token t) and the caches ``[B, n_kv, L, hd]`` bound."""
+    """``(q, k, v, start, pad=None) -> None``: :func:`rope_kv` with the rotary tables ``[L, hd]``
+    indexed by position (token t of row b in cache slot ``start + t`` sits at position ``start +
+    t - pad[b]``, at least 0; ``pad``: int64 ``[B]`` left-padding slots per row) and the caches
+    ``[B, n_kv, L, hd]`` bound."""
     batch, kv, cache_len, hd = k_cache.shape if k_cache.dim() == 4 else (0, 0, 0, 0)
     if not (v_cache.shape == k_cache.shape and kv == n_kv and 0 < n_kv <= n_heads
             and n_heads % n_kv == 0 and hd % 2 == 0 and cos.shape == signed_sin.shape
@@ -279,12 +296,13 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
                          f"{tuple(signed_sin.shape)}, {n_heads} heads, {n_kv} kv heads do not "
                          "fit together")
     lib = _lib(cos, signed_sin, k_cache, v_cache)
-    fn, row = lib.rope_kv, 4 * hd
+    fn = lib.rope_kv
     cos_ptr, sin_ptr = cos.data_ptr(), signed_sin.data_ptr()
     kc_ptr, vc_ptr = k_cache.data_ptr(), v_cache.data_ptr()
     q_width, kv_width = n_heads * hd, n_kv * hd
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+            pad: torch.Tensor | None = None) -> None:
         b, t = q.shape[0], q.shape[1]
         if not (q.dim() == 3 and b <= batch and 0 <= start and start + t <= cache_len):
             raise ValueError(f"rope_kv: q {tuple(q.shape)} at [{start}, {start + t}) does not "
@@ -292,8 +310,9 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
         _dense("rope_kv: q", q, b * t * q_width)
         _dense("rope_kv: k", k, b * t * kv_width)
         _dense("rope_kv: v", v, b * t * kv_width)
-        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos_ptr + start * row,
-           sin_ptr + start * row, kc_ptr, vc_ptr, b, t, n_heads, n_kv, hd, cache_len, start)
+        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+           None if pad is None else _pad_pointer(pad, b), b, t, n_heads, n_kv, hd, cache_len,
+           start, start)
 
     run.held = (cos, signed_sin, k_cache, v_cache)
     return run
@@ -301,8 +320,9 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
 
 def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
                           scratch: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``(q [B, 1, n_heads * hd], length) -> [B, 1, n_heads * hd]``: :func:`decode_attention`
-    with the caches and the scratch bound."""
+    """``(q [B, 1, n_heads * hd], length, pad=None) -> [B, 1, n_heads * hd]``:
+    :func:`decode_attention` with the caches and the scratch bound; ``pad`` (int64 ``[B]``):
+    each row's left-padding slots, never attended to."""
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}: need two "
                          "equal [B, n_kv, L, hd]")
@@ -313,7 +333,7 @@ def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: f
     fn, longest = lib.decode_attention, min(cache_len, scratch.numel())
     kc_ptr, vc_ptr, s_ptr = k_cache.data_ptr(), v_cache.data_ptr(), scratch.data_ptr()
 
-    def run(q: torch.Tensor, length: int) -> torch.Tensor:
+    def run(q: torch.Tensor, length: int, pad: torch.Tensor | None = None) -> torch.Tensor:
         n_heads = q.shape[-1] // hd
         if not (q.dim() == 3 and q.shape[0] == batch and q.shape[1] == 1
                 and n_heads * hd == q.shape[-1] and n_heads >= n_kv and n_heads % n_kv == 0
@@ -323,7 +343,8 @@ def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: f
                              f"{scratch.numel()}")
         _dense("decode_attention: q", q, q.numel())
         out = torch.empty_like(q)
-        fn(q.data_ptr(), kc_ptr, vc_ptr, out.data_ptr(), s_ptr, batch, n_heads, n_kv, hd,
+        fn(q.data_ptr(), kc_ptr, vc_ptr, out.data_ptr(), s_ptr,
+           None if pad is None else _pad_pointer(pad, batch), batch, n_heads, n_kv, hd,
            cache_len, length, scale)
         return out
 

@@ -185,7 +185,6 @@ class Decoder:
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
         self._bound_to = _binding_key(model)
 
-
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return cpu_decode.rms_norm(h, weight, self.eps)
@@ -229,14 +228,15 @@ class Decoder:
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
-        # the fused ops (bound when the Decoder was built fused) share one position range
-        if self.fused and self.final_norm_op is not None and pad is None:
-            return self.lm_head(self._fused_layers(h.contiguous(), start, causal)[:, -1])
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        if pad is None:
-            cos, sin = self.cos[start:end], self.signed_sin[start:end]
-        else:
+        if self.fused and self.final_norm_op is not None:  # bound when built fused
+            if pad is not None and length > 1:  # (one token: the ops skip the padding)
+                causal = self._padded(pad, start, end)[2]
+            return self.lm_head(self._fused_layers(h.contiguous(), start, causal, pad)[:, -1])
+        if pad is not None:
             cos, sin, causal = self._padded(pad, start, end)
+        else:
+            cos, sin = self.cos[start:end], self.signed_sin[start:end]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers, strict=True):
             r = self._norm(h, blk.attn_norm)
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
@@ -265,10 +265,11 @@ class Decoder:
             scale=self.scaling,
         ).transpose(1, 2).reshape(batch, length, nh * hd)
 
-    def _fused_layers(self, h: torch.Tensor, start: int,
-                      causal: torch.Tensor | None) -> torch.Tensor:
+    def _fused_layers(self, h: torch.Tensor, start: int, causal: torch.Tensor | None,
+                      pad: torch.Tensor | None) -> torch.Tensor:
         """The blocks through the bound CPU ops, ``h [B, T, hidden]`` updated in place (each
-        residual add fused into the norm after it); returns the final norm of every position."""
+        residual add fused into the norm after it); returns the final norm of every position.
+        ``pad``: as :meth:`forward`'s, with ``causal`` its mask."""
         batch, length = h.shape[0], h.shape[1]
         end = start + length
         blocks = self.blocks
@@ -276,9 +277,9 @@ class Decoder:
         for i, (blk, k_cache, v_cache) in enumerate(zip(blocks, self.k_layers, self.v_layers,
                                                         strict=True)):
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
-            blk.rope(q, k, v, start)  # q in place, k and v into the cache
+            blk.rope(q, k, v, start, pad)  # q in place, k and v into the cache
             if length == 1:
-                a = blk.attend(q, end)
+                a = blk.attend(q, end, pad)
             else:
                 a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
                                k_cache, v_cache, end, causal)
@@ -304,9 +305,8 @@ class Decoder:
         """``[B, prompt + new]`` token ids: the prompt (``[B, T]``) followed by up to
         ``max_new_tokens`` tokens (greedy unless ``do_sample``). Prompts of different lengths
         come left-padded with ``attention_mask`` ``[B, T]`` (1 for tokens, 0 for padding, as a
-        tokenizer with ``padding_side="left"`` makes them); padded batches run the torch ops,
-        not the fused CPU ones. Rows that emitted ``eos_token_id`` continue with
-        ``pad_token_id``; decoding stops when all have."""
+        tokenizer with ``padding_side="left"`` makes them). Rows that emitted
+        ``eos_token_id`` continue with ``pad_token_id``; decoding stops when all have."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
                 f"input_ids must be int64 [batch, length]; got {input_ids.dtype} "

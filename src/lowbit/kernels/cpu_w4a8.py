@@ -101,6 +101,18 @@ static inline void tile(const int8_t* xq, int64_t K, const uint8_t* wp, const fl
 
 constexpr int TILE_ROWS = 4;
 
+// Two panels at once: each activation broadcast feeds both (one-off A/B against one panel, 1
+// thread: 5-15% faster at M=16-2048 on 4096x4096, 4-9% on 384x1024).
+static void tile_rows2(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
+                       const float* szp, const float* qs, int64_t G, float* T) {
+  switch (mr) {
+    case 4: tile<4, 2>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 3: tile<3, 2>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 2: tile<2, 2>(xq, K, wp, sp, szp, qs, G, T); break;
+    default: tile<1, 2>(xq, K, wp, sp, szp, qs, G, T); break;
+  }
+}
+
 static void tile_rows(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
                       const float* szp, const float* qs, int64_t G, float* T) {
   switch (mr) {
@@ -139,17 +151,22 @@ static int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, const
   for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
     const int64_t mc_end = mc + M_CHUNK < M ? mc + M_CHUNK : M;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))
-    for (int64_t p = 0; p < panels; ++p) {
-      alignas(32) float T[TILE_ROWS * 8];
+    for (int64_t pp = 0; pp < (panels + 1) / 2; ++pp) {
+      const int64_t p = 2 * pp;
+      const int np = p + 1 < panels ? 2 : 1;
+      alignas(32) float T[TILE_ROWS * 16];
       const uint8_t* wp = WP + p * (K / 8) * 32;
       for (int64_t m0 = mc; m0 < mc_end; m0 += MR) {
         const int mr = mc_end - m0 < MR ? (int)(mc_end - m0) : MR;
-        tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
+        if (np == 2)
+          tile_rows2(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
+        else
+          tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
         for (int t = 0; t < mr; ++t) {
           const float sx = SX[m0 + t];
           float* out = OUT + (m0 + t) * N;
-          for (int64_t c = 0; c < 8 && 8 * p + c < N; ++c)
-            out[8 * p + c] = T[t * 8 + c] * sx + (B ? B[8 * p + c] : 0.f);
+          for (int64_t c = 0; c < 8 * np && 8 * p + c < N; ++c)
+            out[8 * p + c] = T[t * 8 * np + c] * sx + (B ? B[8 * p + c] : 0.f);
         }
       }
     }

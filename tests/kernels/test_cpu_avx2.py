@@ -391,12 +391,16 @@ def test_any_weight_only_spec_matches_the_reference(fmt, group, groups, symmetri
 
 @pytest.mark.parametrize("name", ["w4g128", "w3g128", "w2g64", "w8", "nf4g64", "fp8", "km4",
                                   QuantSpec("uint1", "group", group_size=32),
-                                  QuantSpec("fp8_e5m2", "group", group_size=32, symmetric=True)])
-@pytest.mark.parametrize(("n", "m"), [(24, 6), (25, 7), (25, 8), (24, 13)])
-def test_wide_layers_at_several_rows_run_pairs_of_channels(name, n: int, m: int) -> None:
+                                  QuantSpec("fp8_e5m2", "group", group_size=32, symmetric=True)],
+                         ids=str)
+@pytest.mark.parametrize(("n", "m"), [(24, 6), (25, 7), (25, 8), (24, 13), (25, 16)])
+def test_wide_layers_at_several_rows_run_pairs_of_channels(name: str | QuantSpec, n: int, m: int,
+                                                           monkeypatch) -> None:
     """From 6 rows and 2048 columns the GEMV takes output channels in pairs (an odd last one
     alone; table formats, nf4 and km4, keep one at a time) against 4 activation rows at a
-    time, decoded a vector at a time (row remainders of 3, 2 and 1)."""
+    time, decoded a vector at a time (row remainders of 2, 3, 0 and 1)."""
+    # these small weights would hand more than 8 rows to dequantize + F.linear
+    monkeypatch.setattr(cpu_avx2, "GEMV_SMALL_MAX_ROWS", cpu_avx2.GEMV_MAX_ROWS)
     torch.manual_seed(8)
     qt = QuantizedTensor.from_float(torch.randn(n, 2048), name)
     x, bias = torch.randn(m, 2048), torch.randn(n)

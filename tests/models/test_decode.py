@@ -228,15 +228,26 @@ def test_bad_input_fails_in_one_line(llama):
         Decoder(_tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 1, 16)
 
 
+def _donor_weights(model, seed: int) -> None:
+    """Fresh random weights in place, unlike the model _tiny drew (its seed is fixed)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
 def test_a_model_changed_after_binding_is_bound_again(fused):
-    """Weights replaced, moved to shared memory or swapped for another module after the Decoder
-    was built: the next generate binds them again and matches a freshly built Decoder."""
+    """Weights replaced, moved by a .data swap or to shared memory, or swapped for another module
+    after the Decoder was built: the next generate binds them again and matches a freshly built
+    Decoder."""
     model = lowbit.quantize(_tiny("llama"), "w8")
     ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
     decoder = Decoder(model, 1, 16, fused=fused)
     first = decoder.generate(ids, 8)
 
-    donor = lowbit.quantize(_tiny("llama", initializer_range=0.2), "w8")
+    donor = _tiny("llama")
+    _donor_weights(donor, 9)
+    donor = lowbit.quantize(donor, "w8")
     layer, other = model.model.layers[0], donor.model.layers[0]
     layer.self_attn.q_proj.set_weight(other.self_attn.q_proj.qweight)
     layer.mlp.down_proj.set_weight(other.mlp.down_proj.qweight)
@@ -245,5 +256,45 @@ def test_a_model_changed_after_binding_is_bound_again(fused):
     assert torch.equal(changed, Decoder(model, 1, 16, fused=fused).generate(ids, 8))
     assert not torch.equal(changed, first)
 
-    model.share_memory()  # every tensor moves: the old addresses are freed
-    assert torch.equal(decoder.generate(ids, 8), changed)
+    # the same tensor objects at new addresses: the old storage is freed
+    v_proj = model.model.layers[1].self_attn.v_proj
+    v_proj.weight_packed.data = other.self_attn.v_proj.weight_packed.clone()
+    swapped = decoder.generate(ids, 8)
+    assert torch.equal(swapped, Decoder(model, 1, 16, fused=fused).generate(ids, 8))
+    model.share_memory()  # every tensor moves
+    assert torch.equal(decoder.generate(ids, 8), swapped)
+
+    before = decoder.blocks[0].q
+    layer.self_attn.q_proj.kernel = "reference"  # a forced kernel: bound again
+    decoder.generate(ids, 2)
+    assert decoder.blocks[0].q is not before
+
+
+def test_a_failed_rebinding_is_retried_and_caches_stay_usable(fused):
+    model = lowbit.quantize(_tiny("llama"), "w8")
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(6))
+    decoder = Decoder(model, 1, 16, fused=fused)
+    expected = decoder.generate(ids, 4)
+    mlp = model.model.layers[1].mlp
+    up = mlp.up_proj
+    mlp.up_proj = torch.nn.Identity()
+    with pytest.raises(TypeError, match="expected nn.Linear or lowbit QuantLinear"):
+        decoder.generate(ids, 4)
+    mlp.up_proj = up  # back as it was bound: the half-built Decoder binds again
+    assert torch.equal(decoder.generate(ids, 4), expected)
+    decoder.forward(ids, 0)  # outside inference_mode: the rebuilt caches are normal tensors
+
+
+def test_a_quantized_model_cast_to_bfloat16_keeps_its_stored_weights():
+    """A dtype cast moves the quantized state without rounding it (the spec fixes its dtypes)
+    and makes bfloat16 the layers' compute dtype: the Decoder and transformers agree."""
+    model = lowbit.quantize(_tiny("llama"), "w8")
+    q = model.model.layers[0].self_attn.q_proj
+    stored = {name: t.clone() for name, t in q.named_buffers() if name != "bias"}
+    model.to(torch.bfloat16)
+    assert q.weight_dtype == torch.bfloat16
+    for name, t in q.named_buffers():
+        if name in stored:
+            assert t.dtype == stored[name].dtype and torch.equal(t, stored[name]), name
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(generate(model, ids, 6), hf_generate(model, ids, 6))

@@ -530,10 +530,11 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
     return 0;
   }
   // Pairs of output channels where they were measured to win: on 4096-11008 wide layers at
-  // M=8, 16-23% (M=16: 2-13%) as 2 x 3 tiles of whole decoded chunks, and a further 4-23% at
-  // M=8-16 as 2 x 4 tiles decoded a vector at a time (-13-19% at M=2); at M=2-4, on 384-wide
-  // layers and for nf4 / fp4's table lookups (M=16: 0.84x / 0.74x fp32 against 1.06x / 0.92x),
-  // row_tile was as fast or faster (one-off A/Bs and format_kernels.md runs).
+  // M=8, 16-23% (M=16: 2-13%) as 2 x 3 tiles of whole decoded chunks, and another 8-19% at
+  // M=8-16 as today's 2 x 4 tiles decoded a vector at a time. At M=2-4 (the 2 x 4 tile: 13-19%
+  // slower at M=2), on 384-wide layers and for nf4 / fp4's table lookups (M=16: 0.84x / 0.74x
+  // fp32 against 1.06x / 0.92x), row_tile was as fast or faster (one-off A/Bs and
+  // format_kernels.md runs).
   if constexpr (!is_table(KIND)) {
     if (M >= PAIR_ROWS_MIN_M && K >= PAIR_ROWS_MIN_K) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= (1 << 18))

@@ -47,6 +47,11 @@ KERNELS: dict[str, Kernel] = {}
 _registry_version = 0  # bumped on registration: memoized selections made before are stale
 
 
+def registry_version() -> int:
+    """Bumped by every :func:`register_kernel`: selections memoized before it are stale."""
+    return _registry_version
+
+
 def register_kernel(kernel: Kernel) -> Kernel:
     global _registry_version
     KERNELS[kernel.name] = kernel

@@ -23,6 +23,7 @@ measured on a GPU).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import cpu_decode
+from lowbit.kernels import cpu_decode, dispatch
 from lowbit.kernels.dispatch import bound_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -114,6 +115,10 @@ class Decoder:
         self._build(model, batch, max_len, fused)
 
     def _build(self, model: nn.Module, batch: int, max_len: int, fused: bool | None) -> None:
+        # unbound until the end (a failure part way leaves it to be built again), and the old
+        # caches dropped before the new ones are allocated
+        self._bound_to = None
+        self.k_cache = self.v_cache = self.k_layers = self.v_layers = None
         _check_supported(model, max_len)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch={batch}, max_len={max_len}; need batch >= 1, max_len >= 2")
@@ -330,7 +335,8 @@ class Decoder:
             raise ValueError(f"top_k={top_k}; must be >= 1 (or None)")
         pad = None if attention_mask is None else _left_padding(attention_mask, input_ids)
         if _binding_key(self.model) != self._bound_to:  # bound pointers would be stale
-            self._build(self.model, self.batch, self.max_len, self._fused_arg)
+            with torch.inference_mode(False):  # caches usable outside generate, as built
+                self._build(self.model, self.batch, self.max_len, self._fused_arg)
         ids = input_ids.to(self.device)
         if pad is not None:
             pad = pad.to(self.device)
@@ -363,11 +369,13 @@ class Decoder:
 
 
 def _binding_key(model: nn.Module) -> list:
-    """What the bound kernels hold on to: each module's identity and forced kernel, and the
-    identity and address of its tensors (once per generate call: ~0.25 ms on the 19M fixture)."""
-    key: list = []
+    """What the bound kernels depend on: each module's identity, forced kernel and compute
+    dtype, the identity and address of its tensors, and the kernel registry and
+    ``LOWBIT_KERNEL`` (once per generate call: ~0.25 ms on the 19M fixture)."""
+    key: list = [dispatch.registry_version(), os.environ.get("LOWBIT_KERNEL")]
     for module in model.modules():
-        key += (id(module), module.__dict__.get("kernel"))  # (getattr: nn.Module raises)
+        attributes = module.__dict__  # (getattr: nn.Module raises for missing ones, slowly)
+        key += (id(module), attributes.get("kernel"), attributes.get("weight_dtype"))
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is not None:
                 key += (id(t), t.data_ptr())

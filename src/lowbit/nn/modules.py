@@ -34,7 +34,7 @@ class _QuantWeightMixin(nn.Module):
         self.weight_dtype = dtype
         self.kernel: str | None = None  # force a kernel by name (None: dispatch decides)
         self._kernel_cache: dict = {}
-        self._view: tuple | None = None  # (buffers it was built from, QuantizedTensor)
+        self._view: tuple | None = None  # (buffers it was built from, QuantizedTensor, addresses)
         for name, (dims, dt) in stored_shapes(spec, shape).items():
             self.register_buffer(_PREFIX + STATE_NAMES[name], torch.empty(dims, dtype=dt,
                                                                           device=device))
@@ -72,11 +72,13 @@ class _QuantWeightMixin(nn.Module):
 
     def _weight_view(self) -> QuantizedTensor:
         """``qweight`` for forward: built once (~20 us) and reused while the module holds the
-        same buffer objects and dtype (``.to()``, ``set_weight`` and ``load_state_dict`` give
-        new objects or clear it; in-place changes are seen through the shared tensors)."""
+        same buffer objects, at the same addresses, and dtype (``.to()``, ``set_weight`` and
+        ``load_state_dict`` give new objects or clear it; a ``.data`` swap moves one; in-place
+        changes are seen through the shared tensors)."""
         key = (self.weight_dtype, *self._buffers.values())
+        addresses = [b.data_ptr() for b in key[1:] if b is not None]
         view = self._view
-        if view is None or len(view[0]) != len(key) or any(
+        if view is None or len(view[0]) != len(key) or view[2] != addresses or any(
             a is not b for a, b in zip(view[0], key, strict=True)
         ):
             self._kernel_cache.clear()  # built from buffers the module no longer holds
@@ -84,7 +86,7 @@ class _QuantWeightMixin(nn.Module):
             if hasattr(self, "input_scale"):
                 qt.act_scale = self.input_scale
                 qt.act_zero_point = getattr(self, "input_zero_point", None)
-            self._view = view = (key, qt)
+            self._view = view = (key, qt, addresses)
         return view[1]
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -96,7 +98,24 @@ class _QuantWeightMixin(nn.Module):
         # .to() / .half() / .cuda() give new buffers: drop what was built from the old ones
         self._kernel_cache.clear()
         self._view = None
-        return super()._apply(fn, *args, **kwargs)
+        # The quantized state (codes, scales, zero-points, static activation qparams) keeps the
+        # dtypes its spec fixes: a cast moves it to the new device only (a bf16 cast would round
+        # fp16 / fp32 scales and so change the weights) and sets the layer's compute dtype,
+        # weight_dtype, instead. The bias and any other float tensor are cast as usual.
+        stored = {name: t for name, t in self._buffers.items()
+                  if t is not None and name.startswith((_PREFIX, "input_"))}
+        for name in stored:
+            self._buffers[name] = None
+        try:
+            result = super()._apply(fn, *args, **kwargs)
+        finally:
+            for name, t in stored.items():
+                self._buffers[name] = t
+        for name, t in stored.items():
+            moved = fn(t)
+            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return result
 
     @property
     def weight_nbytes(self) -> int:

@@ -3,7 +3,10 @@
 Each holds its weight as the buffers of a QuantizedTensor, named as on disk
 (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_codebook``, ``weight_g_idx``,
 ``weight_shape``), so ``state_dict()``/``load_state_dict()``, ``.to()`` and meta-device
-construction work as for any module. The bias stays in float.
+construction work as for any module, with one difference: a dtype cast (``.to(torch.bfloat16)``,
+``.half()``) sets the layer's compute dtype (``weight_dtype``, the bias's dtype) and leaves the
+quantized tensors in the dtypes their spec fixes, so the weights stay exactly as quantized.
+The bias stays in float.
 """
 
 from __future__ import annotations

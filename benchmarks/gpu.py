@@ -5,8 +5,9 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     python benchmarks/gpu.py [--out PATH]     # a few minutes on an H100 (budget: --budget-s)
     python benchmarks/gpu.py --dry-run        # CPU rehearsal: tiny shapes, Triton interpreter
 
-(a) Checks every CUDA kernel against its oracle, computed on the CPU: ``triton_int4`` (w4g128)
-    and ``triton_int8`` (w8), each kernel kind forced in turn (gemv, gemv2, gemm, dequant), against
+(a) Checks every CUDA kernel against its oracle, computed on the CPU: ``triton_int4`` (w4g128),
+    ``triton_int8`` (w8) and ``triton_lut4`` (nf4g64, fp4g32), each kernel kind forced in turn
+    (gemv, gemv2 but for tables, gemm, dequant), against
     float64 products of the exact float32 weights (fp16, bf16, fp32 activations; float32
     accumulation and weight rounding to x's dtype allowed), ``cuda_w8a8`` (w8a8,
     w8a8-static) bit for bit against ``int8-reference``, ``cuda_fp8`` (fp8a8) against
@@ -52,8 +53,8 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
 DRY_ROWS = (1, 16, 33)
 DRY_SHAPES = ((256, 128), (128, 192))
 # (kernel, preset) timed against fp16 F.linear
-TIMED = (("triton_int4", "w4g128"), ("triton_int8", "w8"), ("cuda_w8a8", "w8a8"),
-         ("cuda_fp8", "fp8a8"))
+TIMED = (("triton_int4", "w4g128"), ("triton_int8", "w8"), ("triton_lut4", "nf4g64"),
+         ("cuda_w8a8", "w8a8"), ("cuda_fp8", "fp8a8"))
 CUDA_ONLY = {"cuda_w8a8": "torch._int_mm on a GPU (its CPU arithmetic: tests/kernels/"
                           "test_cuda_w8a8.py)",
              "cuda_fp8": "torch._scaled_mm on an sm_89+ GPU (CPU arithmetic: tests/kernels/"
@@ -166,6 +167,7 @@ def kernel_available(name: str, qt: QuantizedTensor, x: torch.Tensor) -> str | N
         return "not registered"
     if not KERNELS[name].supports(qt, x):
         why = {"triton_int4": "triton missing?", "triton_int8": "triton missing?",
+               "triton_lut4": "triton missing?",
                "cuda_w8a8": "torch._int_mm missing?",
                "cuda_fp8": f"needs compute capability >= 8.9 and torch._scaled_mm; this is "
                            f"sm_{''.join(map(str, torch.cuda.get_device_capability(DEVICE)))}"}
@@ -237,6 +239,7 @@ def run_checks() -> list[Check]:
     cases = [("triton_int4", "w4g128"), ("triton_int4", "w4g128-sym"),
              ("triton_int4", preset("w4g128").replace(zero_point="float")),
              ("triton_int8", "w8"), ("triton_int8", w8g128),
+             ("triton_lut4", "nf4g64"), ("triton_lut4", "fp4g32"),
              ("cuda_w8a8", "w8a8"), ("cuda_w8a8", "w8a8-static"), ("cuda_w8a8", "w7a8"),
              ("cuda_fp8", "fp8a8")]
     out: list[Check] = []
@@ -261,6 +264,8 @@ def run_checks() -> list[Check]:
                     break
                 kinds = TRITON_KINDS if kernel.startswith("triton") else {"": None}
                 for kind, cfg in kinds.items():
+                    if kernel == "triton_lut4" and kind == "gemv2":
+                        continue  # its bit trick has no table form
                     name = f"{kernel} {kind}".strip()
                     try:
                         y = _run_kernel(kernel, cfg, x, qt, bias)

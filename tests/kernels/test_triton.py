@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from lowbit.kernels import triton_int4, triton_int8
+from lowbit.kernels import triton_int4, triton_int8, triton_lut
 from lowbit.kernels.dispatch import select_kernel
 from lowbit.spec import preset
 from lowbit.tensor import QuantizedTensor
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 _SCRIPT = textwrap.dedent(
     """
     import torch
-    from lowbit.kernels import triton_int4, triton_int8
+    from lowbit.kernels import triton_int4, triton_int8, triton_lut
     from lowbit.kernels.triton_int4 import Config, execution_layout, wo_matmul
     from lowbit.spec import preset
     from lowbit.tensor import QuantizedTensor
@@ -81,6 +81,15 @@ _SCRIPT = textwrap.dedent(
         (w8.replace(format="uint8", symmetric=False, granularity="group", group_size=16,
                     zero_point="float"), 1, 96, 20, torch.float32, GEMV2),
         (w8.replace(granularity="tensor", symmetric=False), 1, 200, 9, torch.float16, GEMV2),
+        # 4-bit codes indexing a table (nf4, fp4): gemv, gemm (split too) and dequant
+        ("nf4g64", 1, 256, 40, torch.float32, None),
+        ("nf4g64", 3, 192, 41, torch.float16, GEMV),
+        ("fp4g32", 1, 96, 24, torch.float32, GEMV),
+        ("nf4g64", 5, 320, 40, torch.float16, GEMM),
+        ("fp4g32", 17, 128, 24, torch.float32, None),
+        ("nf4g64", 4, 256, 24, torch.float16, SPLIT),
+        ("fp4g32", 3, 192, 40, torch.float16, DEQUANT),
+        (preset("nf4g64").replace(granularity="channel"), 2, 128, 24, torch.float32, None),
     ]
     for spec, m, k, n, dtype, cfg in cases:
         qt = QuantizedTensor.from_float(torch.randn(n, k) * torch.rand(n, 1) * 2, spec)
@@ -106,8 +115,14 @@ _SCRIPT = textwrap.dedent(
         wrong = wo_matmul(x, triton_int4.WeightLayout(**{**layout.__dict__, "packed": bad}),
                           bias, cfg)
         assert bool(((wrong.double() - ref).abs() > tol).any()), str(spec)
+    try:  # gemv2's bit trick has no table form
+        wo_matmul(torch.randn(1, 256), execution_layout(QuantizedTensor.from_float(
+            torch.randn(8, 256), "nf4g64")), None, GEMV2)
+        raise AssertionError("gemv2 ran a table layout")
+    except ValueError as e:
+        assert "table layout" in str(e), e
     # the registered entry points (3-D input, cached layout) on CPU tensors
-    for module, name in ((triton_int4, "w4g128"), (triton_int8, "w8")):
+    for module, name in ((triton_int4, "w4g128"), (triton_lut, "nf4g64"), (triton_int8, "w8")):
         qt = QuantizedTensor.from_float(torch.randn(48, 256), name)
         x = torch.randn(2, 3, 256)
         cache = {}
@@ -124,7 +139,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference(run_interpreted) -> None:
-    assert "OK 27" in run_interpreted(_SCRIPT)
+    assert "OK 35" in run_interpreted(_SCRIPT)
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])
@@ -133,6 +148,16 @@ def test_registered_for_cuda_only(module, name: str) -> None:
     assert module.spec_supported(qt) if module is triton_int8 else module.spec_supported(qt, 4)
     assert not module.KERNEL.supports(qt, torch.randn(1, 128))
     assert select_kernel(qt, torch.randn(1, 128)).name != module.NAME
+
+
+def test_table_codes_register_for_cuda_only() -> None:
+    for name in ("nf4g64", "fp4g32"):
+        qt = QuantizedTensor.from_float(torch.randn(16, 128), name)
+        assert triton_int4.table_spec_supported(qt) and not triton_int4.spec_supported(qt, 4)
+        assert not triton_lut.KERNEL.supports(qt, torch.randn(1, 128))
+    for name in ("km4", "w4g128", "fp8"):  # per-row tables, affine codes, 8-bit floats
+        assert not triton_int4.table_spec_supported(
+            QuantizedTensor.from_float(torch.randn(16, 128), name))
 
 
 def test_spec_coverage() -> None:
@@ -201,8 +226,9 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
 
 
 @pytest.mark.skipif(not _offline_compiler_available(), reason="this triton has no ASTSource API")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_candidate_configs_compile_for_hopper(bits: int, tmp_path) -> None:
+@pytest.mark.parametrize(("bits", "table"), [(4, False), (8, False), (4, True)],
+                         ids=["int4", "int8", "nf4-fp4-table"])
+def test_candidate_configs_compile_for_hopper(bits: int, table: bool, tmp_path) -> None:
     """Triton's frontend and ptxas on every launch config the autotuner may pick (no GPU
     needed): the interpreter runs the kernels as Python, so only a compile catches what it would
     not; and no config may spill registers (an IEEE fp32 dot on big tiles did, and so did a
@@ -210,15 +236,16 @@ def test_candidate_configs_compile_for_hopper(bits: int, tmp_path) -> None:
     seen = set()
     for m in (1, 16, 64, 256, 2048):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            cands = triton_int4.candidate_configs(m, bits, dtype)
+            cands = triton_int4.candidate_configs(m, bits, dtype, table)
             if dtype == torch.bfloat16:
                 cands = cands[:1]  # the same tiles as fp16
             for cfg in cands:
                 if (cfg, dtype) in seen:
                     continue
                 seen.add((cfg, dtype))
-                kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg)
+                kernel = triton_int4.compile_offline(cfg.kind, bits, dtype, cfg, table=table)
                 stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
                 assert stack in (0, None), f"{cfg} with {dtype} spills: {stack} bytes of stack"
-    assert triton_int4.pick_config(1, 4096, 4096, bits, 128).kind == "gemv"
-    assert any(cfg.kind == "gemv2" for cfg, _ in seen)  # the new GEMV kind was compiled too
+    assert triton_int4.pick_config(1, 4096, 4096, bits, 128, table=table).kind == "gemv"
+    # the gemv2 kind was compiled too, except for tables (its bit trick has no table form)
+    assert any(cfg.kind == "gemv2" for cfg, _ in seen) != table

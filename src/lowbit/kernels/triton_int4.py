@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
-from lowbit.quant.maps import qrange, symmetric_zero
+from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.tensor import QuantizedTensor
 
 NAME = "triton_int4"
@@ -116,16 +116,19 @@ class WeightLayout:
     group_size: int  # 0: one group per row (per channel or per tensor)
     qmin: int  # zc = zero - qmin with a stored zero-point
     sym_zero_code: float  # zc without one
+    # 4-bit codes that index a table (nf4, fp4): float32 [16], w = table[code] * s (no zc)
+    table: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> WeightLayout:
-        move = {"packed": self.packed.to(device), "scale": self.scale.to(device),
-                "zero": None if self.zero is None else self.zero.to(device)}
+        move = {name: None if t is None else t.to(device) for name, t in
+                (("packed", self.packed), ("scale", self.scale), ("zero", self.zero),
+                 ("table", self.table))}
         return WeightLayout(**{**self.__dict__, **move})
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernel reads for the weight (codes + scales + zero-points)."""
-        parts = [self.packed, self.scale] + ([self.zero] if self.zero is not None else [])
+        """Bytes the kernel reads for the weight (codes + scales + zero-points + table)."""
+        parts = [t for t in (self.packed, self.scale, self.zero, self.table) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -140,7 +143,7 @@ def _jit_kernels():
         N, KB, stride_xm, stride_pn, stride_sn, stride_ym,
         BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
         ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-        GB: tl.constexpr, X_PAIRS: tl.constexpr,
+        GB: tl.constexpr, X_PAIRS: tl.constexpr, TABLE: tl.constexpr,
     ):
         # codes become floats from their bits, (2**23 + code) - 2**23, exact: an int->float
         # convert runs at a quarter of the FMA rate and bounded this kernel.
@@ -178,8 +181,12 @@ def _jit_kernels():
                         x_hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
                         x_lo = x_lo.to(tl.float32)
                         x_hi = x_hi.to(tl.float32)
-                lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                if TABLE:  # the codes' table entries (z_ptr: float32 [16])
+                    lo = tl.load(z_ptr + (byte & 0xF))
+                    hi = tl.load(z_ptr + (byte >> 4))
+                else:
+                    lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 cx = lo * x_lo[None, :, :] + hi * x_hi[None, :, :]
                 xs = tl.sum(x_lo + x_hi, axis=1)
             else:
@@ -187,11 +194,14 @@ def _jit_kernels():
                 code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 cx = code * xv[None, :, :]
                 xs = tl.sum(xv, axis=1)
-            if HAS_ZERO:
-                zc = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32) - QMIN
+            if TABLE:
+                acc += tl.sum(cx, axis=2) * s
             else:
-                zc = ZC
-            acc += (tl.sum(cx, axis=2) - zc * xs[None, :]) * s
+                if HAS_ZERO:
+                    zc = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32) - QMIN
+                else:
+                    zc = ZC
+                acc += (tl.sum(cx, axis=2) - zc * xs[None, :]) * s
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -203,7 +213,7 @@ def _jit_kernels():
         M, N, KB, KB_SPLIT, stride_xm, stride_pn, stride_sn, stride_ym,
         BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
         ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_B: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_B: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, TABLE: tl.constexpr,
     ):
         # a step reads BLOCK_B bytes of each of BLOCK_N rows, inside one group: the integer
         # codes (exact in x's dtype) go through tl.dot, the group's affine map after it.
@@ -241,8 +251,11 @@ def _jit_kernels():
                 code = byte
                 offs_k = offs_b
                 k_ok = b_ok
-            # the code as a value of x's dtype, exact, from its bits (no int->float convert)
-            if XDT == tl.float16:
+            # the code as a value of x's dtype, exact, from its bits (no int->float convert);
+            # a table's entry rounded to x's dtype
+            if TABLE:
+                w = tl.load(z_ptr + code).to(XDT)
+            elif XDT == tl.float16:
                 w = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                 w = w - tl.full((), 1024.0, tl.float16)
             elif XDT == tl.bfloat16 and BITS == 4:
@@ -271,6 +284,7 @@ def _jit_kernels():
         p_ptr, s_ptr, z_ptr, w_ptr, N, KB, stride_pn, stride_sn, stride_wn,
         BITS: tl.constexpr, GROUP_B: tl.constexpr, QMIN: tl.constexpr, HAS_ZERO: tl.constexpr,
         ZC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr,
+        TABLE: tl.constexpr,
     ):
         # the weights (code - zc) * s in float32, rounded to W's dtype, for a [BLOCK_N, BLOCK_B]
         # -byte tile of the codes inside one group. W_PAIRS (4 bits, 16-bit W): W is written
@@ -289,8 +303,12 @@ def _jit_kernels():
             zc = ZC
         w_rows = w_ptr + offs_n[:, None] * stride_wn
         if BITS == 4:
-            lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if TABLE:  # the codes' table entries (z_ptr: float32 [16]); ZC is 0
+                lo = tl.load(z_ptr + (byte & 0xF))
+                hi = tl.load(z_ptr + (byte >> 4))
+            else:
+                lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             lo = (lo - zc) * s
             hi = (hi - zc) * s
             if W_PAIRS == 0:  # float32 W: interleave into K order
@@ -421,17 +439,30 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
 
 
 def pick_config(
-    m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype = torch.float16
+    m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype = torch.float16,
+    table: bool = False,
 ) -> Config:
     """Default launch parameters for ``[m, k] @ W^T``, W ``[n, k]``, x of ``dtype``, used where
     the autotuner does not run (CPU interpreter, CUDA graph capture, LOWBIT_TRITON_AUTOTUNE=0):
     the first candidate of :func:`candidate_configs`."""
-    return candidate_configs(m, bits, dtype)[0]
+    return candidate_configs(m, bits, dtype, table)[0]
 
 
-def candidate_configs(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
-    """Launch configs the autotuner times for ``m`` rows of x, the default first. The fused
-    tiles compile for sm_90 without register spills (tests/kernels/test_triton.py)."""
+def candidate_configs(m: int, bits: int, dtype: torch.dtype, table: bool = False) -> list[Config]:
+    """Launch configs the autotuner times for ``m`` rows of x, the default first (``table``:
+    codes that index a table, which the gemv2 kind's bit trick cannot read). The fused tiles
+    compile for sm_90 without register spills (tests/kernels/test_triton.py)."""
+    configs = _candidates(m, bits, dtype)
+    if not table:
+        return configs
+    # a table lookup gathers through one address per code: in gemm tiles of more than 32 codes
+    # or 16 accumulators per thread ptxas spilled registers (sm_90, triton 3.9)
+    threads = [32 * c.num_warps for c in configs]
+    return [c for c, t in zip(configs, threads, strict=True) if c.kind != "gemv2" and (
+        c.kind != "gemm" or (c.block_n * c.block_k <= 32 * t and c.block_m * c.block_n <= 16 * t))]
+
+
+def _candidates(m: int, bits: int, dtype: torch.dtype) -> list[Config]:
     dequant = Config("dequant", block_n=32, block_k=128, num_warps=4)  # a tile: <= one group
     if dtype == torch.float32:  # the IEEE dot runs on FMA units: small tiles
         if m <= 16:
@@ -500,12 +531,14 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
     earlier pick or the default."""
     m, n = x.shape[0], layout.packed.shape[0]
     bucket = 1 << max(0, m - 1).bit_length()
+    table = layout.table is not None
     key = (bucket, n, layout.k, layout.bits, layout.group_size, x.dtype,
-           layout.zero is not None, bias is not None, torch.are_deterministic_algorithms_enabled())
+           layout.zero is not None, bias is not None, torch.are_deterministic_algorithms_enabled(),
+           table)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    default = pick_config(m, n, layout.k, layout.bits, layout.group_size, x.dtype)
+    default = pick_config(m, n, layout.k, layout.bits, layout.group_size, x.dtype, table)
     if (not x.is_cuda or m == 0 or n == 0 or torch.cuda.is_current_stream_capturing()
             or os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") == "0"):
         return default
@@ -518,7 +551,7 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
         for _ in range(min(15, -(-2 * l2 // max(1, layout.nbytes)) - 1))
     ]
     best = None
-    for cand in candidate_configs(bucket, layout.bits, x.dtype):
+    for cand in candidate_configs(bucket, layout.bits, x.dtype, table):
         if cand.split_k > 1 and torch.are_deterministic_algorithms_enabled():
             continue  # atomic float adds: the sum order varies run to run
         try:
@@ -595,6 +628,10 @@ def _launch(
     triton, gemv, gemm, dequant, gemv2 = _jit_kernels()
     packed, bits, group = layout.packed, layout.bits, layout.group_size
     m, n, kb = x.shape[0], packed.shape[0], packed.shape[1]
+    table = layout.table is not None
+    if table and (bits != 4 or layout.zero is not None or cfg.kind == "gemv2"):
+        raise ValueError(f"a table layout needs 4-bit codes, no zero-point and a gemv, gemm or "
+                         f"dequant config; got bits={bits}, {cfg}")
     if cfg.kind == "gemv2":
         return _launch_gemv2(triton, gemv2, x, layout, bias, cfg)
     run_k = _fit_block_k(cfg.block_k, group)  # codes per run of a row that lie in one group
@@ -604,10 +641,11 @@ def _launch(
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     scale = layout.scale
     stride_sn = 0 if scale.shape[0] == 1 else scale.stride(0)
-    zero = layout.zero if layout.zero is not None else scale
+    # z_ptr: the zero-points, or the table (a layout never has both), or a placeholder
+    zero = layout.table if table else (layout.zero if layout.zero is not None else scale)
     consts = dict(
         BITS=bits, GROUP_B=group * bits // 8 if group else _ONE_GROUP, QMIN=layout.qmin,
-        HAS_ZERO=layout.zero is not None, ZC=float(layout.sym_zero_code),
+        HAS_ZERO=layout.zero is not None, ZC=float(layout.sym_zero_code), TABLE=table,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.kind == "dequant":  # the weight in x's dtype, then the vendor matmul
@@ -702,6 +740,7 @@ def compile_offline(
     has_zero: bool = True,
     scale_dtype: torch.dtype = torch.float16,
     arch: int = 90,
+    table: bool = False,
 ):
     """Compile one kernel variant for ``sm_<arch>`` without a GPU (Triton's own ptxas), as a
     launch with 16-byte-aligned pointers and strides would; returns Triton's compiled kernel
@@ -713,8 +752,10 @@ def compile_offline(
     _, gemv, gemm, dequant, gemv2 = _jit_kernels()
     fn = {"gemv": gemv, "gemm": gemm, "dequant": dequant, "gemv2": gemv2}[kind]
     run_k = _fit_block_k(config.block_k, group_size)
+    has_zero = has_zero and not table
     consts = dict(BITS=bits, GROUP_B=group_size * bits // 8 if group_size else _ONE_GROUP,
-                  QMIN=0, HAS_ZERO=has_zero, ZC=float(1 << (bits - 1)), BLOCK_N=config.block_n)
+                  QMIN=0, HAS_ZERO=has_zero, ZC=0.0 if table else float(1 << (bits - 1)),
+                  BLOCK_N=config.block_n, TABLE=table)
     if kind == "gemv2":
         runs, group_w = _gemv2_words(config, bits, group_size)
         consts = dict(BITS=bits, GROUP_W=group_w, QMIN=0, HAS_ZERO=has_zero,
@@ -734,7 +775,8 @@ def compile_offline(
     xt, st = _TL_TYPES[x_dtype], _TL_TYPES[scale_dtype]
     ptrs = {"x_ptr": "i32" if consts.get("X_PAIRS") else xt,
             "p_ptr": "i32" if kind == "gemv2" else "u8", "s_ptr": st,
-            "z_ptr": st, "b_ptr": xt, "w_ptr": "i32" if consts.get("W_PAIRS") else xt,
+            "z_ptr": "fp32" if table else st, "b_ptr": xt,
+            "w_ptr": "i32" if consts.get("W_PAIRS") else xt,
             "y_ptr": "fp32" if config.split_k > 1 and kind == "gemm" else xt}
     names = fn.arg_names
     signature = {a: "constexpr" if a in consts else ("*" + ptrs[a] if a in ptrs else "i32")
@@ -748,8 +790,21 @@ def compile_offline(
 
 
 def execution_layout(qt: QuantizedTensor) -> WeightLayout:
-    """The kernels' view of a 4- or 8-bit affine ``qt`` (no copy: the stored tensors)."""
+    """The kernels' view of a 4- or 8-bit affine ``qt``, or of 4-bit codes indexing one table
+    (nf4, fp4: :func:`table_spec_supported`); no copy but the table's: the stored tensors."""
     spec = qt.spec
+    if spec.kind != "affine":
+        return WeightLayout(
+            packed=qt.qdata.contiguous(),
+            scale=qt.scale.contiguous(),
+            zero=None,
+            bits=spec.bits,
+            k=qt.shape[1],
+            group_size=spec.group_size if spec.granularity == "group" else 0,
+            qmin=0,
+            sym_zero_code=0.0,
+            table=code_values(spec).float().contiguous(),
+        )
     qmin, _ = qrange(spec)
     return WeightLayout(
         packed=qt.qdata.contiguous(),
@@ -795,13 +850,28 @@ def spec_supported(qt: QuantizedTensor, bits: int = 4) -> bool:
     return spec.granularity == "tensor" or (spec.granularity == "channel" and spec.axis in (0, -2))
 
 
-def supports_call(qt: QuantizedTensor, x: torch.Tensor, bits: int) -> bool:
-    """CUDA input of a float dtype, no autograd, a supported spec, Triton importable."""
+def table_spec_supported(qt: QuantizedTensor) -> bool:
+    """4-bit weight-only 2-D specs whose codes index one table for the whole tensor (nf4's
+    codebook, fp4's float grid; not k-means' per-row tables), times a scale per group (a
+    multiple of 32), per output channel or per tensor; even K."""
+    spec = qt.spec
+    if spec.act is not None or spec.kind not in ("codebook", "float") or spec.bits != 4:
+        return False
+    if len(qt.shape) != 2 or qt.g_idx is not None or qt.shape[1] % 2 or qt.scale is None:
+        return False
+    if spec.granularity == "group":
+        return spec.group_size % 32 == 0
+    return spec.granularity == "tensor" or (spec.granularity == "channel" and spec.axis in (0, -2))
+
+
+def supports_call(qt: QuantizedTensor, x: torch.Tensor, bits: int, table: bool = False) -> bool:
+    """CUDA input of a float dtype, no autograd, a supported spec (affine ``bits``-bit codes,
+    or with ``table`` 4-bit codes indexing a table), Triton importable."""
     return (
         x.device.type == "cuda"
         and x.dtype in ACT_DTYPES
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through Triton
-        and spec_supported(qt, bits)
+        and (table_spec_supported(qt) if table else spec_supported(qt, bits))
         and triton_available()
     )
 

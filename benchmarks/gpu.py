@@ -6,8 +6,8 @@ Run from the repository root on a machine with a CUDA GPU, torch's CUDA build an
     python benchmarks/gpu.py --dry-run        # CPU rehearsal: tiny shapes, Triton interpreter
 
 (a) Checks every CUDA kernel against its oracle, computed on the CPU: ``triton_int4`` (w4g128),
-    ``triton_int8`` (w8) and ``triton_lut4`` (nf4g64, fp4g32), each kernel kind forced in turn
-    (gemv, gemv2 but for tables, gemm, dequant), against
+    ``triton_int8`` (w8), ``triton_lut4`` (nf4g64, fp4g32) and ``triton_fp8`` (fp8), each kernel
+    kind forced in turn (gemv, gemv2 but for tables, gemm, dequant), against
     float64 products of the exact float32 weights (fp16, bf16, fp32 activations; float32
     accumulation and weight rounding to x's dtype allowed), ``cuda_w8a8`` (w8a8,
     w8a8-static) bit for bit against ``int8-reference``, ``cuda_fp8`` (fp8a8) against
@@ -54,7 +54,8 @@ DRY_ROWS = (1, 16, 33)
 DRY_SHAPES = ((256, 128), (128, 192))
 # (kernel, preset) timed against fp16 F.linear
 TIMED = (("triton_int4", "w4g128"), ("triton_int8", "w8"), ("triton_lut4", "nf4g64"),
-         ("cuda_w8a8", "w8a8"), ("cuda_fp8", "fp8a8"))
+         ("triton_fp8", "fp8"), ("cuda_w8a8", "w8a8"), ("cuda_fp8", "fp8a8"))
+TABLE_KERNELS = ("triton_lut4", "triton_fp8")  # no gemv2 kind (its bit trick has no table form)
 CUDA_ONLY = {"cuda_w8a8": "torch._int_mm on a GPU (its CPU arithmetic: tests/kernels/"
                           "test_cuda_w8a8.py)",
              "cuda_fp8": "torch._scaled_mm on an sm_89+ GPU (CPU arithmetic: tests/kernels/"
@@ -167,7 +168,7 @@ def kernel_available(name: str, qt: QuantizedTensor, x: torch.Tensor) -> str | N
         return "not registered"
     if not KERNELS[name].supports(qt, x):
         why = {"triton_int4": "triton missing?", "triton_int8": "triton missing?",
-               "triton_lut4": "triton missing?",
+               "triton_lut4": "triton missing?", "triton_fp8": "triton missing?",
                "cuda_w8a8": "torch._int_mm missing?",
                "cuda_fp8": f"needs compute capability >= 8.9 and torch._scaled_mm; this is "
                            f"sm_{''.join(map(str, torch.cuda.get_device_capability(DEVICE)))}"}
@@ -239,7 +240,7 @@ def run_checks() -> list[Check]:
     cases = [("triton_int4", "w4g128"), ("triton_int4", "w4g128-sym"),
              ("triton_int4", preset("w4g128").replace(zero_point="float")),
              ("triton_int8", "w8"), ("triton_int8", w8g128),
-             ("triton_lut4", "nf4g64"), ("triton_lut4", "fp4g32"),
+             ("triton_lut4", "nf4g64"), ("triton_lut4", "fp4g32"), ("triton_fp8", "fp8"),
              ("cuda_w8a8", "w8a8"), ("cuda_w8a8", "w8a8-static"), ("cuda_w8a8", "w7a8"),
              ("cuda_fp8", "fp8a8")]
     out: list[Check] = []
@@ -264,8 +265,8 @@ def run_checks() -> list[Check]:
                     break
                 kinds = TRITON_KINDS if kernel.startswith("triton") else {"": None}
                 for kind, cfg in kinds.items():
-                    if kernel == "triton_lut4" and kind == "gemv2":
-                        continue  # its bit trick has no table form
+                    if kernel in TABLE_KERNELS and kind == "gemv2":
+                        continue
                     name = f"{kernel} {kind}".strip()
                     try:
                         y = _run_kernel(kernel, cfg, x, qt, bias)
@@ -597,10 +598,11 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path,
             f"{'PASS' if c.ok else '**FAIL**'} ({c.detail})"
         check_lines.append(f"| {c.kernel} | {c.preset} | {'x'.join(map(str, c.shape))} | "
                            f"{c.dtype} | {res} |")
-    tuned_lines = ["| rows (bucket) | N | K | bits | x dtype | config |",
-                   "| ---: | ---: | ---: | ---: | --- | --- |"]
-    for (rows, n, k, bits, _g, dt, *_), cfg in sorted(tuned.items(), key=lambda kv: (
-            kv[0][3], kv[0][2], kv[0][1], kv[0][0])):
+    tuned_lines = ["| rows (bucket) | N | K | codes | group | x dtype | config |",
+                   "| ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    for (rows, n, k, bits, group, dt, *rest), cfg in sorted(tuned.items(), key=lambda kv: (
+            kv[0][-1], kv[0][3], kv[0][2], kv[0][1], kv[0][0])):
+        codes = f"{bits}-bit {'table' if rest[-1] else 'affine'}"
         desc = (f"{cfg.kind} {cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps"
                 + (f", {cfg.run_words}-word runs" if cfg.kind == "gemv2" else "")
                 if cfg.kind in ("gemv", "gemv2")
@@ -608,7 +610,8 @@ def write_report(checks, timings, skipped, tuned, bandwidth, out: Path,
                 else f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} / {cfg.num_warps} warps, "
                      f"{cfg.num_stages} stages" + (f", split-K {cfg.split_k}"
                                                    if cfg.split_k > 1 else ""))
-        tuned_lines.append(f"| {rows} | {n} | {k} | {bits} | {str(dt).removeprefix('torch.')} "
+        tuned_lines.append(f"| {rows} | {n} | {k} | {codes} | {group or 'row'} | "
+                           f"{str(dt).removeprefix('torch.')} "
                            f"| {desc} |")
     target_lines = targets(timings, bandwidth)
     text = "\n".join([

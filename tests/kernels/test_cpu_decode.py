@@ -145,6 +145,13 @@ def test_bound_ops_on_left_padded_rows_shift_positions_and_hide_the_padding():
                                             vc[b:b + 1, :, first:].contiguous(),
                                             start + 2 - first, 0.25, scratch)
         assert torch.allclose(out[b:b + 1], alone, atol=1e-6, rtol=1e-6)
+    # a negative count reads as none; a row of padding only sees its own last slot
+    attend, q_last, last = cpu_decode.bind_decode_attention(kc, vc, 0.25, scratch), \
+        qb[:, -1:].contiguous(), start + 2
+    assert torch.equal(attend(q_last, last, torch.tensor([-4, 0, 0])), attend(q_last, last))
+    own = attend(q_last, last, torch.tensor([0, 0, last + 3]))[2]  # [1, nh * hd]
+    values = vc[2, :, last - 1].repeat_interleave(nh // nkv, 0).reshape(1, -1)
+    assert torch.allclose(own, values, atol=1e-6)
     with pytest.raises(ValueError, match="pad: expected contiguous int64"):
         cpu_decode.bind_decode_attention(kc, vc, 0.25, scratch)(qb[:, -1:].contiguous(), 4,
                                                                 pad.int())

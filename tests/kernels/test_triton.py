@@ -90,6 +90,13 @@ _SCRIPT = textwrap.dedent(
         ("nf4g64", 4, 256, 24, torch.float16, SPLIT),
         ("fp4g32", 3, 192, 40, torch.float16, DEQUANT),
         (preset("nf4g64").replace(granularity="channel"), 2, 128, 24, torch.float32, None),
+        # fp8 weights: a table of the 256 codes' values
+        ("fp8", 1, 160, 40, torch.float16, None),
+        ("fp8", 3, 96, 41, torch.float32, GEMV),
+        (preset("fp8").replace(format="fp8_e5m2", granularity="group", group_size=32), 5, 128,
+         24, torch.float16, GEMM),
+        ("fp8", 4, 128, 24, torch.float32, DEQUANT),
+        ("fp8", 17, 64, 24, torch.float16, None),
     ]
     for spec, m, k, n, dtype, cfg in cases:
         qt = QuantizedTensor.from_float(torch.randn(n, k) * torch.rand(n, 1) * 2, spec)
@@ -122,15 +129,17 @@ _SCRIPT = textwrap.dedent(
     except ValueError as e:
         assert "table layout" in str(e), e
     # the registered entry points (3-D input, cached layout) on CPU tensors
-    for module, name in ((triton_int4, "w4g128"), (triton_lut, "nf4g64"), (triton_int8, "w8")):
+    entries = ((triton_int4.KERNEL, "w4g128"), (triton_lut.KERNEL, "nf4g64"),
+               (triton_lut.FP8_KERNEL, "fp8"), (triton_int8.KERNEL, "w8"))
+    for kernel, name in entries:
         qt = QuantizedTensor.from_float(torch.randn(48, 256), name)
         x = torch.randn(2, 3, 256)
         cache = {}
-        y = module.KERNEL.fn(x, qt, None, cache)
+        y = kernel.fn(x, qt, None, cache)
         ref = x.double() @ qt.dequantize().double().T
-        assert y.shape == (2, 3, 48) and module.NAME in cache
+        assert y.shape == (2, 3, 48) and kernel.name in cache
         assert float((y.double() - ref).abs().max()) < 1e-4
-        assert torch.equal(module.KERNEL.fn(x, qt, None, cache), y)
+        assert torch.equal(kernel.fn(x, qt, None, cache), y)
     y = triton_int8.int8_matmul(x.reshape(-1, 256), qt)
     assert float((y.double() - ref.reshape(-1, 48)).abs().max()) < 1e-4
     print("OK", len(cases))
@@ -139,7 +148,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference(run_interpreted) -> None:
-    assert "OK 35" in run_interpreted(_SCRIPT)
+    assert "OK 40" in run_interpreted(_SCRIPT)
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])
@@ -151,13 +160,17 @@ def test_registered_for_cuda_only(module, name: str) -> None:
 
 
 def test_table_codes_register_for_cuda_only() -> None:
-    for name in ("nf4g64", "fp4g32"):
+    for name, bits in (("nf4g64", 4), ("fp4g32", 4), ("fp8", 8)):
         qt = QuantizedTensor.from_float(torch.randn(16, 128), name)
-        assert triton_int4.table_spec_supported(qt) and not triton_int4.spec_supported(qt, 4)
-        assert not triton_lut.KERNEL.supports(qt, torch.randn(1, 128))
-    for name in ("km4", "w4g128", "fp8"):  # per-row tables, affine codes, 8-bit floats
-        assert not triton_int4.table_spec_supported(
-            QuantizedTensor.from_float(torch.randn(16, 128), name))
+        assert triton_int4.table_spec_supported(qt, bits)
+        assert not triton_int4.table_spec_supported(qt, 12 - bits)
+        assert not triton_int4.spec_supported(qt, bits)
+        for kernel in (triton_lut.KERNEL, triton_lut.FP8_KERNEL):
+            assert not kernel.supports(qt, torch.randn(1, 128))
+    for name in ("km4", "w4g128", "w8", "w3g128"):  # per-row tables, affine codes
+        qt = QuantizedTensor.from_float(torch.randn(16, 128), name)
+        assert not triton_int4.table_spec_supported(qt, 4)
+        assert not triton_int4.table_spec_supported(qt, 8)
 
 
 def test_spec_coverage() -> None:
@@ -226,8 +239,8 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
 
 
 @pytest.mark.skipif(not _offline_compiler_available(), reason="this triton has no ASTSource API")
-@pytest.mark.parametrize(("bits", "table"), [(4, False), (8, False), (4, True)],
-                         ids=["int4", "int8", "nf4-fp4-table"])
+@pytest.mark.parametrize(("bits", "table"), [(4, False), (8, False), (4, True), (8, True)],
+                         ids=["int4", "int8", "nf4-fp4-table", "fp8-table"])
 def test_candidate_configs_compile_for_hopper(bits: int, table: bool, tmp_path) -> None:
     """Triton's frontend and ptxas on every launch config the autotuner may pick (no GPU
     needed): the interpreter runs the kernels as Python, so only a compile catches what it would

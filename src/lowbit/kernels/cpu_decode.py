@@ -57,7 +57,7 @@ extern "C" void rope_kv(float* Q, const float* K, const float* V, const float* C
   const int64_t half = HD / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
-      int64_t row = row0 + t - (PAD ? PAD[b] : 0);
+      int64_t row = row0 + t - (PAD && PAD[b] > 0 ? PAD[b] : 0);  // (negative counts: none)
       row = row < 0 ? 0 : row;
       const float* c = COS + row * HD;
       const float* s = SIN + row * HD;
@@ -93,7 +93,9 @@ extern "C" void decode_attention(const float* Q, const float* KC, const float* V
   const int64_t group = NH / NKV;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h) {
-      const int64_t first = PAD && PAD[b] < len ? PAD[b] : 0;
+      // a row of padding only (count >= len) sees its own last slot, as in the torch path;
+      // negative counts read as none
+      const int64_t pad = PAD && PAD[b] > 0 ? PAD[b] : 0, first = pad < len ? pad : len - 1;
       const float* q = Q + (b * NH + h) * HD;
       const float* kc = KC + (b * NKV + h / group) * L * HD;
       const float* vc = VC + (b * NKV + h / group) * L * HD;

@@ -1,4 +1,5 @@
-"""Triton weight-only kernels (CUDA): fused dequantize + matmul for 4- and 8-bit affine codes.
+"""Triton weight-only kernels (CUDA): fused dequantize + matmul for 4- and 8-bit affine codes
+(and, with ``TABLE``, codes that index a table: :mod:`lowbit.kernels.triton_lut`).
 
 Registers ``triton_int4``; ``triton_int8`` (:mod:`lowbit.kernels.triton_int8`) registers the same
 machinery for 8-bit codes. Both read lowbit's canonical bytes directly: row n of the weight is
@@ -38,8 +39,9 @@ which run at a quarter of the FMA rate and bounded the first version of these ke
   ``torch.use_deterministic_algorithms``).
 - ``dequant``: writes the weights in x's dtype, then ``F.linear`` (large M: the vendor GEMM).
 
-Numerics: ``gemv``, ``gemv2`` and ``gemm`` use the exact float32 weights (not rounded to x's dtype);
-``dequant`` rounds each weight to x's dtype, so it equals ``qt.dequantize(x.dtype)``. Sums are in
+Numerics: ``gemv``, ``gemv2`` and ``gemm`` use the exact float32 weights (not rounded to x's dtype;
+with a table, ``gemm`` rounds each entry to x's dtype); ``dequant`` rounds each weight to x's
+dtype, so it equals ``qt.dequantize(x.dtype)``. Sums are in
 float32 and the output is rounded once to x's dtype (the bias added before). Tests compare with
 a float64 oracle allowing float32 sums and one rounding of each weight.
 
@@ -191,7 +193,10 @@ def _jit_kernels():
                 xs = tl.sum(x_lo + x_hi, axis=1)
             else:
                 xv = tl.load(x_row + offs_b, mask=b_ok, other=0.0).to(tl.float32)
-                code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                if TABLE:  # 256 entries (fp8)
+                    code = tl.load(z_ptr + byte)
+                else:
+                    code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 cx = code * xv[None, :, :]
                 xs = tl.sum(xv, axis=1)
             if TABLE:
@@ -321,7 +326,10 @@ def _jit_kernels():
                 hi16 = hi.to(HDT).to(tl.int16, bitcast=True).to(tl.int32)
                 tl.store(w_rows + offs_b[None, :], lo16 | (hi16 << 16), mask=ok)
         else:
-            code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if TABLE:  # 256 entries (fp8)
+                code = tl.load(z_ptr + byte)
+            else:
+                code = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             w = (code - zc) * s
             tl.store(w_rows + offs_b[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
@@ -520,7 +528,7 @@ _TUNED: dict[tuple, Config] = {}
 
 def tuned_configs() -> dict[tuple, Config]:
     """What the autotuner chose so far: ``(rows bucket, N, K, bits, group, x dtype, zero-point,
-    bias, deterministic mode) -> Config``."""
+    bias, deterministic mode, table) -> Config``."""
     return dict(_TUNED)
 
 
@@ -538,9 +546,13 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    default = pick_config(m, n, layout.k, layout.bits, layout.group_size, x.dtype, table)
+    candidates = candidate_configs(bucket, layout.bits, x.dtype, table)
+    default = candidates[0]  # pick_config's
     if (not x.is_cuda or m == 0 or n == 0 or torch.cuda.is_current_stream_capturing()
             or os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") == "0"):
+        return default
+    if len(candidates) == 1:  # nothing to choose (e.g. table codes at large M: dequant)
+        _TUNED[key] = default
         return default
     # timed as a model runs them: weight copies totalling > 2x the L2 cache, rotated (each call
     # reads its weight from device memory), replayed from a CUDA graph (no launch overhead,
@@ -551,7 +563,7 @@ def _tuned_config(x: torch.Tensor, layout: WeightLayout, bias: torch.Tensor | No
         for _ in range(min(15, -(-2 * l2 // max(1, layout.nbytes)) - 1))
     ]
     best = None
-    for cand in candidate_configs(bucket, layout.bits, x.dtype, table):
+    for cand in candidates:
         if cand.split_k > 1 and torch.are_deterministic_algorithms_enabled():
             continue  # atomic float adds: the sum order varies run to run
         try:
@@ -629,9 +641,10 @@ def _launch(
     packed, bits, group = layout.packed, layout.bits, layout.group_size
     m, n, kb = x.shape[0], packed.shape[0], packed.shape[1]
     table = layout.table is not None
-    if table and (bits != 4 or layout.zero is not None or cfg.kind == "gemv2"):
-        raise ValueError(f"a table layout needs 4-bit codes, no zero-point and a gemv, gemm or "
-                         f"dequant config; got bits={bits}, {cfg}")
+    if table and (layout.table.numel() != 1 << bits or layout.zero is not None
+                  or cfg.kind == "gemv2"):
+        raise ValueError(f"a table layout needs a table of 2**bits entries, no zero-point and a "
+                         f"gemv, gemm or dequant config; got bits={bits}, {cfg}")
     if cfg.kind == "gemv2":
         return _launch_gemv2(triton, gemv2, x, layout, bias, cfg)
     run_k = _fit_block_k(cfg.block_k, group)  # codes per run of a row that lie in one group
@@ -795,7 +808,7 @@ def execution_layout(qt: QuantizedTensor) -> WeightLayout:
     spec = qt.spec
     if spec.kind != "affine":
         return WeightLayout(
-            packed=qt.qdata.contiguous(),
+            packed=qt.qdata.contiguous().view(torch.uint8),  # fp8 codes: their bytes
             scale=qt.scale.contiguous(),
             zero=None,
             bits=spec.bits,
@@ -850,17 +863,20 @@ def spec_supported(qt: QuantizedTensor, bits: int = 4) -> bool:
     return spec.granularity == "tensor" or (spec.granularity == "channel" and spec.axis in (0, -2))
 
 
-def table_spec_supported(qt: QuantizedTensor) -> bool:
-    """4-bit weight-only 2-D specs whose codes index one table for the whole tensor (nf4's
-    codebook, fp4's float grid; not k-means' per-row tables), times a scale per group (a
-    multiple of 32), per output channel or per tensor; even K."""
+def table_spec_supported(qt: QuantizedTensor, bits: int = 4) -> bool:
+    """Weight-only 2-D specs whose codes index one table for the whole tensor: 4 bits (nf4's
+    codebook, fp4's float grid; not k-means' per-row tables; even K) or 8 bits (fp8 e4m3fn /
+    e5m2, 256 entries), times a scale per group (a multiple of 32 for 4 bits, 16 for 8), per
+    output channel or per tensor."""
     spec = qt.spec
-    if spec.act is not None or spec.kind not in ("codebook", "float") or spec.bits != 4:
+    if spec.act is not None or spec.kind not in ("codebook", "float") or spec.bits != bits:
         return False
-    if len(qt.shape) != 2 or qt.g_idx is not None or qt.shape[1] % 2 or qt.scale is None:
+    if bits not in (4, 8) or len(qt.shape) != 2 or qt.g_idx is not None or qt.scale is None:
+        return False
+    if bits == 4 and qt.shape[1] % 2:
         return False
     if spec.granularity == "group":
-        return spec.group_size % 32 == 0
+        return spec.group_size % (32 if bits == 4 else 16) == 0
     return spec.granularity == "tensor" or (spec.granularity == "channel" and spec.axis in (0, -2))
 
 
@@ -871,7 +887,7 @@ def supports_call(qt: QuantizedTensor, x: torch.Tensor, bits: int, table: bool =
         x.device.type == "cuda"
         and x.dtype in ACT_DTYPES
         and not (x.requires_grad and torch.is_grad_enabled())  # no autograd through Triton
-        and (table_spec_supported(qt) if table else spec_supported(qt, bits))
+        and (table_spec_supported(qt, bits) if table else spec_supported(qt, bits))
         and triton_available()
     )
 

@@ -101,25 +101,17 @@ static inline void tile(const int8_t* xq, int64_t K, const uint8_t* wp, const fl
 
 constexpr int TILE_ROWS = 4;
 
-// Two panels at once: each activation broadcast feeds both (one-off A/B against one panel, 1
-// thread: 5-15% faster at M=16-2048 on 4096x4096, 4-9% on 384x1024).
-static void tile_rows2(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
-                       const float* szp, const float* qs, int64_t G, float* T) {
-  switch (mr) {
-    case 4: tile<4, 2>(xq, K, wp, sp, szp, qs, G, T); break;
-    case 3: tile<3, 2>(xq, K, wp, sp, szp, qs, G, T); break;
-    case 2: tile<2, 2>(xq, K, wp, sp, szp, qs, G, T); break;
-    default: tile<1, 2>(xq, K, wp, sp, szp, qs, G, T); break;
-  }
-}
-
+// mr (<= TILE_ROWS) activation rows against NP panels. Two panels at once: each activation
+// broadcast feeds both (one-off A/B against one panel, 1 thread: 5-15% faster at M=16-2048 on
+// 4096x4096, 4-9% on 384x1024).
+template <int NP>
 static void tile_rows(int mr, const int8_t* xq, int64_t K, const uint8_t* wp, const float* sp,
                       const float* szp, const float* qs, int64_t G, float* T) {
   switch (mr) {
-    case 4: tile<4, 1>(xq, K, wp, sp, szp, qs, G, T); break;
-    case 3: tile<3, 1>(xq, K, wp, sp, szp, qs, G, T); break;
-    case 2: tile<2, 1>(xq, K, wp, sp, szp, qs, G, T); break;
-    default: tile<1, 1>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 4: tile<4, NP>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 3: tile<3, NP>(xq, K, wp, sp, szp, qs, G, T); break;
+    case 2: tile<2, NP>(xq, K, wp, sp, szp, qs, G, T); break;
+    default: tile<1, NP>(xq, K, wp, sp, szp, qs, G, T); break;
   }
 }
 
@@ -158,10 +150,8 @@ static int w4a8_linear(const float* X, const uint8_t* WP, const float* SP, const
       const uint8_t* wp = WP + p * (K / 8) * 32;
       for (int64_t m0 = mc; m0 < mc_end; m0 += MR) {
         const int mr = mc_end - m0 < MR ? (int)(mc_end - m0) : MR;
-        if (np == 2)
-          tile_rows2(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
-        else
-          tile_rows(mr, XQ + m0 * K, K, wp, SP + p * G * 8, SZP + p * G * 8, QS + m0 * G, G, T);
+        (np == 2 ? tile_rows<2> : tile_rows<1>)(mr, XQ + m0 * K, K, wp, SP + p * G * 8,
+                                                 SZP + p * G * 8, QS + m0 * G, G, T);
         for (int t = 0; t < mr; ++t) {
           const float sx = SX[m0 + t];
           float* out = OUT + (m0 + t) * N;

@@ -207,10 +207,7 @@ class Decoder:
         slots = torch.arange(start, end, device=pad.device)
         positions = (slots[None] - pad[:, None]).clamp_min(0)  # [B, T]
         cos, sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]
-        keys = torch.arange(end, device=pad.device)[None, None]  # [1, 1, end]
-        query = slots[None, :, None]  # [1, T, 1]
-        visible = (keys <= query) & (keys >= pad[:, None, None]) | (keys == query)
-        return cos, sin, visible[:, None]
+        return cos, sin, _padding_mask(pad, start, end)
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of ``t [B, heads, T, head_dim]``: HF's ``t * cos +
@@ -235,7 +232,7 @@ class Decoder:
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
         if self.fused and self.final_norm_op is not None:  # bound when built fused
             if pad is not None and length > 1:  # (one token: the ops skip the padding)
-                causal = self._padded(pad, start, end)[2]
+                causal = _padding_mask(pad, start, end)
             return self.lm_head(self._fused_layers(h.contiguous(), start, causal, pad)[:, -1])
         if pad is not None:
             cos, sin, causal = self._padded(pad, start, end)
@@ -366,6 +363,17 @@ class Decoder:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _padding_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``[B, 1, T, end]``: which cache slots the tokens in slots ``start..end`` of left-padded
+    rows (``pad [B]`` padding slots each) see: causal, padding hidden from real tokens; a
+    padding slot sees itself only."""
+    slots = torch.arange(start, end, device=pad.device)
+    keys = torch.arange(end, device=pad.device)[None, None]  # [1, 1, end]
+    query = slots[None, :, None]  # [1, T, 1]
+    visible = (keys <= query) & (keys >= pad[:, None, None]) | (keys == query)
+    return visible[:, None]
 
 
 def _binding_key(model: nn.Module) -> list:

@@ -298,3 +298,14 @@ def test_a_quantized_model_cast_to_bfloat16_keeps_its_stored_weights():
             assert t.dtype == stored[name].dtype and torch.equal(t, stored[name]), name
     ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(7))
     assert torch.equal(generate(model, ids, 6), hf_generate(model, ids, 6))
+
+
+def test_padding_counts_in_any_integer_dtype_and_negative_ones_refused(llama, fused):
+    ids, mask = _left_padded([prompt(length=6, seed=8)[0], prompt(length=3, seed=9)[0]])
+    decoder = Decoder(llama, 2, 12, fused=fused)
+    pad = (mask == 0).sum(1)
+    with torch.inference_mode():
+        expected = decoder.forward(ids, 0, pad)
+        assert torch.equal(decoder.forward(ids, 0, pad.int()), expected)
+        with pytest.raises(ValueError, match="pad must hold 2 padding counts >= 0"):
+            decoder.forward(ids, 0, torch.tensor([0, -1]))

@@ -218,21 +218,25 @@ class Decoder:
     def forward(self, ids: torch.Tensor, start: int,
                 pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the last position for tokens ``ids [B, T]`` in cache slots
-        ``start..start+T`` (their keys and values enter the cache). ``pad [B]`` (int64): each
-        row's number of left-padding slots at the start of the cache; the row's token in slot
-        ``s`` sits at position ``s - pad`` and never attends to the padding."""
+        ``start..start+T`` (their keys and values enter the cache). ``pad [B]`` (integers >= 0):
+        each row's number of left-padding slots at the start of the cache; the row's token in
+        slot ``s`` sits at position ``s - pad`` and never attends to the padding."""
         batch, length = ids.shape
         end = start + length
         if batch != self.batch or start < 0 or end > self.max_len:
             raise ValueError(f"ids {tuple(ids.shape)} at start={start}: this Decoder holds "
                              f"batch {self.batch} and positions [0, {self.max_len})")
+        if pad is not None and (pad.shape != (batch,) or bool((pad < 0).any())):
+            raise ValueError(f"pad must hold {batch} padding counts >= 0; got {pad.tolist()}")
         h = self.embed(ids)
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask
             causal = torch.ones(length, end, dtype=torch.bool, device=ids.device).tril(start)
         if self.fused and self.final_norm_op is not None:  # bound when built fused
-            if pad is not None and length > 1:  # (one token: the ops skip the padding)
-                causal = _padding_mask(pad, start, end)
+            if pad is not None:
+                pad = pad.long().contiguous()  # the C ops read int64 counts
+                if length > 1:  # (one token: the ops skip the padding themselves)
+                    causal = _padding_mask(pad, start, end)
             return self.lm_head(self._fused_layers(h.contiguous(), start, causal, pad)[:, -1])
         if pad is not None:
             cos, sin, causal = self._padded(pad, start, end)

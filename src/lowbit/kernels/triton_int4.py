@@ -463,11 +463,15 @@ def candidate_configs(m: int, bits: int, dtype: torch.dtype, table: bool = False
     configs = _candidates(m, bits, dtype)
     if not table:
         return configs
-    # a table lookup gathers through one address per code: in gemm tiles of more than 32 codes
-    # or 16 accumulators per thread ptxas spilled registers (sm_90, triton 3.9)
-    threads = [32 * c.num_warps for c in configs]
-    return [c for c, t in zip(configs, threads, strict=True) if c.kind != "gemv2" and (
-        c.kind != "gemm" or (c.block_n * c.block_k <= 32 * t and c.block_m * c.block_n <= 16 * t))]
+    return [c for c in configs
+            if c.kind != "gemv2" and (c.kind != "gemm" or _table_gemm_fits(c))]
+
+
+def _table_gemm_fits(cfg: Config) -> bool:
+    """A table lookup gathers through one address per code: in gemm tiles of more than 32 codes
+    or 16 accumulators per thread ptxas spilled registers (sm_90, triton 3.9)."""
+    threads = 32 * cfg.num_warps
+    return cfg.block_n * cfg.block_k <= 32 * threads and cfg.block_m * cfg.block_n <= 16 * threads
 
 
 def _candidates(m: int, bits: int, dtype: torch.dtype) -> list[Config]:

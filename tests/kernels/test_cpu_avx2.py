@@ -405,3 +405,19 @@ def test_wide_layers_at_several_rows_run_pairs_of_channels(name: str | QuantSpec
     qt = QuantizedTensor.from_float(torch.randn(n, 2048), name)
     x, bias = torch.randn(m, 2048), torch.randn(n)
     check_close(cpu_avx2.cpu_linear(x, qt, bias, {}), reference_linear(x, qt, bias, {}), x, qt)
+
+
+def test_e4m3_weights_with_scales_near_the_float32_limit() -> None:
+    """e4m3 codes are decoded as value / 256 and the 256 multiplied back into each group's sum,
+    not into the scales: a scale above FLT_MAX / 256 (an imported checkpoint) whose weights are
+    finite gives finite outputs and bit-exact embedding rows."""
+    torch.manual_seed(11)
+    qt = QuantizedTensor.from_float(torch.randn(8, 64), "fp8")
+    qt.qdata = torch.randn(8, 64).clamp(-2, 2).to(torch.float8_e4m3fn).view(torch.uint8)
+    qt.scale = torch.full_like(qt.scale, 1e37)
+    ids = torch.arange(8)
+    assert torch.equal(cpu_avx2.embedding_rows(qt, ids, {}), qt.dequantize()[ids])
+    x = torch.randn(3, 64) * 1e-30
+    y = cpu_avx2.cpu_linear(x, qt, None, {})
+    assert bool(torch.isfinite(y).all())
+    check_close(y, reference_linear(x, qt, None, {}), x, qt)

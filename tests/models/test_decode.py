@@ -307,5 +307,6 @@ def test_padding_counts_in_any_integer_dtype_and_negative_ones_refused(llama, fu
     with torch.inference_mode():
         expected = decoder.forward(ids, 0, pad)
         assert torch.equal(decoder.forward(ids, 0, pad.int()), expected)
-        with pytest.raises(ValueError, match="pad must hold 2 padding counts >= 0"):
-            decoder.forward(ids, 0, torch.tensor([0, -1]))
+        for bad in (torch.tensor([0, -1]), torch.tensor([0.0, 3.5]), torch.tensor([0, 1]) > 0):
+            with pytest.raises(ValueError, match="pad must hold 2 integer padding counts >= 0"):
+                decoder.forward(ids, 0, bad)

@@ -21,13 +21,13 @@ F16C) and accumulates against the activations:
 
 where ``v`` are the codes as the kernel reads them (int1-4: the stored unsigned codes, ``code -
 qmin``; int8: the stored byte - 128; tables: the code's entry; fp8: its value, or for e4m3 the
-value / 256 with ``s`` times 256), ``zc`` the zero-point in those units (int1-4: ``z - qmin``,
-e.g. 8 for signed symmetric int4; int8: ``z - qmin - 128``, 0 for signed symmetric; tables, fp8:
-none) and ``xs[m, g]`` the activation sum of group g. Weights never exist as fp32, so M=1 moves
-32/bits times fewer weight bytes than fp32. For M > ``GEMV_MAX_ROWS`` (8 for small weights) it
-dequantizes the weight (whole up to 16 MiB of fp32, else blocks of rows; stored column order)
-into a reused fp32 buffer (C++) and multiplies with torch's fp32 GEMM (compute-bound there; fp32
-speed minus the dequant).
+value / 256 with each group's sum times 256), ``zc`` the zero-point in those units (int1-4:
+``z - qmin``, e.g. 8 for signed symmetric int4; int8: ``z - qmin - 128``, 0 for signed
+symmetric; tables, fp8: none) and ``xs[m, g]`` the activation sum of group g. Weights never
+exist as fp32, so M=1 moves 32/bits times fewer weight bytes than fp32. For M >
+``GEMV_MAX_ROWS`` (8 for small weights) it dequantizes the weight (whole up to 16 MiB of fp32,
+else blocks of rows; stored column order) into a reused fp32 buffer (C++) and multiplies with
+torch's fp32 GEMM (compute-bound there; fp32 speed minus the dequant).
 
 The kernels are plain C++ (AVX2 intrinsics + OpenMP) compiled on first use (a second or two)
 and called through ctypes (:mod:`lowbit.kernels.native`). If they cannot be built, they report
@@ -199,9 +199,21 @@ struct Table {
 // qmin - 128 (a symmetric int8 weight then has zero 0).
 // TABLE, TABLE_BF16: the table entry of each code.
 // E5M2: the fp8 value, through the fp16 with the same bits (see below); E4M3: the value / 256
-// (the execution layout's scales carry the 256: one multiply per group, not per code; 15%
-// faster at M=1, one-off). Exact for every finite code (e4m3fn's NaN pattern would read as
-// 480 / 256; weights holding inf / NaN patterns keep the reference path, see nonfinite_codes).
+// (to_value multiplies the 256 back into each group's sum: one multiply per group, not per
+// code; 15% faster at M=1, one-off; folding it into the scales instead overflowed scales above
+// FLT_MAX / 256). Exact for every finite code (e4m3fn's NaN pattern would read as 480 / 256;
+// weights holding inf / NaN patterns keep the reference path, see nonfinite_codes).
+template <int BITS, int KIND>
+static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]);
+
+// decode's values (or sums of their products, exact: a power of two) times what gives the codes'
+// values: 256 for E4M3, else nothing.
+template <int KIND>
+static inline __m256 to_value(__m256 v) {
+  if constexpr (KIND == E4M3) return _mm256_mul_ps(v, _mm256_set1_ps(256.f));
+  return v;
+}
+
 template <int BITS, int KIND>
 static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
   if constexpr (BITS == 8 && KIND == AFFINE) {
@@ -359,7 +371,7 @@ static inline void row_tile(const float* X, const float* XS, const Weight& W, co
     for (int t = 0; t < MT; ++t) {
       __m256 sum = acc[t][0];
       for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
-      tot[t] = _mm256_fmadd_ps(sum, sv, tot[t]);
+      tot[t] = _mm256_fmadd_ps(to_value<KIND>(sum), sv, tot[t]);
       corr[t] += zero_term(W, XS, m0 + t, n, g, G);
     }
   }
@@ -414,8 +426,8 @@ static inline void pair_tile(const float* X, const float* XS, const Weight& W, c
     }
     const __m256 s0 = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
     const __m256 s1 = _mm256_set1_ps(scale_of<KIND>(W, n + 1, g, G));
-    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s0, tot0);
-    tot1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), s1, tot1);
+    tot0 = _mm256_fmadd_ps(to_value<KIND>(_mm256_add_ps(a0, a1)), s0, tot0);
+    tot1 = _mm256_fmadd_ps(to_value<KIND>(_mm256_add_ps(b0, b1)), s1, tot1);
     corr0 += zero_term(W, XS, 0, n, g, G);
     corr1 += zero_term(W, XS, 0, n + 1, g, G);
   }
@@ -460,8 +472,8 @@ static inline void pair_rows_tile(const float* X, const float* XS, const Weight&
     const __m256 s0 = _mm256_set1_ps(scale_of<KIND>(W, n, g, G));
     const __m256 s1 = _mm256_set1_ps(scale_of<KIND>(W, n + 1, g, G));
     for (int t = 0; t < MT; ++t) {
-      tot0[t] = _mm256_fmadd_ps(a[t], s0, tot0[t]);
-      tot1[t] = _mm256_fmadd_ps(b[t], s1, tot1[t]);
+      tot0[t] = _mm256_fmadd_ps(to_value<KIND>(a[t]), s0, tot0[t]);
+      tot1[t] = _mm256_fmadd_ps(to_value<KIND>(b[t]), s1, tot1[t]);
       corr0[t] += zero_term(W, XS, m0 + t, n, g, G);
       corr1[t] += zero_term(W, XS, m0 + t, n + 1, g, G);
     }
@@ -598,7 +610,8 @@ static inline void dequant_row(const Weight& W, int64_t n, float* OUT, int64_t K
       }
       const __m256* w = BITS <= 4 ? v : c;
       float* o = OUT + g * group + i * CODES;
-      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(w[q], sv, zv));
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(to_value<KIND>(w[q]), sv, zv));
     }
   }
 }
@@ -814,7 +827,7 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
       (8-bit codes are read as ``byte - 128``; a zero-point term that is 0 everywhere, as for a
       symmetric int8 weight, is dropped);
     - tables: scale ``[N, G]`` (none for k-means) and the tables of :func:`_tables`;
-    - fp8: scale ``[N, G]`` (times 256 for e4m3, whose codes decode reads as value / 256);
+    - fp8: scale ``[N, G]``;
     - with a group index: the codes repacked with their columns sorted by group, and that
       column order (int64 ``[K]``, last of the held tensors).
 
@@ -835,8 +848,6 @@ def _execution_layout(qt: QuantizedTensor, cache: dict) -> tuple[tuple, tuple]:
         else:
             if qt.scale is not None:
                 scale = qt.scale.float().reshape(qt.shape[0], -1).contiguous()
-            if qt.spec.format == "fp8_e4m3fn":  # decode reads e4m3 codes as value / 256
-                scale = (scale if scale is not None else torch.ones(qt.shape[0], 1)) * 256
             if qt.spec.bits <= 4:
                 table, *strides = _tables(qt)
         qdata, order = qt.qdata.contiguous(), group_order(qt)

@@ -226,8 +226,11 @@ class Decoder:
         if batch != self.batch or start < 0 or end > self.max_len:
             raise ValueError(f"ids {tuple(ids.shape)} at start={start}: this Decoder holds "
                              f"batch {self.batch} and positions [0, {self.max_len})")
-        if pad is not None and (pad.shape != (batch,) or bool((pad < 0).any())):
-            raise ValueError(f"pad must hold {batch} padding counts >= 0; got {pad.tolist()}")
+        if pad is not None and (pad.shape != (batch,) or pad.is_floating_point()
+                                or pad.is_complex() or pad.dtype == torch.bool
+                                or bool((pad < 0).any())):
+            raise ValueError(f"pad must hold {batch} integer padding counts >= 0; got "
+                             f"{pad.dtype} {pad.tolist()}")
         h = self.embed(ids)
         causal = None
         if length > 1 and start > 0:  # a chunk after cached tokens: explicit mask

@@ -109,3 +109,24 @@ def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
     assert plan["reference"][0] == ("1", str(fp6))
     assert ("0", str(preset("w4g128"))) in plan["cpu_int4" if fast else "reference"]
     assert ("2", str(preset("w8"))) in plan["cpu_int8" if fast else "reference"]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("kernel", "name"), CASES)
+def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, with_bias: bool) -> None:
+    """A bound kernel's ``raw_step(m)`` (the Decoder's step entry: pointers in, status out)
+    writes what the checked call returns, bit for bit, for every row count it accepts."""
+    qt = _QUANTIZED[name]
+    bias = torch.randn(N) if with_bias else None
+    run = KERNELS[kernel].bound(qt, bias, {})
+    raw_step = getattr(run, "raw_step", None)
+    if raw_step is None:
+        pytest.skip(f"{kernel} has no raw step entry")
+    assert raw_step(0) is None
+    accepted = [m for m in (1, 2, 5, 16, 17, 64) if raw_step(m) is not None]
+    assert 1 in accepted
+    torch.manual_seed(3)
+    for m in accepted:
+        x, y = torch.randn(m, 1, K), torch.full((m, 1, N), float("nan"))
+        assert raw_step(m)(x.data_ptr(), y.data_ptr()) == 0
+        assert torch.equal(y, run(x)), (kernel, name, m)

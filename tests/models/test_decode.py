@@ -310,3 +310,32 @@ def test_padding_counts_in_any_integer_dtype_and_negative_ones_refused(llama, fu
         for bad in (torch.tensor([0, -1]), torch.tensor([0.0, 3.5]), torch.tensor([0, 1]) > 0):
             with pytest.raises(ValueError, match="pad must hold 2 integer padding counts >= 0"):
                 decoder.forward(ids, 0, bad)
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w8a8"])
+def test_fused_steps_call_the_raw_kernel_entries_and_see_in_place_edits(monkeypatch, scheme):
+    """A fused step's Linears write into the Decoder's buffers through the kernels' raw entries:
+    the same tokens as the checked calls; weights edited in place between generates are
+    seen."""
+    if not cpu_decode.available(torch.zeros(1)):
+        pytest.skip("cpu_decode ops could not be built here")
+    model = lowbit.quantize(_tiny("llama"), scheme)
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(7))
+    decoder = Decoder(model, 2, 20, fused=True)
+    for blk in decoder.blocks:
+        assert all(step is not linear for step, linear in zip(blk.step, blk.linears(),
+                                                                  strict=True))
+    monkeypatch.setattr("lowbit.models.decode._step_linear", lambda linear, out: linear)
+    checked = Decoder(model, 2, 20, fused=True)
+    monkeypatch.undo()
+    first = decoder.generate(ids, 12)
+    assert torch.equal(first, checked.generate(ids, 12))
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight_scale.mul_(-3)
+        model.model.layers[0].self_attn.q_proj.weight_scale.mul_(5)
+        codes = model.model.layers[1].mlp.down_proj.weight_packed
+        codes.copy_(codes.flip(0))  # (w8a8 repacks them)
+    edited = decoder.generate(ids, 12)
+    assert torch.equal(edited, Decoder(model, 2, 20, fused=True).generate(ids, 12))
+    assert not torch.equal(edited, first)

@@ -942,6 +942,31 @@ def bind_cpu_linear(
     max_rows = GEMV_MAX_ROWS if n_out * k_in >= GEMV_SMALL_WEIGHT else GEMV_SMALL_MAX_ROWS
     allocate = output_allocator(n_out)
 
+    def native() -> bool:
+        """Whether the C kernel runs the weight as it is now (its layout rebuilt first after an
+        in-place edit)."""
+        if tracked:
+            versions = [t._version for t in tracked]
+            if versions != layout[0]:
+                if family(qt) is None:  # edited in place into groups these kernels cannot run
+                    return False
+                build(versions)
+        return not layout[3]
+
+    def raw_step(m: int) -> Callable[[int, int], int] | None:
+        """``(x pointer, y pointer) -> status`` for ``m`` contiguous float32 rows (nonzero: run
+        the checked call instead), resolved now: the weight's layout as it is and torch's
+        thread count, none of run's checks; None where this weight takes another path. After
+        an in-place edit of the weight or a thread-count change, get it again (the Decoder
+        does at each generate)."""
+        if not native() or layout[1][-1] is not None or not 0 < m <= max_rows:
+            return None
+        threads = get_threads()
+        # args is updated in place by a rebuild; the default argument keeps it and the
+        # tensors it points to now alive
+        return lambda x_ptr, y_ptr, _keep=(args, layout[1]): gemv(x_ptr, y_ptr, m, args_at,
+                                                                  threads)
+
     def run(x: torch.Tensor) -> torch.Tensor:
         # the common case first, with as few torch calls as possible: a small layer's whole
         # call is ~10-20 us, and each attribute or method of a tensor costs ~0.2-2 us
@@ -951,13 +976,7 @@ def bind_cpu_linear(
                                  f"weight {tuple(qt.shape)}; needs float32 (or bfloat16 / "
                                  f"float16) CPU [..., {k_in}]")
             return run(x.float()).to(x.dtype)
-        if tracked:
-            versions = [t._version for t in tracked]
-            if versions != layout[0]:
-                if family(qt) is None:  # edited in place into groups these kernels cannot run
-                    return reference_linear(x, qt, bias, {})
-                build(versions)
-        if layout[3]:
+        if not native():
             return reference_linear(x, qt, bias, {})
         order = layout[1][-1]
         if order is not None:
@@ -997,6 +1016,7 @@ def bind_cpu_linear(
         return y
 
     run.held = layout  # the tensors behind the pointers live as long as run (b: its closure)
+    run.raw_step = raw_step
     return run
 
 

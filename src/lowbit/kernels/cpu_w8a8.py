@@ -322,14 +322,14 @@ def bind_activation_kernel(
     cache: dict,
     prepare: Callable[[QuantizedTensor, dict], tuple[tuple, tuple]],
     make_call: MakeCall,
-    handover: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
+    handover: Callable[[int], bool] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x [..., K] float32 -> [..., N]`` through a C kernel that quantizes the activations
     itself (status 1: non-finite input, 2: allocation failure). ``prepare(qt, cache)`` gives the
     (held tensors, pointers) of the execution layout, rebuilt after in-place edits of the stored
     tensors, with the codes of a weight with a group index in :func:`group_order` (the
     activations are gathered alike); ``make_call(pointers, bias pointer)`` binds the C entry to
-    them; ``handover(x, rows)`` may answer a call instead (None: the kernel runs)."""
+    them; where ``handover(rows)`` is true, fbgemm's int8 kernel answers the call instead."""
     n_out, k_in = qt.shape
     if bias is not None and bias.numel() != n_out:
         raise ValueError(f"bias has {bias.numel()} elements; the weight has {n_out} outputs")
@@ -364,14 +364,10 @@ def bind_activation_kernel(
         m = x.numel() // k_in
         if m == 0:
             return torch.empty(*x.shape[:-1], n_out, dtype=float32, device=cpu)
-        if handover is not None and (answer := handover(x, m)) is not None:
-            return answer
-        if tracked:
-            versions = [t._version for t in tracked]
-            if versions != state[0]:
-                if not whole_groups(qt):  # g_idx edited in place into uneven groups
-                    return int8.act_reference_linear(x, qt, bias, {})
-                build(versions)
+        if handover is not None and handover(m):
+            return int8.int8_fbgemm_linear(x, qt, bias, cache)
+        if not current():
+            return int8.act_reference_linear(x, qt, bias, {})
         y = allocate(x.shape[:-1])
         if state[3] is not None:
             x = x.reshape(m, k_in).index_select(1, state[3])
@@ -384,7 +380,29 @@ def bind_activation_kernel(
             raise MemoryError(f"{name}: could not allocate {m}x{k_in} activation codes")
         return y
 
+    def current() -> bool:
+        """Whether the C kernel runs the weight as it is now (its layout rebuilt first after an
+        in-place edit)."""
+        if tracked:
+            versions = [t._version for t in tracked]
+            if versions != state[0]:
+                if not whole_groups(qt):  # g_idx edited in place into uneven groups
+                    return False
+                build(versions)
+        return True
+
+    def raw_step(m: int) -> Callable[[int, int], int] | None:
+        """As cpu_avx2's: ``(x pointer, y pointer) -> status`` for ``m`` contiguous float32
+        rows, resolved now (status 1: non-finite input, 2: allocation failure; run the checked
+        call then); None where this weight takes another path. Stale after an in-place edit of
+        the weight (its layout is rebuilt at the next call): get it again."""
+        if not m or (handover is not None and handover(m)) or not current() or (
+                state[3] is not None):
+            return None
+        return state[4].fixed(m, torch.get_num_threads(), state[1])
+
     run.held = state  # the tensors behind the pointers live as long as run (b: its closure)
+    run.raw_step = raw_step
     return run
 
 
@@ -396,7 +414,13 @@ def struct_call(entry: Callable, args: ctypes.Structure) -> NativeCall:
 
     def call(x_ptr: int, y_ptr: int, m: int) -> int:
         return entry(x_ptr, y_ptr, m, at, get_threads())
-    call.args = args
+
+    def fixed(m: int, threads: int, held: tuple) -> Callable[[int, int], int]:
+        """``(x_ptr, y_ptr) -> status`` for ``m`` rows on ``threads`` threads, keeping ``args``
+        and the ``held`` tensors they point to alive (a default argument: free to pass)."""
+        return lambda x_ptr, y_ptr, _keep=(args, held): entry(x_ptr, y_ptr, m, at, threads)
+
+    call.args, call.fixed = args, fixed
     return call
 
 
@@ -422,10 +446,8 @@ def bind_w8a8(qt: QuantizedTensor, bias: torch.Tensor | None,
 
     handover = None
     if int8.one_pass_shift(qt.spec) is not None:
-        def handover(x: torch.Tensor, m: int) -> torch.Tensor | None:
-            if m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK:
-                return int8.int8_fbgemm_linear(x, qt, bias, cache)
-            return None
+        def handover(m: int) -> bool:
+            return m > ONE_PASS_MAX_ROWS and m * k_in * n_out >= ONE_PASS_MAX_WORK
 
     return bind_activation_kernel("cpu_w8a8", qt, bias, cache, _prepared, make_call, handover)
 

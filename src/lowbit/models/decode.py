@@ -69,6 +69,12 @@ class _Block:
     mlp_norm_op: Callable | None = None
     rope: Callable | None = None
     attend: Callable | None = None
+    # q .. down for a decode step's inputs (see _step_linear) and their output buffers
+    step: tuple[Linear, ...] = ()
+    step_out: tuple[torch.Tensor, ...] = ()
+
+    def linears(self) -> tuple[Linear, ...]:
+        return self.q, self.k, self.v, self.o, self.gate, self.up, self.down
 
 
 def _rope_type(config) -> str:
@@ -104,9 +110,10 @@ class Decoder:
     ``Decoder(model, batch, max_len)`` binds the model's layers for ``batch`` rows and at most
     ``max_len`` positions (prompt + new tokens); :meth:`generate` may then be called repeatedly.
     The model is not modified; its weights are shared, not copied, and bound at construction.
-    In-place edits of them are seen; a model whose tensors were replaced or moved since
-    (``.to()``, ``share_memory()``, ``set_weight``, a swapped module) is bound again, caches
-    included, at the next :meth:`generate`.
+    In-place edits of them, and a changed torch thread count, are seen from the next
+    :meth:`generate` (a loop of your own over :meth:`forward`: after :meth:`refresh`); a model
+    whose tensors were replaced or moved since (``.to()``, ``share_memory()``, ``set_weight``,
+    a swapped module) is bound again, caches included, at the next :meth:`generate`.
     """
 
     def __init__(
@@ -188,7 +195,23 @@ class Decoder:
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
                                                               self._scratch)
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
+            for blk, layer in zip(self.blocks, base.layers, strict=True):
+                attn, mlp = layer.self_attn, layer.mlp
+                blk.step_out = tuple(
+                    torch.empty(batch, 1, module.out_features, dtype=dtype, device=device)
+                    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                   mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            self.refresh()
         self._bound_to = _binding_key(model)
+
+    def refresh(self) -> None:
+        """Resolve the decode step's kernel entries again, for the weights (edited in place)
+        and torch's thread count as they are now; :meth:`generate` does it itself."""
+        if not self.fused:
+            return
+        for blk in self.blocks:
+            blk.step = tuple(_step_linear(linear, out)
+                             for linear, out in zip(blk.linears(), blk.step_out, strict=True))
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -285,16 +308,18 @@ class Decoder:
         r = blocks[0].attn_norm_op(h)
         for i, (blk, k_cache, v_cache) in enumerate(zip(blocks, self.k_layers, self.v_layers,
                                                         strict=True)):
-            q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
+            q_proj, k_proj, v_proj, o_proj, gate, up, down = (
+                blk.step if length == 1 else blk.linears())
+            q, k, v = q_proj(r), k_proj(r), v_proj(r)  # [B, T, heads * hd]
             blk.rope(q, k, v, start, pad)  # q in place, k and v into the cache
             if length == 1:
                 a = blk.attend(q, end, pad)
             else:
                 a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
                                k_cache, v_cache, end, causal)
-            r = blk.mlp_norm_op.add(h, blk.o(a))
+            r = blk.mlp_norm_op.add(h, o_proj(a))
             after = blocks[i + 1].attn_norm_op if i + 1 < len(blocks) else self.final_norm_op
-            r = after.add(h, blk.down(F.silu(blk.gate(r)) * blk.up(r)))
+            r = after.add(h, down(F.silu(gate(r)) * up(r)))
         return r
 
     @torch.inference_mode()
@@ -341,6 +366,8 @@ class Decoder:
         if _binding_key(self.model) != self._bound_to:  # bound pointers would be stale
             with torch.inference_mode(False):  # caches usable outside generate, as built
                 self._build(self.model, self.batch, self.max_len, self._fused_arg)
+        else:
+            self.refresh()  # in-place weight edits, thread count
         ids = input_ids.to(self.device)
         if pad is not None:
             pad = pad.to(self.device)
@@ -370,6 +397,26 @@ class Decoder:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _step_linear(linear: Linear, out: torch.Tensor) -> Linear:
+    """``linear`` for a fused decode step's inputs ``[batch, 1, K]`` (contiguous float32, as
+    the step makes them): where it is one of lowbit's native CPU kernels, through its raw C
+    entry into ``out`` (overwritten at every call), resolved now. A checked call costs ~6-8 us
+    more, ~15% of a w4g128 step of the 19M fixture (one-off); the step's outputs are consumed
+    before the layer runs again."""
+    raw_step = getattr(linear, "raw_step", None)
+    raw = None if raw_step is None else raw_step(out.shape[0])
+    if raw is None:
+        return linear
+    out_ptr = out.data_ptr()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        if raw(x.data_ptr(), out_ptr):
+            return linear(x)  # an error status: the checked call raises it
+        return out
+
+    return step
 
 
 def _padding_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -130,3 +130,12 @@ def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, with_bias
         x, y = torch.randn(m, 1, K), torch.full((m, 1, N), float("nan"))
         assert raw_step(m)(x.data_ptr(), y.data_ptr()) == 0
         assert torch.equal(y, run(x)), (kernel, name, m)
+
+
+def test_the_environment_is_read_at_every_call(monkeypatch) -> None:
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    assert dispatch.forced_by_environment() is None
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    assert dispatch.forced_by_environment() == "reference"
+    monkeypatch.delenv("LOWBIT_KERNEL")
+    assert dispatch.forced_by_environment() is None

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit.kernels import cpu_avx2, select_kernel
+from lowbit.kernels import cpu_avx2, dispatch, select_kernel
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.quant import fake_quantize
 from lowbit.spec import QuantSpec
@@ -163,6 +163,11 @@ def test_memoized_kernel_follows_weight_changes(spec):
         before = layer(x)
         layer.to(torch.float32)
         assert torch.equal(layer(x), before)
+        # the same buffer object at a new address; a bias buffer made a parameter
+        layer.weight_packed.data = other.weight_packed.clone()
+        assert torch.equal(layer(x), dispatch.linear(x, layer.qweight, layer.bias))
+        layer.bias = nn.Parameter(torch.ones(64))
+        assert torch.equal(layer(x), dispatch.linear(x, layer.qweight, layer.bias))
 
 
 def test_weights_made_in_inference_mode_and_in_place_qparam_edits():

@@ -23,7 +23,6 @@ measured on a GPU).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -434,7 +433,7 @@ def _binding_key(model: nn.Module) -> list:
     """What the bound kernels depend on: each module's identity, forced kernel and compute
     dtype, the identity and address of its tensors, and the kernel registry and
     ``LOWBIT_KERNEL`` (once per generate call: 0.2-0.3 ms on the 19M fixture)."""
-    key: list = [dispatch.registry_version(), os.environ.get("LOWBIT_KERNEL")]
+    key: list = [dispatch.registry_version(), dispatch.forced_by_environment()]
     for module in model.modules():
         attributes = module.__dict__  # (getattr: nn.Module raises for missing ones, slowly)
         key += (id(module), attributes.get("kernel"), attributes.get("weight_dtype"))

@@ -56,12 +56,16 @@ def test_embedding_lookup_equals_the_dequantized_table(spec: str) -> None:
     assert fast is not None or cpu_avx2.extension() is None
     assert torch.equal(qe(ids), qe.qweight.dequantize()[ids])
     assert qe(torch.zeros(0, dtype=torch.long)).shape == (0, 128)
-    for bad in (70, -1):
+    for bad in ([70], [-1], [[3, 70]], [[-1, 3]]):
         with pytest.raises(IndexError):
-            qe(torch.tensor([bad]))
+            qe(torch.tensor(bad))
     with pytest.raises((IndexError, RuntimeError)):  # torch's own error for float ids
         qe(torch.tensor([2.9]))
     assert torch.equal(qe(ids.int()), qe(ids))
+    if qe.qweight.scale is not None:  # the bound lookup follows in-place edits
+        with torch.no_grad():
+            qe.weight_scale.mul_(2)
+        assert torch.equal(qe(ids), qe.qweight.dequantize()[ids])
 
 
 def test_embedding_lookup_of_a_signed_float_zero_point_table_is_exact() -> None:

@@ -7,6 +7,8 @@ their own tests (the Triton one under the interpreter).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -111,25 +113,47 @@ def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
     assert ("2", str(preset("w8"))) in plan["cpu_int8" if fast else "reference"]
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kernel", "name"), CASES)
-def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, with_bias: bool) -> None:
-    """A bound kernel's ``raw_step(m)`` (the Decoder's step entry: pointers in, status out)
-    writes what the checked call returns, bit for bit, for every row count it accepts."""
+def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, bias_dtype) -> None:
+    """A bound kernel's ``raw_step(out)`` (the Decoder's step entry: an x pointer in, a status
+    out, written into ``out``) gives what the checked call returns, bit for bit, for every row
+    count it accepts; it refuses buffers that do not fit; an entry taken before an in-place
+    edit follows the rebuilt layout, and keeps working after the bound call is dropped (a
+    half-precision bias's float32 copy included)."""
     qt = _QUANTIZED[name]
-    bias = torch.randn(N) if with_bias else None
+    bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
     run = KERNELS[kernel].bound(qt, bias, {})
     raw_step = getattr(run, "raw_step", None)
     if raw_step is None:
         pytest.skip(f"{kernel} has no raw step entry")
-    assert raw_step(0) is None
-    accepted = [m for m in (1, 2, 5, 16, 17, 64) if raw_step(m) is not None]
-    assert 1 in accepted
+    for bad in (torch.empty(0, N), torch.empty(2, N + 1), torch.empty(2, N, dtype=torch.float64),
+                torch.empty(N, 2).T, torch.empty(())):
+        assert raw_step(bad) is None
     torch.manual_seed(3)
-    for m in accepted:
-        x, y = torch.randn(m, 1, K), torch.full((m, 1, N), float("nan"))
-        assert raw_step(m)(x.data_ptr(), y.data_ptr()) == 0
-        assert torch.equal(y, run(x)), (kernel, name, m)
+    outputs = {m: torch.full((m, 1, N), float("nan")) for m in (1, 2, 5, 16, 17, 64)}
+    entries = {m: raw_step(out) for m, out in outputs.items()}
+    assert entries[1] is not None
+    inputs = {m: torch.randn(m, 1, K) for m in outputs}
+    for m, entry in entries.items():
+        if entry is not None:
+            assert entry(inputs[m].data_ptr()) == 0
+            assert torch.equal(outputs[m], run(inputs[m])), (kernel, name, m)
+
+    if qt.scale is None or bias is None:
+        return
+    edited = copy.copy(qt)
+    edited.scale = qt.scale.clone()
+    run = KERNELS[kernel].bound(edited, bias, {})
+    out = torch.empty(1, N)
+    entry = run.raw_step(out)
+    x = torch.randn(1, K)
+    edited.scale.mul_(2)
+    bias.mul_(3)
+    expected = run(x)  # rebuilds the layout and the bias copy
+    del run
+    assert entry(x.data_ptr()) == 0
+    assert torch.equal(out, expected)
 
 
 def test_the_environment_is_read_at_every_call(monkeypatch) -> None:
@@ -138,4 +162,13 @@ def test_the_environment_is_read_at_every_call(monkeypatch) -> None:
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     assert dispatch.forced_by_environment() == "reference"
     monkeypatch.delenv("LOWBIT_KERNEL")
+    assert dispatch.forced_by_environment() is None
+
+
+def test_a_replaced_environment_mapping_is_read(monkeypatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "environ", {"LOWBIT_KERNEL": "reference"})
+    assert dispatch.forced_by_environment() == "reference"
+    monkeypatch.setattr(os, "environ", {})
     assert dispatch.forced_by_environment() is None

@@ -339,3 +339,31 @@ def test_fused_steps_call_the_raw_kernel_entries_and_see_in_place_edits(monkeypa
     edited = decoder.generate(ids, 12)
     assert torch.equal(edited, Decoder(model, 2, 20, fused=True).generate(ids, 12))
     assert not torch.equal(edited, first)
+
+
+def test_a_forward_loop_of_ones_own_follows_refresh(fused):
+    """Decoder.forward after in-place weight edits and a .data swap, then refresh(): the same
+    logits as a freshly built Decoder (the step entries resolved again, the model bound
+    again)."""
+    model = lowbit.quantize(_tiny("llama"), "w8a8")
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(8))
+    decoder = Decoder(model, 1, 16, fused=fused)
+
+    def steps(d: Decoder) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [d.forward(ids, 0)] + [d.forward(ids[:, t:t + 1], 6 + t) for t in range(3)]
+
+    steps(decoder)
+    codes = model.model.layers[0].mlp.down_proj.weight_packed
+    with torch.no_grad():
+        codes.copy_(codes.flip(0))
+    decoder.refresh()
+    for got, expected in zip(steps(decoder), steps(Decoder(model, 1, 16, fused=fused)),
+                             strict=True):
+        assert torch.equal(got, expected)
+    up = model.model.layers[1].mlp.up_proj
+    up.weight_packed.data = up.weight_packed.flip(1).clone()  # the old storage is freed
+    decoder.refresh()
+    for got, expected in zip(steps(decoder), steps(Decoder(model, 1, 16, fused=fused)),
+                             strict=True):
+        assert torch.equal(got, expected)

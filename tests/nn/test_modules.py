@@ -172,6 +172,9 @@ def test_memoized_kernel_follows_weight_changes(spec):
         assert torch.equal(layer(x), dispatch.linear(x, layer.qweight, layer.bias))
         layer.bias = nn.Parameter(torch.ones(64))
         assert torch.equal(layer(x), dispatch.linear(x, layer.qweight, layer.bias))
+        layer(x)
+        layer.bias.data = torch.full((64,), 2.0)  # the parameter's storage swapped
+        assert torch.equal(layer(x), dispatch.linear(x, layer.qweight, layer.bias))
 
 
 def test_weights_made_in_inference_mode_and_in_place_qparam_edits():

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.packing import pack
 from lowbit.kernels.dispatch import Kernel, reference_linear, register_kernel, weight_version
-from lowbit.kernels.native import NativeLibrary, output_allocator
+from lowbit.kernels.native import NativeLibrary, output_allocator, step_rows
 from lowbit.quant.maps import code_values, qrange, symmetric_zero
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -915,8 +915,9 @@ def bind_cpu_linear(
     get_threads = torch.get_num_threads
     args = GemvArgs(K=k_in, N=n_out, G=n_groups)
     args_at = ctypes.addressof(args)
-    # [versions, held tensors, pointers, whether to defer to the reference]
-    layout: list = [None, None, None, False]
+    # [versions, held tensors, pointers, whether to defer to the reference, the bias args.B
+    # points to]
+    layout: list = [None, None, None, False, None]
 
     def build(versions: list[int]) -> None:
         nonlocal b
@@ -926,7 +927,7 @@ def bind_cpu_linear(
         # the struct first: a concurrent call that sees the new versions finds its pointers
         args.P, args.S, args.ZS, args.T, args.TR, args.TG = pointers
         args.B = None if b is None else b.data_ptr()
-        layout[:] = [versions, held, pointers, nonfinite_codes(qt, cache)]
+        layout[:] = [versions, held, pointers, nonfinite_codes(qt, cache), b]
 
     # The kernel reads the codes in place (unless regrouped, or fp8, whose codes are checked
     # for inf / NaN patterns) but copies of the other tensors: follow their in-place edits
@@ -953,19 +954,19 @@ def bind_cpu_linear(
                 build(versions)
         return not layout[3]
 
-    def raw_step(m: int) -> Callable[[int, int], int] | None:
-        """``(x pointer, y pointer) -> status`` for ``m`` contiguous float32 rows (nonzero: run
-        the checked call instead), resolved now: the weight's layout as it is and torch's
-        thread count, none of run's checks; None where this weight takes another path. After
-        an in-place edit of the weight or a thread-count change, get it again (the Decoder
-        does at each generate)."""
+    def raw_step(out: torch.Tensor) -> Callable[[int], int] | None:
+        """``x pointer -> status`` writing ``x @ W^T + b`` into ``out`` (the caller's buffer,
+        ``[..., N]`` contiguous float32 CPU, kept alive) for an x of out's rows (contiguous
+        float32; nonzero status: run the checked call instead), resolved now: the weight's
+        layout as it is and torch's thread count, none of run's checks; None where this weight
+        or out takes another path. After an in-place edit of the weight or a thread-count
+        change, get it again (the Decoder does at each generate)."""
+        m = step_rows(out, n_out)
         if not native() or layout[1][-1] is not None or not 0 < m <= max_rows:
             return None
-        threads = get_threads()
-        # args is updated in place by a rebuild; the default argument keeps it and the
-        # tensors it points to now alive
-        return lambda x_ptr, y_ptr, _keep=(args, layout[1]): gemv(x_ptr, y_ptr, m, args_at,
-                                                                  threads)
+        threads, out_at = get_threads(), out.data_ptr()
+        # a rebuild updates args in place (and layout, which holds what it points to)
+        return lambda x_ptr, _keep=(args, layout, out): gemv(x_ptr, out_at, m, args_at, threads)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # the common case first, with as few torch calls as possible: a small layer's whole
@@ -1015,7 +1016,7 @@ def bind_cpu_linear(
             y += b
         return y
 
-    run.held = layout  # the tensors behind the pointers live as long as run (b: its closure)
+    run.held = layout  # the tensors behind the pointers live as long as run
     run.raw_step = raw_step
     return run
 
@@ -1025,7 +1026,7 @@ def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, cache: dict) -> torch
     ``[*ids.shape, K]`` float32, dequantized by the kernel library from the stored codes, bit
     for bit ``qt.dequantize()[ids]``; None where it cannot (spec, device, dtypes, group index,
     library unavailable): use the torch path then. The lookup is bound once per weight in
-    ``cache`` (a decode step's single-token lookup: ~70 -> ~15 us, one-off)."""
+    ``cache`` (a decode step's single-token lookup: ~70 -> ~26 us, one-off)."""
     entry = cache.get("embedding_rows")
     if entry is None or entry[0] is not qt:
         entry = cache["embedding_rows"] = (qt, bind_embedding_rows(qt, cache))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lowbit.kernels import int8
 from lowbit.kernels.cpu_avx2 import ACTIVATION_DTYPES, group_order, whole_groups
 from lowbit.kernels.dispatch import Kernel, register_kernel, weight_version
-from lowbit.kernels.native import NativeLibrary, output_allocator
+from lowbit.kernels.native import NativeLibrary, output_allocator, step_rows
 from lowbit.quant.maps import check_finite, qrange
 from lowbit.tensor import QuantizedTensor
 
@@ -339,7 +339,8 @@ def bind_activation_kernel(
     tracked = [t for t in qt.stored_tensors().values() if not t.is_inference()]
     if bias is not None and b is not bias and not bias.is_inference():
         tracked.append(bias)  # a half-precision bias: its float32 copy follows edits too
-    state: list = []  # versions, held, pointers, column order (a group index's), the call
+    # versions, held, pointers, column order (a group index's), the call, the bias it reads
+    state: list = []
 
     def build(versions: list[int]) -> None:
         nonlocal b
@@ -347,7 +348,12 @@ def bind_activation_kernel(
             b = bias.float().contiguous()
         held, pointers = prepare(qt, cache)
         call = make_call(pointers, None if b is None else b.data_ptr())
-        state[:] = [versions, held, pointers, group_order(qt), call]
+        if state:  # a rebuild: the new arguments into the struct that calls already read
+            old = state[4]
+            ctypes.memmove(ctypes.addressof(old.args), ctypes.addressof(call.args),
+                           ctypes.sizeof(call.args))
+            call = old
+        state[:] = [versions, held, pointers, group_order(qt), call, b]
 
     build([t._version for t in tracked])
     float32, cpu = torch.float32, torch.device("cpu")
@@ -391,17 +397,17 @@ def bind_activation_kernel(
                 build(versions)
         return True
 
-    def raw_step(m: int) -> Callable[[int, int], int] | None:
-        """As cpu_avx2's: ``(x pointer, y pointer) -> status`` for ``m`` contiguous float32
-        rows, resolved now (status 1: non-finite input, 2: allocation failure; run the checked
-        call then); None where this weight takes another path. Stale after an in-place edit of
-        the weight (its layout is rebuilt at the next call): get it again."""
+    def raw_step(out: torch.Tensor) -> Callable[[int], int] | None:
+        """As cpu_avx2's: ``x pointer -> status`` into ``out`` (status 1: non-finite input, 2:
+        allocation failure; run the checked call then), resolved now; None where this weight or
+        out takes another path."""
+        m = step_rows(out, n_out)
         if not m or (handover is not None and handover(m)) or not current() or (
                 state[3] is not None):
             return None
-        return state[4].fixed(m, torch.get_num_threads(), state[1])
+        return state[4].fixed(out, m, torch.get_num_threads(), state)
 
-    run.held = state  # the tensors behind the pointers live as long as run (b: its closure)
+    run.held = state  # the tensors behind the pointers live as long as run
     run.raw_step = raw_step
     return run
 
@@ -415,10 +421,12 @@ def struct_call(entry: Callable, args: ctypes.Structure) -> NativeCall:
     def call(x_ptr: int, y_ptr: int, m: int) -> int:
         return entry(x_ptr, y_ptr, m, at, get_threads())
 
-    def fixed(m: int, threads: int, held: tuple) -> Callable[[int, int], int]:
-        """``(x_ptr, y_ptr) -> status`` for ``m`` rows on ``threads`` threads, keeping ``args``
-        and the ``held`` tensors they point to alive (a default argument: free to pass)."""
-        return lambda x_ptr, y_ptr, _keep=(args, held): entry(x_ptr, y_ptr, m, at, threads)
+    def fixed(out: torch.Tensor, m: int, threads: int, held: object) -> Callable[[int], int]:
+        """``x_ptr -> status`` into ``out`` for ``m`` rows on ``threads`` threads, keeping
+        ``args``, ``out`` and ``held`` (what the arguments point to) alive: a default argument,
+        free to pass."""
+        out_at = out.data_ptr()
+        return lambda x_ptr, _keep=(args, out, held): entry(x_ptr, out_at, m, at, threads)
 
     call.args, call.fixed = args, fixed
     return call

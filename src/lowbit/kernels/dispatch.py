@@ -135,16 +135,19 @@ def linear(
 
 def _environ_reader(name: str) -> Callable[[], str | None]:
     """``() -> os.environ.get(name)`` in ~0.1 us instead of ~1.3 (it runs on every quantized
-    Linear call): CPython's os.environ keeps its encoded entries in ``_data``; elsewhere the
-    plain lookup."""
-    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    Linear call): CPython's os.environ keeps its encoded entries in ``_data``; the plain lookup
+    elsewhere, or once ``os.environ`` was replaced by another mapping."""
+    environ = os.environ
+    data, encode = getattr(environ, "_data", None), getattr(environ, "encodekey", None)
     if not isinstance(data, dict) or encode is None:
         return lambda: os.environ.get(name)
     key = encode(name)
 
     def read() -> str | None:
+        if os.environ is not environ:
+            return os.environ.get(name)
         value = data.get(key)
-        return None if value is None else os.environ.decodevalue(value)
+        return None if value is None else environ.decodevalue(value)
 
     return read
 
@@ -165,8 +168,11 @@ def bound_linear(
     key = ("bound", x.device, x.dtype, x.shape[-1] if x.dim() else 0,
            x.requires_grad and torch.is_grad_enabled(), forced, _registry_version)
     entry = cache.get(key)
-    if entry is None or entry[1] is not qt or entry[2] is not bias:  # one slot per input kind
-        entry = cache[key] = (select_kernel(qt, x, forced).bound(qt, bias, cache), qt, bias)
+    bias_at = None if bias is None else bias.data_ptr()  # (a .data swap moves a Parameter)
+    if entry is None or entry[1] is not qt or entry[2] is not bias or entry[3] != bias_at:
+        # one slot per input kind
+        entry = cache[key] = (select_kernel(qt, x, forced).bound(qt, bias, cache), qt, bias,
+                              bias_at)
     return entry[0]
 
 

@@ -122,3 +122,12 @@ def output_allocator(n_out: int) -> Callable[[tuple[int, ...]], torch.Tensor]:
 
 
 TEMPLATE_MAX_ELEMENTS = 1 << 16  # 256 KiB of float32: decode-sized outputs
+
+
+def step_rows(out: torch.Tensor, n_out: int) -> int:
+    """The rows m of a caller's output buffer for a bound kernel's ``raw_step``: a contiguous
+    float32 CPU tensor of m * n_out elements (m >= 1); 0 for anything else."""
+    if (out.dtype != torch.float32 or not out.is_cpu or not out.is_contiguous()
+            or out.dim() == 0 or out.shape[-1] != n_out):
+        return 0
+    return out.numel() // n_out

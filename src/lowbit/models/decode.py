@@ -148,21 +148,25 @@ class Decoder:
         self.scaling = getattr(first.self_attn, "scaling", self.head_dim**-0.5)
 
         x_hidden = torch.zeros(1, hidden, dtype=dtype, device=device)
+        x_attn = torch.zeros(1, self.n_heads * self.head_dim, dtype=dtype, device=device)
         x_mlp = torch.zeros(1, config.intermediate_size, dtype=dtype, device=device)
+        self.fused = cpu_decode.available(x_hidden) if fused is None else fused
+        if self.fused and not cpu_decode.available(x_hidden):
+            raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
+                             f"model is {dtype} on {device}")
         self.blocks: list[_Block] = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                       mlp.up_proj, mlp.down_proj)
+            examples = (x_hidden, x_hidden, x_hidden, x_attn, x_hidden, x_hidden, x_mlp)
+            linears = [bind_linear(m, x) for m, x in zip(modules, examples, strict=True)]
             self.blocks.append(_Block(
-                attn_norm=layer.input_layernorm.weight,
-                q=bind_linear(attn.q_proj, x_hidden),
-                k=bind_linear(attn.k_proj, x_hidden),
-                v=bind_linear(attn.v_proj, x_hidden),
-                o=bind_linear(attn.o_proj, torch.zeros(1, self.n_heads * self.head_dim,
-                                                       dtype=dtype, device=device)),
-                mlp_norm=layer.post_attention_layernorm.weight,
-                gate=bind_linear(mlp.gate_proj, x_hidden),
-                up=bind_linear(mlp.up_proj, x_hidden),
-                down=bind_linear(mlp.down_proj, x_mlp),
+                layer.input_layernorm.weight, *linears[:4], layer.post_attention_layernorm.weight,
+                *linears[4:],
+                # a fused step's output buffers (raw_step checks each against its kernel)
+                step_out=tuple(torch.empty(batch, 1, m.out_features, dtype=dtype,
+                                           device=device) for m in modules) if self.fused else (),
             ))
         self.embed = base.embed_tokens
         self.final_norm = base.norm.weight
@@ -178,10 +182,6 @@ class Decoder:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.k_layers, self.v_layers = list(self.k_cache), list(self.v_cache)  # views
-        self.fused = cpu_decode.available(x_hidden) if fused is None else fused
-        if self.fused and not cpu_decode.available(x_hidden):
-            raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
-                             f"model is {dtype} on {device}")
         self._scratch = torch.empty(max_len, dtype=torch.float32, device=device)
         self.final_norm_op = None
         if self.fused:
@@ -194,20 +194,21 @@ class Decoder:
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
                                                               self._scratch)
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
-            for blk, layer in zip(self.blocks, base.layers, strict=True):
-                attn, mlp = layer.self_attn, layer.mlp
-                blk.step_out = tuple(
-                    torch.empty(batch, 1, module.out_features, dtype=dtype, device=device)
-                    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                   mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-            self.refresh()
+            self._resolve_steps()
         self._bound_to = _binding_key(model)
 
     def refresh(self) -> None:
-        """Resolve the decode step's kernel entries again, for the weights (edited in place)
-        and torch's thread count as they are now; :meth:`generate` does it itself."""
-        if not self.fused:
-            return
+        """Bind the model again if its modules or tensors were replaced or moved since (caches
+        included), else resolve the decode step's kernel entries again, for weights edited in
+        place and torch's thread count as they are now. :meth:`generate` does it itself; a
+        loop of your own over :meth:`forward` calls it after such changes."""
+        if _binding_key(self.model) != self._bound_to:  # bound pointers would be stale
+            with torch.inference_mode(False):  # caches usable outside generate, as built
+                self._build(self.model, self.batch, self.max_len, self._fused_arg)
+        elif self.fused:
+            self._resolve_steps()
+
+    def _resolve_steps(self) -> None:
         for blk in self.blocks:
             blk.step = tuple(_step_linear(linear, out)
                              for linear, out in zip(blk.linears(), blk.step_out, strict=True))
@@ -362,11 +363,7 @@ class Decoder:
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k}; must be >= 1 (or None)")
         pad = None if attention_mask is None else _left_padding(attention_mask, input_ids)
-        if _binding_key(self.model) != self._bound_to:  # bound pointers would be stale
-            with torch.inference_mode(False):  # caches usable outside generate, as built
-                self._build(self.model, self.batch, self.max_len, self._fused_arg)
-        else:
-            self.refresh()  # in-place weight edits, thread count
+        self.refresh()
         ids = input_ids.to(self.device)
         if pad is not None:
             pad = pad.to(self.device)
@@ -405,13 +402,12 @@ def _step_linear(linear: Linear, out: torch.Tensor) -> Linear:
     more, ~15% of a w4g128 step of the 19M fixture (one-off); the step's outputs are consumed
     before the layer runs again."""
     raw_step = getattr(linear, "raw_step", None)
-    raw = None if raw_step is None else raw_step(out.shape[0])
+    raw = None if raw_step is None else raw_step(out)
     if raw is None:
         return linear
-    out_ptr = out.data_ptr()
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        if raw(x.data_ptr(), out_ptr):
+        if raw(x.data_ptr()):
             return linear(x)  # an error status: the checked call raises it
         return out
 

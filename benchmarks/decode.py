@@ -28,6 +28,7 @@ from _machine import machine_line
 
 import lowbit
 from lowbit.kernels import select_kernel
+from lowbit.models.decode import STEP_LINEARS
 from lowbit.nn.modules import QuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,18 @@ def without_linears(model, batch: int, max_len: int) -> lowbit.Decoder:
     Python)."""
     decoder = lowbit.Decoder(model, batch, max_len)
     for block in decoder.blocks:
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        for name in STEP_LINEARS:
             setattr(block, name, memoized(getattr(block, name)))
     decoder.lm_head = memoized(decoder.lm_head)
+    resolve = decoder._resolve_steps
+
+    def resolve_without_linears() -> None:  # the fused step's Linears: calls that do nothing
+        resolve()
+        idle = dict.fromkeys(STEP_LINEARS, lambda: None)
+        decoder._program = [layer._replace(**idle) for layer in decoder._program]
+
+    decoder._resolve_steps = resolve_without_linears
+    resolve_without_linears()
     return decoder
 
 

@@ -185,3 +185,47 @@ def test_bound_norm_follows_a_weight_whose_storage_moved():
     x = torch.randn(2, 16)
     w.data = torch.randn(16) * 3
     assert torch.equal(norm(x), cpu_decode.rms_norm(x, w.detach(), 1e-5))
+
+
+def test_step_forms_equal_the_bound_ops_and_refuse_buffers_that_do_not_fit():
+    """The Decoder's step forms (buffers checked once, then calls with integers only) compute
+    what the bound ops compute, bit for bit, left padding included; slots and lengths outside
+    the caches are refused."""
+    torch.manual_seed(5)
+    batch, nh, nkv, hd, cache_len, start = 2, 4, 2, 16, 10, 6
+    pad = torch.tensor([0, 3])
+    w = torch.randn(nh * hd)
+    norm = cpu_decode.bind_rms_norm(w, 1e-5)
+    h, delta, out = torch.randn(batch, 1, nh * hd), torch.randn(batch, 1, nh * hd), \
+        torch.empty(batch, 1, nh * hd)
+    h2 = h.clone()
+    norm.step(h, out)()
+    assert torch.equal(out, norm(h))
+    norm.step(h, out, delta)()
+    assert torch.equal(out, norm.add(h2, delta)) and torch.equal(h, h2)
+
+    angles = torch.rand(cache_len, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k, v = (torch.randn(batch, 1, n * hd) for n in (nh, nkv, nkv))
+    caches = [torch.randn(batch, nkv, cache_len, hd) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    q2 = q.clone()
+    cpu_decode.bind_rope_kv(cos, sin, caches[0], caches[1], nh, nkv)(q, k, v, start, pad)
+    rope = cpu_decode.bind_rope_kv(cos, sin, caches[2], caches[3], nh, nkv)
+    rope.step(q2, k, v)(start, pad.data_ptr())
+    assert torch.equal(q2, q) and torch.equal(caches[2], caches[0])
+    assert torch.equal(caches[3], caches[1])
+    with pytest.raises(ValueError, match="outside the caches"):
+        rope.step(q2, k, v)(cache_len, None)
+    with pytest.raises(ValueError, match="rope_kv step: k"):
+        rope.step(q2, torch.randn(batch, 1, nh * hd), v)
+
+    scratch = torch.empty(cache_len)
+    attend = cpu_decode.bind_decode_attention(caches[0], caches[1], 0.25, scratch)
+    attended = torch.empty_like(q)
+    attend.step(q, attended, nh)(start + 1, pad.data_ptr())
+    assert torch.equal(attended, attend(q, start + 1, pad))
+    with pytest.raises(ValueError, match=r"length 11 outside \(0, 10\]"):
+        attend.step(q, attended, nh)(cache_len + 1, None)
+    with pytest.raises(ValueError, match="decode_attention step: out"):
+        attend.step(q, torch.empty(batch, 1, nkv * hd), nh)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import lowbit  # noqa: E402
 from lowbit.kernels import cpu_decode  # noqa: E402
-from lowbit.models.decode import Decoder, generate  # noqa: E402
+from lowbit.models.decode import STEP_LINEARS, Decoder, generate  # noqa: E402
 
 LLAMA_3M = Path(__file__).resolve().parents[3] / "shared" / "models" / "llama-3m-shakespeare-mix"
 
@@ -322,14 +322,15 @@ def test_fused_steps_call_the_raw_kernel_entries_and_see_in_place_edits(monkeypa
     model = lowbit.quantize(_tiny("llama"), scheme)
     ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(7))
     decoder = Decoder(model, 2, 20, fused=True)
-    for blk in decoder.blocks:
-        assert all(step is not linear for step, linear in zip(blk.step, blk.linears(),
-                                                                  strict=True))
-    monkeypatch.setattr("lowbit.models.decode._step_linear", lambda linear, out: linear)
-    checked = Decoder(model, 2, 20, fused=True)
-    monkeypatch.undo()
+    for layer in decoder._program:
+        assert all(getattr(layer, name).__name__ == "native" for name in STEP_LINEARS)
     first = decoder.generate(ids, 12)
+    monkeypatch.setattr("lowbit.models.decode._step_linear",
+                        lambda module, linear, x, out: lambda: out.copy_(linear(x)))
+    checked = Decoder(model, 2, 20, fused=True)
     assert torch.equal(first, checked.generate(ids, 12))
+    assert checked._program[0][0].__name__ == "<lambda>"  # the checked calls ran
+    monkeypatch.undo()
 
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight_scale.mul_(-3)

@@ -14,6 +14,7 @@ False and the Decoder uses torch ops.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
@@ -240,6 +241,14 @@ def _dense(name: str, t: torch.Tensor, numel: int) -> None:
                          f"elements; got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+def _rows(name: str, x: torch.Tensor, width: int) -> int:
+    """Rows of width ``width`` in a contiguous float32 CPU ``x``."""
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise ValueError(f"{name}: {tuple(x.shape)} is not [..., {width}]")
+    _dense(name, x, x.numel())
+    return x.numel() // width
+
+
 def _pad_pointer(pad: torch.Tensor, batch: int) -> int:
     """The address of per-row left-padding counts: contiguous int64 CPU ``[batch]``."""
     if pad.dtype != torch.int64 or pad.shape != (batch,) or not pad.is_contiguous() or \
@@ -278,7 +287,22 @@ def bind_rms_norm(weight: torch.Tensor, eps: float) -> Callable[[torch.Tensor], 
                  numel // width, width, eps)
         return out
 
-    run.add = add
+    def step(x: torch.Tensor, out: torch.Tensor,
+             residual: torch.Tensor | None = None) -> Callable[[], None]:
+        """A zero-argument call for the Decoder's step buffers: ``out = RMSNorm(x) * weight``,
+        after ``x += residual`` when ``residual`` is given (as :func:`add`); the buffers are
+        checked now (the caller keeps them alive), the weight's address read now (bind again
+        after it moves)."""
+        rows = _rows("rms_norm step: x", x, width)
+        _dense("rms_norm step: out", out, x.numel())
+        if residual is None:
+            return functools.partial(norm, x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows,
+                                     width, eps)
+        _dense("rms_norm step: residual", residual, x.numel())
+        return functools.partial(add_norm, x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                 out.data_ptr(), rows, width, eps)
+
+    run.add, run.step = add, step
     run.held = weight
     return run
 
@@ -316,6 +340,24 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
            None if pad is None else _pad_pointer(pad, b), b, t, n_heads, n_kv, hd, cache_len,
            start, start)
 
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[int, int | None],
+                                                                             None]:
+        """``(start, pad pointer or None) -> None``: :func:`run` for one token per row on the
+        Decoder's step buffers ``q, k, v [batch, 1, width]``, checked now and kept."""
+        _dense("rope_kv step: q", q, batch * q_width)
+        _dense("rope_kv step: k", k, batch * kv_width)
+        _dense("rope_kv step: v", v, batch * kv_width)
+        q_at, k_at, v_at = q.data_ptr(), k.data_ptr(), v.data_ptr()
+
+        def call(start: int, pad_at: int | None, _keep=(q, k, v)) -> None:
+            if not 0 <= start < cache_len:
+                raise ValueError(f"rope_kv step: slot {start} outside the caches of {cache_len}")
+            fn(q_at, k_at, v_at, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad_at, batch, 1, n_heads,
+               n_kv, hd, cache_len, start, start)
+
+        return call
+
+    run.step = step
     run.held = (cos, signed_sin, k_cache, v_cache)
     return run
 
@@ -350,5 +392,25 @@ def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: f
            cache_len, length, scale)
         return out
 
+    def step(q: torch.Tensor, out: torch.Tensor, n_heads: int) -> Callable[[int, int | None],
+                                                                          None]:
+        """``(length, pad pointer or None) -> None``: :func:`run` from the Decoder's step
+        buffer ``q [batch, 1, n_heads * hd]`` into ``out`` (same shape), checked now and kept."""
+        if n_heads < n_kv or n_heads % n_kv:
+            raise ValueError(f"decode_attention step: {n_heads} heads for {n_kv} kv heads")
+        _dense("decode_attention step: q", q, batch * n_heads * hd)
+        _dense("decode_attention step: out", out, batch * n_heads * hd)
+        q_at, out_at = q.data_ptr(), out.data_ptr()
+
+        def call(length: int, pad_at: int | None, _keep=(q, out)) -> None:
+            if not 0 < length <= longest:
+                raise ValueError(f"decode_attention step: length {length} outside (0, "
+                                 f"{longest}]")
+            fn(q_at, kc_ptr, vc_ptr, out_at, s_ptr, pad_at, batch, n_heads, n_kv, hd, cache_len,
+               length, scale)
+
+        return call
+
+    run.step = step
     run.held = (k_cache, v_cache, scratch)
     return run

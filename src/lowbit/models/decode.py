@@ -4,11 +4,15 @@ Linear bound to its kernel once.
 transformers' ``generate`` spends most of a small model's step in Python (cache objects, masks,
 logits processors, one ``nn.Module.__call__`` per layer): on the 19M-parameter fixture LM on
 this project's CPU that is about half of the step, which hides whatever the weight format saves.
-:class:`Decoder` runs the same modules' weights with about 25 tensor ops per layer:
+:class:`Decoder` runs the same modules' weights with a few calls per layer:
 
 - each Linear becomes a bound callable once (``F.linear`` on its weight for ``nn.Linear``; the
   kernel lowbit's dispatch picks, resolved for this input kind, for ``QuantLinear``), so fp32 and
   quantized models get the same treatment and compare fairly;
+- on CPU float32 a one-token step is a program of twelve calls per layer over fixed buffers
+  (:class:`StepLayer`): the Linears write into them (torch's GEMM with ``out=`` for float
+  weights, lowbit's kernels through their raw C entries), RMSNorm with the residual add, rotary
+  + cache write and attention are one C call each, SiLU x up two in-place torch ops;
 - keys and values go into a preallocated cache ``[layers, batch, kv_heads, max_len, head_dim]``;
 - rotary tables come from the model's own ``rotary_emb``, computed once for ``max_len``
   positions (so rope types whose tables depend on the sequence length, dynamic NTK and
@@ -23,8 +27,10 @@ measured on a GPU).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +74,31 @@ class _Block:
     mlp_norm_op: Callable | None = None
     rope: Callable | None = None
     attend: Callable | None = None
-    # q .. down for a decode step's inputs (see _step_linear) and their output buffers
-    step: tuple[Linear, ...] = ()
-    step_out: tuple[torch.Tensor, ...] = ()
+    modules: tuple[nn.Module, ...] = ()  # q_proj .. down_proj
 
     def linears(self) -> tuple[Linear, ...]:
         return self.q, self.k, self.v, self.o, self.gate, self.up, self.down
+
+
+class StepLayer(NamedTuple):
+    """One layer of a fused one-token step (:meth:`Decoder._resolve_steps`): calls on the
+    Decoder's step buffers, in this order."""
+
+    q: Callable[[], None]
+    k: Callable[[], None]
+    v: Callable[[], None]
+    rope: Callable[[int, int | None], None]  # (slot, pad pointer)
+    attend: Callable[[int, int | None], None]  # (length, pad pointer)
+    o: Callable[[], None]
+    mlp_norm: Callable[[], None]  # h += o; r = norm(h)
+    gate: Callable[[], None]
+    up: Callable[[], None]
+    act: Callable[[], None]  # g = silu(g) * u
+    down: Callable[[], None]
+    after: Callable[[], None]  # h += d; r = the next norm of h
+
+
+STEP_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # StepLayer's Linear calls
 
 
 def _rope_type(config) -> str:
@@ -163,10 +188,7 @@ class Decoder:
             linears = [bind_linear(m, x) for m, x in zip(modules, examples, strict=True)]
             self.blocks.append(_Block(
                 layer.input_layernorm.weight, *linears[:4], layer.post_attention_layernorm.weight,
-                *linears[4:],
-                # a fused step's output buffers (raw_step checks each against its kernel)
-                step_out=tuple(torch.empty(batch, 1, m.out_features, dtype=dtype,
-                                           device=device) for m in modules) if self.fused else (),
+                *linears[4:], modules=modules,
             ))
         self.embed = base.embed_tokens
         self.final_norm = base.norm.weight
@@ -194,6 +216,12 @@ class Decoder:
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
                                                               self._scratch)
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
+            widths = {"h": hidden, "r": hidden, "q": self.n_heads * self.head_dim,
+                      "k": self.n_kv * self.head_dim, "v": self.n_kv * self.head_dim,
+                      "a": self.n_heads * self.head_dim, "o": hidden,
+                      "g": config.intermediate_size, "u": config.intermediate_size, "d": hidden}
+            self._step_buffers = {name: torch.zeros(batch, 1, width, dtype=dtype, device=device)
+                                  for name, width in widths.items()}
             self._resolve_steps()
         self._bound_to = _binding_key(model)
 
@@ -209,9 +237,49 @@ class Decoder:
             self._resolve_steps()
 
     def _resolve_steps(self) -> None:
-        for blk in self.blocks:
-            blk.step = tuple(_step_linear(linear, out)
-                             for linear, out in zip(blk.linears(), blk.step_out, strict=True))
+        """The fused one-token step as a program over fixed buffers (``_step_buffers``): per
+        layer a tuple of calls with every tensor bound, the Linears through their kernels' raw
+        entries where they have them, resolved for the weights and thread count as they are."""
+        buf = self._step_buffers
+        h, r, q, k, v, a, o, g, u, d = buf.values()
+        program = []
+        for i, blk in enumerate(self.blocks):
+            after = (self.blocks[i + 1].attn_norm_op if i + 1 < len(self.blocks)
+                     else self.final_norm_op)
+            linear = [_step_linear(module, fn, x, out) for module, fn, x, out in zip(
+                blk.modules, blk.linears(), (r, r, r, a, r, r, g), (q, k, v, o, g, u, d),
+                strict=True)]
+            program.append(StepLayer(
+                *linear[:3], blk.rope.step(q, k, v), blk.attend.step(q, a, self.n_heads),
+                linear[3], blk.mlp_norm_op.step(h, r, o), *linear[4:6],
+                functools.partial(_silu_times, g, u), linear[6], after.step(h, r, d),
+            ))
+        self._program = program
+        self._first_norm = self.blocks[0].attn_norm_op.step(h, r)
+
+    def _step(self, embedded: torch.Tensor, start: int,
+              pad: torch.Tensor | None) -> torch.Tensor:
+        """The fused :meth:`forward` of one token per row from its embedding ``[B, 1,
+        hidden]`` (``pad``: contiguous int64 counts, or None)."""
+        buf = self._step_buffers
+        buf["h"].copy_(embedded)
+        pad_at = None if pad is None else pad.data_ptr()
+        end = start + 1
+        self._first_norm()
+        for q, k, v, rope, attend, o, mlp_norm, gate, up, act, down, after in self._program:
+            q()
+            k()
+            v()
+            rope(start, pad_at)
+            attend(end, pad_at)
+            o()
+            mlp_norm()
+            gate()
+            up()
+            act()
+            down()
+            after()
+        return self.lm_head(buf["r"][:, -1])
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -263,6 +331,8 @@ class Decoder:
                 pad = pad.long().contiguous()  # the C ops read int64 counts
                 if length > 1:  # (one token: the ops skip the padding themselves)
                     causal = _padding_mask(pad, start, end)
+            if length == 1:
+                return self._step(h, start, pad)
             return self.lm_head(self._fused_layers(h.contiguous(), start, causal, pad)[:, -1])
         if pad is not None:
             cos, sin, causal = self._padded(pad, start, end)
@@ -299,27 +369,23 @@ class Decoder:
 
     def _fused_layers(self, h: torch.Tensor, start: int, causal: torch.Tensor | None,
                       pad: torch.Tensor | None) -> torch.Tensor:
-        """The blocks through the bound CPU ops, ``h [B, T, hidden]`` updated in place (each
-        residual add fused into the norm after it); returns the final norm of every position.
-        ``pad``: as :meth:`forward`'s, with ``causal`` its mask."""
+        """The blocks of a several-token chunk through the bound CPU ops (attention: SDPA),
+        ``h [B, T, hidden]`` updated in place (each residual add fused into the norm after it);
+        returns the final norm of every position. ``pad``: as :meth:`forward`'s, with
+        ``causal`` its mask."""
         batch, length = h.shape[0], h.shape[1]
         end = start + length
         blocks = self.blocks
         r = blocks[0].attn_norm_op(h)
         for i, (blk, k_cache, v_cache) in enumerate(zip(blocks, self.k_layers, self.v_layers,
                                                         strict=True)):
-            q_proj, k_proj, v_proj, o_proj, gate, up, down = (
-                blk.step if length == 1 else blk.linears())
-            q, k, v = q_proj(r), k_proj(r), v_proj(r)  # [B, T, heads * hd]
+            q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
             blk.rope(q, k, v, start, pad)  # q in place, k and v into the cache
-            if length == 1:
-                a = blk.attend(q, end, pad)
-            else:
-                a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
-                               k_cache, v_cache, end, causal)
-            r = blk.mlp_norm_op.add(h, o_proj(a))
+            a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
+                           k_cache, v_cache, end, causal)
+            r = blk.mlp_norm_op.add(h, blk.o(a))
             after = blocks[i + 1].attn_norm_op if i + 1 < len(blocks) else self.final_norm_op
-            r = after.add(h, down(F.silu(gate(r)) * up(r)))
+            r = after.add(h, blk.down(F.silu(blk.gate(r)) * blk.up(r)))
         return r
 
     @torch.inference_mode()
@@ -395,23 +461,33 @@ class Decoder:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _step_linear(linear: Linear, out: torch.Tensor) -> Linear:
-    """``linear`` for a fused decode step's inputs ``[batch, 1, K]`` (contiguous float32, as
-    the step makes them): where it is one of lowbit's native CPU kernels, through its raw C
-    entry into ``out`` (overwritten at every call), resolved now. A checked call costs ~6-8 us
-    more, ~15% of a w4g128 step of the 19M fixture (one-off); the step's outputs are consumed
-    before the layer runs again."""
+def _step_linear(module: nn.Module, linear: Linear, x: torch.Tensor,
+                 out: torch.Tensor) -> Callable[[], None]:
+    """``out = linear(x)`` on the fused step's buffers as a call without arguments: lowbit's
+    native CPU kernels through their raw C entry (a checked call costs ~6-8 us more, ~15% of a
+    w4g128 step of the 19M fixture, one-off), a float ``nn.Linear`` through torch's GEMM
+    writing into ``out``, anything else computed and copied."""
     raw_step = getattr(linear, "raw_step", None)
     raw = None if raw_step is None else raw_step(out)
-    if raw is None:
-        return linear
+    if raw is not None:
+        x_at = x.data_ptr()
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        if raw(x.data_ptr()):
-            return linear(x)  # an error status: the checked call raises it
-        return out
+        def native() -> None:
+            if raw(x_at):
+                out.copy_(linear(x))  # an error status: the checked call raises it
 
-    return step
+        return native
+    if type(module) is nn.Linear:
+        weight_t, bias = module.weight.t(), module.bias
+        x2, out2 = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if bias is None:
+            return functools.partial(torch.mm, x2, weight_t, out=out2)
+        return functools.partial(torch.addmm, bias, x2, weight_t, out=out2)
+    return lambda: out.copy_(linear(x))
+
+
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> None:
+    F.silu(gate, inplace=True).mul_(up)
 
 
 def _padding_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -195,7 +195,8 @@ def main() -> None:
         "",
         "Where a batch-1 decode step of the Decoder goes (step = (median time of the run - "
         "median time of the prompt's prefill and first token) / (new tokens - 1); rest = the "
-        "same for a Decoder whose bound Linears answer every call after the first from a cache, "
+        "same for a Decoder whose step program's Linear calls do nothing (their buffers keep "
+        "zeros) and whose prefill Linears answer every call after the first from a cache, "
         "timed in the same rounds; Linear = step - rest. The rest runs without the Linears' "
         "weights streaming through the caches, so it is a lower bound):",
         "",

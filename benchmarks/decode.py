@@ -90,8 +90,9 @@ def without_linears(model, batch: int, max_len: int) -> lowbit.Decoder:
         idle = dict.fromkeys(STEP_LINEARS, lambda: None)
         decoder._program = [layer._replace(**idle) for layer in decoder._program]
 
-    decoder._resolve_steps = resolve_without_linears
-    resolve_without_linears()
+    if decoder.fused:
+        decoder._resolve_steps = resolve_without_linears
+        resolve_without_linears()
     return decoder
 
 

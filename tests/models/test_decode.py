@@ -280,6 +280,8 @@ def test_a_failed_rebinding_is_retried_and_caches_stay_usable(fused):
     mlp.up_proj = torch.nn.Identity()
     with pytest.raises(TypeError, match="expected nn.Linear or lowbit QuantLinear"):
         decoder.generate(ids, 4)
+    with pytest.raises(ValueError, match="last binding failed"):  # nothing half-bound runs
+        decoder.forward(ids[:, :1], 6)
     mlp.up_proj = up  # back as it was bound: the half-built Decoder binds again
     assert torch.equal(decoder.generate(ids, 4), expected)
     decoder.forward(ids, 0)  # outside inference_mode: the rebuilt caches are normal tensors
@@ -368,3 +370,19 @@ def test_a_forward_loop_of_ones_own_follows_refresh(fused):
     for got, expected in zip(steps(decoder), steps(Decoder(model, 1, 16, fused=fused)),
                              strict=True):
         assert torch.equal(got, expected)
+
+
+def test_one_token_forward_outside_inference_mode(fused):
+    """A float model whose parameters require gradients, with gradients enabled, and a Decoder
+    built under inference_mode then used outside it: one-token forwards run and match
+    inference_mode's logits."""
+    model = _tiny("llama")
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        built_inside = Decoder(model, 1, 16, fused=fused)
+        expected = [built_inside.forward(ids, 0), built_inside.forward(ids[:, :1], 6)]
+    for decoder, context in ((Decoder(model, 1, 16, fused=fused), torch.enable_grad),
+                             (built_inside, torch.no_grad)):
+        with context():
+            got = [decoder.forward(ids, 0), decoder.forward(ids[:, :1], 6)]
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))

@@ -14,7 +14,6 @@ False and the Decoder uses torch ops.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 
 import torch
@@ -291,16 +290,22 @@ def bind_rms_norm(weight: torch.Tensor, eps: float) -> Callable[[torch.Tensor], 
              residual: torch.Tensor | None = None) -> Callable[[], None]:
         """A zero-argument call for the Decoder's step buffers: ``out = RMSNorm(x) * weight``,
         after ``x += residual`` when ``residual`` is given (as :func:`add`); the buffers are
-        checked now (the caller keeps them alive), the weight's address read now (bind again
-        after it moves)."""
+        checked now and kept, the weight's address read per call (as :func:`run`'s)."""
         rows = _rows("rms_norm step: x", x, width)
         _dense("rms_norm step: out", out, x.numel())
+        x_at, out_at = x.data_ptr(), out.data_ptr()
         if residual is None:
-            return functools.partial(norm, x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows,
-                                     width, eps)
+            def call(_keep=(x, out)) -> None:
+                norm(x_at, weight.data_ptr(), out_at, rows, width, eps)
+
+            return call
         _dense("rms_norm step: residual", residual, x.numel())
-        return functools.partial(add_norm, x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
-                                 out.data_ptr(), rows, width, eps)
+        residual_at = residual.data_ptr()
+
+        def call_add(_keep=(x, out, residual)) -> None:
+            add_norm(x_at, residual_at, weight.data_ptr(), out_at, rows, width, eps)
+
+        return call_add
 
     run.add, run.step = add, step
     run.held = weight
@@ -349,7 +354,7 @@ def bind_rope_kv(cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Ten
         _dense("rope_kv step: v", v, batch * kv_width)
         q_at, k_at, v_at = q.data_ptr(), k.data_ptr(), v.data_ptr()
 
-        def call(start: int, pad_at: int | None, _keep=(q, k, v)) -> None:
+        def call(start: int, pad_at: int | None, _keep=(q, k, v, run.held)) -> None:
             if not 0 <= start < cache_len:
                 raise ValueError(f"rope_kv step: slot {start} outside the caches of {cache_len}")
             fn(q_at, k_at, v_at, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad_at, batch, 1, n_heads,
@@ -402,7 +407,7 @@ def bind_decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, scale: f
         _dense("decode_attention step: out", out, batch * n_heads * hd)
         q_at, out_at = q.data_ptr(), out.data_ptr()
 
-        def call(length: int, pad_at: int | None, _keep=(q, out)) -> None:
+        def call(length: int, pad_at: int | None, _keep=(q, out, run.held)) -> None:
             if not 0 < length <= longest:
                 raise ValueError(f"decode_attention step: length {length} outside (0, "
                                  f"{longest}]")

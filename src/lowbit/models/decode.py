@@ -143,13 +143,15 @@ class Decoder:
     def __init__(
         self, model: nn.Module, batch: int, max_len: int, *, fused: bool | None = None
     ) -> None:
-        self._build(model, batch, max_len, fused)
+        with torch.inference_mode(False):  # its tensors usable in and outside inference_mode
+            self._build(model, batch, max_len, fused)
 
     def _build(self, model: nn.Module, batch: int, max_len: int, fused: bool | None) -> None:
         # unbound until the end (a failure part way leaves it to be built again), and the old
         # caches dropped before the new ones are allocated
         self._bound_to = None
         self.k_cache = self.v_cache = self.k_layers = self.v_layers = None
+        self._program = self._step_buffers = self.final_norm_op = None
         _check_supported(model, max_len)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch={batch}, max_len={max_len}; need batch >= 1, max_len >= 2")
@@ -195,7 +197,7 @@ class Decoder:
         self.lm_head = bind_linear(model.lm_head, x_hidden)
 
         positions = torch.arange(max_len, device=device)[None]
-        with torch.inference_mode():
+        with torch.no_grad():
             cos, sin = base.rotary_emb(x_hidden[None], positions)
         half = self.head_dim // 2
         self.cos = cos[0].to(dtype)  # [max_len, head_dim]
@@ -231,7 +233,7 @@ class Decoder:
         place and torch's thread count as they are now. :meth:`generate` does it itself; a
         loop of your own over :meth:`forward` calls it after such changes."""
         if _binding_key(self.model) != self._bound_to:  # bound pointers would be stale
-            with torch.inference_mode(False):  # caches usable outside generate, as built
+            with torch.inference_mode(False):  # as __init__
                 self._build(self.model, self.batch, self.max_len, self._fused_arg)
         elif self.fused:
             self._resolve_steps()
@@ -241,7 +243,8 @@ class Decoder:
         layer a tuple of calls with every tensor bound, the Linears through their kernels' raw
         entries where they have them, resolved for the weights and thread count as they are."""
         buf = self._step_buffers
-        h, r, q, k, v, a, o, g, u, d = buf.values()
+        h, r, a, g, u = buf["h"], buf["r"], buf["a"], buf["g"], buf["u"]
+        q, k, v, o, d = buf["q"], buf["k"], buf["v"], buf["o"], buf["d"]
         program = []
         for i, blk in enumerate(self.blocks):
             after = (self.blocks[i + 1].attn_norm_op if i + 1 < len(self.blocks)
@@ -262,7 +265,7 @@ class Decoder:
         """The fused :meth:`forward` of one token per row from its embedding ``[B, 1,
         hidden]`` (``pad``: contiguous int64 counts, or None)."""
         buf = self._step_buffers
-        buf["h"].copy_(embedded)
+        buf["h"].copy_(embedded.detach())
         pad_at = None if pad is None else pad.data_ptr()
         end = start + 1
         self._first_norm()
@@ -306,12 +309,16 @@ class Decoder:
         1..]`` (3 ops, not 7)."""
         return torch.addcmul(t * cos, t.roll(self.head_dim // 2, -1), signed_sin)
 
+    @torch.no_grad()  # inference only (generate runs under inference_mode)
     def forward(self, ids: torch.Tensor, start: int,
                 pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the last position for tokens ``ids [B, T]`` in cache slots
         ``start..start+T`` (their keys and values enter the cache). ``pad [B]`` (integers >= 0):
         each row's number of left-padding slots at the start of the cache; the row's token in
         slot ``s`` sits at position ``s - pad`` and never attends to the padding."""
+        if self._bound_to is None:
+            raise ValueError("this Decoder's last binding failed (see that error); call "
+                             "refresh() or generate() to bind it again")
         batch, length = ids.shape
         end = start + length
         if batch != self.batch or start < 0 or end > self.max_len:
@@ -477,8 +484,9 @@ def _step_linear(module: nn.Module, linear: Linear, x: torch.Tensor,
                 out.copy_(linear(x))  # an error status: the checked call raises it
 
         return native
-    if type(module) is nn.Linear:
-        weight_t, bias = module.weight.t(), module.bias
+    if type(module) is nn.Linear:  # (detached: out= refuses tensors that need gradients)
+        weight_t = module.weight.detach().t()
+        bias = None if module.bias is None else module.bias.detach()
         x2, out2 = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         if bias is None:
             return functools.partial(torch.mm, x2, weight_t, out=out2)

@@ -19,6 +19,7 @@ from torch import nn
 from lowbit.cli.common import console, fail
 from lowbit.eval.embeddings import SENTENCES, compare_embeddings, embed
 from lowbit.eval.speed import latency, weight_bytes
+from lowbit.kernels import cpu_avx2
 from lowbit.nn.modules import QuantLinear
 
 SCHEMES = ("w8", "w4g64")
@@ -115,6 +116,14 @@ def run_demo(include_dynamic: bool = False, repeats: int = 3) -> tuple[list[Demo
         if scheme != "fp32":
             kernels.append(f"{scheme} {kernel_for(model)}")
     notes.append("Linear kernels: " + ", ".join(kernels))
+    tokens = batch["input_ids"].numel()
+    if tokens > cpu_avx2.GEMV_MAX_ROWS:
+        notes.append(
+            f"at {tokens} tokens a batch is compute-bound: the weight-only kernels dequantize "
+            "each weight (in blocks) for fp32's own GEMM, so their latency is about fp32's; "
+            "their speed-up is in decoding a few tokens at a time (benchmarks/results/decode.md)"
+            + ("" if include_dynamic else "; --dynamic adds W8A8 / W4A8, which multiply int8 "
+               "activations in integer GEMMs"))
     notes.append(
         f"{len(sentences)} built-in sentences; latency on a batch of "
         f"{list(batch['input_ids'].shape)} tokens; cosine and nearest neighbour vs fp32 embeddings "

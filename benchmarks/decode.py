@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +183,9 @@ def main() -> None:
         "`lowbit.quantize(model, scheme)` (RTN, every Linear and the embedding).",
         "",
         f"Protocol: `python benchmarks/decode.py --threads {torch.get_num_threads()} "
-        f"--rounds {args.rounds} --new-tokens {args.new_tokens}`; greedy with a KV cache, "
+        f"--rounds {args.rounds} --new-tokens {args.new_tokens}"
+        f"{'' if args.out == RESULTS else f' --out results/{args.out.name}'}`; greedy with a KV "
+        "cache, "
         f"{PROMPT}-token prompts from the val text, exactly {args.new_tokens} new tokens, in two "
         "runtimes: `lowbit.Decoder` (static cache, Linears bound to their kernels once, fused "
         "CPU step ops) and transformers' `model.generate`. One warm-up call each, then "
@@ -206,9 +209,9 @@ def main() -> None:
         *split,
         "",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ class Decoder:
         # caches dropped before the new ones are allocated
         self._bound_to = None
         self.k_cache = self.v_cache = self.k_layers = self.v_layers = None
-        self._program = self._step_buffers = self.final_norm_op = None
+        self._program = self._step_buffers = self._first_norm = self.final_norm_op = None
         _check_supported(model, max_len)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch={batch}, max_len={max_len}; need batch >= 1, max_len >= 2")
@@ -207,7 +207,6 @@ class Decoder:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.k_layers, self.v_layers = list(self.k_cache), list(self.v_cache)  # views
         self._scratch = torch.empty(max_len, dtype=torch.float32, device=device)
-        self.final_norm_op = None
         if self.fused:
             for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers,
                                              strict=True):

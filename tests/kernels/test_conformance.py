@@ -114,7 +114,7 @@ def test_kernel_plan_names_the_kernel_of_every_quantized_linear() -> None:
 
 
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kernel", "name"), CASES)
+@pytest.mark.parametrize(("kernel", "name"), [c for c in CASES if c[0].startswith("cpu_")])
 def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, bias_dtype) -> None:
     """A bound kernel's ``raw_step(out)`` (the Decoder's step entry: an x pointer in, a status
     out, written into ``out``) gives what the checked call returns, bit for bit, for every row
@@ -124,9 +124,7 @@ def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, bias_dtyp
     qt = _QUANTIZED[name]
     bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
     run = KERNELS[kernel].bound(qt, bias, {})
-    raw_step = getattr(run, "raw_step", None)
-    if raw_step is None:
-        pytest.skip(f"{kernel} has no raw step entry")
+    raw_step = run.raw_step  # every native CPU kernel has one (the Decoder's step calls it)
     for bad in (torch.empty(0, N), torch.empty(2, N + 1), torch.empty(2, N, dtype=torch.float64),
                 torch.empty(N, 2).T, torch.empty(())):
         assert raw_step(bad) is None

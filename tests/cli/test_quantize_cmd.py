@@ -174,3 +174,36 @@ def test_one_pass_w8a8_presets_quantize_as_they_are(scheme):
     spec, mode = resolve_scheme(scheme, None)
     assert mode == "dynamic" and spec == lowbit.preset(scheme)
     assert resolve_scheme(scheme, "dynamic")[0] == lowbit.preset(scheme)
+
+
+def test_mode_alone_picks_the_w8a8_preset_of_that_mode() -> None:
+    from lowbit.cli.quantize_cmd import resolve_scheme
+
+    assert resolve_scheme(None, None) == (lowbit.preset("w4g128"), "weight")
+    assert resolve_scheme(None, "dynamic") == (lowbit.preset("w8a8"), "dynamic")
+    assert resolve_scheme(None, "static") == (lowbit.preset("w8a8-static"), "static")
+    with pytest.raises(ValueError, match="--mode dynamic runs int8 x int8"):
+        resolve_scheme("w4g128", "dynamic")
+    with pytest.raises(ValueError, match="--mode 'dyn'; allowed"):
+        resolve_scheme(None, "dyn")
+
+
+def test_errors_escaping_a_command_are_one_line_and_exit_2(tmp_path, capsys,
+                                                           monkeypatch) -> None:
+    """main()'s catch-all (an error a command does not catch itself, an OSError) prints one
+    line and exits 2, with no traceback."""
+    from lowbit.cli import main
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    for argv in (["size", "--params", "inf"], ["formats", "--nope"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2
+    monkeypatch.setattr("lowbit.cli.size_cmd.size_from_params", unwritable)  # uncaught OSError
+    with pytest.raises(SystemExit) as done:
+        main(["size", "--params", "7e9"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: PermissionError" in err and "Traceback" not in err

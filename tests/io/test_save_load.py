@@ -337,3 +337,28 @@ def test_gptq_act_order_g_idx_round_trips(llama, tmp_path, monkeypatch):
     fast = _logits(loaded, ids)
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     torch.testing.assert_close(fast, _logits(loaded, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_inside_the_source_or_the_current_folder(tmp_path, monkeypatch):
+    """Saving into a folder inside the model's own folder copies neither itself nor lowbit's
+    temporary folders (again and again with overwrite); the current folder, or one above it,
+    is refused in one line."""
+    import shutil
+
+    from lowbit.models.hf import load_hf_model
+
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    source = tmp_path / "m"
+    shutil.copytree(LLAMA_3M, source)
+    model, _, _ = load_hf_model(source)
+    model = lowbit.quantize(model, "w8")
+    for _ in range(2):
+        lowbit.save(model, source / "q", overwrite=True)
+    assert not (source / "q" / "q").exists()
+    assert not [p for p in (source / "q").iterdir() if "lowbit-" in p.name]
+    assert not [p for p in source.iterdir() if "lowbit-" in p.name]
+    monkeypatch.chdir(source / "q")
+    for here in (".", ".."):
+        with pytest.raises(ValueError, match="is the current folder or one above it"):
+            lowbit.save(model, here, overwrite=True)

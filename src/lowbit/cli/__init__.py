@@ -34,11 +34,15 @@ qat_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the app; a ValueError/TypeError becomes one red line and exit code 2."""
+    """Entry point: runs the app; a ValueError / TypeError / OSError becomes one red line and
+    exit code 2."""
     try:
         app(args=argv if argv is not None else sys.argv[1:], standalone_mode=True)
-    except (ValueError, TypeError) as e:
-        fail(str(e))
+    except (ValueError, TypeError, OSError) as e:  # OSError: a folder not writable, disk full
+        try:
+            fail(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+        except typer.Exit as done:  # (outside typer's runner: exit here)
+            raise SystemExit(done.exit_code) from None
 
 
 __all__ = ["app", "main"]

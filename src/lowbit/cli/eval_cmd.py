@@ -156,6 +156,12 @@ def eval_command(
     try:
         if text is not None and not text.is_file():
             raise ValueError(f"--text {str(text)!r} does not exist or is not a file")
+        if repeats < 1:
+            raise ValueError(f"--repeats {repeats}; must be >= 1")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"--max-tokens {max_tokens}; must be >= 1")
+        if reference is not None and not reference.is_dir():
+            raise ValueError(f"--reference {str(reference)!r} does not exist or is not a folder")
         model, tokenizer, kind = load_model(model_dir)
         ref_model = ref_tok = None
         if reference is not None:

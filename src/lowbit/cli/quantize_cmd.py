@@ -20,13 +20,17 @@ STATIC_PRESET = "w8a8-static"
 MAX_SKIP_ROWS = 6
 
 
-def resolve_scheme(scheme: str, mode: str | None) -> tuple[QuantSpec, str]:
+def resolve_scheme(scheme: str | None, mode: str | None) -> tuple[QuantSpec, str]:
     """The spec for ``--scheme`` under ``--mode``; returns ``(spec, mode)``.
 
     weight: the preset as is. dynamic / static: a W*A* preset of that kind as is; an int8 weight
     scheme becomes the W8A8 preset with dynamic per-token or calibrated per-tensor activations;
     other weight formats are refused.
     """
+    if scheme is None:  # by mode: the W8A8 preset of --mode dynamic / static, else w4g128
+        if mode in ("dynamic", "static"):
+            return preset(DYNAMIC_PRESET if mode == "dynamic" else STATIC_PRESET), mode
+        scheme = "w4g128"
     if scheme not in PRESETS:
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
     spec = preset(scheme)
@@ -92,7 +96,10 @@ def _explain(error: str) -> str:
 
 def quantize_command(
     model_dir: str = typer.Argument(..., help="A Hugging Face model folder (or a hub id)."),
-    scheme: str = typer.Option("w4g128", "--scheme", "-s", help="A preset (lowbit formats)."),
+    scheme: str | None = typer.Option(
+        None, "--scheme", "-s",
+        help="A preset (lowbit formats); default w4g128, or w8a8 / w8a8-static for --mode "
+             "dynamic / static."),
     mode: str | None = typer.Option(
         None, "--mode", help="weight | dynamic (W8A8 per-token) | static (W8A8, needs --calib)."
     ),

@@ -25,8 +25,9 @@ def size_from_params(n_params: float, matrix: tuple[int, int] = (4096, 4096)) ->
 
     Every parameter is counted as quantized, as in the classic "7B params x 4 bytes = 28 GB".
     """
-    if not n_params > 0:
-        raise ValueError(f"--params must be a positive number of parameters, got {n_params}")
+    if not 0 < n_params < float("inf"):
+        raise ValueError(f"--params must be a positive, finite number of parameters, got "
+                         f"{n_params}")
     rows = [
         SizeRow(name, f"IEEE {name}", int(n_params * bits / 8), float(bits))
         for name, bits in FLOAT_BITS.items()

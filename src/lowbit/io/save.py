@@ -136,6 +136,10 @@ def _model_float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    resolved = out_dir.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ValueError(f"out_dir {str(out_dir)!r} is the current folder or one above it "
+                         "(it is replaced as a whole); name a folder to write")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} is a file; a folder path is expected")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -152,10 +156,14 @@ def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def _copy_source_files(source: Path, dest: Path) -> None:
-    """Tokenizer files and other non-weight files (e.g. sentence-transformers' 1_Pooling/)."""
+def _copy_source_files(source: Path, dest: Path, out_dir: Path) -> None:
+    """Tokenizer files and other non-weight files (e.g. sentence-transformers' 1_Pooling/);
+    never ``out_dir`` itself or lowbit's temporary folders, should they sit in ``source``."""
+    skip = {dest.resolve(), out_dir.resolve()}
     for item in sorted(source.iterdir()):
         if item.name in _NOT_COPIED or (item.name.startswith(".git") and item.is_dir()):
+            continue
+        if item.resolve() in skip or ".lowbit-tmp-" in item.name or ".lowbit-old-" in item.name:
             continue
         if item.is_dir():
             shutil.copytree(item, dest / item.name,
@@ -198,7 +206,7 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> S
         tmp.mkdir()
         source = getattr(model, "_lowbit_source", None)
         if source is not None and Path(source).is_dir():
-            _copy_source_files(Path(source), tmp)
+            _copy_source_files(Path(source), tmp, out_dir)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         weights = tmp / WEIGHTS_NAME

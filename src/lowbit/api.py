@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
-from lowbit.models.select import choose_spec
+from lowbit.models.select import check_specs, choose_spec
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
 
@@ -121,6 +121,7 @@ def quantize(
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """
     alg = get_algorithm(algorithm)
+    check_specs(spec)
     reader = None
     if isinstance(model, (str, os.PathLike)):
         from lowbit.calib.sequential import open_pretrained

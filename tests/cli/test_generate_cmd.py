@@ -65,6 +65,8 @@ def test_quantized_folder_and_compare_table(app, runner, llama, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["generate", str(tmp_path / "w4"), "-p", PROMPT, "--compare"])
     assert result.exit_code == 2 and "--compare needs the float model" in result.output
+    result = runner.invoke(app, ["generate", str(tmp_path / "w4"), "-p", PROMPT, "-s", "w8"])
+    assert result.exit_code == 2 and "already quantized" in result.output
     result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, "-n", "6", "-s", "w8",
                                  "--compare"])
     assert result.exit_code == 0, result.output

@@ -193,3 +193,9 @@ def test_weights_made_in_inference_mode_and_in_place_qparam_edits():
         layer.weight_zero_point.add_(1)
         ref = F.linear(x, layer.qweight.dequantize(), layer.bias)
         assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_a_spec_that_does_not_parse_fails_before_any_module_is_looked_at():
+    for spec in ("bogus", {"*": "w8", "fc*": "nope"}):
+        with pytest.raises(ValueError):
+            lowbit.quantize(nn.Sequential(nn.ReLU()), spec)  # nothing to quantize: still fails

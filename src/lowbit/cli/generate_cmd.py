@@ -66,6 +66,9 @@ def generate_command(
                              "and quantize it here with -s")
         original = copy.deepcopy(model) if compare else None
         if scheme is not None:
+            if any(isinstance(m, QuantLinear) for m in model.modules()):
+                raise ValueError(f"-s {scheme}: MODEL_DIR is already quantized; pass a Hugging "
+                                 "Face folder to quantize here, or drop -s")
             lowbit.quantize(model, scheme)
         eos = tokenizer.eos_token_id if stop_at_eos else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

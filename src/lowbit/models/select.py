@@ -40,6 +40,20 @@ def resolve_spec(
     return as_spec(spec), None
 
 
+def check_specs(spec: str | QuantSpec | Mapping[str, Any]) -> None:
+    """Raise ValueError now for a spec, or a value of a ``{pattern: spec}`` mapping, that does
+    not parse (before any module is looked at: a model with nothing to quantize still fails)."""
+    if isinstance(spec, Mapping) and not _looks_like_spec_fields(spec):
+        for pattern, value in spec.items():
+            if value is not None:
+                try:
+                    as_spec(value)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"spec for {pattern!r}: {e}") from None
+        return
+    as_spec(spec)
+
+
 def _looks_like_spec_fields(d: Mapping[str, Any]) -> bool:
     return "format" in d and not any(k.startswith("re:") or "*" in k for k in d)
 

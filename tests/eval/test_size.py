@@ -73,3 +73,19 @@ def test_real_sharded_model():
     by = {r.name: r for r in rows}
     assert by["fp16"].nbytes == summary["stored_bytes"]
     assert 4.25 < by["w4g128"].bits_per_weight < 4.26
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ([1, 2], "not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "needs dtype, shape and data_offsets"),
+    ({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, "dtype 'Q9'"),
+    ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 8]}}, "not a list of sizes"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, "data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 8]}}, "need"),
+])
+def test_malformed_headers_are_refused_naming_the_tensor(tmp_path, header, message):
+    blob = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 8)
+    with pytest.raises(ValueError, match=message):
+        read_safetensors_header(path)

@@ -362,3 +362,18 @@ def test_a_folder_inside_the_source_or_the_current_folder(tmp_path, monkeypatch)
     for here in (".", ".."):
         with pytest.raises(ValueError, match="is the current folder or one above it"):
             lowbit.save(model, here, overwrite=True)
+
+
+def test_tied_aliases_of_another_shape_or_no_tensor_are_refused(gpt2_dir, tmp_path):
+    from lowbit.models.hf import load_hf_model
+
+    model, _, _ = load_hf_model(gpt2_dir)
+    lowbit.save(model, tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    for alias in ("transformer.ln_f.weight", "transformer.nope.weight"):
+        config["quantization_config"]["tied"] = {"lm_head.weight": "transformer.wte.weight",
+                                                 alias: "transformer.wte.weight"}
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=f"tied tensor '{alias}'"):
+            lowbit.load(tmp_path / "m")

@@ -50,19 +50,46 @@ def read_safetensors_header(path: str | Path) -> list[TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
     infos = []
     data_size = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        info = _tensor_info(path, name, entry)
         start, end = entry["data_offsets"]
         if end > data_size:
             raise ValueError(
                 f"{path}: truncated: tensor {name!r} ends at byte {end} but the file holds "
                 f"{data_size} data bytes"
             )
-        infos.append(TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name))
+        if end - start != info.nbytes:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes; its dtype "
+                             f"{info.dtype} and shape {list(info.shape)} need {info.nbytes}")
+        infos.append(info)
     return infos
+
+
+def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
+    """One header entry, checked: a known dtype, dims and offsets that are integers >= 0."""
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"{path}: tensor {name!r}: a header entry needs dtype, shape and "
+                         "data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"{path}: tensor {name!r}: dtype {dtype!r}; known: "
+                         f"{', '.join(DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        raise ValueError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(whole, offsets))
+            or offsets[0] > offsets[1]):
+        raise ValueError(f"{path}: tensor {name!r}: data_offsets {offsets!r} are not "
+                         "[start, end] with 0 <= start <= end")
+    return TensorInfo(name, dtype, tuple(shape), path.name)
 
 
 def model_tensor_infos(model_dir: str | Path) -> list[TensorInfo]:

@@ -207,8 +207,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             ) from None
         new = _empty_quant_module(name, module, spec, dtype)
         if f"{name}.weight_g_idx" in header:  # GPTQ act-order: columns' group indices
+            g_idx_shape = header[f"{name}.weight_g_idx"].shape
+            if g_idx_shape != tuple(new.weight_shape.tolist())[1:2]:
+                raise ValueError(f"{weights}: {name}.weight_g_idx has shape "
+                                 f"{list(g_idx_shape)}; the layer has "
+                                 f"{int(new.weight_shape[1])} input columns")
             new.register_buffer("weight_g_idx", torch.empty(
-                header[f"{name}.weight_g_idx"].shape, dtype=torch.int32, device="meta"))
+                g_idx_shape, dtype=torch.int32, device="meta"))
         logical_shapes[name] = tuple(new.weight_shape.tolist())
         _set_submodule(model, name, new)
         summary.modules.append(ModuleReport(
@@ -231,6 +236,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     for alias, source in tied.items():
         if source not in header:
             raise ValueError(f"{path}/config.json: tied tensor {alias!r} names missing {source!r}")
+        if alias not in expected or tuple(expected[alias].shape) != header[source].shape:
+            raise ValueError(f"{path}/config.json: tied tensor {alias!r} is not a tensor of "
+                             f"{type(model).__name__} of {source!r}'s shape")
 
     state = load_file(str(weights))
     for key, t in state.items():

@@ -377,3 +377,27 @@ def test_tied_aliases_of_another_shape_or_no_tensor_are_refused(gpt2_dir, tmp_pa
         config_path.write_text(json.dumps(config))
         with pytest.raises(ValueError, match=f"tied tensor '{alias}'"):
             lowbit.load(tmp_path / "m")
+
+
+def test_checkpoint_files_share_one_mode_and_bad_configs_are_refused(small_q, tmp_path):
+    lowbit.save(small_q, tmp_path / "m")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    for version in (True, -3, 0):
+        config["quantization_config"]["version"] = version
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="quantization_config version"):
+            lowbit.load(tmp_path / "m")
+    config_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        lowbit.load(tmp_path / "m")
+
+
+def test_size_refuses_a_lowbit_checkpoint(small_q, tmp_path):
+    from lowbit.eval.size import size_from_model
+
+    lowbit.save(small_q, tmp_path / "m")
+    with pytest.raises(ValueError, match="is a lowbit checkpoint"):
+        size_from_model(tmp_path / "m")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def size_from_model(model_dir: str | Path) -> tuple[list[SizeRow], dict[str, int
     dtype, as do matrices the spec can't tile (e.g. width not divisible by the group size).
     Returns the rows and a summary (parameters, stored bytes, quantizable parameters).
     """
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
+        raise ValueError(f"MODEL_DIR {str(model_dir)!r} is a lowbit checkpoint (already "
+                         "quantized: its headers hold packed codes); give the float model's "
+                         "folder, or see its bytes with lowbit eval")
     infos = model_tensor_infos(model_dir)
     n_params = sum(i.numel for i in infos)
     matrices = [i for i in infos if len(i.shape) == 2 and i.name.endswith(".weight")]

@@ -37,6 +37,8 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_file}: not a JSON object")
     qc = config.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(
@@ -44,10 +46,11 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "models with lowbit.models.hf.load_hf_model"
         )
     version = qc.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= \
+            FORMAT_VERSION:
         raise ValueError(
             f"{cfg_file}: quantization_config version {version!r}; this lowbit reads versions "
-            f"up to {FORMAT_VERSION}"
+            f"1 to {FORMAT_VERSION}"
         )
     if qc.get("format") != "packed":
         raise ValueError(f"{cfg_file}: quantization_config format {qc.get('format')!r}; "

@@ -9,6 +9,7 @@ which spec each module was quantized with.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import uuid
@@ -209,6 +210,8 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> S
             _copy_source_files(Path(source), tmp, out_dir)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        # safetensors writes 0600; give the weights config.json's mode (the umask's)
+        os.chmod(tmp / WEIGHTS_NAME, (tmp / "config.json").stat().st_mode & 0o777)
         weights = tmp / WEIGHTS_NAME
         with weights.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))

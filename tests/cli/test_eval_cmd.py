@@ -94,3 +94,12 @@ def test_eval_errors(app, runner, fixture_paths, tmp_path) -> None:
     assert r.output.strip().splitlines() == [
         "error: --text FILE is required for causal LMs (the text to score)"
     ]
+
+
+def test_text_that_is_not_utf8_is_named(tmp_path):
+    from lowbit.cli.eval_cmd import _read_text
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="--text .* is not UTF-8 text"):
+        _read_text(bad)

@@ -390,6 +390,11 @@ def test_checkpoint_files_share_one_mode_and_bad_configs_are_refused(small_q, tm
         config_path.write_text(json.dumps(config))
         with pytest.raises(ValueError, match="quantization_config version"):
             lowbit.load(tmp_path / "m")
+    config["quantization_config"]["version"] = 1
+    config["quantization_config"]["config_groups"] = [1, 2]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config_groups must be an object"):
+        lowbit.load(tmp_path / "m")
     config_path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
         lowbit.load(tmp_path / "m")

@@ -60,7 +60,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, Any, str]:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ValueError(f"--text {str(path)!r} does not exist or is not a file")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
 
 
 def _lm_rows(

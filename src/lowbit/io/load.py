@@ -61,7 +61,11 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _group_specs(qc: dict[str, Any]) -> dict[str, QuantSpec]:
     """``{module name: spec}`` from the config groups."""
     out: dict[str, QuantSpec] = {}
-    for group, body in (qc.get("config_groups") or {}).items():
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise ValueError(f"quantization_config config_groups must be an object of groups, got "
+                         f"{type(groups).__name__}")
+    for group, body in groups.items():
         try:
             spec = QuantSpec.from_dict(body["spec"])
             targets = list(body["targets"])

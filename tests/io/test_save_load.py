@@ -406,3 +406,11 @@ def test_size_refuses_a_lowbit_checkpoint(small_q, tmp_path):
     lowbit.save(small_q, tmp_path / "m")
     with pytest.raises(ValueError, match="is a lowbit checkpoint"):
         size_from_model(tmp_path / "m")
+
+
+def test_data_its_header_does_not_describe_fails_in_one_line(small_q, tmp_path):
+    lowbit.save(small_q, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0" * 16)  # bytes no tensor covers
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        lowbit.load(tmp_path / "m")

@@ -179,6 +179,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     Float tensors are cast to ``dtype``; quantized tensors keep their stored dtypes. The model's
     ``lowbit_summary`` lists quantized and ignored modules as ``lowbit.quantize`` did.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import CONFIG_MAPPING
 
@@ -247,7 +248,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             raise ValueError(f"{path}/config.json: tied tensor {alias!r} is not a tensor of "
                              f"{type(model).__name__} of {source!r}'s shape")
 
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:  # data that its (checked) header does not describe
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     for key, t in state.items():
         want = expected[key]
         in_quant = any(key.startswith(p) for p in quant_prefixes)

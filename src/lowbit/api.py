@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,7 @@ def quantize(
     before_bytes: dict[str, int] = {}
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
+    _check_selection(model, spec, include, exclude)
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
@@ -252,6 +254,24 @@ def _run_sequential(
     if reader is not None:
         summary.notes.append("memory bounded: blocks were read from disk one at a time")
     summary.notes.extend(result.notes)
+
+
+def _check_selection(
+    model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str]
+) -> None:
+    """Raise ValueError when include / exclude / spec patterns leave no module to quantize
+    although the model has some (a mistyped pattern would otherwise write a float copy)."""
+    names = [name for name, module in model.named_modules() if _kind(module) is not None]
+    if not names or any(choose_spec(name, spec, include, exclude)[0] is not None
+                        for name in names):
+        return
+    reasons = Counter(choose_spec(name, spec, include, exclude)[1] for name in names)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    examples = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
+    raise ValueError(
+        f"no module left to quantize: {len(names)} candidates ({why}); module names look "
+        f"like {', '.join(map(repr, examples))}"
+    )
 
 
 def _quantize_module(

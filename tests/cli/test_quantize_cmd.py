@@ -207,3 +207,10 @@ def test_errors_escaping_a_command_are_one_line_and_exit_2(tmp_path, capsys,
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "error: PermissionError" in err and "Traceback" not in err
+
+
+def test_include_matching_no_module_writes_nothing(gpt2_dir, tmp_path):
+    out = tmp_path / "q"
+    _fails(["quantize", str(gpt2_dir), "--scheme", "w8", "--include", "model.layers.*", "-o",
+            str(out)], out, "no module left to quantize", "not matched by include",
+           "'transformer.wte', ")

@@ -199,3 +199,17 @@ def test_a_spec_that_does_not_parse_fails_before_any_module_is_looked_at():
     for spec in ("bogus", {"*": "w8", "fc*": "nope"}):
         with pytest.raises(ValueError):
             lowbit.quantize(nn.Sequential(nn.ReLU()), spec)  # nothing to quantize: still fails
+
+
+def test_patterns_that_leave_nothing_to_quantize_fail_and_change_nothing():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    for kwargs, why in [({"include": ["layers.*"]}, "2 not matched by include"),
+                        ({"include": []}, "2 not matched by include"),
+                        ({"exclude": ["*"]}, "2 excluded by '\\*'"),
+                        ({"spec": {"fc*": "w8"}}, "2 no spec pattern matches")]:
+        spec = kwargs.pop("spec", "w8")
+        with pytest.raises(ValueError, match=f"no module left to quantize: 2 candidates \\({why}"
+                                             r"\); module names look like '0', '2'"):
+            lowbit.quantize(model, spec, **kwargs)
+        assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)
+    lowbit.quantize(nn.Sequential(nn.ReLU()), "w8")  # nothing to choose from: not an error

@@ -10,9 +10,10 @@ import torch
 import typer
 from rich.table import Table
 
-from lowbit.cli.common import console, fail, human_bytes
+from lowbit.cli.common import console, fail
 from lowbit.eval.embeddings import SENTENCES, embed, embedding_fidelity
 from lowbit.eval.perplexity import compare_logits, perplexity
+from lowbit.eval.size import human_bytes
 from lowbit.eval.speed import latency, weight_bytes
 
 

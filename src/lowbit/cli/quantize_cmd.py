@@ -9,7 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from lowbit.cli.common import console, err_console, fail, human_bytes
+from lowbit.cli.common import console, err_console, fail
+from lowbit.eval.size import human_bytes
 from lowbit.kernels.dispatch import kernel_plan
 from lowbit.spec import PRESETS, QuantSpec, preset
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lowbit.cli.common import console, fail, human_bibytes, human_bytes
-from lowbit.eval.size import size_from_model, size_from_params
+from lowbit.cli.common import console, fail
+from lowbit.eval.size import human_bibytes, human_bytes, size_from_model, size_from_params
 
 
 def size_command(

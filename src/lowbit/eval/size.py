@@ -13,6 +13,22 @@ from lowbit.tensor import stored_nbytes
 FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
 
 
+def human_bytes(n: float) -> str:
+    """Decimal units (GB = 1e9 bytes, as model sizes are quoted)."""
+    for unit, base in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= base:
+            return f"{n / base:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def human_bibytes(n: float) -> str:
+    """Binary units (GiB = 2**30 bytes)."""
+    for unit, base in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= base:
+            return f"{n / base:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
 @dataclass(frozen=True)
 class SizeRow:
     name: str

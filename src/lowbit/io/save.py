@@ -173,6 +173,27 @@ def _copy_source_files(source: Path, dest: Path, out_dir: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
+def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[str, Any],
+                file_bytes: int, quantized_bytes: int, source: str | None) -> None:
+    """README.md: lowbit's model card, the float model's card (copied to ``path``) below it."""
+    from lowbit import __version__
+    from lowbit.io.card import base_model_id, model_card
+
+    summary = getattr(model, "lowbit_summary", None)
+    before = (sum(m.bytes_before for m in summary.quantized)
+              if summary is not None and summary.quantized else None)
+    try:
+        original = path.read_text(encoding="utf-8") if path.is_file() else None
+    except UnicodeDecodeError:
+        original = None
+    weights = sum(m.qweight.numel for _, m in quant_modules(model))
+    card = model_card(str(out_dir), base_model_id(model.config, source),
+                      None if source is None else Path(source).name,
+                      config_dict["quantization_config"], file_bytes, quantized_bytes, weights,
+                      before, original, __version__)
+    path.write_text(card, encoding="utf-8")
+
+
 def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> SaveResult:
     """Write ``model`` (a transformers model, quantized or not) to ``out_dir``.
 
@@ -216,6 +237,9 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> S
         with weights.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
         file_bytes = weights.stat().st_size
+        if quantized_bytes:
+            _write_card(model, tmp / "README.md", out_dir, config_dict, file_bytes,
+                        quantized_bytes, source)
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

@@ -203,3 +203,21 @@ def test_bf16_and_fp16_inputs_keep_their_dtype():
         fq = fake_quantize(x, preset("w4g128"))
         assert fq.dtype == dtype
         assert torch.equal(QuantizedTensor.from_float(x, "w4g128").dequantize(), fq)
+
+
+@pytest.mark.parametrize("name", ["nf4g64", "w4g64", "w2g64"])
+def test_a_scale_beyond_the_stored_dtype_is_refused_not_clamped(name):
+    x = torch.randn(4, 64)
+    x[0, 0] = 1e6  # fp16 scales top out at 65504: a clamped scale would clip this block
+    with pytest.raises(ValueError, match="beyond torch.float16's largest value.*float32"):
+        choose_qparams(x, preset(name))
+    wide = preset(name).replace(scale_dtype="float32")
+    assert fake_quantize(x, wide)[0, 0] == pytest.approx(1e6, rel=0.01)
+
+
+def test_values_float32_cannot_hold_and_codebooks_fp16_cannot_hold_are_refused():
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        choose_qparams(torch.tensor([[1e300] + [1.0] * 63], dtype=torch.float64), preset("w8"))
+    with pytest.raises(ValueError, match="codebook entry.*float16"):
+        choose_qparams(torch.full((4, 64), 7e4), QuantSpec(format="kmeans4",
+                                                           granularity="channel"))

@@ -78,7 +78,14 @@ def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype)
     smallest = float(torch.nextafter(zero, torch.ones((), dtype=dtype)))  # a subnormal
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.clamp(min=smallest, max=torch.finfo(dtype).max)
+    largest = torch.finfo(dtype).max
+    if bool((scale > largest).any()):  # clamping would clip the block's values
+        raise ValueError(
+            f"a block needs scale {float(scale.max()):.4g}, beyond {dtype}'s largest value "
+            f"{largest:.4g} (scale_dtype): its values are too large; quantize with "
+            "scale_dtype='float32' (spec.replace(scale_dtype='float32'))"
+        )
+    scale = scale.clamp(min=smallest)
     stored = scale.to(dtype)
     below = stored.float() < scale
     if bool(below.any()):
@@ -153,12 +160,29 @@ def choose_qparams(
         from lowbit.quant.kmeans import fit_codebooks
 
         check_finite(x)
+        _check_float32_range(x, xb)
         codebook = fit_codebooks(xb, 1 << spec.bits)
-        return QParams(codebook=codebook.to(torch_dtype(spec.scale_dtype)))
+        stored = codebook.to(torch_dtype(spec.scale_dtype))
+        if not bool(torch.isfinite(stored).all()):
+            raise ValueError(
+                f"a k-means codebook entry ({float(codebook.abs().max()):.4g}) is beyond "
+                f"{spec.scale_dtype}'s range (scale_dtype); quantize with scale_dtype='float32'"
+            )
+        return QParams(codebook=stored)
     lo, hi = xb.amin(-1), xb.amax(-1)  # NaN propagates, so checking the stats suffices
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         check_finite(x)
+        _check_float32_range(x, xb)
     return qparams_from_range(lo, hi, spec)
+
+
+def _check_float32_range(x: torch.Tensor, as_float32: torch.Tensor) -> None:
+    """Finite ``x`` whose float32 copy is not (float64 values beyond float32's range)."""
+    if not bool(torch.isfinite(as_float32).all()):
+        raise ValueError(
+            f"x ({x.dtype}) holds values beyond float32's range (max |x| = "
+            f"{float(x.abs().max()):.4g}); quantization computes in float32"
+        )
 
 
 def _nearest_index(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

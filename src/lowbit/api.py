@@ -65,6 +65,21 @@ class QuantizeSummary:
 _KINDS = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
+def _read_by_parent(model: nn.Module) -> dict[int, str]:
+    """``{id(module): why}`` for Linears whose parent reads their ``weight`` instead of calling
+    them (a QuantLinear there would fail, or be bypassed): torch's own attention layers."""
+    found: dict[int, str] = {}
+    for parent in model.modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            found[id(parent.out_proj)] = ("out_proj of nn.MultiheadAttention (which reads its "
+                                          "weight, never calls it)")
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            for child in (parent.linear1, parent.linear2):
+                found[id(child)] = ("nn.TransformerEncoderLayer reads linear1 / linear2.weight "
+                                    "(its fused inference path)")
+    return found
+
+
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, (QuantLinear, QuantConv2d, QuantEmbedding)):
         return None
@@ -136,6 +151,12 @@ def quantize(
         raise TypeError(
             f"model must be a torch.nn.Module or a model folder, got {type(model).__name__}"
         )
+    if reader is None:
+        on_meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers())
+                        if t.is_meta), None)
+        if on_meta is not None:
+            raise ValueError(f"model tensor {on_meta!r} is on the meta device (no data): load "
+                             "the weights first, or pass the model folder to quantize")
     if alg.needs_calibration and calib is None:
         raise ValueError(
             f"algorithm {alg.name!r} needs calibration data; pass calib=... (texts with "
@@ -150,15 +171,25 @@ def quantize(
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
-    for name, module in model.named_modules():
+    read_by_parent = _read_by_parent(model)
+    first_name: dict[int, str] = {}  # a module reachable under several names: quantized once
+    aliases: list[tuple[str, str]] = []
+    for name, module in model.named_modules(remove_duplicate=False):
         kind = _kind(module)
         if kind is None:
             continue
+        if id(module) in first_name:
+            aliases.append((name, first_name[id(module)]))
+            continue
+        first_name[id(module)] = name
         before = _weight_bytes(module)
 
         def skip(reason: str, spec_text: str | None = None, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, spec_text, "skipped", reason, _b, _b))
 
+        if id(module) in read_by_parent:
+            skip(read_by_parent[id(module)])
+            continue
         layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:
             skip(why)
@@ -207,6 +238,11 @@ def quantize(
         summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
+    for alias, name in aliases:
+        _set_submodule(model, alias, model.get_submodule(name))
+    if aliases:
+        summary.notes.append("one module under several names, quantized once: " + ", ".join(
+            f"{alias!r} is {name!r}" for alias, name in aliases))
     if any(m.kind in ("Linear", "Conv1D", "Conv2d") for m in summary.quantized):
         summary.notes.append("biases are kept in float")
     model.lowbit_summary = summary
@@ -261,7 +297,9 @@ def _check_selection(
 ) -> None:
     """Raise ValueError when include / exclude / spec patterns leave no module to quantize
     although the model has some (a mistyped pattern would otherwise write a float copy)."""
-    names = [name for name, module in model.named_modules() if _kind(module) is not None]
+    read_by_parent = _read_by_parent(model)
+    names = [name for name, module in model.named_modules()
+             if _kind(module) is not None and id(module) not in read_by_parent]
     if not names or any(choose_spec(name, spec, include, exclude)[0] is not None
                         for name in names):
         return

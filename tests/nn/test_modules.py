@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from lowbit.kernels import cpu_avx2, dispatch, select_kernel
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.quant import fake_quantize
 from lowbit.spec import QuantSpec
+from lowbit.tensor import QuantizedTensor
 
 
 def test_quant_linear_equals_fake_quantized_float_linear():
@@ -213,3 +216,88 @@ def test_patterns_that_leave_nothing_to_quantize_fail_and_change_nothing():
             lowbit.quantize(model, spec, **kwargs)
         assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)
     lowbit.quantize(nn.Sequential(nn.ReLU()), "w8")  # nothing to choose from: not an error
+
+
+def test_set_weight_drops_the_group_index_of_the_weight_before():
+    lin = nn.Linear(256, 8)
+    q = QuantLinear.from_float(lin, "w4g128")
+    shuffled = QuantizedTensor.from_float(lin.weight.detach(), "w4g128")
+    shuffled.g_idx = torch.arange(256, dtype=torch.int32) % 2
+    q.set_weight(shuffled)
+    plain = QuantizedTensor.from_float(torch.randn(8, 256), "w4g128")
+    q.set_weight(plain)
+    assert "weight_g_idx" not in dict(q.named_buffers())
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ plain.dequantize().T + q.bias)
+
+
+@pytest.mark.parametrize("spec", ["w4g128", "w8a8", "w8a8-static"])
+def test_a_module_that_ran_pickles_and_runs_again(spec, tmp_path):
+    q = QuantLinear.from_float(nn.Linear(128, 32), spec)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        y = q(x)
+        torch.save(q, tmp_path / "q.pt")
+        again = torch.load(tmp_path / "q.pt", weights_only=False)
+        assert torch.equal(again(x), y) and torch.equal(copy.deepcopy(q)(x), y)
+
+
+def test_embedding_max_norm_is_applied_before_quantizing():
+    emb = nn.Embedding(16, 32, max_norm=1.0)
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    q = QuantEmbedding(emb, "w8")
+    ids = torch.tensor([[1, 2, 3]])
+    expected = emb(ids).detach()  # renormalizes rows 1-3 in place
+    assert torch.linalg.vector_norm(expected, dim=-1).max() <= 1.0 + 1e-5
+    torch.testing.assert_close(q(ids), expected, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8", "w8a8-static"])
+def test_activation_quantizing_layers_pass_straight_through_gradients(spec):
+    q = QuantLinear.from_float(nn.Linear(256, 64), spec)
+    x = torch.randn(3, 256, requires_grad=True)
+    y = q(x)
+    with torch.no_grad():
+        assert torch.equal(y.detach(), q(x))  # the same integer kernel computed it
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ q.qweight.dequantize())
+
+
+def test_inputs_that_are_not_float_or_do_not_fit_are_refused():
+    q = QuantLinear.from_float(nn.Linear(256, 4), "w4g128")
+    with torch.no_grad(), pytest.raises(TypeError, match="floating-point.*int64"):
+        q(torch.ones(1, 256, dtype=torch.int64))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"x \(2, 128\) does not fit weight"):
+        q(torch.ones(2, 128))
+
+
+def test_torch_attention_layers_keep_the_linears_they_read_in_float():
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+                                       batch_first=True).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected = layer(x)
+    lowbit.quantize(layer, "w8")
+    assert {m.name: m.status for m in layer.lowbit_summary.modules} == {
+        "self_attn.out_proj": "skipped", "linear1": "skipped", "linear2": "skipped"}
+    decoder = nn.TransformerDecoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+                                         batch_first=True).eval()
+    lowbit.quantize(decoder, "w8")
+    skipped = {m.name: m.reason for m in decoder.lowbit_summary.skipped}
+    assert set(skipped) == {"self_attn.out_proj", "multihead_attn.out_proj"}
+    assert isinstance(decoder.linear1, QuantLinear)
+    with torch.no_grad():
+        assert decoder(x, x).shape == (2, 5, 64)
+        assert torch.equal(layer(x), expected)  # refused: left as it was
+
+
+def test_a_module_under_two_names_is_quantized_once():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    lowbit.quantize(model, "w8")
+    assert model[0] is model[2] and isinstance(model[0], QuantLinear)
+    assert [m.name for m in model.lowbit_summary.modules] == ["0"]
+    assert "'2' is '0'" in model.lowbit_summary.notes[0]

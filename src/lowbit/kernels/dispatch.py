@@ -89,6 +89,11 @@ register_kernel(
 
 def select_kernel(qt: QuantizedTensor, x: torch.Tensor, kernel: str | None = None) -> Kernel:
     """The kernel for this call: the forced one, else the highest-priority one that supports it."""
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != qt.shape[-1]:
+        raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(qt.shape)}: x [..., "
+                         f"{qt.shape[-1]}] expected")
     forced = kernel or forced_by_environment() or None
     if forced == "reference":  # the oracle that covers this spec (weight-only or integer W*A*)
         oracles = [k for k in KERNELS.values() if k.oracle and k.supports(qt, x)]
@@ -170,10 +175,30 @@ def bound_linear(
     entry = cache.get(key)
     bias_at = None if bias is None else bias.data_ptr()  # (a .data swap moves a Parameter)
     if entry is None or entry[1] is not qt or entry[2] is not bias or entry[3] != bias_at:
-        # one slot per input kind
-        entry = cache[key] = (select_kernel(qt, x, forced).bound(qt, bias, cache), qt, bias,
-                              bias_at)
+        if key[4] and qt.spec.act is not None:
+            # integer activation codes carry no gradient: the kernel of a no-grad input
+            # computes, _StraightThrough gives x its gradient
+            run = select_kernel(qt, x.detach(), forced).bound(qt, bias, cache)
+            bound = lambda x, _run=run, _qt=qt: _StraightThrough.apply(x, _run, _qt)  # noqa: E731
+        else:
+            bound = select_kernel(qt, x, forced).bound(qt, bias, cache)
+        entry = cache[key] = (bound, qt, bias, bias_at)  # one slot per input kind
     return entry[0]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A W*A* layer with gradients: forward by its integer kernel; backward the straight-through
+    estimator of activation quantization (``dy/dx = W``, the dequantized weight), as QAT does.
+    The quantized weight and the bias are buffers: no gradient for them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, run: BoundLinear, qt: QuantizedTensor) -> torch.Tensor:
+        ctx.qt = qt
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ ctx.qt.dequantize(grad.dtype), None, None
 
 
 def kernel_plan(model: torch.nn.Module, device: str = "cpu",

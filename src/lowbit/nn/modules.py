@@ -49,8 +49,12 @@ class _QuantWeightMixin(nn.Module):
                 f"weight {qt.spec} {qt.shape} does not match module {self.spec} "
                 f"{self.weight_logical_shape}"
             )
-        for field, t in qt.stored_tensors().items():
-            name = _PREFIX + STATE_NAMES[field]
+        stored = {_PREFIX + STATE_NAMES[field]: t for field, t in qt.stored_tensors().items()}
+        for field in STATE_NAMES.values():  # an optional tensor (g_idx) of the old weight only
+            name = _PREFIX + field
+            if name in self._buffers and name not in stored:
+                del self._buffers[name]
+        for name, t in stored.items():
             if name in self._buffers:
                 setattr(self, name, t)
             else:  # optional tensors (g_idx) become buffers only when present
@@ -92,6 +96,12 @@ class _QuantWeightMixin(nn.Module):
             self._view = view = (ids, qt, tuple(map(_address, tensors)), self.weight_dtype,
                                  tensors)
         return view[1]
+
+    def __getstate__(self) -> dict:
+        # the kernel cache holds bound closures (not picklable) built from this process's
+        # pointers: a pickled module (torch.save(model), deepcopy) rebuilds them on first use
+        state = super().__getstate__()
+        return {**state, "_kernel_cache": {}, "_view": None}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache.clear()
@@ -208,6 +218,12 @@ class QuantEmbedding(_QuantWeightMixin):
         super().__init__()
         spec = as_spec(spec)
         w = emb.weight.detach()
+        if emb.max_norm is not None:
+            # nn.Embedding renormalizes each row it looks up (in place, once: renorm is
+            # idempotent); quantizing the renormalized rows gives every lookup that result
+            norms = torch.linalg.vector_norm(w.float(), ord=emb.norm_type, dim=1, keepdim=True)
+            w = torch.where(norms > emb.max_norm, w * (emb.max_norm / (norms + 1e-7)), w)
+            w = w.to(emb.weight.dtype)
         self._init_weight(tuple(w.shape), spec, w.dtype, w.device)
         self.padding_idx = emb.padding_idx
         self.set_weight(QuantizedTensor.from_float(w, spec))

@@ -225,19 +225,19 @@ def _quantized_weights(model) -> dict[str, torch.Tensor]:
             if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_staged_forward_equals_rerunning_the_block_per_group(lm, monkeypatch, batch_size):
+@pytest.mark.parametrize("spec, batch_size", [("w3g128", 1), ("w3g128", 4), ("w4a8", 4)])
+def test_staged_forward_equals_rerunning_the_block_per_group(lm, monkeypatch, spec, batch_size):
     """The one-forward staged run (batches paused before each group of linears) gives the
-    statistics of re-running the block once per group: the same codes at w3g128 (whose CPU
-    kernel is the dequantized weight), with one or several calibration batches."""
+    statistics of re-running the block once per group: the same codes, with one or several
+    calibration batches, and with activations quantized (w4a8) as the re-run's do."""
     import lowbit.calib.sequential as sq
 
     load, calib, _ = lm
     include = ["model.layers.0.*", "model.layers.1.*"]
-    staged = lowbit.quantize(load(), "w3g128", algorithm="gptq", calib=calib,
+    staged = lowbit.quantize(load(), spec, algorithm="gptq", calib=calib,
                              calib_batch_size=batch_size, include=include)
     monkeypatch.setattr(sq, "STAGED_MAX_INPUT_BYTES", 0)
-    rerun = lowbit.quantize(load(), "w3g128", algorithm="gptq", calib=calib,
+    rerun = lowbit.quantize(load(), spec, algorithm="gptq", calib=calib,
                             calib_batch_size=batch_size, include=include)
     a, b = _quantized_weights(staged), _quantized_weights(rerun)
     assert set(a) == set(b) and len(a) == 14
@@ -281,3 +281,40 @@ def test_staged_forward_falls_back_with_many_batches(monkeypatch):
                     calib_batch_size=2, exclude=["lm_head"])
     blocks, batches, groups = 2, 3, 4
     assert len(calls) == batches + 1 + blocks * batches * (groups + 1)
+
+
+def test_calibration_runs_in_eval_mode_and_puts_each_mode_back():
+    """Dropout is off while calibrating (the result does not depend on the RNG); the model's
+    modules get their own modes back."""
+    results = []
+    for seed in (1, 2):
+        model = tiny_gpt2().train()
+        model.transformer.h[0].eval()
+        torch.manual_seed(seed)
+        lowbit.quantize(model, "w4g64", algorithm="gptq", calib=gpt2_calib(), exclude=["lm_head"])
+        assert model.training and not model.transformer.h[0].training
+        results.append(_quantized_weights(model))
+    expected = _quantized_weights(lowbit.quantize(tiny_gpt2(), "w4g64", algorithm="gptq",
+                                                  calib=gpt2_calib(), exclude=["lm_head"]))
+    for n in expected:
+        assert torch.equal(results[0][n], expected[n]) and torch.equal(results[1][n], expected[n])
+
+
+@pytest.mark.parametrize("spec, algorithm", [("w4g64", "gptq"), ("w8a8-static", "rtn")])
+def test_calibration_the_model_cannot_take_is_refused_in_one_line(spec, algorithm):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="calib sequences of 80 tokens exceed the model's 64 "
+                                         "positions; lower calib_seq_len"):
+        lowbit.quantize(model, spec, algorithm=algorithm, calib=gpt2_calib(t=80))
+    with pytest.raises(ValueError, match=r"batch 0 holds token ids in \[3, 98\]; the "
+                                         r"model's vocabulary is \[0, 96\)"):
+        lowbit.quantize(model, spec, algorithm=algorithm, calib=gpt2_calib() + 3)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=1, n_head=2, vocab_size=96, n_positions=64))
+    with pytest.raises(ValueError, match="'transformer.wte.weight' is on the meta device"):
+        lowbit.quantize(model, "w8")

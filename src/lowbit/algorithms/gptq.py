@@ -175,7 +175,10 @@ class GPTQ(Algorithm):
                     gi = col // group
                     ahead = W1[:, i : i + group]
                     if ahead.shape[1] < group:
-                        ahead = torch.cat([ahead, W[:, i2 : i2 + group - ahead.shape[1]]], 1)
+                        tail = W[:, i2 : i2 + group - ahead.shape[1]]
+                        if i:  # columns past the block lack its pending lazy updates so far
+                            tail = tail - Err1[:, :i] @ Hinv[i1 : i1 + i, i2 : i2 + tail.shape[1]]
+                        ahead = torch.cat([ahead, tail], 1)
                     qp = self._qparams(ahead, column_spec, hdiag[col : col + group])
                     scales[:, gi] = qp.scale[:, 0]
                     s_col = qp.scale.float()

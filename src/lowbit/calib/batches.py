@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 _ALLOWED = (
     "a list of strings (with tokenizer=...), a tensor of token ids [N, T] or [T], a float "
@@ -101,3 +102,28 @@ def as_batches(
     if not batches:
         raise ValueError(f"calib is empty (it yielded no non-empty batch); pass {_ALLOWED}")
     return batches
+
+
+def check_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Raise ValueError for token-id batches the model cannot take: ids outside its vocabulary,
+    or sequences longer than its position limit (``max_position_embeddings`` / ``n_positions``
+    of its config), which would fail deep inside the forward or calibrate past its context."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        table = embeddings() if callable(embeddings) else None
+    except NotImplementedError:
+        table = None
+    vocab = getattr(table, "num_embeddings", None)
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                        None)
+    for i, batch in enumerate(batches):
+        if batch.dtype.is_floating_point or batch.dtype == torch.bool or batch.dim() < 2:
+            continue
+        low, high = int(batch.min()), int(batch.max())
+        if vocab is not None and (low < 0 or high >= vocab):
+            raise ValueError(f"calib batch {i} holds token ids in [{low}, {high}]; the model's "
+                             f"vocabulary is [0, {vocab})")
+        if isinstance(limit, int) and batch.shape[-1] > limit:
+            raise ValueError(f"calib sequences of {batch.shape[-1]} tokens exceed the model's "
+                             f"{limit} positions; lower calib_seq_len (CLI: --calib-seq-len)")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.calib.batches import as_batches
+from lowbit.calib.batches import as_batches, check_batches
 from lowbit.observers import Observer, get_observer
 from lowbit.quant import QParams
 from lowbit.spec import QuantSpec
@@ -118,6 +118,7 @@ def calibrate_static(
             )
     get_observer(observer)  # fail on a bad name before running the model
     batches = as_batches(calib, tokenizer, n_samples, seq_len, batch_size=batch_size)
+    check_batches(model, batches)
     observers = observe_inputs(model, list(act_specs), batches, observer, progress=progress)
     qparams = {name: observers[name].qparams(spec) for name, spec in act_specs.items()}
     n_seq = sum(int(b.shape[0]) for b in batches)

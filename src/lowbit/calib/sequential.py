@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats
+from lowbit.calib.batches import check_batches
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
 
@@ -398,8 +399,12 @@ def quantize_sequential(
     progress = _Progress(show_progress, len(blocks))
     if batches is not None:
         _check_tokens(model, specs, algorithm, batches)
+        check_batches(model, batches)
     if reader is not None:
         keep_large_buffers_off_the_heap()
+    # calibrate in eval mode (no dropout); each module's own mode is put back at the end
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
         inputs = None
         if found and (batches is not None or reader is not None):
@@ -433,6 +438,8 @@ def quantize_sequential(
         raise
     finally:
         progress.close()
+        for module, training in modes:
+            module.training = training
     return result
 
 
@@ -693,7 +700,8 @@ class _Fiber:
 class _StandIn(nn.Module):
     """Takes a selected linear's place during the staged forward: the first call of the
     forward into its group pauses the batch until the group is quantized (recording the
-    statistics of the input first); from then on it computes with the dequantized weight."""
+    statistics of the input first); from then on it runs the quantized module, as the
+    re-run path does (activation quantization included)."""
 
     def __init__(self, original: nn.Module, group: int, run: _StagedRun) -> None:
         super().__init__()
@@ -701,20 +709,16 @@ class _StandIn(nn.Module):
         self.group = group
         self._run = run
         self.quantized: nn.Module | None = None
-        self.weight_q: torch.Tensor | None = None
 
     def use(self, new: nn.Module) -> None:
         self.quantized = new
-        self.weight_q = new.qweight.dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group not in self._run.done_groups:
             self._run.arrive(self.group, x)
-        if self.weight_q is None:  # not selected for this pass (never quantized)
+        if self.quantized is None:  # not selected for this pass (never quantized)
             return self.original(x)
-        bias = self.quantized.bias
-        return nn.functional.linear(x, self.weight_q.to(x.dtype),
-                                    None if bias is None else bias.to(x.dtype))
+        return self.quantized(x)
 
 
 class _StagedRun:

@@ -67,3 +67,33 @@ def test_every_format_name_builds_a_spec():
         one_bit = name in ("int1", "uint1")
         spec = QuantSpec(name, "channel", symmetric=fixed_grid or not one_bit)
         assert 1 <= spec.bits <= 8
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_presets_spec_string_names_it_again(name):
+    assert as_spec(str(preset(name))) == preset(name)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(format="int3", granularity="group", group_size=64, symmetric=True),
+    QuantSpec(format="uint4", granularity="block", block=(4, 64), zero_point="float",
+              clip_ratio=0.9),
+    QuantSpec(format="nf4", granularity="channel", axis=1, symmetric=True, rounding="stochastic"),
+    QuantSpec(format="kmeans3", granularity="group", group_size=32),
+    QuantSpec(format="uint8", granularity="channel", act=QuantSpec(
+        format="uint8", granularity="token", dynamic=True)),
+])
+def test_spec_strings_parse_back_to_their_spec(spec):
+    assert as_spec(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text, match", [
+    ("w5g7", "unknown preset 'w5g7'"),
+    ("w8a8-dynamic", "unknown preset or spec string 'w8a8-dynamic'.*w4g128.*FORMAT-GRANULARITY"),
+    ("int4-g", "granularity 'g' is not one of"),
+    ("int4-g64-foo", "unknown part 'foo'"),
+    ("int4", "unknown preset 'int4'"),
+])
+def test_bad_spec_strings_say_what_is_allowed(text, match):
+    with pytest.raises(ValueError, match=match):
+        as_spec(text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -337,12 +338,70 @@ def preset(name: str) -> QuantSpec:
     return QuantSpec.from_dict(PRESETS[name]["spec"])
 
 
+SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym|-asym][-fz][-clipR][-sr][-dyn][+a:ACTIVATION "
+                      "SPEC], granularity tensor, ch, chAXIS, gN, bRxC or token, e.g. "
+                      "'uint4-g128-asym' or 'int8-ch-sym+a:int8-token-sym-dyn'")
+
+
+def parse_spec(text: str) -> QuantSpec:
+    """The QuantSpec a spec string (``str(spec)``, as summaries and checkpoints print it) names:
+    a preset's own spec when a preset prints the same (so its scale dtypes come along), else
+    the fields the string gives with the defaults for the rest."""
+    for entry in PRESETS.values():
+        candidate = QuantSpec.from_dict(entry["spec"])
+        if str(candidate) == text:
+            return candidate
+    weight, _, act = text.partition("+a:")
+    tokens = weight.split("-")
+    if tokens[0] not in spec_format_names():
+        raise ValueError(f"unknown preset or spec string {text!r}; allowed: a preset "
+                         f"({', '.join(PRESETS)}) or a spec string {SPEC_STRING_SYNTAX}")
+    if len(tokens) < 2:
+        raise ValueError(f"spec string {text!r} has no granularity; syntax: {SPEC_STRING_SYNTAX}")
+    fields: dict[str, Any] = {"format": tokens[0]}
+    gran = tokens[1]
+    if gran in ("tensor", "token"):
+        fields["granularity"] = gran
+    elif re.fullmatch(r"ch(-?\d+)?", gran):
+        fields.update(granularity="channel", axis=int(gran[2:] or 0))
+    elif re.fullmatch(r"g\d+", gran):
+        fields.update(granularity="group", group_size=int(gran[1:]))
+    elif re.fullmatch(r"b\d+x\d+", gran):
+        rows, cols = gran[1:].split("x")
+        fields.update(granularity="block", block=(int(rows), int(cols)))
+    else:
+        raise ValueError(f"spec string {text!r}: granularity {gran!r} is not one of tensor, ch, "
+                         f"chAXIS, gN, bRxC, token; syntax: {SPEC_STRING_SYNTAX}")
+    for flag in tokens[2:]:
+        if flag in ("sym", "asym"):
+            fields["symmetric"] = flag == "sym"
+        elif flag == "fz":
+            fields["zero_point"] = "float"
+        elif flag == "sr":
+            fields["rounding"] = "stochastic"
+        elif flag == "dyn":
+            fields["dynamic"] = True
+        elif re.fullmatch(r"clip\d*\.?\d+", flag):
+            fields["clip_ratio"] = float(flag[4:])
+        else:
+            raise ValueError(f"spec string {text!r}: unknown part {flag!r}; syntax: "
+                             f"{SPEC_STRING_SYNTAX}")
+    if "symmetric" not in fields and tokens[0] in _NON_INT_FORMATS:
+        fields["symmetric"] = _NON_INT_FORMATS[tokens[0]][0] in ("float", "codebook")
+    if act:
+        fields["act"] = parse_spec(act)
+    return QuantSpec(**fields)
+
+
 def as_spec(spec: str | QuantSpec | dict[str, Any]) -> QuantSpec:
-    """Accept a preset name, a QuantSpec, or a dict of QuantSpec fields."""
+    """Accept a preset name, a spec string (:func:`parse_spec`), a QuantSpec, or a dict of
+    QuantSpec fields."""
     if isinstance(spec, QuantSpec):
         return spec
     if isinstance(spec, str):
-        return preset(spec)
+        if spec in PRESETS or "-" not in spec:
+            return preset(spec)
+        return parse_spec(spec)
     if isinstance(spec, dict):
         return QuantSpec.from_dict(spec)
     raise TypeError(

@@ -214,3 +214,12 @@ def test_include_matching_no_module_writes_nothing(gpt2_dir, tmp_path):
     _fails(["quantize", str(gpt2_dir), "--scheme", "w8", "--include", "model.layers.*", "-o",
             str(out)], out, "no module left to quantize", "not matched by include",
            "'transformer.wte', ")
+
+
+def test_a_spec_string_works_as_scheme(gpt2_dir, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(gpt2_dir), "-s", "int4-g32-sym", "--exclude",
+                            "transformer.wte", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["spec_str"] for g in config["config_groups"].values()] == ["int4-g32-sym"]

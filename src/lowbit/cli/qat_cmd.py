@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lowbit.cli.common import console, err_console, fail
-from lowbit.spec import PRESETS
+from lowbit.spec import PRESETS, SPEC_STRING_SYNTAX, as_spec
 
 CHECKPOINT = "last.pt"
 
@@ -75,8 +75,12 @@ def qat_command(
 
     ckpt_path = out_dir / "checkpoints" / CHECKPOINT
     try:
-        if scheme not in PRESETS:
-            raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
+        try:
+            as_spec(scheme)
+        except ValueError:
+            raise ValueError(f"unknown scheme {scheme!r}; allowed: a preset "
+                             f"({', '.join(PRESETS)}) or a spec string {SPEC_STRING_SYNTAX}"
+                             ) from None
         if steps <= 0:
             raise ValueError(f"--steps {steps}; allowed: a positive int")
         if checkpoint_every <= 0:

@@ -12,7 +12,7 @@ from rich.table import Table
 from lowbit.cli.common import console, err_console, fail
 from lowbit.eval.size import human_bytes
 from lowbit.kernels.dispatch import kernel_plan
-from lowbit.spec import PRESETS, QuantSpec, preset
+from lowbit.spec import PRESETS, SPEC_STRING_SYNTAX, QuantSpec, as_spec, preset
 
 MODES = ("weight", "dynamic", "static")
 DYNAMIC_PRESET = "w8a8"
@@ -32,9 +32,11 @@ def resolve_scheme(scheme: str | None, mode: str | None) -> tuple[QuantSpec, str
         if mode in ("dynamic", "static"):
             return preset(DYNAMIC_PRESET if mode == "dynamic" else STATIC_PRESET), mode
         scheme = "w4g128"
-    if scheme not in PRESETS:
-        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
-    spec = preset(scheme)
+    try:
+        spec = as_spec(scheme)
+    except ValueError:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: a preset ({', '.join(PRESETS)}) "
+                         f"or a spec string {SPEC_STRING_SYNTAX}") from None
     if mode is None:
         mode = "weight" if spec.act is None else ("dynamic" if spec.act.dynamic else "static")
     if mode not in MODES:

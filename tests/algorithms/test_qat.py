@@ -324,3 +324,20 @@ def test_activation_spec_on_embedding_keeps_the_weight_part():
     assert lm.emb.spec.act is None and lm.head.spec.act is not None
     report = {m.name: m for m in lm.lowbit_summary.modules}
     assert "weight part of the spec only" in report["emb"].reason
+
+
+def test_train_puts_modes_back_and_runs_the_teacher_in_eval_mode():
+    torch.manual_seed(0)
+    student = qat.prepare(_TinyLM(), "w4g64", include=["mlp.*"])
+    teacher = _TinyLM().train()
+    seen = []
+    teacher.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    opt = qat.make_optimizer(student, lr=1e-2, weight_lr=1e-3)
+    student.eval()
+    qat.train(student, torch.randint(0, 32, (400,)), 2, opt, batch_size=2, seq_len=16,
+              teacher=teacher)
+    assert seen == [False, False] and teacher.training and not student.training
+    with pytest.raises(qat.DivergedError):
+        qat.train(student, torch.randint(0, 32, (400,)), 3, qat.make_optimizer(
+            student, lr=float("nan"), weight_lr=float("nan")), batch_size=2, seq_len=16)
+    assert not student.training

@@ -88,22 +88,30 @@ def train(
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps={steps!r}; allowed: a positive int")
     ids = check_stream(ids, batch_size, seq_len)
+    # the student trains (dropout on), the teacher gives targets in eval mode; every module's
+    # own mode is put back afterwards, also when a step fails
+    modes = [(m, m.training) for net in (model, teacher) if net is not None for m in net.modules()]
     model.train()
+    if teacher is not None:
+        teacher.eval()
     losses = []
-    for step in range(start_step, steps):
-        batch = sample_batch(ids, batch_size, seq_len, step, seed)
-        loss = qat_loss(model, batch, teacher)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise DivergedError(step, value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for g in optimizer.param_groups
-                   for p in g["params"]):
-            raise DivergedError(step, float("nan"), "the update made parameters NaN/Inf")
-        losses.append(value)
-        if on_step is not None:
-            on_step(step, value)
-    model.eval()
+    try:
+        for step in range(start_step, steps):
+            batch = sample_batch(ids, batch_size, seq_len, step, seed)
+            loss = qat_loss(model, batch, teacher)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DivergedError(step, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for g in optimizer.param_groups
+                       for p in g["params"]):
+                raise DivergedError(step, float("nan"), "the update made parameters NaN/Inf")
+            losses.append(value)
+            if on_step is not None:
+                on_step(step, value)
+    finally:
+        for module, training in modes:
+            module.training = training
     return losses

@@ -16,6 +16,7 @@ from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
 from lowbit.models.select import check_specs, choose_spec
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
+from lowbit.quant.layout import layout_for
 from lowbit.spec import QuantSpec
 
 
@@ -205,7 +206,12 @@ def quantize(
                     "pass calib=..."
                 )
             static_acts[name] = act
-        if sequential:
+        if sequential:  # shapes checked now, not after calibrating the blocks before
+            shape = tuple(module.weight.shape)
+            try:
+                layout_for(shape[::-1] if kind == "Conv1D" else shape, layer_spec)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r} ({kind}): {e}") from None
             chosen[name], before_bytes[name] = layer_spec, before
             continue
         if progress is not None:

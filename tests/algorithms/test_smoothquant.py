@@ -221,3 +221,22 @@ def test_smoothquant_through_lowbit_quantize_beats_plain_w8a8_static():
         lowbit.quantize(model, "w8a8-static", algorithm=name, calib=ids)
         errors[name] = float(((outputs(model, [ids]) - ref) ** 2).mean() / (ref**2).mean())
     assert errors["smoothquant"] < 0.5 * errors["rtn"], errors
+
+
+def test_weight_only_specs_are_refused_with_the_algorithms_that_suit_them():
+    gpt2, _ = tiny_gpt2()
+    ctx = BlockContext(block=gpt2.h[0], arch="gpt2", stats={},
+                       spec_for=lambda _n: preset("w4g64"), run_block=lambda: [])
+    with pytest.raises(ValueError, match="uint4-g64-asym is weight-only .*'awq' or 'gptq'"):
+        SmoothQuant().prepare_block(ctx)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SmoothQuant(alpha="0.5"), r"alpha='0.5'; allowed: a number in \[0, 1\]"),
+    (lambda: get_algorithm("hqq").__class__(iters=2.5), "iters=2.5; allowed: an int >= 1"),
+    (lambda: get_algorithm("gptq").__class__(block=True), "block=True; allowed: an int >= 1"),
+    (lambda: get_algorithm("gptq").__class__(damp=0), r"damp=0; allowed: a number in \(0, 1\)"),
+])
+def test_hyper_parameters_are_checked_when_made(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -318,3 +318,10 @@ def test_a_model_without_weights_is_refused():
             n_embd=64, n_layer=1, n_head=2, vocab_size=96, n_positions=64))
     with pytest.raises(ValueError, match="'transformer.wte.weight' is on the meta device"):
         lowbit.quantize(model, "w8")
+
+
+def test_a_group_that_does_not_divide_a_layer_is_named_before_calibrating():
+    with pytest.raises(ValueError, match=r"layer 'transformer.h.0.attn.c_attn' \(Conv1D\): "
+                                         "group_size=128 does not divide"):
+        lowbit.quantize(tiny_gpt2(), "w4g128", algorithm="awq", calib=gpt2_calib(),
+                        exclude=["*.wte", "*.wpe", "lm_head"])

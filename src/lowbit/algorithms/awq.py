@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats
+from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats, check_number
 from lowbit.models.mappings import (
     ResolvedMapping,
     fold_scales,
@@ -82,8 +82,7 @@ class AWQ(Algorithm):
             raise ValueError(f"grid={self.grid!r}; allowed: a positive int")
         if not isinstance(self.clip_grid, int) or self.clip_grid < 1:
             raise ValueError(f"clip_grid={self.clip_grid!r}; allowed: a positive int")
-        if not 0 <= self.max_shrink < 1:
-            raise ValueError(f"max_shrink={self.max_shrink}; allowed: 0 <= max_shrink < 1")
+        check_number("max_shrink", self.max_shrink, 0, 1, high_open=True)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; allowed: {', '.join(OBJECTIVES)}")
 

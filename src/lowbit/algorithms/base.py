@@ -15,6 +15,25 @@ from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
 
+def check_number(name: str, value: object, low: float, high: float, *,
+                 integer: bool = False, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a number (an int where ``integer``; never a bool)
+    in the interval ``low .. high`` (open at an end where said): hyper-parameters are checked
+    when an algorithm object is made, not deep inside a run."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
+    if not ok:
+        what = "an int" if integer else "a number"
+        if high == float("inf"):
+            bounds = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r}; allowed: {what} {bounds}")
+
+
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear layer's input ``x [tokens, in]``.

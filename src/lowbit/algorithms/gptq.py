@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import Algorithm, LayerStats
+from lowbit.algorithms.base import Algorithm, LayerStats, check_number
 from lowbit.formats.packing import pack
 from lowbit.quant.layout import layout_for
 from lowbit.quant.maps import (
@@ -67,14 +67,10 @@ class GPTQ(Algorithm):
     needs_hessian = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp={self.damp}; allowed: 0 < damp < 1")
-        if self.block < 1:
-            raise ValueError(f"block={self.block}; allowed: a positive int")
-        if self.clip_grid < 0:
-            raise ValueError(f"clip_grid={self.clip_grid}; allowed: an int >= 0 (0 = min-max)")
-        if not 0 < self.max_shrink < 1:
-            raise ValueError(f"max_shrink={self.max_shrink}; allowed: 0 < max_shrink < 1")
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
+        check_number("block", self.block, 1, float("inf"), integer=True)
+        check_number("clip_grid", self.clip_grid, 0, float("inf"), integer=True)  # 0: min-max
+        check_number("max_shrink", self.max_shrink, 0, 1, low_open=True, high_open=True)
         if self.clip_weight not in ("hessian", "uniform"):
             raise ValueError(f"clip_weight={self.clip_weight!r}; allowed: 'hessian', 'uniform'")
         self.sequential_in_block = self.sequential

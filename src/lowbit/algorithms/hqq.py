@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import Algorithm, LayerStats
+from lowbit.algorithms.base import Algorithm, LayerStats, check_number
 from lowbit.quant.layout import layout_for
 from lowbit.quant.maps import (
     QParams,
@@ -53,10 +53,10 @@ class HQQ(Algorithm):
     name = "hqq"
 
     def __post_init__(self) -> None:
-        if self.iters < 1:
-            raise ValueError(f"iters={self.iters}; allowed: a positive int")
-        if not 0 < self.p <= 1:
-            raise ValueError(f"p={self.p}; allowed: 0 < p <= 1")
+        check_number("iters", self.iters, 1, float("inf"), integer=True)
+        check_number("p", self.p, 0, 1, low_open=True)
+        check_number("beta", self.beta, 0, float("inf"), low_open=True, high_open=True)
+        check_number("kappa", self.kappa, 1, float("inf"), high_open=True)
 
     def quantize_weight(
         self, weight: torch.Tensor, spec: QuantSpec, stats: LayerStats | None = None

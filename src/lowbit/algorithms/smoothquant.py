@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats
+from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats, check_number
 from lowbit.models.mappings import fold_scales, linear_weight_2d, mappings_for, resolve_mappings
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -30,7 +30,8 @@ def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
 
 @dataclass
 class SmoothQuant(Algorithm):
-    """alpha: migration strength (0: none, 1: all onto the weights); fold_linear_pairs: also
+    """alpha: migration strength (1: every channel's range onto the weights, 0: onto the
+    activations, weights scaled to max 1; 0.5 splits it evenly); fold_linear_pairs: also
     smooth linear -> linear pairs of the mapping table (v_proj -> o_proj, up_proj -> down_proj),
     not only norm -> linear ones as in the paper."""
 
@@ -41,8 +42,7 @@ class SmoothQuant(Algorithm):
     restat_after_prepare = True
 
     def __post_init__(self) -> None:
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha}; allowed: 0 <= alpha <= 1")
+        check_number("alpha", self.alpha, 0, 1)
 
     def prepare_block(self, ctx: BlockContext) -> list[str]:
         if mappings_for(ctx.arch) is None:
@@ -53,8 +53,15 @@ class SmoothQuant(Algorithm):
             label = f"{m.prev_name} -> {', '.join(m.next_names)}"
             if m.prev_kind != "norm" and not self.fold_linear_pairs:
                 continue
-            if all(ctx.spec_for(n) is None for n in m.next_names):
+            specs = [ctx.spec_for(n) for n in m.next_names if ctx.spec_for(n) is not None]
+            if not specs:
                 continue
+            if all(spec.act is None for spec in specs):
+                raise ValueError(
+                    f"SmoothQuant moves activation outliers into the weights, for specs that "
+                    f"quantize activations (w8a8, w8a8-static, w4a8); {specs[0]} is weight-only "
+                    f"({m.next_names[0]}): use algorithm='awq' or 'gptq' for weight-only specs"
+                )
             stats = next((ctx.stats[n] for n in m.next_names
                           if n in ctx.stats and ctx.stats[n].abs_max is not None), None)
             if stats is None:

@@ -216,7 +216,7 @@ class FloatFormat:
         number of midpoints below |x|; a value exactly on a midpoint takes the even code.
         """
         mags = self.decode(torch.arange(self.max_code + 1, dtype=torch.int32))
-        mids = (mags[1:] + mags[:-1]) / 2
+        mids = ((mags[1:] + mags[:-1]) / 2).to(x.device)
         a = x.to(torch.float32).abs()
         code = torch.bucketize(a, mids)  # |x| == mid -> the lower code
         on_mid = (code < mids.numel()) & (a == mids[code.clamp(max=mids.numel() - 1)])

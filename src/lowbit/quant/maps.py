@@ -227,7 +227,7 @@ def _codes_blocked(
         )
     if kind == "float":
         return _grid(spec).encode(v, saturate=True)
-    return _nearest_index(v, _grid_values(spec))
+    return _nearest_index(v, _grid_values(spec).to(v.device))
 
 
 def _grid_values(spec: QuantSpec) -> torch.Tensor:
@@ -287,7 +287,7 @@ def _values_blocked(codes: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.
         return affine_values(codes, scale, _affine_zero(spec, qp), spec)
     if kind == "float":
         return _grid(spec).decode(codes) * scale
-    return _grid_values(spec)[codes.long()] * scale
+    return _grid_values(spec).to(codes.device)[codes.long()] * scale
 
 
 def quantize(

@@ -78,7 +78,7 @@ def test_every_presets_spec_string_names_it_again(name):
     QuantSpec(format="int3", granularity="group", group_size=64, symmetric=True),
     QuantSpec(format="uint4", granularity="block", block=(4, 64), zero_point="float",
               clip_ratio=0.9),
-    QuantSpec(format="nf4", granularity="channel", axis=1, symmetric=True, rounding="stochastic"),
+    QuantSpec(format="int4", granularity="channel", axis=1, symmetric=True, rounding="stochastic"),
     QuantSpec(format="kmeans3", granularity="group", group_size=32),
     QuantSpec(format="uint8", granularity="channel", act=QuantSpec(
         format="uint8", granularity="token", dynamic=True)),
@@ -97,3 +97,20 @@ def test_spec_strings_parse_back_to_their_spec(spec):
 def test_bad_spec_strings_say_what_is_allowed(text, match):
     with pytest.raises(ValueError, match=match):
         as_spec(text)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"group_size": True}, "group_size=True"),
+    ({"symmetric": "no"}, "symmetric='no'; allowed: True, False"),
+    ({"dynamic": "false"}, "dynamic='false'"),
+    ({"granularity": "channel", "axis": 1.5}, "axis=1.5"),
+    ({"granularity": "channel", "axis": True}, "axis=True"),
+    ({"clip_ratio": "0.5"}, "clip_ratio='0.5'"),
+    ({"granularity": "block", "block": (True, 4)}, "block=\\(True, 4\\)"),
+    ({"format": "kmeans4", "rounding": "stochastic"}, "rounding='stochastic' is implemented"),
+    ({"act": QuantSpec(format="int8", granularity="token", symmetric=True)},
+     "static activation spec .* not 'token'"),
+])
+def test_fields_of_the_wrong_type_or_combination_are_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**fields)

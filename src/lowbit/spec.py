@@ -97,8 +97,15 @@ class QuantSpec:
             raise ValueError(
                 f"granularity={self.granularity!r}; allowed: {', '.join(GRANULARITIES)}"
             )
+        for name in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: True, False")
+        if not _is_int(self.axis):
+            raise ValueError(f"axis={self.axis!r}; allowed: an int (a dim of the weight)")
+        if not isinstance(self.clip_ratio, (int, float)) or isinstance(self.clip_ratio, bool):
+            raise ValueError(f"clip_ratio={self.clip_ratio!r}; allowed: 0 < clip_ratio <= 1")
         if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
+            if not _is_int(self.group_size) or self.group_size < 1:
                 raise ValueError(
                     f"group_size={self.group_size!r}; granularity='group' needs a positive int"
                 )
@@ -108,7 +115,7 @@ class QuantSpec:
             if (
                 self.block is None
                 or len(self.block) != 2
-                or not all(isinstance(b, int) and b >= 1 for b in self.block)
+                or not all(_is_int(b) and b >= 1 for b in self.block)
             ):
                 raise ValueError(
                     f"block={self.block!r}; granularity='block' needs (rows, cols), "
@@ -141,6 +148,13 @@ class QuantSpec:
             )
         if self.act is not None and not isinstance(self.act, QuantSpec):
             raise TypeError(f"act must be a QuantSpec or None, got {type(self.act).__name__}")
+        if self.rounding == "stochastic" and kind != "affine":
+            raise ValueError(f"rounding='stochastic' is implemented for integer formats; "
+                             f"{self.format!r} rounds to nearest")
+        if self.act is not None and not self.act.dynamic and self.act.granularity != "tensor":
+            raise ValueError(f"a static activation spec has one calibrated scale per layer "
+                             f"input: granularity='tensor', not {self.act.granularity!r} (or "
+                             "dynamic=True)")
 
     # ---- derived facts -------------------------------------------------------------------
     @cached_property
@@ -341,6 +355,10 @@ def preset(name: str) -> QuantSpec:
 SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym|-asym][-fz][-clipR][-sr][-dyn][+a:ACTIVATION "
                       "SPEC], granularity tensor, ch, chAXIS, gN, bRxC or token, e.g. "
                       "'uint4-g128-asym' or 'int8-ch-sym+a:int8-token-sym-dyn'")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_spec(text: str) -> QuantSpec:

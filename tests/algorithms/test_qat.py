@@ -308,13 +308,12 @@ def test_scale_learning_rate_is_relative_to_the_scale():
 
 def test_activation_spec_checks():
     bad = QuantSpec(format="int8", granularity="channel", symmetric=True,
-                    act=QuantSpec(format="fp8_e4m3fn", granularity="token", symmetric=True))
+                    act=QuantSpec(format="fp8_e4m3fn", granularity="token", symmetric=True,
+                                  dynamic=True))
     with pytest.raises(ValueError, match="integer"):
         qat.prepare(_mlp(), bad)
-    static_token = lowbit.preset("w8a8").replace(
-        act=lowbit.preset("w8a8").act.replace(dynamic=False))
-    with pytest.raises(ValueError, match="granularity='token'"):
-        qat.prepare(_mlp(), static_token)
+    with pytest.raises(ValueError, match="granularity='tensor', not 'token'"):
+        lowbit.preset("w8a8").replace(act=lowbit.preset("w8a8").act.replace(dynamic=False))
     with pytest.raises(ValueError, match="pass calib"):
         qat.prepare(_mlp(), "w8a8-static")
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
-from lowbit.models.select import check_specs, choose_spec
+from lowbit.models.select import check_specs, choose_spec, patterns
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.quant.layout import layout_for
 from lowbit.spec import QuantSpec
@@ -101,8 +101,8 @@ def quantize(
     spec: str | QuantSpec | Mapping[str, Any],
     algorithm: str | Algorithm = "rtn",
     calib: Any = None,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
     *,
     observer: str = "minmax",
     tokenizer: Any = None,
@@ -166,8 +166,7 @@ def quantize(
     sequential = alg.needs_calibration or reader is not None
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
-    include = list(include) if include is not None else None
-    exclude = list(exclude or [])
+    include, exclude = patterns(include), patterns(exclude) or []
     _check_selection(model, spec, include, exclude)
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []

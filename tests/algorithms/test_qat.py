@@ -340,3 +340,21 @@ def test_train_puts_modes_back_and_runs_the_teacher_in_eval_mode():
         qat.train(student, torch.randint(0, 32, (400,)), 3, qat.make_optimizer(
             student, lr=float("nan"), weight_lr=float("nan")), batch_size=2, seq_len=16)
     assert not student.training
+
+
+def test_prepare_refuses_a_selection_of_nothing_and_takes_one_pattern_as_a_string():
+    model = _TinyLM()
+    with pytest.raises(ValueError, match="no module left to train: 4 candidates"):
+        qat.prepare(model, "w4g64", exclude=["*"])
+    assert all(p.requires_grad for p in model.parameters())  # left as it was
+    qat.prepare(model, "w4g64", exclude="head")
+    assert isinstance(model.head, nn.Linear) and isinstance(model.mlp[0], qat.QATLinear)
+
+
+def test_tiny_weights_keep_subnormal_scales_as_ptq_does():
+    lin = nn.Linear(128, 4)
+    with torch.no_grad():
+        lin.weight.mul_(1e-3 / lin.weight.std())
+    ptq = lowbit.nn.QuantLinear.from_float(lin, "w8").qweight.dequantize()
+    model = qat.prepare(nn.Sequential(lin), "w8")
+    torch.testing.assert_close(model[0].fake_weight().detach(), ptq, rtol=0, atol=0)

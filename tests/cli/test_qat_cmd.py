@@ -114,3 +114,39 @@ def test_nan_loss_keeps_the_last_checkpoint(text_file, tmp_path):
     assert "diverged" in r.output and "last good checkpoint" in r.output
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_takes_this_runs_learning_rates_and_refuses_other_settings(text_file, tmp_path):
+    out = tmp_path / "out"
+    common = ["--text", str(text_file), "--batch-size", "2", "--seq-len", "32",
+              "--checkpoint-every", "1", "-o", str(out)]
+    assert _run("--steps", "1", *common).exit_code == 0
+    before = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    r = _run("--steps", "2", "--resume", "--lr", "0.001", "--weight-lr", "1e-6", *common)
+    assert r.exit_code == 0, r.output
+    after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    rates = [(a["lr"], b["lr"]) for a, b in zip(after["optimizer"]["param_groups"],
+                                                before["optimizer"]["param_groups"], strict=True)]
+    ratios = sorted({round(new / old, 6) for new, old in rates})
+    assert ratios == [0.01, 0.05]  # weights 1e-6 / 1e-4, scales 0.001 / 0.02
+    r = _run("--steps", "3", "--resume", "--scheme", "w4g128", *common)
+    assert r.exit_code == 2
+    assert "--resume: --scheme is 'w4g128', the checkpoint" in r.output
+    assert "trained with 'w2g64'" in r.output
+
+
+def test_output_is_checked_before_training(text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = _run("--text", str(text_file), "--steps", "1", "-o", ".")
+    assert r.exit_code == 2 and "current folder" in r.output
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_default_exclude_keeps_gpt2_embeddings_and_head_in_float():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lowbit.cli.qat_cmd import _embeddings_and_head
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                       n_positions=16))
+    assert _embeddings_and_head(model) == ["transformer.wte", "transformer.wpe", "lm_head"]

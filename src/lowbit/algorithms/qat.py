@@ -30,6 +30,7 @@ code at a rounding tie (not bit for bit).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -167,7 +168,10 @@ def stored_scale(scale: torch.Tensor, spec: QuantSpec, learn: str, grad_scale: f
     gradient scaling unless ``learn == 'fixed'``, straight-through through the cast."""
     dtype = torch_dtype(spec.scale_dtype)
     s = _GradScale.apply(scale, grad_scale) if learn != "fixed" else scale
-    return _CastSTE.apply(s.clamp(min=torch.finfo(dtype).tiny), dtype)
+    # the smallest subnormal, as PTQ's scales (finfo.tiny, the smallest normal, is ~1000x
+    # larger for fp16 and clamped small weights' scales)
+    smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    return _CastSTE.apply(s.clamp(min=smallest), dtype)
 
 
 def stored_zero(zero: torch.Tensor | None, spec: QuantSpec, learn: str, grad_scale: float
@@ -417,8 +421,8 @@ def prepare(
     learn: str = "lsq",
     init: str = "rtn",
     train: str = "all",
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
     calib: Any = None,
     tokenizer: Any = None,
     observer: str = "minmax",
@@ -437,7 +441,7 @@ def prepare(
         learned activation step.
     """
     from lowbit.api import ModuleReport, QuantizeSummary, _kind, _set_submodule, _weight_bytes
-    from lowbit.models.select import choose_spec
+    from lowbit.models.select import choose_spec, patterns
     from lowbit.nn.modules import QuantLinear
 
     if not isinstance(model, nn.Module):
@@ -450,12 +454,8 @@ def prepare(
         raise ValueError("learn='fixed' with train='scales' leaves nothing to train")
     if isinstance(spec, (str, QuantSpec)):
         spec = as_spec(spec)
-    include = list(include) if include is not None else None
-    exclude = list(exclude or [])
+    include, exclude = patterns(include), patterns(exclude) or []
     train_weight = train == "all"
-    if train == "scales":
-        for p in model.parameters():
-            p.requires_grad_(False)
     summary = QuantizeSummary()
     swaps: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}
@@ -494,6 +494,13 @@ def prepare(
             static_acts[name] = layer_spec.act
         summary.modules.append(ModuleReport(name, kind, str(layer_spec), "quantized", note,
                                             before, before))
+    if not swaps and summary.modules:
+        reasons = Counter(m.reason for m in summary.modules)
+        raise ValueError(f"no module left to train: {len(summary.modules)} candidates ("
+                         + ", ".join(f"{n} {why}" for why, n in reasons.most_common()) + ")")
+    if train == "scales":  # only the new modules' qparams train
+        for p in model.parameters():
+            p.requires_grad_(False)
     if static_acts:
         if calib is None:
             raise ValueError(

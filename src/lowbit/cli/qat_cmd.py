@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lowbit.cli.common import console, err_console, fail
+from lowbit.io.save import check_out_dir
 from lowbit.spec import PRESETS, SPEC_STRING_SYNTAX, as_spec
 
 CHECKPOINT = "last.pt"
@@ -39,6 +40,28 @@ def _save_keeping_checkpoints(model, out_dir: Path):
         if aside.is_dir():
             out_dir.mkdir(parents=True, exist_ok=True)
             os.replace(aside, ckpt_dir)
+
+
+def _embeddings_and_head(model) -> list[str]:
+    """The default ``--exclude``: every nn.Embedding and the output embedding (lm_head, or the
+    module tied to the input embedding), by type rather than by name (GPT-2's are wte / wpe)."""
+    from torch import nn
+
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names += [name for name, m in model.named_modules() if head is not None and m is head]
+    return list(dict.fromkeys(names)) or ["lm_head"]
+
+
+def _check_settings(saved: dict | None, now: dict, path: Path) -> None:
+    """A resumed run must train what the checkpoint trained: one line naming what differs."""
+    if saved is None:
+        return  # a checkpoint written before settings were stored
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: {option} is {value!r}, the checkpoint {path} was "
+                             f"trained with {saved[key]!r}; pass the same {option}")
 
 
 def qat_command(
@@ -92,13 +115,18 @@ def qat_command(
         if not resume and out_dir.exists() and any(out_dir.iterdir()):
             raise ValueError(f"--output {str(out_dir)!r} is not empty; use --resume to continue "
                              "its run or pick a new folder")
+        check_out_dir(out_dir, overwrite=True)  # the final save would refuse it after training
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         model, tokenizer, kind = load_hf_model(model_dir)
         if kind != "causal-lm" or tokenizer is None:
             raise ValueError(f"MODEL_DIR {model_dir!r}: QAT trains causal LMs with a tokenizer")
-        ids = tokenizer(text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+        try:
+            training_text = text.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--text {str(text)!r} is not UTF-8 text") from None
+        ids = tokenizer(training_text, return_tensors="pt", verbose=False).input_ids[0]
         qat.check_stream(ids, batch_size, seq_len)
         teacher = None
         if distill:
@@ -107,24 +135,32 @@ def qat_command(
             teacher = copy.deepcopy(model).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        excl = list(exclude) if exclude else ["lm_head", "*embed*"]
+        excl = list(exclude) if exclude else _embeddings_and_head(model)
         # static activation steps start from the range of the first training windows
         n_calib = min(8, ids.numel() // seq_len)
         calib = ids[: n_calib * seq_len].reshape(n_calib, seq_len)
         qat.prepare(model, scheme, learn=learn, init=init, train=train, exclude=excl,
                     calib=calib, calib_samples=n_calib, calib_seq_len=seq_len)
         optimizer = qat.make_optimizer(model, lr, weight_lr)
+        # what a resumed run must share with the run that wrote the checkpoint
+        settings = {"scheme": scheme, "learn": learn, "train": train, "init": init,
+                    "exclude": excl, "batch_size": batch_size, "seq_len": seq_len,
+                    "seed": seed, "distill": distill}
         start = 0
         if resume:
             state = torch.load(ckpt_path, weights_only=True)
+            _check_settings(state.get("settings"), settings, ckpt_path)
             model.load_state_dict(state["model"])
+            rates = [group["lr"] for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer"])
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate  # this run's --lr / --weight-lr, not the checkpoint's
             start = int(state["step"])
     except (ValueError, TypeError) as e:
         fail(str(e))
 
     def checkpoint(step_done: int) -> None:
-        _save_checkpoint(ckpt_path, {"model": model.state_dict(),
+        _save_checkpoint(ckpt_path, {"model": model.state_dict(), "settings": settings,
                                      "optimizer": optimizer.state_dict(), "step": step_done})
 
     progress = Progress(

@@ -17,6 +17,14 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def patterns(value: str | Iterable[str] | None) -> list[str] | None:
+    """``include`` / ``exclude`` as a list: one pattern may be given as a plain string (a string
+    is an iterable of one-character patterns otherwise)."""
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
 def first_match(name: str, patterns: Iterable[str]) -> str | None:
     for p in patterns:
         if matches(name, p):

@@ -94,3 +94,25 @@ def test_not_a_causal_lm(app, runner, tmp_path):
     assert "needs a causal LM" in result.output
     result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "-p", PROMPT])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_sampled_text_depends_on_the_seed_only(llama):
+    from lowbit.cli.generate_cmd import _timed_generate
+    from lowbit.models.hf import load_hf_model
+
+    model, tok, _ = load_hf_model(llama)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    decoder = lowbit.Decoder(model, 1, ids.shape[1] + 8)
+    out, _ = _timed_generate(decoder, ids, 8, do_sample=True,
+                             generator=torch.Generator().manual_seed(3))
+    expected = decoder.generate(ids, 8, do_sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, expected)
+
+
+def test_prompts_and_paths_print_as_they_are(app, runner, llama, tmp_path):
+    result = runner.invoke(app, ["generate", str(llama), "-p", "[/b] [red]ROMEO:", "-n", "2"])
+    assert result.exit_code == 0, result.output
+    assert "[/b] [red]ROMEO:" in result.output
+    missing = str(tmp_path / "out[red]w4")
+    result = runner.invoke(app, ["generate", missing, "-p", "x"])
+    assert result.exit_code == 2 and missing in result.output

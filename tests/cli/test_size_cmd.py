@@ -32,3 +32,9 @@ def test_size_of_the_fixture_model():
     result = runner.invoke(app, ["size", str(MODEL_3M)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "parameters" in result.output and "nf4g64" in result.output
+
+
+def test_size_refuses_less_than_one_parameter():
+    result = runner.invoke(app, ["size", "--params", "0.1"])
+    assert result.exit_code == 2 and "--params must be a finite number of parameters >= 1" in (
+        result.output)

@@ -6,12 +6,16 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+# markup off: paths, prompts, generated text and patterns (re:[01]) print as they are; the
+# few styled lines ask for markup and escape what they interpolate
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` in red on stderr (one line) and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False,
+                      markup=True)
     raise typer.Exit(code)

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lowbit.formats.inspect import explain, parse_value
@@ -23,16 +24,17 @@ from lowbit.formats.registry import canonical_name, format_table
 
 def _console(stderr: bool = False) -> Console:
     """A console; when not on a terminal and COLUMNS is unset, wide enough for the table."""
-    console = Console(stderr=stderr)
+    console = Console(stderr=stderr, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(stderr=stderr, width=160)
+        console = Console(stderr=stderr, width=160, markup=False)
     return console
 
 
 def _fail(argument: str, message: str) -> NoReturn:
     """Print one red line naming the argument to stderr and exit with status 2."""
     console = _console(stderr=True)
-    console.print(f"[red]{argument}: {message}[/red]", highlight=False, soft_wrap=True)
+    console.print(f"[red]{escape(f'{argument}: {message}')}[/red]", highlight=False,
+                  soft_wrap=True, markup=True)
     raise typer.Exit(2)
 
 

@@ -16,7 +16,9 @@ from lowbit.nn.modules import QuantLinear
 
 
 def _timed_generate(decoder, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float]:
-    decoder.generate(ids, min(4, new), **kwargs)  # warm-up: binds kernel caches
+    # warm-up (binds kernel caches), greedy: sampling would draw from the caller's generator
+    # and make the timed run's text depend on it
+    decoder.generate(ids, min(4, new), **{**kwargs, "do_sample": False, "generator": None})
     t0 = time.perf_counter()
     out = decoder.generate(ids, new, **kwargs)
     return out, time.perf_counter() - t0
@@ -99,6 +101,7 @@ def generate_command(
         f"\n{batch} x {new} new tokens in {seconds:.2f} s: [bold]{batch * new / seconds:.1f} "
         f"tokens/s[/] (lowbit Decoder, {torch.get_num_threads()} threads, prompt "
         f"{ids.shape[1]} tokens, {'sampled' if sample else 'greedy'})", highlight=False,
+        markup=True,
     )
     if not compare:
         return

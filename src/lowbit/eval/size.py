@@ -42,8 +42,8 @@ def size_from_params(n_params: float, matrix: tuple[int, int] = (4096, 4096)) ->
 
     Every parameter is counted as quantized, as in the classic "7B params x 4 bytes = 28 GB".
     """
-    if not 0 < n_params < float("inf"):
-        raise ValueError(f"--params must be a positive, finite number of parameters, got "
+    if not 1 <= n_params < float("inf"):
+        raise ValueError(f"--params must be a finite number of parameters >= 1, got "
                          f"{n_params}")
     rows = [
         SizeRow(name, f"IEEE {name}", int(n_params * bits / 8), float(bits))
@@ -74,6 +74,8 @@ def size_from_model(model_dir: str | Path) -> tuple[list[SizeRow], dict[str, int
                          "folder, or see its bytes with lowbit eval")
     infos = model_tensor_infos(model_dir)
     n_params = sum(i.numel for i in infos)
+    if n_params == 0:
+        raise ValueError(f"MODEL_DIR {str(model_dir)!r}: its safetensors hold no parameters")
     matrices = [i for i in infos if len(i.shape) == 2 and i.name.endswith(".weight")]
     summary = {
         "params": n_params,

@@ -223,3 +223,14 @@ def test_a_spec_string_works_as_scheme(gpt2_dir, tmp_path):
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert [g["spec_str"] for g in config["config_groups"].values()] == ["int4-g32-sym"]
+
+
+def test_float_tensors_are_stored_in_the_sources_dtype(llama_dir, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "w4g128", "--exclude", "lm_head",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "stored in float16, as in the source checkpoint" in r.output
+    source_bytes = sum(p.stat().st_size for p in llama_dir.glob("*.safetensors"))
+    assert (out / "model.safetensors").stat().st_size < 0.6 * source_bytes  # fp32 norms / head:
+    # 0.93x

@@ -414,3 +414,29 @@ def test_data_its_header_does_not_describe_fails_in_one_line(small_q, tmp_path):
     weights.write_bytes(weights.read_bytes() + b"\0" * 16)  # bytes no tensor covers
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         lowbit.load(tmp_path / "m")
+
+
+def test_float_dtype_stores_the_float_tensors_narrower_and_keeps_the_quantized_state(
+        small_q, tmp_path):
+    from safetensors import safe_open
+
+    full = lowbit.save(small_q, tmp_path / "fp32")
+    half = lowbit.save(small_q, tmp_path / "fp16", float_dtype=torch.float16)
+    assert half.file_bytes < full.file_bytes and half.quantized_bytes == full.quantized_bytes
+    dtypes = {}
+    for name in ("fp32", "fp16"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            dtypes[name] = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["fp32"]["transformer.ln_f.weight"] == "F32"
+    assert dtypes["fp16"]["transformer.ln_f.weight"] == "F16"
+    assert dtypes["fp16"]["transformer.h.0.attn.c_attn.bias"] == "F16"
+    for key in ("weight_scale", "weight_packed", "weight_shape"):  # as the spec fixes them
+        key = f"transformer.h.0.attn.c_attn.{key}"
+        assert dtypes["fp16"][key] == dtypes["fp32"][key]
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
+    loaded = lowbit.load(tmp_path / "fp16")
+    torch.testing.assert_close(loaded.transformer.ln_f.weight,
+                               small_q.transformer.ln_f.weight.half().float(), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="float_dtype must be a floating torch.dtype"):
+        lowbit.save(small_q, tmp_path / "bad", float_dtype=torch.int8)
+    assert not (tmp_path / "bad").exists()

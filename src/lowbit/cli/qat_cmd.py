@@ -25,7 +25,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _save_keeping_checkpoints(model, out_dir: Path):
+def _save_keeping_checkpoints(model, out_dir: Path, float_dtype=None):
     """lowbit.save replaces OUT_DIR; the checkpoints move aside and back, so ``--resume`` with a
     larger ``--steps`` can continue a finished run."""
     import lowbit
@@ -35,7 +35,7 @@ def _save_keeping_checkpoints(model, out_dir: Path):
     if ckpt_dir.is_dir():
         os.replace(ckpt_dir, aside)
     try:
-        return lowbit.save(model, out_dir, overwrite=True)
+        return lowbit.save(model, out_dir, overwrite=True, float_dtype=float_dtype)
     finally:
         if aside.is_dir():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def qat_command(
     import torch
 
     from lowbit.algorithms import qat
-    from lowbit.models.hf import load_hf_model
+    from lowbit.models.hf import load_hf_model, source_float_dtype
 
     ckpt_path = out_dir / "checkpoints" / CHECKPOINT
     try:
@@ -188,7 +188,7 @@ def qat_command(
             fail(f"{e}; stopped, {kept}")
     try:
         qat.convert(model)
-        result = _save_keeping_checkpoints(model, out_dir)
+        result = _save_keeping_checkpoints(model, out_dir, source_float_dtype(model_dir))
     except (ValueError, TypeError) as e:
         fail(str(e))
     first = f"{losses[0]:.4f}" if losses else "-"

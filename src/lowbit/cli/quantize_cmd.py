@@ -12,6 +12,7 @@ from rich.table import Table
 from lowbit.cli.common import console, err_console, fail
 from lowbit.eval.size import human_bytes
 from lowbit.kernels.dispatch import kernel_plan
+from lowbit.models.hf import source_float_dtype
 from lowbit.spec import PRESETS, SPEC_STRING_SYNTAX, QuantSpec, as_spec, preset
 
 MODES = ("weight", "dynamic", "static")
@@ -184,7 +185,8 @@ def quantize_command(
                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                 calib_batch_size=calib_batch_size, show_progress=True,
             )
-            result = lowbit.save(model, out_dir, overwrite=overwrite)
+            result = lowbit.save(model, out_dir, overwrite=overwrite,
+                                 float_dtype=source_float_dtype(model_dir))
         except (ValueError, TypeError) as e:
             fail(_explain(str(e)))
         _print_report(model, result, model_dir, mode, kind)
@@ -208,7 +210,8 @@ def quantize_command(
                 progress=advance, algorithm=alg, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
             )
-        result = lowbit.save(model, out_dir, overwrite=overwrite)
+        result = lowbit.save(model, out_dir, overwrite=overwrite,
+                             float_dtype=source_float_dtype(model_dir))
     except (ValueError, TypeError) as e:
         fail(_explain(str(e)))
     _print_report(model, result, model_dir, mode, kind)
@@ -259,6 +262,10 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
         q_after = sum(m.bytes_after for m in quantized)
         table.add_row("bits per weight", f"{q_after * 8 / numel:.3f} (quantized modules, "
                       "scales and zero-points included)")
+    stored_as = source_float_dtype(model_dir)
+    if stored_as is not None:
+        table.add_row("float tensors", f"stored in {str(stored_as).removeprefix('torch.')}, as "
+                      "in the source checkpoint")
     theoretical = result.theoretical_bytes
     table.add_row(
         "file on disk",

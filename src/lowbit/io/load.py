@@ -254,7 +254,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     for key, t in state.items():
         want = expected[key]
-        in_quant = any(key.startswith(p) for p in quant_prefixes)
+        # the quantized state keeps its spec's dtypes; a quantized module's bias is a float
+        in_quant = any(key.startswith(p) and key[len(p):].startswith(("weight_", "input_"))
+                       for p in quant_prefixes)
         if tuple(t.shape) != tuple(want.shape):
             raise ValueError(
                 f"{weights}: tensor {key!r} has shape {list(t.shape)}; the model expects "

@@ -173,6 +173,18 @@ def _copy_source_files(source: Path, dest: Path, out_dir: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
+def _cast_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``tensors`` with every float tensor but the quantized state (codes, scales, zero-points,
+    codebooks, activation qparams) cast to ``dtype``."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"float_dtype must be a floating torch.dtype, got {dtype!r}")
+    quantized = {f"{name}.{buffer}" for name, module in quant_modules(model)
+                 for buffer in module._buffers if buffer.startswith(("weight_", "input_"))}
+    return {key: t.to(dtype) if t.is_floating_point() and key not in quantized else t
+            for key, t in tensors.items()}
+
+
 def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[str, Any],
                 file_bytes: int, quantized_bytes: int, source: str | None) -> None:
     """README.md: lowbit's model card, the float model's card (copied to ``path``) below it."""
@@ -194,12 +206,16 @@ def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[s
     path.write_text(card, encoding="utf-8")
 
 
-def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> SaveResult:
+def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
+         float_dtype: torch.dtype | None = None) -> SaveResult:
     """Write ``model`` (a transformers model, quantized or not) to ``out_dir``.
 
     Everything is written to a temporary sibling folder that is renamed to ``out_dir`` at the end;
     on error nothing is left behind. An existing non-empty ``out_dir`` is refused unless
     ``overwrite=True``. Tied tensors are stored once and re-tied by ``lowbit.load``.
+    float_dtype: store the float tensors (norms, biases, layers kept in float) in this dtype,
+    e.g. the source checkpoint's float16 for a model computed in float32 (None: as they are);
+    quantized tensors keep the dtypes their spec fixes.
     """
     from safetensors.torch import save_file
 
@@ -215,11 +231,13 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> S
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _dedupe(model.state_dict())
+    if float_dtype is not None:
+        tensors = _cast_float_tensors(model, tensors, float_dtype)
     quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     config_dict = json.loads(config.to_json_string(use_diff=False))
-    config_dict["dtype"] = str(_model_float_dtype(model)).removeprefix("torch.")
+    config_dict["dtype"] = str(float_dtype or _model_float_dtype(model)).removeprefix("torch.")
     config_dict["quantization_config"] = quantization_config(model, tied)
 
     tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"

@@ -194,3 +194,20 @@ def load_tokenizer(source: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         return None
+
+
+def source_float_dtype(model_dir: str | os.PathLike) -> torch.dtype | None:
+    """float16 / bfloat16 when a model folder's config.json says its float tensors are stored in
+    it (``dtype``, or the older ``torch_dtype``), else None. The CLI stores the float tensors
+    of a quantized model loaded in float32 back in that dtype, so the checkpoint is not larger
+    than its source."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        return None
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)

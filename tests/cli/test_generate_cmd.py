@@ -80,6 +80,9 @@ def test_quantized_folder_and_compare_table(app, runner, llama, tmp_path):
     (["--sample", "--temperature", "0"], "--temperature=0.0; must be > 0"),
     (["--top-k", "0"], "--top-k=0; must be >= 1"),
     (["-s", "w5"], "w5"),
+    (["--top-k", "5"], "add --sample"),
+    (["-s", "w8a8-static"], "quantizes activations statically"),
+    (["-n", "600"], "exceeds the model's 512 positions; lower -n"),
 ])
 def test_bad_options_fail_in_one_line(app, runner, llama, args, message):
     result = runner.invoke(app, ["generate", str(llama), "-p", PROMPT, *args])

@@ -150,7 +150,9 @@ def eval_command(
         "line (encoders; default: built-in sentences)."
     ),
     context: int = typer.Option(512, "--context", help="Tokens per window."),
-    stride: int = typer.Option(256, "--stride", help="Window step; later windows score this many."),
+    stride: int | None = typer.Option(
+        None, "--stride", help="Window step; later windows score this many (default: --context "
+        "/ 2)."),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", help="Use only the first N tokens of --text."
     ),
@@ -167,6 +169,12 @@ def eval_command(
             raise ValueError(f"--max-tokens {max_tokens}; must be >= 1")
         if reference is not None and not reference.is_dir():
             raise ValueError(f"--reference {str(reference)!r} does not exist or is not a folder")
+        if context < 2:
+            raise ValueError(f"--context {context}; must be >= 2 tokens")
+        if stride is None:
+            stride = max(1, context // 2)
+        if not 1 <= stride <= context:
+            raise ValueError(f"--stride {stride}; must be in 1..--context ({context})")
         model, tokenizer, kind = load_model(model_dir)
         ref_model = ref_tok = None
         if reference is not None:
@@ -185,6 +193,12 @@ def eval_command(
             inputs: dict[str, torch.Tensor] = {"input_ids": window}
             timed = f"one forward pass on [1, {context}] tokens"
         else:
+            ignored = [f"--{name.replace('_', '-')}" for name, value, default in (
+                ("context", context, 512), ("stride", stride, max(1, context // 2)),
+                ("max_tokens", max_tokens, None)) if value != default]
+            if ignored:
+                raise ValueError(f"{' / '.join(ignored)}: for causal LMs only; MODEL_DIR is a "
+                                 f"{kind} (scored on sentences)")
             protocol, rows, inputs = _encoder_rows(model, ref_model, tokenizer, text)
             timed = f"one forward pass on a batch of {inputs['input_ids'].shape[0]} sentences"
     except (ValueError, TypeError) as e:

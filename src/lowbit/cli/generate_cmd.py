@@ -58,6 +58,18 @@ def generate_command(
             raise ValueError(f"--temperature={temperature}; must be > 0")
         if top_k is not None and top_k < 1:
             raise ValueError(f"--top-k={top_k}; must be >= 1")
+        if not sample and (top_k is not None or temperature != 1.0):
+            raise ValueError("--temperature / --top-k shape sampling; add --sample (greedy "
+                             "decoding ignores them)")
+        if scheme is not None:
+            try:
+                spec = lowbit.as_spec(scheme)
+            except ValueError as e:
+                raise ValueError(f"-s {scheme}: {e}") from None
+            if spec.act is not None and not spec.act.dynamic:
+                raise ValueError(f"-s {scheme} quantizes activations statically (needs "
+                                 "calibration): quantize with lowbit quantize --mode static "
+                                 "--calib ... and generate from its folder")
         model, tokenizer, kind = load_model(model_dir)
         if kind != "causal-lm":
             raise ValueError(f"MODEL_DIR is a {kind}; lowbit generate needs a causal LM")
@@ -79,6 +91,10 @@ def generate_command(
         decoding = {"do_sample": sample, "temperature": temperature, "top_k": top_k,
                     "eos_token_id": eos, "pad_token_id": pad, "attention_mask": mask}
         batch, length = ids.shape[0], ids.shape[1] + max_new_tokens
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and length > limit:
+            raise ValueError(f"the prompt ({ids.shape[1]} tokens) + -n {max_new_tokens} = "
+                             f"{length} exceeds the model's {limit} positions; lower -n")
         decoder = lowbit.Decoder(model, batch, length)
     except (ValueError, TypeError) as e:
         fail(str(e))

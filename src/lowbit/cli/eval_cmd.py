@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lowbit.cli.common import console, fail
+from lowbit.cli.common import console, err_console, fail
 from lowbit.eval.embeddings import SENTENCES, embed, embedding_fidelity
 from lowbit.eval.perplexity import compare_logits, perplexity
 from lowbit.eval.size import human_bytes
@@ -87,13 +88,24 @@ def _lm_rows(
             + f"; one window of --context {context} needs at least {context}"
         )
     rows: list[tuple[str, str, str]] = []
+    bar = Progress(TextColumn("scoring windows"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err_console, transient=True)
+    task = bar.add_task("", total=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        if reference is None:
+            r = perplexity(model, ids, context, stride, max_tokens, progress=progress)
+        else:
+            c = compare_logits(model, reference, ids, context, stride, max_tokens,
+                               progress=progress)
     if reference is None:
-        r = perplexity(model, ids, context, stride, max_tokens)
         rows.append(("perplexity", f"{r.ppl:.4f}", ""))
         rows.append(("mean NLL (nats/token)", f"{r.nll:.5f}", ""))
         tokens, windows = r.tokens, r.windows
     else:
-        c = compare_logits(model, reference, ids, context, stride, max_tokens)
         rows.append(("perplexity", f"{c.ppl:.4f}", f"{c.reference_ppl:.4f}"))
         rows.append(("KL(reference || model) mean", f"{c.kl_mean:.6f}", ""))
         rows.append(("KL p99 / max", f"{c.kl_p99:.6f} / {c.kl_max:.6f}", ""))

@@ -122,6 +122,9 @@ def qat_command(
         model, tokenizer, kind = load_hf_model(model_dir)
         if kind != "causal-lm" or tokenizer is None:
             raise ValueError(f"MODEL_DIR {model_dir!r}: QAT trains causal LMs with a tokenizer")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            raise ValueError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
         try:
             training_text = text.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -124,3 +124,11 @@ def test_parse_value() -> None:
         explain("abc", "fp16")
     with pytest.raises(ValueError, match="unknown format 'fp7'"):
         explain("1", "fp7")
+
+
+def test_values_float64_cannot_hold_are_refused_not_explained() -> None:
+    with pytest.raises(ValueError, match="beyond float64's range"):
+        parse_value("1e400")
+    with pytest.raises(ValueError, match="underflows float64 to zero"):
+        parse_value("-1e-400")
+    assert parse_value("0.0e5") == 0 and parse_value("1e-320") == 1e-320

@@ -67,15 +67,29 @@ def parse_value(value: float | int | str) -> float:
         return float(value)
     text = str(value).strip()
     try:
-        return float(text)
+        parsed = float(text)
     except ValueError:
         pass
+    else:
+        _check_representable(text, parsed)
+        return parsed
     if "0x" not in text.lower():  # float.fromhex would also take "abc" as 0xabc
         raise _not_a_number(value)
     try:
         return float.fromhex(text)
     except ValueError:
         raise _not_a_number(value) from None
+
+
+def _check_representable(text: str, parsed: float) -> None:
+    """Refuse decimal text that float64 itself overflows to inf or flushes to zero: the
+    explanation would describe float64's rounding, not the format's."""
+    if math.isinf(parsed) and "inf" not in text.lower():
+        raise ValueError(f"value {text!r} is beyond float64's range (max ~1.8e308); write inf "
+                         "to inspect infinity")
+    if parsed == 0 and any(c in "123456789" for c in text.lower().split("e")[0]):
+        raise ValueError(f"value {text!r} underflows float64 to zero (its smallest subnormal is "
+                         "~4.9e-324)")
 
 
 def _exact_decimal(x: float) -> str:

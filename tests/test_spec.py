@@ -81,7 +81,10 @@ def test_every_presets_spec_string_names_it_again(name):
     QuantSpec(format="int4", granularity="channel", axis=1, symmetric=True, rounding="stochastic"),
     QuantSpec(format="kmeans3", granularity="group", group_size=32),
     QuantSpec(format="uint8", granularity="channel", act=QuantSpec(
-        format="uint8", granularity="token", dynamic=True)),
+        format="uint8", granularity="token", dynamic=True, scale_dtype="float32")),
+    QuantSpec(format="int4", granularity="channel", axis=-1, symmetric=True),
+    QuantSpec(format="int4", granularity="group", group_size=32, clip_ratio=1e-5),
+    QuantSpec(format="kmeans4", granularity="group", group_size=64, symmetric=False),
 ])
 def test_spec_strings_parse_back_to_their_spec(spec):
     assert as_spec(str(spec)) == spec
@@ -90,7 +93,7 @@ def test_spec_strings_parse_back_to_their_spec(spec):
 @pytest.mark.parametrize("text, match", [
     ("w5g7", "unknown preset 'w5g7'"),
     ("w8a8-dynamic", "unknown preset or spec string 'w8a8-dynamic'.*w4g128.*FORMAT-GRANULARITY"),
-    ("int4-g", "granularity 'g' is not one of"),
+    ("int4-g", "no granularity after the format"),
     ("int4-g64-foo", "unknown part 'foo'"),
     ("int4", "unknown preset 'int4'"),
 ])
@@ -114,3 +117,15 @@ def test_bad_spec_strings_say_what_is_allowed(text, match):
 def test_fields_of_the_wrong_type_or_combination_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         QuantSpec(**fields)
+
+
+def test_an_activation_spec_string_takes_the_kernels_float32_scales():
+    import torch
+
+    from lowbit.kernels import select_kernel
+    from lowbit.tensor import QuantizedTensor
+
+    spec = as_spec("uint4-g64-asym+a:int8-token-sym-dyn")  # no preset prints this
+    assert spec.act.scale_dtype == "float32"
+    qt = QuantizedTensor.from_float(torch.randn(64, 256), spec)
+    assert select_kernel(qt, torch.randn(4, 256)).name == "cpu_w4a8"

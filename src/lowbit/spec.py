@@ -7,6 +7,7 @@ data and no algorithm. Presets are a table of specs, not code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class QuantSpec:
                 f"format={self.format!r} with symmetric=True: a 1-bit grid has no level above "
                 "zero; use symmetric=False (levels {min, max}) or bits >= 2"
             )
+        if kind == "kmeans" and not self.symmetric:
+            # a learned codebook has no zero-point: one value keeps equal specs equal
+            object.__setattr__(self, "symmetric", True)
         if kind in ("float", "codebook") and not self.symmetric:
             raise ValueError(
                 f"format={self.format!r} is a fixed signed grid scaled by absmax; it needs "
@@ -194,8 +198,8 @@ class QuantSpec:
             parts.append("sym" if self.symmetric else "asym")
             if not self.symmetric and self.zero_point == "float":
                 parts.append("fz")
-        if self.clip_ratio != 1.0:
-            parts.append(f"clip{self.clip_ratio:g}")
+        if self.clip_ratio != 1.0:  # positional: an exponent's "-" would split the string
+            parts.append("clip" + f"{self.clip_ratio:.12f}".rstrip("0").rstrip("."))
         if self.rounding == "stochastic":
             parts.append("sr")
         if self.dynamic:
@@ -361,36 +365,44 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_spec(text: str) -> QuantSpec:
+_SPEC_STRING = re.compile(
+    r"(?P<format>[^-]+)-(?P<gran>tensor|token|ch(?:-?\d+)?|g\d+|b\d+x\d+)(?P<flags>(?:-.+)?)")
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_strings() -> dict[str, QuantSpec]:
+    return {str(spec): spec for spec in map(preset, PRESETS)}
+
+
+def parse_spec(text: str, *, activation: bool = False) -> QuantSpec:
     """The QuantSpec a spec string (``str(spec)``, as summaries and checkpoints print it) names:
     a preset's own spec when a preset prints the same (so its scale dtypes come along), else
-    the fields the string gives with the defaults for the rest."""
-    for entry in PRESETS.values():
-        candidate = QuantSpec.from_dict(entry["spec"])
-        if str(candidate) == text:
-            return candidate
+    the fields the string gives with the defaults for the rest (float32 scales for the
+    activation part, as every preset's and the integer-activation kernels take)."""
+    if text in _preset_strings():
+        return _preset_strings()[text]
     weight, _, act = text.partition("+a:")
-    tokens = weight.split("-")
-    if tokens[0] not in spec_format_names():
+    match = _SPEC_STRING.fullmatch(weight)
+    if match is None or match["format"] not in spec_format_names():
+        if weight.split("-")[0] in spec_format_names():
+            raise ValueError(f"spec string {text!r}: no granularity after the format (tensor, "
+                             f"ch, chAXIS, gN, bRxC, token); syntax: {SPEC_STRING_SYNTAX}")
         raise ValueError(f"unknown preset or spec string {text!r}; allowed: a preset "
                          f"({', '.join(PRESETS)}) or a spec string {SPEC_STRING_SYNTAX}")
-    if len(tokens) < 2:
-        raise ValueError(f"spec string {text!r} has no granularity; syntax: {SPEC_STRING_SYNTAX}")
-    fields: dict[str, Any] = {"format": tokens[0]}
-    gran = tokens[1]
+    fields: dict[str, Any] = {"format": match["format"]}
+    if activation:
+        fields["scale_dtype"] = "float32"
+    gran = match["gran"]
     if gran in ("tensor", "token"):
         fields["granularity"] = gran
-    elif re.fullmatch(r"ch(-?\d+)?", gran):
+    elif gran.startswith("ch"):
         fields.update(granularity="channel", axis=int(gran[2:] or 0))
-    elif re.fullmatch(r"g\d+", gran):
+    elif gran.startswith("g"):
         fields.update(granularity="group", group_size=int(gran[1:]))
-    elif re.fullmatch(r"b\d+x\d+", gran):
+    else:
         rows, cols = gran[1:].split("x")
         fields.update(granularity="block", block=(int(rows), int(cols)))
-    else:
-        raise ValueError(f"spec string {text!r}: granularity {gran!r} is not one of tensor, ch, "
-                         f"chAXIS, gN, bRxC, token; syntax: {SPEC_STRING_SYNTAX}")
-    for flag in tokens[2:]:
+    for flag in match["flags"].split("-")[1:]:
         if flag in ("sym", "asym"):
             fields["symmetric"] = flag == "sym"
         elif flag == "fz":
@@ -404,10 +416,10 @@ def parse_spec(text: str) -> QuantSpec:
         else:
             raise ValueError(f"spec string {text!r}: unknown part {flag!r}; syntax: "
                              f"{SPEC_STRING_SYNTAX}")
-    if "symmetric" not in fields and tokens[0] in _NON_INT_FORMATS:
-        fields["symmetric"] = _NON_INT_FORMATS[tokens[0]][0] in ("float", "codebook")
+    if "symmetric" not in fields and match["format"] in _NON_INT_FORMATS:
+        fields["symmetric"] = True  # fixed grids and codebooks: no zero-point
     if act:
-        fields["act"] = parse_spec(act)
+        fields["act"] = parse_spec(act, activation=True)
     return QuantSpec(**fields)
 
 

@@ -240,3 +240,14 @@ def test_weight_only_specs_are_refused_with_the_algorithms_that_suit_them():
 def test_hyper_parameters_are_checked_when_made(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_mixed_precision_smooths_only_the_activation_quantizing_mappings():
+    import lowbit
+
+    model, batches = tiny_gpt2()
+    lowbit.quantize(model, {"*mlp*": "w8", "*": "w8a8-static"}, algorithm="smoothquant",
+                    calib=torch.cat(batches), exclude=["wte", "wpe"])
+    notes = model.lowbit_summary.notes
+    assert any("ln_2 -> mlp.c_fc: not smoothed (int8-ch-sym is weight-only)" in n for n in notes)
+    assert any("ln_1 -> attn.c_attn: activation max/mean" in n for n in notes)

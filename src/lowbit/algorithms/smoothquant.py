@@ -49,6 +49,8 @@ class SmoothQuant(Algorithm):
             return [f"no SmoothQuant mapping for model_type {ctx.arch!r}: activations not "
                     "smoothed, plain W8A8 used"]
         mappings, notes = resolve_mappings(ctx.block, ctx.arch)
+        weight_only: list[tuple[str, QuantSpec]] = []
+        smoothed = 0
         for m in mappings:
             label = f"{m.prev_name} -> {', '.join(m.next_names)}"
             if m.prev_kind != "norm" and not self.fold_linear_pairs:
@@ -56,12 +58,10 @@ class SmoothQuant(Algorithm):
             specs = [ctx.spec_for(n) for n in m.next_names if ctx.spec_for(n) is not None]
             if not specs:
                 continue
-            if all(spec.act is None for spec in specs):
-                raise ValueError(
-                    f"SmoothQuant moves activation outliers into the weights, for specs that "
-                    f"quantize activations (w8a8, w8a8-static, w4a8); {specs[0]} is weight-only "
-                    f"({m.next_names[0]}): use algorithm='awq' or 'gptq' for weight-only specs"
-                )
+            if all(spec.act is None for spec in specs):  # smoothing only hurts weight-only
+                weight_only.append((label, specs[0]))
+                continue
+            smoothed += 1
             stats = next((ctx.stats[n] for n in m.next_names
                           if n in ctx.stats and ctx.stats[n].abs_max is not None), None)
             if stats is None:
@@ -73,6 +73,14 @@ class SmoothQuant(Algorithm):
             fold_scales(m, s)
             after = _outlier_ratio(stats.abs_max / s)
             notes.append(f"{label}: activation max/mean over channels {before:.1f} -> {after:.1f}")
+        if weight_only and not smoothed:
+            label, spec = weight_only[0]
+            raise ValueError(
+                f"SmoothQuant moves activation outliers into the weights, for specs that "
+                f"quantize activations (w8a8, w8a8-static, w4a8); {spec} is weight-only "
+                f"({label}): use algorithm='awq' or 'gptq' for weight-only specs"
+            )
+        notes += [f"{label}: not smoothed ({spec} is weight-only)" for label, spec in weight_only]
         return notes
 
     def quantize_weight(

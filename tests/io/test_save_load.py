@@ -440,3 +440,16 @@ def test_float_dtype_stores_the_float_tensors_narrower_and_keeps_the_quantized_s
     with pytest.raises(TypeError, match="float_dtype must be a floating torch.dtype"):
         lowbit.save(small_q, tmp_path / "bad", float_dtype=torch.int8)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_module_under_two_names_round_trips(llama, tmp_path):
+    model, _, ids = llama
+    model = copy.deepcopy(model)
+    layers = model.model.layers
+    layers[1].mlp.down_proj = layers[0].mlp.down_proj
+    lowbit.quantize(model, "w4g128")
+    loaded, _ = _round_trip(model, ids, tmp_path / "q")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert "model.layers.1.mlp.down_proj" in targets

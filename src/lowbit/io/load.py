@@ -273,7 +273,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         elif t.dtype != dtype:
             state[key] = t.to(dtype)
     for name, logical in logical_shapes.items():
-        stored = tuple(int(s) for s in state[f"{name}.weight_shape"].tolist())
+        key = f"{name}.weight_shape"
+        stored = tuple(int(s) for s in state[tied.get(key, key)].tolist())
         if stored != logical:
             raise ValueError(
                 f"{weights}: tensor {name + '.weight_shape'!r} says {list(stored)}; the model's "

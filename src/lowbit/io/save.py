@@ -81,8 +81,9 @@ def float_module_kind(module: nn.Module) -> str | None:
 def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json for ``model`` (see docs/format.md)."""
     groups: dict[QuantSpec, list[str]] = {}
-    for name, module in quant_modules(model):
-        groups.setdefault(module.spec, []).append(name)
+    for name, module in model.named_modules(remove_duplicate=False):  # every name of a module
+        if isinstance(module, QUANT_MODULES):                         # reachable under several
+            groups.setdefault(module.spec, []).append(name)
     summary = getattr(model, "lowbit_summary", None)
     reasons = {m.name: m.reason for m in summary.skipped} if summary is not None else {}
     ignore = [name for name, m in model.named_modules() if float_module_kind(m) is not None]

@@ -325,3 +325,10 @@ def test_a_group_that_does_not_divide_a_layer_is_named_before_calibrating():
                                          "group_size=128 does not divide"):
         lowbit.quantize(tiny_gpt2(), "w4g128", algorithm="awq", calib=gpt2_calib(),
                         exclude=["*.wte", "*.wpe", "lm_head"])
+
+
+def test_layer_by_layer_runs_leave_no_kernel_layouts_behind():
+    model = lowbit.quantize(tiny_gpt2(), "w8a8", algorithm="gptq", calib=gpt2_calib(),
+                            exclude=["lm_head"])
+    caches = [m._kernel_cache for m in model.modules() if isinstance(m, QuantLinear)]
+    assert caches and not any(caches)

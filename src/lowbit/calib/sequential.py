@@ -421,6 +421,9 @@ def quantize_sequential(
                     block, i, prefix, rel_specs, algorithm, inputs, model, result, observer,
                     undo if reader is None else None, progress, on_layer, group_cache,
                 )
+                for module in block.modules():  # kernel layouts built by the block's forwards:
+                    if isinstance(module, QuantLinear):  # rebuilt on use, not kept meanwhile
+                        module._kernel_cache.clear()
                 progress.block_done()
             result.blocks = len(blocks)
         elif not found:

@@ -74,10 +74,10 @@ def _read_by_parent(model: nn.Module) -> dict[int, str]:
         if isinstance(parent, nn.MultiheadAttention):
             found[id(parent.out_proj)] = ("out_proj of nn.MultiheadAttention (which reads its "
                                           "weight, never calls it)")
-        if isinstance(parent, nn.TransformerEncoderLayer):
-            for child in (parent.linear1, parent.linear2):
-                found[id(child)] = ("nn.TransformerEncoderLayer reads linear1 / linear2.weight "
-                                    "(its fused inference path)")
+        if isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn.batch_first:
+            for child in (parent.linear1, parent.linear2):  # (batch_first=False: never fused)
+                found[id(child)] = ("nn.TransformerEncoderLayer(batch_first=True) reads "
+                                    "linear1 / linear2.weight (its fused inference path)")
     return found
 
 
@@ -301,14 +301,24 @@ def _check_selection(
     model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str]
 ) -> None:
     """Raise ValueError when include / exclude / spec patterns leave no module to quantize
-    although the model has some (a mistyped pattern would otherwise write a float copy)."""
+    although the model has some (a mistyped pattern would otherwise write a float copy). Not
+    when the patterns select modules quantized already (a call repeated on its own output)."""
     read_by_parent = _read_by_parent(model)
-    names = [name for name, module in model.named_modules()
-             if _kind(module) is not None and id(module) not in read_by_parent]
-    if not names or any(choose_spec(name, spec, include, exclude)[0] is not None
-                        for name in names):
+    names, reasons = [], Counter()
+    for name, module in model.named_modules():
+        chosen, why = choose_spec(name, spec, include, exclude)
+        if isinstance(module, (QuantLinear, QuantConv2d, QuantEmbedding)):
+            if chosen is not None:
+                return
+            continue
+        if _kind(module) is None:
+            continue
+        names.append(name)
+        if chosen is not None and id(module) not in read_by_parent:
+            return
+        reasons[why if chosen is None else read_by_parent[id(module)]] += 1
+    if not names:
         return
-    reasons = Counter(choose_spec(name, spec, include, exclude)[1] for name in names)
     why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
     examples = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
     raise ValueError(

@@ -358,3 +358,15 @@ def test_tiny_weights_keep_subnormal_scales_as_ptq_does():
     ptq = lowbit.nn.QuantLinear.from_float(lin, "w8").qweight.dequantize()
     model = qat.prepare(nn.Sequential(lin), "w8")
     torch.testing.assert_close(model[0].fake_weight().detach(), ptq, rtol=0, atol=0)
+
+
+def test_prepare_keeps_the_linears_torch_attention_reads_in_float():
+    layer = nn.TransformerDecoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+                                       batch_first=True)
+    qat.prepare(layer, "w8")
+    assert not isinstance(layer.self_attn.out_proj, qat.QATLinear)
+    assert isinstance(layer.linear1, qat.QATLinear)
+    x = torch.randn(2, 5, 64)
+    qat.convert(layer)
+    with torch.no_grad():
+        assert layer.eval()(x, x).shape == (2, 5, 64)

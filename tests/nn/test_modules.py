@@ -280,9 +280,12 @@ def test_torch_attention_layers_keep_the_linears_they_read_in_float():
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         expected = layer(x)
-    lowbit.quantize(layer, "w8")
-    assert {m.name: m.status for m in layer.lowbit_summary.modules} == {
-        "self_attn.out_proj": "skipped", "linear1": "skipped", "linear2": "skipped"}
+    with pytest.raises(ValueError, match=r"no module left to quantize: 3 candidates \(2 nn.Tra"
+                                         r"nsformerEncoderLayer\(batch_first=True\) reads "):
+        lowbit.quantize(layer, "w8")
+    unfused = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128).eval()
+    lowbit.quantize(unfused, "w8")  # batch_first=False never takes the fused path
+    assert isinstance(unfused.linear1, QuantLinear) and unfused(x.transpose(0, 1)) is not None
     decoder = nn.TransformerDecoderLayer(d_model=64, nhead=4, dim_feedforward=128,
                                          batch_first=True).eval()
     lowbit.quantize(decoder, "w8")
@@ -301,3 +304,10 @@ def test_a_module_under_two_names_is_quantized_once():
     assert model[0] is model[2] and isinstance(model[0], QuantLinear)
     assert [m.name for m in model.lowbit_summary.modules] == ["0"]
     assert "'2' is '0'" in model.lowbit_summary.notes[0]
+
+
+def test_a_call_repeated_on_its_own_output_is_a_no_op():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    lowbit.quantize(model, "w8", include=["0"])
+    lowbit.quantize(model, "w8", include=["0"])
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], nn.Linear)

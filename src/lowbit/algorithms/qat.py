@@ -440,7 +440,14 @@ def prepare(
         only (as ``lowbit.quantize``): the observed input range of each layer is the initial
         learned activation step.
     """
-    from lowbit.api import ModuleReport, QuantizeSummary, _kind, _set_submodule, _weight_bytes
+    from lowbit.api import (
+        ModuleReport,
+        QuantizeSummary,
+        _kind,
+        _read_by_parent,
+        _set_submodule,
+        _weight_bytes,
+    )
     from lowbit.models.select import choose_spec, patterns
     from lowbit.nn.modules import QuantLinear
 
@@ -457,6 +464,7 @@ def prepare(
     include, exclude = patterns(include), patterns(exclude) or []
     train_weight = train == "all"
     summary = QuantizeSummary()
+    read_by_parent = _read_by_parent(model)
     swaps: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}
     for name, module in model.named_modules():
@@ -469,6 +477,9 @@ def prepare(
         def skip(reason: str, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, None, "skipped", reason, _b, _b))
 
+        if id(module) in read_by_parent:
+            skip(read_by_parent[id(module)])
+            continue
         layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:
             skip(why)

@@ -71,3 +71,20 @@ def test_real_tokenizer(fixture_lm):
     assert [tuple(b.shape) for b in batches] == [(3, 64)] and batches[0].dtype == torch.long
     expected = tok(text[:5000], add_special_tokens=False)["input_ids"][:64]
     assert batches[0][0].tolist() == expected
+
+
+def test_position_limits_come_from_learned_position_tables_only():
+    transformers = pytest.importorskip("transformers")
+
+    from lowbit.calib.batches import position_limit
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=40))
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64, max_position_embeddings=18, pad_token_id=1))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64, max_position_embeddings=16))
+    assert position_limit(gpt2) == 40 and position_limit(roberta) == 16
+    assert position_limit(llama) is None  # rotary: no table, no hard limit

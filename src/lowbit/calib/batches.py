@@ -106,17 +106,16 @@ def as_batches(
 
 def check_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Raise ValueError for token-id batches the model cannot take: ids outside its vocabulary,
-    or sequences longer than its position limit (``max_position_embeddings`` / ``n_positions``
-    of its config), which would fail deep inside the forward or calibrate past its context."""
+    or sequences longer than a learned position table holds (GPT-2's ``wpe``, BERT's and
+    RoBERTa's ``position_embeddings``, whose ids start after ``padding_idx``), which fail deep
+    inside the forward. Rotary and relative positions have no table and no such limit."""
     embeddings = getattr(model, "get_input_embeddings", None)
     try:
         table = embeddings() if callable(embeddings) else None
     except NotImplementedError:
         table = None
     vocab = getattr(table, "num_embeddings", None)
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                        None)
+    limit = position_limit(model)
     for i, batch in enumerate(batches):
         if batch.dtype.is_floating_point or batch.dtype == torch.bool or batch.dim() < 2:
             continue
@@ -124,6 +123,16 @@ def check_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
         if vocab is not None and (low < 0 or high >= vocab):
             raise ValueError(f"calib batch {i} holds token ids in [{low}, {high}]; the model's "
                              f"vocabulary is [0, {vocab})")
-        if isinstance(limit, int) and batch.shape[-1] > limit:
+        if limit is not None and batch.shape[-1] > limit:
             raise ValueError(f"calib sequences of {batch.shape[-1]} tokens exceed the model's "
                              f"{limit} positions; lower calib_seq_len (CLI: --calib-seq-len)")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a learned position table holds (GPT-2's ``wpe``, BERT's and
+    RoBERTa's ``position_embeddings``, whose ids start after ``padding_idx``); None for rotary
+    or relative positions, which have no table."""
+    return min((m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
+                for name, m in model.named_modules()
+                if isinstance(m, nn.Embedding) and ("position" in name or name.endswith("wpe"))),
+               default=None)

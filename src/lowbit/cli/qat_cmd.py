@@ -94,6 +94,7 @@ def qat_command(
     import torch
 
     from lowbit.algorithms import qat
+    from lowbit.calib.batches import position_limit
     from lowbit.models.hf import load_hf_model, source_float_dtype
 
     ckpt_path = out_dir / "checkpoints" / CHECKPOINT
@@ -122,8 +123,8 @@ def qat_command(
         model, tokenizer, kind = load_hf_model(model_dir)
         if kind != "causal-lm" or tokenizer is None:
             raise ValueError(f"MODEL_DIR {model_dir!r}: QAT trains causal LMs with a tokenizer")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and seq_len > limit:
+        limit = position_limit(model)
+        if limit is not None and seq_len > limit:
             raise ValueError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
         try:
             training_text = text.read_text(encoding="utf-8")

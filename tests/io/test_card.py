@@ -68,10 +68,13 @@ def test_a_card_saved_again_keeps_one_original_and_odd_front_matter_is_survived(
     again = model_card("b", None, "a", _config(), 1, 1, 8, None, first, "1")
     assert again.count("## Original model card") == 1 and "Float results" in again
     assert "`a` with its weights" in again and "weights in float" not in again
-    for odd in ("---\n: [\n---\nbody", "---\n- a list\n---\nbody", "no front matter"):
+    for odd in ("---\n: [\n---\nbody", "---\nintro paragraph\n---\nbody", "no front matter"):
         card = model_card("c", None, None, _config(), 1, 1, 8, None, odd, "1")
         assert _front_matter(card)["tags"] == ["lowbit", "quantized", "4-bit"]
         assert "a float model with its weights" in card
+        assert odd.strip() in card.split("## Original model card")[1]  # nothing lost
+    bom = model_card("e", None, None, _config(), 1, 1, 8, None, "\ufeff" + SOURCE_CARD, "1")
+    assert _front_matter(bom)["license"] == "apache-2.0"
     dated = SOURCE_CARD.replace("tags: [text-generation]", "tags: on\nlicense_name: 2024-05-01")
     meta = _front_matter(model_card("d", None, None, _config(), 1, 1, 8, None, dated, "1"))
     assert meta["license_name"] == "2024-05-01"  # a YAML date, written back as a string

@@ -24,6 +24,7 @@ _KEPT_KEYS = ("license", "license_name", "license_link", "language", "datasets",
 
 def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     """``(front matter as a dict, body)`` of a model card; ``({}, text)`` without valid YAML."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark before the front matter
     match = _FRONT_MATTER.match(text)
     if match is None:
         return {}, text
@@ -33,7 +34,9 @@ def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
         meta = yaml.safe_load(match.group(1))
     except Exception:  # no PyYAML, or YAML it cannot read: keep the card as it is
         return {}, text
-    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+    if not isinstance(meta, dict):  # text between two rules, not front matter
+        return {}, text
+    return meta, text[match.end():]
 
 
 def model_card(

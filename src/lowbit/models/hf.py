@@ -204,7 +204,8 @@ def source_float_dtype(model_dir: str | os.PathLike) -> torch.dtype | None:
     import json
 
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(
+            encoding="utf-8"))
     except (OSError, ValueError):
         return None
     name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None

@@ -84,3 +84,16 @@ def test_codebook_state_dict_round_trip():
         qt = QuantizedTensor.from_float(w, name)
         back = QuantizedTensor.from_state_dict(qt.state_dict(), qt.spec)
         assert torch.equal(back.dequantize(), qt.dequantize())
+
+
+def test_quantization_and_inspect_pick_the_same_codebook_entry_at_midpoints():
+    from lowbit.formats.codebooks import NF4
+    from lowbit.formats.inspect import explain
+    from lowbit.quant import quantize
+    from lowbit.quant.maps import QParams
+
+    values = torch.tensor(NF4.values, dtype=torch.float32)
+    mids = (values[1:] + values[:-1]) / 2  # ties, up to float32 rounding
+    spec = QuantSpec("nf4", "tensor", symmetric=True, scale_dtype="float32")
+    codes, _, _ = quantize(mids.reshape(1, -1), spec, QParams(scale=torch.ones(1, 1)))
+    assert [explain(m, "nf4").code for m in mids.tolist()] == codes[0].tolist()

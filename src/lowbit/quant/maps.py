@@ -227,7 +227,7 @@ def _codes_blocked(
         )
     if kind == "float":
         return _grid(spec).encode(v, saturate=True)
-    return _nearest_index(v, _grid_values(spec).to(v.device))
+    return _grid(spec).encode(v)  # the codebook's own rule (ties toward zero), as inspect shows
 
 
 def _grid_values(spec: QuantSpec) -> torch.Tensor:

@@ -14,6 +14,7 @@ multiplied by a per-block absmax scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -112,6 +113,9 @@ class CodebookFormat:
             raise TypeError(f"{self.name}.encode needs a real floating tensor, got {got}")
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{self.name} has no NaN encoding; the input holds NaN")
+        if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            # one float32 pass: a code is the number of thresholds at or below x
+            return torch.bucketize(x.float(), self._thresholds.to(x.device), right=True)
         table = torch.tensor(self.values, dtype=torch.float64, device=x.device)
         mids = (table[1:] + table[:-1]) / 2
         x64 = x.to(torch.float64)
@@ -119,6 +123,20 @@ class CodebookFormat:
         hi = torch.bucketize(x64, mids, right=True)  # at a midpoint: the upper code
         pick_hi = table[hi].abs() < table[lo].abs()
         return torch.where(pick_hi, hi, lo)
+
+    @cached_property
+    def _thresholds(self) -> torch.Tensor:
+        """float32 ``[2**bits - 1]``: the least float32 that encodes to code i + 1. The float64
+        midpoint m of entries i, i + 1 itself goes toward zero: to i + 1 when m < 0 (the
+        threshold is the least float32 >= m), else to i (the least float32 > m)."""
+        out = []
+        for low, high in zip(self.values[:-1], self.values[1:], strict=True):
+            mid = (low + high) / 2
+            t = torch.tensor(mid, dtype=torch.float32)
+            if (float(t) < mid) if mid < 0 else (float(t) <= mid):
+                t = torch.nextafter(t, torch.tensor(float("inf")))
+            out.append(float(t))
+        return torch.tensor(out, dtype=torch.float32)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes -> float32 table values."""

@@ -86,5 +86,9 @@ def test_position_limits_come_from_learned_position_tables_only():
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         vocab_size=64, max_position_embeddings=16))
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64, vocab_size=64,
+        max_position_embeddings=24, word_embed_proj_dim=32))
     assert position_limit(gpt2) == 40 and position_limit(roberta) == 16
+    assert position_limit(opt) == 24  # its table has 26 rows, ids start at 2
     assert position_limit(llama) is None  # rotary: no table, no hard limit

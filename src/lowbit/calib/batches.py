@@ -130,9 +130,14 @@ def check_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 def position_limit(model: nn.Module) -> int | None:
     """The longest sequence a learned position table holds (GPT-2's ``wpe``, BERT's and
-    RoBERTa's ``position_embeddings``, whose ids start after ``padding_idx``); None for rotary
-    or relative positions, which have no table."""
-    return min((m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
-                for name, m in model.named_modules()
-                if isinstance(m, nn.Embedding) and ("position" in name or name.endswith("wpe"))),
-               default=None)
+    RoBERTa's ``position_embeddings``, whose ids start after ``padding_idx``, OPT's and
+    BioGPT's ``embed_positions``, after their ``offset``), and at most the config's
+    ``max_position_embeddings``; None for rotary or relative positions, which have no table."""
+    tables = [m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
+              - int(getattr(m, "offset", 0))
+              for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and ("position" in name or name.endswith("wpe"))]
+    if not tables:
+        return None
+    configured = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(tables + ([configured] if isinstance(configured, int) else []))

@@ -224,11 +224,19 @@ def test_smoothquant_through_lowbit_quantize_beats_plain_w8a8_static():
 
 
 def test_weight_only_specs_are_refused_with_the_algorithms_that_suit_them():
-    gpt2, _ = tiny_gpt2()
+    import lowbit
+
+    model, batches = tiny_gpt2()
+    with pytest.raises(ValueError, match="every selected spec is weight-only .*'awq' or 'gptq'"):
+        lowbit.quantize(model, "w4g64", algorithm="smoothquant", calib=torch.cat(batches),
+                        exclude=["wte", "wpe"])
+    gpt2, _ = tiny_gpt2()  # a block of weight-only specs alone: notes, no smoothing
+    w = gpt2.h[0].attn.c_attn.weight.detach().clone()
     ctx = BlockContext(block=gpt2.h[0], arch="gpt2", stats={},
                        spec_for=lambda _n: preset("w4g64"), run_block=lambda: [])
-    with pytest.raises(ValueError, match="uint4-g64-asym is weight-only .*'awq' or 'gptq'"):
-        SmoothQuant().prepare_block(ctx)
+    notes = SmoothQuant().prepare_block(ctx)
+    assert "ln_1 -> attn.c_attn: not smoothed (uint4-g64-asym is weight-only)" in notes
+    assert torch.equal(gpt2.h[0].attn.c_attn.weight, w)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -246,8 +254,8 @@ def test_mixed_precision_smooths_only_the_activation_quantizing_mappings():
     import lowbit
 
     model, batches = tiny_gpt2()
-    lowbit.quantize(model, {"*mlp*": "w8", "*": "w8a8-static"}, algorithm="smoothquant",
-                    calib=torch.cat(batches), exclude=["wte", "wpe"])
+    lowbit.quantize(model, {"*mlp*": "w8", "*.h.0.*": "w8", "*": "w8a8-static"},
+                    algorithm="smoothquant", calib=torch.cat(batches), exclude=["wte", "wpe"])
     notes = model.lowbit_summary.notes
     assert any("ln_2 -> mlp.c_fc: not smoothed (int8-ch-sym is weight-only)" in n for n in notes)
     assert any("ln_1 -> attn.c_attn: activation max/mean" in n for n in notes)

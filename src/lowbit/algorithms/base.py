@@ -6,7 +6,7 @@ the spec through the maps (``choose_qparams``, ``quantize``, ``fake_quantize``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,10 @@ class Algorithm:
     # statistics of a block's later linears come from its earlier linears already quantized
     # (q/k/v, then o, then gate/up, then down), as the block runs at inference
     sequential_in_block = False
+
+    def check_specs(self, specs: Mapping[str, QuantSpec]) -> None:
+        """Raise ValueError, before any calibration, for a selection (module name -> spec) this
+        algorithm cannot serve."""
 
     def prepare_block(self, ctx: BlockContext) -> list[str]:
         """Transform ``ctx.block`` in place, float outputs unchanged; return summary notes."""

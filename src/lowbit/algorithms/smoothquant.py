@@ -11,6 +11,7 @@ after smoothing — hence ``restat_after_prepare``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,21 @@ class SmoothQuant(Algorithm):
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0, 1)
 
+    def check_specs(self, specs: Mapping[str, QuantSpec]) -> None:
+        if specs and all(spec.act is None for spec in specs.values()):
+            name, spec = next(iter(specs.items()))
+            raise ValueError(
+                f"SmoothQuant moves activation outliers into the weights, for specs that "
+                f"quantize activations (w8a8, w8a8-static, w4a8); every selected spec is "
+                f"weight-only (e.g. {spec} for {name!r}): use algorithm='awq' or 'gptq'"
+            )
+
     def prepare_block(self, ctx: BlockContext) -> list[str]:
         if mappings_for(ctx.arch) is None:
             return [f"no SmoothQuant mapping for model_type {ctx.arch!r}: activations not "
                     "smoothed, plain W8A8 used"]
         mappings, notes = resolve_mappings(ctx.block, ctx.arch)
         weight_only: list[tuple[str, QuantSpec]] = []
-        smoothed = 0
         for m in mappings:
             label = f"{m.prev_name} -> {', '.join(m.next_names)}"
             if m.prev_kind != "norm" and not self.fold_linear_pairs:
@@ -61,7 +70,6 @@ class SmoothQuant(Algorithm):
             if all(spec.act is None for spec in specs):  # smoothing only hurts weight-only
                 weight_only.append((label, specs[0]))
                 continue
-            smoothed += 1
             stats = next((ctx.stats[n] for n in m.next_names
                           if n in ctx.stats and ctx.stats[n].abs_max is not None), None)
             if stats is None:
@@ -73,13 +81,6 @@ class SmoothQuant(Algorithm):
             fold_scales(m, s)
             after = _outlier_ratio(stats.abs_max / s)
             notes.append(f"{label}: activation max/mean over channels {before:.1f} -> {after:.1f}")
-        if weight_only and not smoothed:
-            label, spec = weight_only[0]
-            raise ValueError(
-                f"SmoothQuant moves activation outliers into the weights, for specs that "
-                f"quantize activations (w8a8, w8a8-static, w4a8); {spec} is weight-only "
-                f"({label}): use algorithm='awq' or 'gptq' for weight-only specs"
-            )
         notes += [f"{label}: not smoothed ({spec} is weight-only)" for label, spec in weight_only]
         return notes
 

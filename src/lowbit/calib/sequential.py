@@ -389,6 +389,7 @@ def quantize_sequential(
     """
     if algorithm.needs_calibration and batches is None:
         raise ValueError(f"algorithm {algorithm.name!r} needs calibration data; pass calib=...")
+    algorithm.check_specs(specs)
     result = SequentialResult()
     found = find_blocks(model)
     block_name, blocks = found if found else ("", nn.ModuleList())

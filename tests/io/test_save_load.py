@@ -448,8 +448,10 @@ def test_a_module_under_two_names_round_trips(llama, tmp_path):
     layers = model.model.layers
     layers[1].mlp.down_proj = layers[0].mlp.down_proj
     lowbit.quantize(model, "w4g128")
-    loaded, _ = _round_trip(model, ids, tmp_path / "q")
-    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
+    loaded, first = _round_trip(model, ids, tmp_path / "q")
+    assert loaded.model.layers[1].mlp.down_proj is loaded.model.layers[0].mlp.down_proj
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
-    assert "model.layers.1.mlp.down_proj" in targets
+    assert qc["aliases"] == {"model.layers.1.mlp.down_proj": "model.layers.0.mlp.down_proj"}
+    assert len(loaded.lowbit_summary.quantized) == len(model.lowbit_summary.quantized)
+    again = lowbit.save(loaded, tmp_path / "again")
+    assert (again.file_bytes, again.quantized_bytes) == (first.file_bytes, first.quantized_bytes)

@@ -227,6 +227,21 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         summary.modules.append(ModuleReport(
             name, float_module_kind(module) or "", str(spec), "quantized", "",
             module.weight.numel() * module.weight.element_size(), 0))
+    aliases = qc.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(
+            isinstance(a, str) and isinstance(n, str) for a, n in aliases.items()):
+        raise ValueError(f"{path}/config.json: quantization_config aliases must map module "
+                         f"names to module names, got {aliases!r}")
+    for alias, name in aliases.items():  # one module under several names, as saved
+        if name not in specs:
+            raise ValueError(f"{path}/config.json: alias {alias!r} names {name!r}, which is not "
+                             "a quantized target")
+        try:
+            model.get_submodule(alias)
+        except AttributeError:
+            raise ValueError(f"{path}/config.json: alias {alias!r} is not a module of "
+                             f"{type(model).__name__}") from None
+        _set_submodule(model, alias, model.get_submodule(name))
     reasons = qc.get("ignore_reasons") or {}
     for name in qc.get("ignore") or []:
         summary.modules.append(ModuleReport(

@@ -81,9 +81,12 @@ def float_module_kind(module: nn.Module) -> str | None:
 def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json for ``model`` (see docs/format.md)."""
     groups: dict[QuantSpec, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):  # every name of a module
-        if isinstance(module, QUANT_MODULES):                         # reachable under several
-            groups.setdefault(module.spec, []).append(name)
+    for name, module in quant_modules(model):
+        groups.setdefault(module.spec, []).append(name)
+    first = {id(module): name for name, module in reversed(list(quant_modules(model)))}
+    aliases = {name: first[id(module)]  # other names of a quantized module: the same module
+               for name, module in model.named_modules(remove_duplicate=False)
+               if isinstance(module, QUANT_MODULES) and first[id(module)] != name}
     summary = getattr(model, "lowbit_summary", None)
     reasons = {m.name: m.reason for m in summary.skipped} if summary is not None else {}
     ignore = [name for name, m in model.named_modules() if float_module_kind(m) is not None]
@@ -98,6 +101,7 @@ def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) ->
         "ignore": ignore,
         "ignore_reasons": {n: reasons[n] for n in ignore if reasons.get(n)},
         "tied": dict(tied or {}),
+        "aliases": aliases,
         "notes": list(summary.notes) if summary is not None else [],
     }
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 GRANULARITIES = ("tensor", "channel", "group", "block", "token")
@@ -199,7 +200,7 @@ class QuantSpec:
             if not self.symmetric and self.zero_point == "float":
                 parts.append("fz")
         if self.clip_ratio != 1.0:  # positional: an exponent's "-" would split the string
-            parts.append("clip" + f"{self.clip_ratio:.12f}".rstrip("0").rstrip("."))
+            parts.append("clip" + np.format_float_positional(self.clip_ratio, trim="-"))
         if self.rounding == "stochastic":
             parts.append("sr")
         if self.dynamic:

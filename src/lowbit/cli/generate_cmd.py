@@ -78,12 +78,6 @@ def generate_command(
         if compare and any(isinstance(m, QuantLinear) for m in model.modules()):
             raise ValueError("--compare needs the float model: pass a Hugging Face folder "
                              "and quantize it here with -s")
-        original = copy.deepcopy(model) if compare else None
-        if scheme is not None:
-            if any(isinstance(m, QuantLinear) for m in model.modules()):
-                raise ValueError(f"-s {scheme}: MODEL_DIR is already quantized; pass a Hugging "
-                                 "Face folder to quantize here, or drop -s")
-            lowbit.quantize(model, scheme)
         eos = tokenizer.eos_token_id if stop_at_eos else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         pad = pad if pad is not None else 0
@@ -95,6 +89,12 @@ def generate_command(
         if isinstance(limit, int) and length > limit:
             raise ValueError(f"the prompt ({ids.shape[1]} tokens) + -n {max_new_tokens} = "
                              f"{length} exceeds the model's {limit} positions; lower -n")
+        original = copy.deepcopy(model) if compare else None
+        if scheme is not None:
+            if any(isinstance(m, QuantLinear) for m in model.modules()):
+                raise ValueError(f"-s {scheme}: MODEL_DIR is already quantized; pass a Hugging "
+                                 "Face folder to quantize here, or drop -s")
+            lowbit.quantize(model, scheme)
         decoder = lowbit.Decoder(model, batch, length)
     except (ValueError, TypeError) as e:
         fail(str(e))

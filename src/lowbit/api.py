@@ -243,6 +243,8 @@ def quantize(
         summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
+    aliases = [(alias, name) for alias, name in aliases  # of a module quantized above
+               if isinstance(model.get_submodule(name), (QuantLinear, QuantConv2d, QuantEmbedding))]
     for alias, name in aliases:
         _set_submodule(model, alias, model.get_submodule(name))
     if aliases:

@@ -123,3 +123,12 @@ def test_hub_id_without_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(ValueError, match=r"not a local folder and could not be fetched"):
         load_hf_model("someone/some-model")
+
+
+def test_the_checkpoints_float_dtype_is_remembered_for_saving(llama_dir, tmp_path):
+    from lowbit.models.hf import source_float_dtype
+
+    model, _, _ = load_hf_model(llama_dir)
+    assert source_float_dtype("org/a-hub-id", model) == torch.float16  # recorded at load
+    assert source_float_dtype(llama_dir) == torch.float16  # read from config.json
+    assert source_float_dtype(tmp_path) is None

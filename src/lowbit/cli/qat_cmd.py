@@ -192,7 +192,8 @@ def qat_command(
             fail(f"{e}; stopped, {kept}")
     try:
         qat.convert(model)
-        result = _save_keeping_checkpoints(model, out_dir, source_float_dtype(model_dir))
+        result = _save_keeping_checkpoints(model, out_dir,
+                                           source_float_dtype(model_dir, model))
     except (ValueError, TypeError) as e:
         fail(str(e))
     first = f"{losses[0]:.4f}" if losses else "-"

@@ -186,7 +186,7 @@ def quantize_command(
                 calib_batch_size=calib_batch_size, show_progress=True,
             )
             result = lowbit.save(model, out_dir, overwrite=overwrite,
-                                 float_dtype=source_float_dtype(model_dir))
+                                 float_dtype=source_float_dtype(model_dir, model))
         except (ValueError, TypeError) as e:
             fail(_explain(str(e)))
         _print_report(model, result, model_dir, mode, kind)
@@ -211,7 +211,7 @@ def quantize_command(
                 calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
             )
         result = lowbit.save(model, out_dir, overwrite=overwrite,
-                             float_dtype=source_float_dtype(model_dir))
+                             float_dtype=source_float_dtype(model_dir, model))
     except (ValueError, TypeError) as e:
         fail(_explain(str(e)))
     _print_report(model, result, model_dir, mode, kind)
@@ -262,7 +262,7 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
         q_after = sum(m.bytes_after for m in quantized)
         table.add_row("bits per weight", f"{q_after * 8 / numel:.3f} (quantized modules, "
                       "scales and zero-points included)")
-    stored_as = source_float_dtype(model_dir)
+    stored_as = source_float_dtype(model_dir, model)
     if stored_as is not None:
         table.add_row("float tensors", f"stored in {str(stored_as).removeprefix('torch.')}, as "
                       "in the source checkpoint")

@@ -160,7 +160,8 @@ def load_hf_model(
     except ValueError as e:
         raise ValueError(f"MODEL_DIR {text!r}: {str(e).splitlines()[0]}") from None
     kind = model_kind(config)
-    if isinstance(source, Path):
+    stored = getattr(config, "dtype", None)  # the checkpoint's float dtype (Hub ids too),
+    if isinstance(source, Path):              # before building on it sets config.dtype
         check_weights_match_config(source, config, kind)
     try:
         model, info = auto_class(kind).from_pretrained(
@@ -179,6 +180,8 @@ def load_hf_model(
     model.eval()
     if isinstance(source, Path):
         model._lowbit_source = str(source.resolve())
+    if stored in (torch.float16, torch.bfloat16):
+        model._lowbit_stored_dtype = stored
     return model, load_tokenizer(source), kind
 
 
@@ -196,12 +199,17 @@ def load_tokenizer(source: str | Path) -> Any:
         return None
 
 
-def source_float_dtype(model_dir: str | os.PathLike) -> torch.dtype | None:
-    """float16 / bfloat16 when a model folder's config.json says its float tensors are stored in
-    it (``dtype``, or the older ``torch_dtype``), else None. The CLI stores the float tensors
-    of a quantized model loaded in float32 back in that dtype, so the checkpoint is not larger
-    than its source."""
+def source_float_dtype(model_dir: str | os.PathLike, model: nn.Module | None = None
+                       ) -> torch.dtype | None:
+    """float16 / bfloat16 when the source checkpoint's float tensors are stored in it (as
+    :func:`load_hf_model` recorded on ``model``, or a model folder's config.json ``dtype`` /
+    older ``torch_dtype``), else None. The CLI stores the float tensors of a quantized model
+    loaded in float32 back in that dtype, so the checkpoint is not larger than its source."""
     import json
+
+    recorded = getattr(model, "_lowbit_stored_dtype", None)
+    if recorded is not None:
+        return recorded
 
     try:
         config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(

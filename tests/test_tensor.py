@@ -83,3 +83,19 @@ def test_dequantize_matches_fake_quantize_for_every_preset():
         spec = preset(name)
         assert torch.equal(QuantizedTensor.from_float(w, spec).dequantize(),
                            fake_quantize(w, spec)), name
+
+
+def test_to_and_clone_keep_the_stored_dtypes_and_share_nothing():
+    qt = QuantizedTensor.from_float(torch.randn(16, 128), "w4g64")
+    assert qt.to("cpu") is qt and qt.to(dtype=torch.float32) is qt
+    half = qt.to(dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.scale.dtype == qt.scale.dtype  # not rounded
+    assert torch.equal(half.dequantize(torch.float32), qt.dequantize())
+    copy = qt.clone()
+    assert torch.equal(copy.dequantize(), qt.dequantize())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(
+        copy.stored_tensors().values(), qt.stored_tensors().values(), strict=True))
+    meta = qt.to("meta")
+    assert meta.qdata.is_meta and meta.shape == qt.shape
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        qt.to(dtype=torch.int8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -121,6 +122,32 @@ class QuantizedTensor:
         return QuantizedTensor(
             spec=self.spec, shape=(index.numel(), self.shape[1]), dtype=self.dtype, **pick
         )
+
+    # ---- copies and moves ----------------------------------------------------------------
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> QuantizedTensor:
+        """The same quantized tensor on ``device`` and / or computing in ``dtype`` (the dtype
+        ``dequantize`` returns). The stored tensors keep the dtypes their spec fixes: a cast
+        never rounds a scale. Returns ``self`` when nothing changes, as ``torch.Tensor.to``."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype)
+                                  or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        moved = {name: t.to(device) if device is not None else t
+                 for name, t in self._all_tensors().items()}
+        if all(moved[n] is t for n, t in self._all_tensors().items()) and dtype in (None,
+                                                                                   self.dtype):
+            return self
+        return dataclasses.replace(self, dtype=dtype or self.dtype, **moved)
+
+    def clone(self) -> QuantizedTensor:
+        """A copy whose tensors share no storage with this one."""
+        return dataclasses.replace(self, **{name: t.clone()
+                                           for name, t in self._all_tensors().items()})
+
+    def _all_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors and the static activation qparams, by field name."""
+        return {name: getattr(self, name) for name in (*_FIELDS, "act_scale", "act_zero_point")
+                if getattr(self, name) is not None}
 
     # ---- sizes ---------------------------------------------------------------------------
     def stored_tensors(self) -> dict[str, torch.Tensor]:

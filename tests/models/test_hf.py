@@ -132,3 +132,25 @@ def test_the_checkpoints_float_dtype_is_remembered_for_saving(llama_dir, tmp_pat
     assert source_float_dtype("org/a-hub-id", model) == torch.float16  # recorded at load
     assert source_float_dtype(llama_dir) == torch.float16  # read from config.json
     assert source_float_dtype(tmp_path) is None
+
+
+def test_an_encoder_saved_without_pooler_weights_loads_quantizes_and_round_trips(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    import lowbit
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)
+                    ).save_pretrained(tmp_path / "mlm")  # roberta-base style: no pooler
+    model, _, kind = load_hf_model(tmp_path / "mlm")
+    assert kind == "encoder" and model.pooler is None
+    lowbit.quantize(model, "w8")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    lowbit.save(model, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert loaded.pooler is None
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected)

@@ -202,6 +202,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     kind = model_kind(config)
     model = build_on_meta(config, kind, dtype)
 
+    dropped = qc.get("dropped") or []
+    if dropped != [] and dropped != ["pooler"]:
+        raise ValueError(f"{path}/config.json: quantization_config dropped must be [] or "
+                         f"['pooler'], got {dropped!r}")
+    if dropped and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # saved without one (see lowbit.io.save.quantization_config)
     specs = _group_specs(qc)
     summary = QuantizeSummary(notes=list(qc.get("notes") or []))
     logical_shapes: dict[str, tuple[int, ...]] = {}

@@ -102,6 +102,9 @@ def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) ->
         "ignore_reasons": {n: reasons[n] for n in ignore if reasons.get(n)},
         "tied": dict(tied or {}),
         "aliases": aliases,
+        # modules the config builds that this model does without (an encoder loaded from a
+        # checkpoint without pooler weights): the loader drops them too
+        "dropped": ["pooler"] if getattr(model, "pooler", "absent") is None else [],
         "notes": list(summary.notes) if summary is not None else [],
     }
     return out

@@ -172,6 +172,12 @@ def load_hf_model(
             raise _offline_error(text) from None
         raise ValueError(f"MODEL_DIR {text!r}: {str(e).splitlines()[0]}") from None
     missing = sorted(info.get("missing_keys") or [])
+    if missing and all(k.startswith("pooler.") for k in missing) and getattr(
+            model, "pooler", None) is not None:
+        # an encoder saved from *ForMaskedLM (roberta-base style) has no pooler weights; mean
+        # pooling never uses the pooler, so it is dropped rather than randomly initialized
+        model.pooler = None
+        missing = []
     if missing:
         raise ValueError(
             f"MODEL_DIR {text!r}: weights missing for {len(missing)} tensors (first: "

@@ -73,3 +73,13 @@ def test_out_of_range_codes_and_dtypes():
 def test_unpacked_codes_are_contiguous() -> None:
     codes = torch.ones(2, 5, dtype=torch.uint8)
     assert unpack(pack(codes, 3), 3, 5).view(-1).tolist() == [1] * 10
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_pack_never_returns_storage_of_its_input(bits: int) -> None:
+    codes = torch.zeros(2, 16, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    codes.fill_(1)
+    assert int(packed.sum()) == 0
+    strided = (torch.arange(64).reshape(8, 8).t() % (1 << bits)).to(torch.uint8)
+    assert torch.equal(unpack(pack(strided, bits), bits, 8), strided)

@@ -35,8 +35,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
             f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got range "
             f"[{int(codes.min())}, {int(codes.max())}]"
         )
-    if bits == 8:
-        return codes.to(torch.uint8).contiguous()
+    if bits == 8:  # a copy even of a contiguous uint8 input: the caller owns what it gets
+        return codes.to(torch.uint8, memory_format=torch.contiguous_format, copy=True)
     *lead, n = codes.shape
     per_byte = 8 // bits
     if 8 % bits == 0 and n % per_byte == 0:  # 1, 2, 4 bits: whole codes per byte, uint8 math

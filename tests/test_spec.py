@@ -129,3 +129,17 @@ def test_an_activation_spec_string_takes_the_kernels_float32_scales():
     assert spec.act.scale_dtype == "float32"
     qt = QuantizedTensor.from_float(torch.randn(64, 256), spec)
     assert select_kernel(qt, torch.randn(4, 256)).name == "cpu_w4a8"
+
+
+def test_fields_a_spec_does_not_use_do_not_make_specs_unequal() -> None:
+    assert QuantSpec("int4", "group", 32, axis=1, symmetric=True) == QuantSpec(
+        "int4", "group", 32, symmetric=True)
+    assert QuantSpec("int8", "channel", symmetric=True, zero_point="float",
+                     zero_dtype="bfloat16") == QuantSpec("int8", "channel", symmetric=True)
+    assert QuantSpec("nf4", "group", 64, symmetric=True, zero_point="float") == QuantSpec(
+        "nf4", "group", 64, symmetric=True)
+    # fields that do change the codes still count
+    assert QuantSpec("int8", "channel", axis=1, symmetric=True) != QuantSpec(
+        "int8", "channel", symmetric=True)
+    assert QuantSpec("uint4", zero_point="float") != QuantSpec("uint4")
+    assert QuantSpec("uint4", zero_dtype="float32") != QuantSpec("uint4")

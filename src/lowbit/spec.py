@@ -151,6 +151,12 @@ class QuantSpec:
                 f"format={self.format!r} is a fixed signed grid scaled by absmax; it needs "
                 "symmetric=True"
             )
+        # fields a spec does not use take one value, so specs that quantize alike compare equal
+        if self.granularity != "channel":
+            object.__setattr__(self, "axis", 0)
+        if not self.has_zero_point:
+            object.__setattr__(self, "zero_point", "int")
+            object.__setattr__(self, "zero_dtype", "float16")
         if self.act is not None and not isinstance(self.act, QuantSpec):
             raise TypeError(f"act must be a QuantSpec or None, got {type(self.act).__name__}")
         if self.rounding == "stochastic" and kind != "affine":

@@ -311,3 +311,18 @@ def test_a_call_repeated_on_its_own_output_is_a_no_op():
     lowbit.quantize(model, "w8", include=["0"])
     lowbit.quantize(model, "w8", include=["0"])
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], nn.Linear)
+
+
+@pytest.mark.parametrize("preset", ["w4g128", "w8", "nf4g64", "w8a8"])
+@pytest.mark.parametrize("kernel", [None, "reference"])
+def test_output_dtype_under_autocast_is_nn_linears(preset: str, kernel: str | None) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    q = QuantLinear.from_float(lin, preset)
+    q.kernel = kernel
+    x = torch.randn(3, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = lin(x), q(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), rtol=0.1, atol=0.15)
+    assert q(x).dtype == torch.float32  # outside autocast: the input's dtype

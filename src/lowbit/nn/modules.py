@@ -180,8 +180,14 @@ class QuantLinear(_QuantWeightMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # (self.bias: ~1.5 us through nn.Module.__getattr__)
         bias = buffers["bias"] if "bias" in buffers else self.bias
-        return dispatch.linear(x, self._weight_view(), bias, kernel=self.kernel,
-                               cache=self._kernel_cache)
+        out = dispatch.linear(x, self._weight_view(), bias, kernel=self.kernel,
+                              cache=self._kernel_cache)
+        if torch.is_autocast_enabled(out.device.type):
+            # nn.Linear returns the autocast dtype; the fused kernels compute in the input's
+            wanted = torch.get_autocast_dtype(out.device.type)
+            if out.dtype != wanted:
+                out = out.to(wanted)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}"

@@ -67,7 +67,18 @@ def test_a_card_saved_again_keeps_one_original_and_odd_front_matter_is_survived(
     first = model_card("a", None, "src", _config(), 1, 1, 8, None, SOURCE_CARD, "1")
     again = model_card("b", None, "a", _config(), 1, 1, 8, None, first, "1")
     assert again.count("## Original model card") == 1 and "Float results" in again
-    assert "`a` with its weights" in again and "weights in float" not in again
+    assert "`src` with its weights" in again and "weights in float" not in again
+    hub = model_card("a", "org/tiny", "tiny", _config(), 1, 1, 8, None, SOURCE_CARD, "1")
+    eight = {**_config(), "config_groups": {"group_0": {
+        "spec": as_spec("w8").to_dict(), "spec_str": "int8-ch-sym", "targets": ["h.0.attn"]}}}
+    hub_again = model_card("b", None, "a", eight, 1, 1, 8, None, hub, "1")
+    assert _front_matter(hub_again)["base_model"] == "org/tiny"
+    assert _front_matter(hub_again)["tags"] == ["text-generation", "lowbit", "quantized", "8-bit"]
+    assert "`org/tiny` with its weights" in hub_again
+    bare = model_card("a", None, None, _config(), 1, 1, 8, None, None, "1")
+    bare_again = model_card("b", None, "a", _config(), 1, 1, 8, None, bare, "1")
+    assert "## Original model card" not in bare_again
+    assert "a float model with its weights" in bare_again
     for odd in ("---\n: [\n---\nbody", "---\nintro paragraph\n---\nbody", "no front matter"):
         card = model_card("c", None, None, _config(), 1, 1, 8, None, odd, "1")
         assert _front_matter(card)["tags"] == ["lowbit", "quantized", "4-bit"]

@@ -18,6 +18,9 @@ from typing import Any
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 _ORIGINAL_NOTE = "(The float model's card, as it was; its results are for float weights.)"
 # Keys of the original card's front matter that still hold for the quantized model.
+# The line of lowbit's own card naming the float model (group 1: its name, if it had one).
+_LOWBIT_ORIGIN = re.compile(r"^This is (?:`([^`]+)`|a float model) with its weights quantized "
+                            r"by lowbit", re.MULTILINE)
 _KEPT_KEYS = ("license", "license_name", "license_link", "language", "datasets",
               "pipeline_tag", "library_name")
 
@@ -60,8 +63,12 @@ def model_card(
     source_card: the float model's README.md.
     """
     meta, body = _split_front_matter(source_card or "")
-    if _ORIGINAL_NOTE in body:  # a lowbit checkpoint saved again: keep only the float card
-        body = body.split(_ORIGINAL_NOTE, 1)[1]
+    earlier = _LOWBIT_ORIGIN.search(body)
+    if earlier is not None:  # a lowbit checkpoint saved again: its float model is the origin
+        body = body.split(_ORIGINAL_NOTE, 1)[1] if _ORIGINAL_NOTE in body else ""
+        if base_model is None and isinstance(meta.get("base_model"), str):
+            base_model = meta["base_model"]
+        source_name = earlier.group(1)
     front: dict[str, Any] = {k: meta[k] for k in _KEPT_KEYS if k in meta}
     if base_model:
         front["base_model"] = base_model
@@ -72,6 +79,9 @@ def model_card(
     widths = sorted({QuantSpec.from_dict(g["spec"]).bits for g in groups})
     tags = meta.get("tags")
     tags = [tags] if isinstance(tags, str) else list(tags) if isinstance(tags, list) else []
+    if earlier is not None:  # the earlier lowbit tags describe the earlier specs
+        tags = [t for t in map(str, tags)
+                if t not in ("lowbit", "quantized") and not re.fullmatch(r"\d+-bit", t)]
     front["tags"] = list(dict.fromkeys(
         [*map(str, tags), "lowbit", "quantized", *(f"{b}-bit" for b in widths)]))
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -92,3 +94,43 @@ def test_position_limits_come_from_learned_position_tables_only():
     assert position_limit(gpt2) == 40 and position_limit(roberta) == 16
     assert position_limit(opt) == 24  # its table has 26 rows, ids start at 2
     assert position_limit(llama) is None  # rotary: no table, no hard limit
+
+
+def test_padded_dict_batches_lose_their_padding_and_regroup_by_length():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 8, 9, 10, 11], [9, 9, 9, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    batches = as_batches([{"input_ids": ids, "attention_mask": mask}])
+    assert [b.tolist() for b in batches] == [[[5, 6, 7], [9, 9, 9]], [[1, 2, 3, 4, 5]],
+                                             [[8, 9, 10, 11]]]
+    assert [b.shape[0] for b in as_batches([{"input_ids": ids, "attention_mask": mask}],
+                                           n_samples=3)] == [2, 1]
+    full = as_batches([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert len(full) == 1 and torch.equal(full[0], ids)
+    with pytest.raises(ValueError, match=r"calib batch 0: attention_mask of shape \(4, 4\)"):
+        as_batches([{"input_ids": ids, "attention_mask": mask[:, :4]}])
+
+
+def test_static_ranges_from_padded_batches_are_those_of_the_real_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=16)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = 100.0  # the pad token: a huge activation
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    padded = lowbit.quantize(copy.deepcopy(model), "w8a8-static",
+                             calib=[{"input_ids": ids, "attention_mask": mask}])
+    real = lowbit.quantize(model, "w8a8-static",
+                           calib=[torch.tensor([[5, 6, 7]]), torch.tensor([[3, 4, 5, 6, 7]])])
+    scales = [(name, a, b) for (name, a), (_, b) in
+              zip(padded.named_buffers(), real.named_buffers(), strict=True)
+              if name.endswith("input_scale")]
+    assert len(scales) == 8  # 7 linears of the block and lm_head
+    for name, a, b in scales:
+        assert torch.equal(a, b), name

@@ -44,6 +44,31 @@ def _tensor_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _unpadded(ids: torch.Tensor, mask: Any, index: int) -> list[torch.Tensor]:
+    """The rows of a padded batch without their padding: ``ids [b, T]`` and a 0/1 ``mask
+    [b, T]`` -> batches ``[b', T']`` of rows with the same number of real tokens, in order.
+
+    Padding (left or right) is cut rather than masked, so every calibrating algorithm sees only
+    real tokens, at the positions they would have unpadded.
+    """
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"calib batch {index}: attention_mask of shape "
+                         f"{tuple(getattr(mask, 'shape', ()))} does not match input_ids "
+                         f"{tuple(ids.shape)}")
+    keep = mask != 0
+    if bool(keep.all()):
+        return [ids]
+    if ids.dim() != 2:
+        raise ValueError(f"calib batch {index}: padded input_ids must be [batch, tokens], got "
+                         f"shape {tuple(ids.shape)}")
+    rows: dict[int, list[torch.Tensor]] = {}
+    for row, row_keep in zip(ids, keep, strict=True):
+        real = row[row_keep]
+        if real.numel():
+            rows.setdefault(real.numel(), []).append(real)
+    return [torch.stack(same) for same in rows.values()]
+
+
 def as_batches(
     calib: Any,
     tokenizer: Any = None,
@@ -56,8 +81,9 @@ def as_batches(
 
     Strings are joined by a blank line, tokenized (no special tokens) and cut into at most
     ``n_samples`` windows of ``seq_len`` tokens (int64 ``[b, seq_len]``). Tensors and iterables
-    are used as given, up to ``n_samples`` rows in all; dict batches contribute ``input_ids``
-    only (an attention mask is not used, so padded batches calibrate on the padding too).
+    are used as given, up to ``n_samples`` rows in all. Dict batches contribute ``input_ids``;
+    where their ``attention_mask`` marks padding, the padding is cut and rows are regrouped by
+    their real length (a padded batch may become several smaller ones).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r}; allowed: a positive int")
@@ -86,7 +112,10 @@ def as_batches(
                 raise ValueError(
                     f"calib batch {i} is a dict without 'input_ids' (keys: {sorted(item)})"
                 )
+            mask = item.get("attention_mask")
             item = item["input_ids"]
+        else:
+            mask = None
         if not isinstance(item, torch.Tensor):
             raise TypeError(
                 f"calib batch {i} is a {type(item).__name__}; allowed: a tensor or a dict "
@@ -94,9 +123,16 @@ def as_batches(
             )
         if item.numel() == 0:
             continue
-        item = _tensor_rows(item)[:rows_left]
-        batches.append(item)
-        rows_left -= item.shape[0]
+        if mask is not None:
+            mask = _tensor_rows(mask) if isinstance(mask, torch.Tensor) else mask
+        item = _tensor_rows(item)
+        parts = [item] if mask is None else _unpadded(item, mask, i)
+        for part in parts:
+            part = part[:rows_left]
+            batches.append(part)
+            rows_left -= part.shape[0]
+            if rows_left <= 0:
+                break
         if rows_left <= 0:
             break
     if not batches:

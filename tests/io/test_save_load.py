@@ -285,6 +285,15 @@ def test_load_names_a_tensor_with_the_wrong_dtype(saved):
         lowbit.load(saved)
 
 
+def test_load_points_at_a_checkpoint_an_interrupted_save_set_aside(saved):
+    aside = saved.parent / f".{saved.name}.lowbit-old-0123abcd"
+    saved.rename(aside)  # what a SIGKILL between save's two renames leaves
+    with pytest.raises(ValueError, match=r"does not exist, but .*lowbit-old-0123abcd.* rename it"):
+        lowbit.load(saved)
+    aside.rename(saved)
+    assert lowbit.load(saved) is not None
+
+
 def test_load_names_a_missing_tensor(saved):
     name = "transformer.h.1.attn.c_proj.weight_packed"
     _rewrite(saved, lambda t: t.pop(name))

@@ -29,6 +29,11 @@ from lowbit.spec import QuantSpec
 
 def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_dir():
+        aside = sorted(path.parent.glob(f".{path.name}.lowbit-old-*")) if path.name else []
+        if aside and not path.exists():  # save was killed between its two renames
+            raise ValueError(f"path {str(path)!r} does not exist, but {str(aside[-1])!r} holds "
+                             "the checkpoint an interrupted lowbit.save set aside: rename it "
+                             "back to load it")
         raise ValueError(f"path {str(path)!r} is not a folder; a lowbit checkpoint is expected")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

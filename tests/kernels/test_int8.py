@@ -196,6 +196,20 @@ def test_reference_static_matches_float_math_up_to_the_bias_rounding(act_kind):
     assert not torch.equal(got, int8_reference_linear(x, qt, None, {}) + bias)  # bias is rounded
 
 
+@pytest.mark.parametrize("weights", ["uint4-g64-asym", "nf4-g64", "int4-g32-asym-fz"])
+def test_static_activations_with_group_or_codebook_weights_run_on_the_act_reference(weights):
+    torch.manual_seed(5)
+    act = QuantSpec(format="int8", granularity="tensor", symmetric=True, scale_dtype="float32")
+    qt = QuantizedTensor.from_float(torch.randn(24, 128), lowbit.as_spec(weights).replace(act=act))
+    x = torch.randn(3, 128)
+    qt.act_scale = torch.tensor([x.abs().amax() * 0.7 / 127], dtype=torch.float32)
+    assert select_kernel(qt, x).name == "act-reference"
+    bias = torch.randn(24)
+    xq = fake_quantize(x, act, QParams(scale=qt.act_scale.reshape(1, 1)))
+    expected = F.linear(xq.double(), qt.dequantize(torch.float64), bias.double()).float()
+    assert torch.allclose(linear(x, qt, bias), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_bias_is_exact_int32():
     act_scale = torch.tensor([0.02], dtype=torch.float32)
     weight_scale = torch.tensor([[0.5], [0.25], [0.125]], dtype=torch.float32)

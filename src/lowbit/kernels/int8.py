@@ -224,9 +224,10 @@ def int8_reference_linear(
 def act_reference_linear(
     x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict
 ) -> torch.Tensor:
-    """Oracle for dynamic integer activations with weights the integer reference does not take
-    (group-wise, float zero-points, codebooks): ``Q^-1(Q(x)) @ dequantize(W)^T + b`` in float64,
-    cast to ``x.dtype``; ``x [..., K] -> [..., N]``."""
+    """Oracle for integer activations (dynamic, or static with calibrated scales) with weights
+    the integer reference does not take (group-wise, float zero-points, codebooks):
+    ``Q^-1(Q(x)) @ dequantize(W)^T + b`` in float64, cast to ``x.dtype``; ``x [..., K] ->
+    [..., N]``."""
     x2d = _flatten(x)
     if x2d.shape[0] == 0:
         return _empty_out(x, qt, bias)
@@ -241,9 +242,8 @@ def _act_reference_supports(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     act = qt.spec.act
     return (
         act is not None
-        and act.dynamic
         and _is_int_affine(act)
-        and act.granularity in ("token", "tensor")
+        and act.granularity in ("token", "tensor")  # a static act spec is per tensor
         and len(qt.shape) == 2
         and _fits(qt, x)
         and not _reference_supports(qt, x)

@@ -326,3 +326,29 @@ def test_output_dtype_under_autocast_is_nn_linears(preset: str, kernel: str | No
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), rtol=0.1, atol=0.15)
     assert q(x).dtype == torch.float32  # outside autocast: the input's dtype
+
+
+def test_load_state_dict_brings_or_drops_the_group_index_with_the_weight():
+    torch.manual_seed(0)
+    shuffled = QuantizedTensor.from_float(torch.randn(8, 256), "w4g128")
+    shuffled.g_idx = (torch.randperm(256) % 2).to(torch.int32)
+    with_g_idx = QuantLinear(256, 8, lowbit.preset("w4g128"))
+    with_g_idx.set_weight(shuffled)
+    plain = QuantLinear.from_float(nn.Linear(256, 8), "w4g128")
+    x = torch.randn(3, 256)
+    target = QuantLinear.from_float(nn.Linear(256, 8), "w4g128")
+    target.load_state_dict(with_g_idx.state_dict())
+    assert torch.equal(target(x), with_g_idx(x))
+    target.load_state_dict(plain.state_dict())
+    assert "weight_g_idx" not in dict(target.named_buffers())
+    assert torch.equal(target(x), plain(x))
+
+
+@pytest.mark.parametrize("kernel", [None, "reference"])
+def test_embedding_of_no_ids_is_empty_as_nn_embeddings(kernel: str | None) -> None:
+    emb = nn.Embedding(50, 256)
+    q = QuantEmbedding(emb, "w4g128")
+    q.kernel = kernel
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    got = q(ids)
+    assert got.shape == emb(ids).shape == (2, 0, 256) and got.dtype == torch.float32

@@ -103,10 +103,17 @@ class _QuantWeightMixin(nn.Module):
         state = super().__getstate__()
         return {**state, "_kernel_cache": {}, "_view": None}
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._kernel_cache.clear()
         self._view = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        g_idx = _PREFIX + "g_idx"
+        if prefix + _PREFIX + "packed" in state_dict:  # a weight arrives: g_idx comes with it
+            given = state_dict.get(prefix + g_idx)
+            if given is None:
+                self._buffers.pop(g_idx, None)
+            elif g_idx not in self._buffers:
+                self.register_buffer(g_idx, torch.empty_like(given, dtype=torch.int32))
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .cuda() give new buffers: drop what was built from the old ones
@@ -240,6 +247,9 @@ class QuantEmbedding(_QuantWeightMixin):
             rows = cpu_avx2.embedding_rows(qt, ids, self._kernel_cache)  # CPU float32 tables
             if rows is not None:
                 return rows
+        if ids.numel() == 0:
+            return torch.empty(*ids.shape, qt.shape[1], dtype=self.weight_dtype,
+                               device=qt.qdata.device)
         if qt.layout.block_rows == 1 and qt.layout.channel_axis is None:
             rows = qt.select_rows(ids.reshape(-1)).dequantize()
             return rows.reshape(*ids.shape, qt.shape[1])

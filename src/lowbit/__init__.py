@@ -6,6 +6,7 @@
 
 from lowbit.algorithms import qat
 from lowbit.api import QuantizeSummary, quantize
+from lowbit.calib.sensitivity import mixed_precision
 from lowbit.io import load, save
 from lowbit.models.decode import Decoder, generate
 from lowbit.quant import choose_qparams, fake_quantize
@@ -25,6 +26,7 @@ __all__ = [
     "fake_quantize",
     "generate",
     "load",
+    "mixed_precision",
     "preset",
     "qat",
     "quantize",

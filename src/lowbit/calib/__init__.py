@@ -7,11 +7,23 @@ from lowbit.calib.observe import (
     observe_inputs,
     set_input_qparams,
 )
+from lowbit.calib.sensitivity import (
+    MixedPlan,
+    Sensitivity,
+    allocate_bits,
+    measure_sensitivity,
+    mixed_precision,
+)
 
 __all__ = [
+    "MixedPlan",
+    "Sensitivity",
     "StaticCalibration",
+    "allocate_bits",
     "as_batches",
     "calibrate_static",
+    "measure_sensitivity",
+    "mixed_precision",
     "observe_inputs",
     "set_input_qparams",
 ]

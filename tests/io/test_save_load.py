@@ -464,3 +464,43 @@ def test_a_module_under_two_names_round_trips(llama, tmp_path):
     assert len(loaded.lowbit_summary.quantized) == len(model.lowbit_summary.quantized)
     again = lowbit.save(loaded, tmp_path / "again")
     assert (again.file_bytes, again.quantized_bytes) == (first.file_bytes, first.quantized_bytes)
+
+
+def test_source_exports_are_not_copied_and_copies_are_writable(tmp_path):
+    import shutil
+    import stat
+
+    from lowbit.models.hf import load_hf_model
+
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    source = tmp_path / "m"
+    shutil.copytree(LLAMA_3M, source)
+    (source / "onnx").mkdir()
+    (source / "onnx" / "model.onnx").write_bytes(b"\0" * 64)
+    (source / "rust_model.ot").write_bytes(b"\0" * 64)
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text("{}")
+    readme = source / "README.md"
+    readme.write_text("# float card\n")
+    readme.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    model, _, _ = load_hf_model(source)
+    lowbit.quantize(model, "w8")
+    lowbit.save(model, tmp_path / "q")
+    names = {p.relative_to(tmp_path / "q").as_posix() for p in (tmp_path / "q").rglob("*")}
+    assert "onnx" not in names and "rust_model.ot" not in names
+    assert "1_Pooling/config.json" in names
+    assert (tmp_path / "q" / "README.md").stat().st_mode & stat.S_IWUSR
+    lowbit.save(lowbit.load(tmp_path / "q"), tmp_path / "q2")  # saved again from the copy
+
+
+def test_a_symlinked_out_dir_is_written_through(small_q, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    lowbit.save(small_q, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "later")
+    lowbit.save(small_q, tmp_path / "dangling")
+    assert (tmp_path / "later" / "config.json").is_file()

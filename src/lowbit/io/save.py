@@ -30,7 +30,11 @@ WEIGHTS_NAME = "model.safetensors"
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
 
 # Files of a source folder that hold weights (replaced by ours) rather than tokenizer/config data.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf",
+                    ".onnx", ".onnx_data", ".ot", ".tflite", ".npz", ".npy", ".mlmodel", ".pb",
+                    ".engine", ".plan")
+# Folders of the float weights exported to other runtimes (the Hub's onnx/, openvino/, ...).
+_EXPORT_DIRS = {"onnx", "openvino", "coreml", "tflite", "tf", "flax", "mlpackage"}
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
@@ -174,11 +178,15 @@ def _copy_source_files(source: Path, dest: Path, out_dir: Path) -> None:
             continue
         if item.resolve() in skip or ".lowbit-tmp-" in item.name or ".lowbit-old-" in item.name:
             continue
+        # copyfile, not copy2: a read-only source (a Hub cache, a shared folder) must not make
+        # the checkpoint's files read-only (the card is rewritten, a later save replaces them)
         if item.is_dir():
-            shutil.copytree(item, dest / item.name,
-                            ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
+            if item.name.lower() not in _EXPORT_DIRS and not item.name.endswith(".mlpackage"):
+                shutil.copytree(item, dest / item.name, copy_function=shutil.copyfile,
+                                ignore=shutil.ignore_patterns(
+                                    *(f"*{s}" for s in _WEIGHT_SUFFIXES)))
         elif not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, dest / item.name)
+            shutil.copyfile(item, dest / item.name)
 
 
 def _cast_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
@@ -236,6 +244,8 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
             "Hugging Face models (use model.state_dict() for plain modules)"
         )
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # write where the link points: the link itself stays
+        out_dir = out_dir.resolve()
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _dedupe(model.state_dict())

@@ -66,9 +66,15 @@ class QuantizeSummary:
 _KINDS = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
-def _read_by_parent(model: nn.Module) -> dict[int, str]:
-    """``{id(module): why}`` for Linears whose parent reads their ``weight`` instead of calling
-    them (a QuantLinear there would fail, or be bypassed): torch's own attention layers."""
+def _kept_in_float(model: nn.Module) -> dict[int, str]:
+    """``{id(module): why}`` for modules a quantized replacement would get wrong:
+
+    - Linears whose parent reads their ``weight`` instead of calling them (torch's own attention
+      layers: a QuantLinear there would fail, or be bypassed);
+    - subclasses of Linear / Conv2d / Embedding with a ``forward`` of their own (Gemma's scaled
+      word embeddings, OPT's offset position table): the quantized module would drop what it
+      adds.
+    """
     found: dict[int, str] = {}
     for parent in model.modules():
         if isinstance(parent, nn.MultiheadAttention):
@@ -78,6 +84,10 @@ def _read_by_parent(model: nn.Module) -> dict[int, str]:
             for child in (parent.linear1, parent.linear2):  # (batch_first=False: never fused)
                 found[id(child)] = ("nn.TransformerEncoderLayer(batch_first=True) reads "
                                     "linear1 / linear2.weight (its fused inference path)")
+        for base in _KINDS:
+            if isinstance(parent, base) and type(parent).forward is not base.forward:
+                found[id(parent)] = (f"{type(parent).__name__} has a forward of its own (a "
+                                     f"quantized {base.__name__} would not do what it adds)")
     return found
 
 
@@ -171,7 +181,7 @@ def quantize(
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
-    read_by_parent = _read_by_parent(model)
+    kept_in_float = _kept_in_float(model)
     first_name: dict[int, str] = {}  # a module reachable under several names: quantized once
     aliases: list[tuple[str, str]] = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -187,8 +197,8 @@ def quantize(
         def skip(reason: str, spec_text: str | None = None, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, spec_text, "skipped", reason, _b, _b))
 
-        if id(module) in read_by_parent:
-            skip(read_by_parent[id(module)])
+        if id(module) in kept_in_float:
+            skip(kept_in_float[id(module)])
             continue
         layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:
@@ -305,7 +315,7 @@ def _check_selection(
     """Raise ValueError when include / exclude / spec patterns leave no module to quantize
     although the model has some (a mistyped pattern would otherwise write a float copy). Not
     when the patterns select modules quantized already (a call repeated on its own output)."""
-    read_by_parent = _read_by_parent(model)
+    kept_in_float = _kept_in_float(model)
     names, reasons = [], Counter()
     for name, module in model.named_modules():
         chosen, why = choose_spec(name, spec, include, exclude)
@@ -316,9 +326,9 @@ def _check_selection(
         if _kind(module) is None:
             continue
         names.append(name)
-        if chosen is not None and id(module) not in read_by_parent:
+        if chosen is not None and id(module) not in kept_in_float:
             return
-        reasons[why if chosen is None else read_by_parent[id(module)]] += 1
+        reasons[why if chosen is None else kept_in_float[id(module)]] += 1
     if not names:
         return
     why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())

@@ -352,3 +352,21 @@ def test_embedding_of_no_ids_is_empty_as_nn_embeddings(kernel: str | None) -> No
     ids = torch.zeros(2, 0, dtype=torch.long)
     got = q(ids)
     assert got.shape == emb(ids).shape == (2, 0, 256) and got.dtype == torch.float32
+
+
+def test_subclasses_with_a_forward_of_their_own_stay_float():
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    class Plain(nn.Linear):  # inherits Linear's forward: quantized as any Linear
+        pass
+
+    model = nn.Sequential(Scaled(64, 128), Plain(128, 128), nn.Linear(128, 8))
+    lowbit.quantize(model, "w8")
+    assert isinstance(model[0], Scaled)
+    assert isinstance(model[1], QuantLinear) and isinstance(model[2], QuantLinear)
+    (skipped,) = model.lowbit_summary.skipped
+    assert skipped.name == "0" and "Scaled has a forward of its own" in skipped.reason
+    with pytest.raises(ValueError, match="no module left to quantize: 1 candidates"):
+        lowbit.quantize(nn.Sequential(Scaled(64, 128)), "w8")

@@ -443,8 +443,8 @@ def prepare(
     from lowbit.api import (
         ModuleReport,
         QuantizeSummary,
+        _kept_in_float,
         _kind,
-        _read_by_parent,
         _set_submodule,
         _weight_bytes,
     )
@@ -464,7 +464,7 @@ def prepare(
     include, exclude = patterns(include), patterns(exclude) or []
     train_weight = train == "all"
     summary = QuantizeSummary()
-    read_by_parent = _read_by_parent(model)
+    kept_in_float = _kept_in_float(model)
     swaps: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}
     for name, module in model.named_modules():
@@ -477,8 +477,8 @@ def prepare(
         def skip(reason: str, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, None, "skipped", reason, _b, _b))
 
-        if id(module) in read_by_parent:
-            skip(read_by_parent[id(module)])
+        if id(module) in kept_in_float:
+            skip(kept_in_float[id(module)])
             continue
         layer_spec, why = choose_spec(name, spec, include, exclude)
         if layer_spec is None:

@@ -135,15 +135,15 @@ def _main_output(out: Any) -> tuple[str, torch.Tensor]:
 def _weight_layers(model: nn.Module, include: list[str] | None,
                    exclude: list[str]) -> list[tuple[str, nn.Module, str]]:
     """``(name, module, kind)`` of every module ``lowbit.quantize`` would take, once each."""
-    from lowbit.api import _kind, _read_by_parent
+    from lowbit.api import _kept_in_float, _kind
     from lowbit.models.select import first_match
 
-    read_by_parent = _read_by_parent(model)
+    kept_in_float = _kept_in_float(model)
     seen: set[int] = set()
     found = []
     for name, module in model.named_modules():
         kind = _kind(module)
-        if kind is None or id(module) in seen or id(module) in read_by_parent:
+        if kind is None or id(module) in seen or id(module) in kept_in_float:
             continue
         seen.add(id(module))
         if include is not None and first_match(name, include) is None:

@@ -504,3 +504,25 @@ def test_a_symlinked_out_dir_is_written_through(small_q, tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "later")
     lowbit.save(small_q, tmp_path / "dangling")
     assert (tmp_path / "later" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForMaskedLM", "BertModel",
+                                  "LlamaForSequenceClassification"])
+def test_the_saved_class_is_the_loaded_class(head, tmp_path):
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, max_position_embeddings=64)
+    config = (transformers.LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0)
+              if head.startswith("Llama") else transformers.BertConfig(**common))
+    torch.manual_seed(0)
+    model = getattr(transformers, head)(config).eval()
+    lowbit.quantize(model, "w8")
+    lowbit.save(model, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert type(loaded) is type(model)
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        a, b = model(ids), loaded(ids)
+    key = "logits" if hasattr(a, "logits") else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))

@@ -178,6 +178,25 @@ def _int_min(dtype: torch.dtype) -> int:
     return False if dtype == torch.bool else torch.iinfo(dtype).min
 
 
+def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str]) -> nn.Module:
+    """The saved model on meta: the class config.json's ``architectures`` names (lowbit.save
+    records the class it saved), else the Auto class of ``kind``; the first whose modules hold
+    every quantized target (checkpoints saved before the class was recorded)."""
+    import transformers
+
+    from lowbit.models.hf import build_on_meta
+
+    archs = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=dtype)
+        names = {name for name, _ in model.named_modules()}
+        if all(t in names for t in targets):
+            return model
+    return build_on_meta(config, kind, dtype)
+
+
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a checkpoint written by :func:`lowbit.save`; returns the model in eval mode.
 
@@ -190,7 +209,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     # Imported here: lowbit.api and lowbit.models import lowbit.io themselves.
     from lowbit.api import ModuleReport, QuantizeSummary
-    from lowbit.models.hf import build_on_meta, model_kind
+    from lowbit.models.hf import model_kind
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -205,7 +224,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise ValueError(f"{path}/config.json: unknown model_type {model_type!r}")
     config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     kind = model_kind(config)
-    model = build_on_meta(config, kind, dtype)
+    specs = _group_specs(qc)
+    model = _build(config, kind, dtype, list(specs))
 
     dropped = qc.get("dropped") or []
     if dropped != [] and dropped != ["pooler"]:
@@ -213,7 +233,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                          f"['pooler'], got {dropped!r}")
     if dropped and getattr(model, "pooler", None) is not None:
         model.pooler = None  # saved without one (see lowbit.io.save.quantization_config)
-    specs = _group_specs(qc)
     summary = QuantizeSummary(notes=list(qc.get("notes") or []))
     logical_shapes: dict[str, tuple[int, ...]] = {}
     for name, spec in specs.items():

@@ -222,6 +222,12 @@ def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[s
     path.write_text(card, encoding="utf-8")
 
 
+def _is_transformers_class(cls: type) -> bool:
+    import transformers
+
+    return getattr(transformers, cls.__name__, None) is cls
+
+
 def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
          float_dtype: torch.dtype | None = None) -> SaveResult:
     """Write ``model`` (a transformers model, quantized or not) to ``out_dir``.
@@ -256,6 +262,8 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
 
     config_dict = json.loads(config.to_json_string(use_diff=False))
     config_dict["dtype"] = str(float_dtype or _model_float_dtype(model)).removeprefix("torch.")
+    if _is_transformers_class(type(model)):  # load builds this class (a head, a base model)
+        config_dict["architectures"] = [type(model).__name__]
     config_dict["quantization_config"] = quantization_config(model, tied)
 
     tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"

@@ -101,9 +101,10 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _weight_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for n, p in module.named_parameters()
-               if n == "weight")
+def _weight_bytes(module: nn.Module, stored: torch.dtype | None = None) -> int:
+    """Bytes of the module's weight: as it is, or as the source checkpoint stores it."""
+    return sum(p.numel() * (p.element_size() if stored is None else stored.itemsize)
+               for n, p in module.named_parameters() if n == "weight")
 
 
 def quantize(
@@ -182,6 +183,8 @@ def quantize(
     replacements: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
     kept_in_float = _kept_in_float(model)
+    # "before" counts the weights as the source checkpoint stores them (fp16 loaded as fp32)
+    stored_dtype = getattr(model, "_lowbit_stored_dtype", None)
     first_name: dict[int, str] = {}  # a module reachable under several names: quantized once
     aliases: list[tuple[str, str]] = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -192,7 +195,7 @@ def quantize(
             aliases.append((name, first_name[id(module)]))
             continue
         first_name[id(module)] = name
-        before = _weight_bytes(module)
+        before = _weight_bytes(module, stored_dtype)
 
         def skip(reason: str, spec_text: str | None = None, _n=name, _k=kind, _b=before) -> None:
             summary.modules.append(ModuleReport(_n, _k, spec_text, "skipped", reason, _b, _b))

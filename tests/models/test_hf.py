@@ -154,3 +154,25 @@ def test_an_encoder_saved_without_pooler_weights_loads_quantizes_and_round_trips
     assert loaded.pooler is None
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected)
+
+
+def test_the_source_float_dtype_is_read_from_the_tensors(tmp_path):
+    import lowbit
+    from lowbit.models.hf import source_float_dtype
+
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    source = tmp_path / "m"
+    shutil.copytree(LLAMA_3M, source)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)  # F16 tensors, no config key
+    (source / "config.json").chmod(0o644)
+    (source / "config.json").write_text(json.dumps(config))
+    assert source_float_dtype(source) == torch.float16
+    model, _, _ = load_hf_model(source)
+    lowbit.quantize(model, "w4g128", exclude=["lm_head"])
+    lm_head = model.lowbit_summary.skipped[0]
+    assert lm_head.name == "lm_head" and lm_head.bytes_before == 8192 * 128 * 2  # as stored
+    result = lowbit.save(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float16"
+    assert result.file_bytes < 3_300_000  # fp16 float tensors, not fp32

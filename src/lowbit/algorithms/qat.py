@@ -465,13 +465,14 @@ def prepare(
     train_weight = train == "all"
     summary = QuantizeSummary()
     kept_in_float = _kept_in_float(model)
+    stored_dtype = getattr(model, "_lowbit_stored_dtype", None)
     swaps: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}
     for name, module in model.named_modules():
         kind = "Linear" if isinstance(module, QuantLinear) else _kind(module)
         if kind is None:
             continue
-        before = _weight_bytes(module) if kind != "Linear" or not isinstance(
+        before = _weight_bytes(module, stored_dtype) if kind != "Linear" or not isinstance(
             module, QuantLinear) else module.weight_nbytes
 
         def skip(reason: str, _n=name, _k=kind, _b=before) -> None:

@@ -198,6 +198,11 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     rebuild_meta_buffers(model)
     model.eval()
     model._lowbit_source = str(path.resolve())
+    from lowbit.models.hf import source_float_dtype
+
+    stored = source_float_dtype(path)
+    if stored is not None:
+        model._lowbit_stored_dtype = stored
     return model, reader
 
 

@@ -256,13 +256,15 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
             table.add_row("  ", f"{n} modules: {reason}")
     before = summary.bytes_before
     after = summary.bytes_after
-    table.add_row("weights before", f"{human_bytes(before)} ({before:,} B)")
+    stored_as = source_float_dtype(model_dir, model)
+    table.add_row("weights before", f"{human_bytes(before)} ({before:,} B" + (
+        f", in {str(stored_as).removeprefix('torch.')} as the source stores them)"
+        if stored_as is not None else ")"))
     table.add_row("weights after", f"{human_bytes(after)} ({after:,} B)")
     if numel:
         q_after = sum(m.bytes_after for m in quantized)
         table.add_row("bits per weight", f"{q_after * 8 / numel:.3f} (quantized modules, "
                       "scales and zero-points included)")
-    stored_as = source_float_dtype(model_dir, model)
     if stored_as is not None:
         table.add_row("float tensors", f"stored in {str(stored_as).removeprefix('torch.')}, as "
                       "in the source checkpoint")

@@ -224,6 +224,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise ValueError(f"{path}/config.json: unknown model_type {model_type!r}")
     config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     kind = model_kind(config)
+    # the float tensors' dtype in the file: bytes are reported as stored
+    file_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        str(config_dict.get("dtype")))
     specs = _group_specs(qc)
     model = _build(config, kind, dtype, list(specs))
 
@@ -256,7 +259,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         _set_submodule(model, name, new)
         summary.modules.append(ModuleReport(
             name, float_module_kind(module) or "", str(spec), "quantized", "",
-            module.weight.numel() * module.weight.element_size(), 0))
+            module.weight.numel() * (file_dtype or dtype).itemsize, 0))
     aliases = qc.get("aliases") or {}
     if not isinstance(aliases, dict) or not all(
             isinstance(a, str) and isinstance(n, str) for a, n in aliases.items()):
@@ -348,9 +351,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         try:
             report.kind = float_module_kind(model.get_submodule(report.name)) or ""
             w = model.get_submodule(report.name).weight
-            report.bytes_before = report.bytes_after = w.numel() * w.element_size()
+            report.bytes_before = report.bytes_after = w.numel() * (file_dtype or dtype).itemsize
         except AttributeError:
             pass
+    if file_dtype is not None:  # saved again, the float tensors keep it (lowbit.save's default)
+        model._lowbit_stored_dtype = file_dtype
     model.lowbit_summary = summary
     model.lowbit_quantization_config = qc
     model._lowbit_source = str(path.resolve())

@@ -236,8 +236,9 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     on error nothing is left behind. An existing non-empty ``out_dir`` is refused unless
     ``overwrite=True``. Tied tensors are stored once and re-tied by ``lowbit.load``.
     float_dtype: store the float tensors (norms, biases, layers kept in float) in this dtype,
-    e.g. the source checkpoint's float16 for a model computed in float32 (None: as they are);
-    quantized tensors keep the dtypes their spec fixes.
+    e.g. float16 for a model computed in float32. None: the source checkpoint's float16 /
+    bfloat16 where ``load_hf_model`` / ``lowbit.load`` recorded one (a lossless round trip of
+    weights read from it), else as they are. Quantized tensors keep the dtypes their spec fixes.
     """
     from safetensors.torch import save_file
 
@@ -255,6 +256,8 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _dedupe(model.state_dict())
+    if float_dtype is None:
+        float_dtype = getattr(model, "_lowbit_stored_dtype", None)
     if float_dtype is not None:
         tensors = _cast_float_tensors(model, tensors, float_dtype)
     quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))

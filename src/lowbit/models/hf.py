@@ -163,6 +163,8 @@ def load_hf_model(
     stored = getattr(config, "dtype", None)  # the checkpoint's float dtype (Hub ids too),
     if isinstance(source, Path):              # before building on it sets config.dtype
         check_weights_match_config(source, config, kind)
+        if any(source.glob("*.safetensors")):  # the tensors are the truth where they are read
+            stored = stored_float_dtype(source)
     try:
         model, info = auto_class(kind).from_pretrained(
             source, dtype=dtype, output_loading_info=True
@@ -205,18 +207,37 @@ def load_tokenizer(source: str | Path) -> Any:
         return None
 
 
+def stored_float_dtype(folder: Path) -> torch.dtype | None:
+    """float16 / bfloat16 when every float tensor of the folder's safetensors files is stored
+    in it (read from their headers); None for other dtypes, mixes, or no safetensors."""
+    from lowbit.io.header import read_safetensors_header
+
+    found = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            found |= {t.dtype for t in read_safetensors_header(file)
+                      if t.dtype in ("F16", "BF16", "F32", "F64")}
+        except (OSError, ValueError):
+            return None
+    return {frozenset({"F16"}): torch.float16,
+            frozenset({"BF16"}): torch.bfloat16}.get(frozenset(found))
+
+
 def source_float_dtype(model_dir: str | os.PathLike, model: nn.Module | None = None
                        ) -> torch.dtype | None:
     """float16 / bfloat16 when the source checkpoint's float tensors are stored in it (as
-    :func:`load_hf_model` recorded on ``model``, or a model folder's config.json ``dtype`` /
-    older ``torch_dtype``), else None. The CLI stores the float tensors of a quantized model
-    loaded in float32 back in that dtype, so the checkpoint is not larger than its source."""
+    :func:`load_hf_model` recorded on ``model``, or a model folder's safetensors headers, or
+    without them its config.json ``dtype`` / older ``torch_dtype``), else None. The CLI stores
+    the float tensors of a quantized model loaded in float32 back in that dtype, so the
+    checkpoint is not larger than its source."""
     import json
 
     recorded = getattr(model, "_lowbit_stored_dtype", None)
     if recorded is not None:
         return recorded
-
+    folder = Path(model_dir).expanduser()
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        return stored_float_dtype(folder)  # the tensors say it, whatever config.json says
     try:
         config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(
             encoding="utf-8"))

@@ -234,3 +234,40 @@ def test_float_tensors_are_stored_in_the_sources_dtype(llama_dir, tmp_path):
     source_bytes = sum(p.stat().st_size for p in llama_dir.glob("*.safetensors"))
     assert (out / "model.safetensors").stat().st_size < 0.6 * source_bytes  # fp32 norms / head:
     # 0.93x
+
+
+def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
+    out = tmp_path / "mixed"
+    r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "w2g64,w4g128", "--bits", "3.5",
+                            "--calib", str(VAL_TEXT), "--include", "model.layers.0.*",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "mixed precision: " in r.stdout and "w2g64" in r.stdout
+    assert "layers in model.layers.*" in r.stdout
+    model = lowbit.load(out)
+    specs = {m.spec for m in model.lowbit_summary.quantized}
+    assert specs == {"uint2-g64-asym", "uint4-g128-asym"}
+    quantized = model.lowbit_summary.quantized
+    stored = sum(m.bytes_after for m in quantized)
+    numel = sum(model.get_submodule(m.name).qweight.numel for m in quantized)
+    assert 3.0 < stored * 8 / numel <= 3.5
+    config = json.loads((out / "config.json").read_text())
+    assert any(n.startswith("mixed precision: each layer's spec chosen among w2g64, w4g128")
+               for n in config["quantization_config"]["notes"])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["-s", "w2g64,w4g128", "--bits", "3"], "--bits measures each layer on --calib FILE"),
+    (["-s", "w4g128", "--bits", "3", "--calib", "VAL"], "name two or more, comma-separated"),
+    (["-s", "w2g64,w4g128"], "pass --bits N to choose"),
+    (["-s", "w2g64,w4g128", "--bits", "3", "--mode", "dynamic", "--calib", "VAL"],
+     "--mode dynamic is not allowed"),
+    (["-s", "w2g64,w8a8", "--bits", "3", "--calib", "VAL"], "quantizes activations"),
+    (["-s", "w2g64,nope", "--bits", "3", "--calib", "VAL"], "unknown scheme 'nope'"),
+    (["-s", "w2g64,w4g128", "--bits", "2", "--calib", "VAL", "--include", "model.layers.0.*"],
+     "bits=2.0 is below 2.500"),
+])
+def test_bad_mixed_precision_options_fail_in_one_line(llama_dir, tmp_path, args, expected):
+    args = [str(VAL_TEXT) if a == "VAL" else a for a in args]
+    _fails(["quantize", str(llama_dir), *args, "-o", str(tmp_path / "q")], tmp_path / "q",
+           expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -127,6 +128,11 @@ def quantize_command(
     exclude: list[str] | None = typer.Option(
         None, "--exclude", help="Keep modules matching this pattern in float (repeatable)."
     ),
+    bits: float | None = typer.Option(
+        None, "--bits", help=(
+            "Mixed precision: with -s naming two or more weight-only specs (-s w3g128,w4g128), "
+            "measure each layer's KL with each spec on 8 x 256 tokens of --calib and choose the "
+            "specs with the least total KL at this many bits per weight.")),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
 ) -> None:
@@ -137,18 +143,24 @@ def quantize_command(
     from lowbit.models.hf import load_hf_model
 
     try:
+        candidates = None
+        if bits is not None or (scheme is not None and "," in scheme):
+            candidates = mixed_candidates(scheme, mode, bits)
+            scheme = candidates[0]
         spec, mode = resolve_scheme(scheme, mode)
         alg = get_algorithm(algorithm)
         texts = None
-        if mode == "static" or alg.needs_calibration:
+        if candidates is not None and calib is None:
+            raise ValueError("--bits measures each layer on --calib FILE (a text file); pass it")
+        if mode == "static" or alg.needs_calibration or candidates is not None:
             if calib is None:
                 needs = "--mode static" if mode == "static" else f"--algorithm {algorithm}"
                 raise ValueError(f"{needs} needs --calib FILE (a text file)")
             texts = read_calib(calib)
         elif calib is not None:
             raise ValueError(
-                f"--calib is used by --mode static or a calibration algorithm only (mode is "
-                f"{mode}, algorithm {algorithm})"
+                f"--calib is used by --mode static, --bits or a calibration algorithm only "
+                f"(mode is {mode}, algorithm {algorithm})"
             )
         for opt, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len),
                            ("--calib-batch-size", calib_batch_size)):
@@ -167,7 +179,7 @@ def quantize_command(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
-        if alg.needs_calibration and Path(model_dir).is_dir():
+        if alg.needs_calibration and Path(model_dir).is_dir() and candidates is None:
             kind = _check_folder(Path(model_dir))
             model = None  # memory bounded: quantize() reads one block at a time from disk
         else:
@@ -177,6 +189,17 @@ def quantize_command(
 
     include_list = list(include) if include else None
     exclude_list = list(exclude or [])
+    if candidates is not None:
+        from lowbit.calib import mixed_precision
+
+        try:
+            plan = mixed_precision(model, candidates, bits, texts, tokenizer=tokenizer,
+                                   include=include_list, exclude=exclude_list,
+                                   show_progress=True)
+        except (ValueError, TypeError) as e:
+            fail(_explain(str(e)))
+        _print_plan(plan, candidates)
+        spec = plan.specs
     if model is None:
         try:
             model = lowbit.quantize(
@@ -205,16 +228,63 @@ def quantize_command(
                 progress.update(task, advance=1, description=name)
 
             lowbit.quantize(
-                model, spec, calib=texts, include=include_list,
+                model, spec, calib=texts if mode == "static" or alg.needs_calibration else None,
+                include=include_list,
                 exclude=exclude_list, observer=observer or "minmax", tokenizer=tokenizer,
                 progress=advance, algorithm=alg, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
             )
+        if candidates is not None:
+            sens = plan.sensitivity
+            model.lowbit_summary.notes.append(
+                f"mixed precision: each layer's spec chosen among {', '.join(candidates)} for "
+                f"the least summed KL at {bits:g} bits per weight (measured with each layer "
+                f"quantized alone on {sens.n_positions:,} positions of the calibration text)")
         result = lowbit.save(model, out_dir, overwrite=overwrite,
                              float_dtype=source_float_dtype(model_dir, model))
     except (ValueError, TypeError) as e:
         fail(_explain(str(e)))
     _print_report(model, result, model_dir, mode, kind)
+
+
+def mixed_candidates(scheme: str | None, mode: str | None, bits: float | None) -> list[str]:
+    """The specs of ``-s a,b,...`` for ``--bits``: two or more, weight-only, each one valid."""
+    names = [n.strip() for n in (scheme or "").split(",") if n.strip()]
+    if bits is None:
+        raise ValueError(f"--scheme {scheme!r} names several specs; pass --bits N to choose "
+                         "among them per layer (mixed precision), or name one")
+    if len(names) < 2:
+        raise ValueError(f"--bits chooses per layer among the specs of --scheme; name two or "
+                         f"more, comma-separated (e.g. -s w3g128,w4g128), got {scheme!r}")
+    if mode not in (None, "weight"):
+        raise ValueError(f"--bits mixes weight-only specs; --mode {mode} is not allowed with it")
+    for name in names:
+        resolve_scheme(name, "weight")  # a bad name fails here, with what is allowed
+    return names
+
+
+def _print_plan(plan, names: list[str]) -> None:
+    """The mixed-precision plan: per role of layer, mean KL of each candidate and the choice
+    (candidates under the names given to -s)."""
+    sens = plan.sensitivity
+    label = {str(spec): name for spec, name in zip(sens.candidates, names, strict=True)}
+    unit = "KL" if sens.metric == "kl" else "rel. MSE"
+    rows = plan.by_role()
+    prefix = os.path.commonprefix([role for role, *_ in rows]) if len(rows) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]
+    table = Table(title=f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget "
+                        f"{plan.bits_budget:g}); mean {unit} of a layer quantized alone, on "
+                        f"{sens.n_positions:,} positions")
+    table.add_column(f"layers in {prefix[:-1]}" if prefix else "layers")
+    table.add_column("n", justify="right")
+    for spec in sens.candidates:
+        table.add_column(label[str(spec)], justify="right")
+    table.add_column("chosen")
+    for role, n, mean, chosen in rows:
+        table.add_row(role[len(prefix):], str(n),
+                      *(f"{mean[str(c)]:.2g}" for c in sens.candidates),
+                      ", ".join(f"{k} x {label[v]}" for v, k in chosen.items()))
+    console.print(table)
 
 
 def _check_folder(path: Path) -> str:

@@ -527,3 +527,40 @@ def test_the_saved_class_is_the_loaded_class(head, tmp_path):
         a, b = model(ids), loaded(ids)
     key = "logits" if hasattr(a, "logits") else "last_hidden_state"
     assert torch.equal(getattr(a, key), getattr(b, key))
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c["quantization_config"].__setitem__("tied", 5), "tied must be a map of names"),
+    (lambda c: c["quantization_config"].__setitem__("ignore_reasons", ["x"]),
+     "ignore_reasons must be a map of names"),
+    (lambda c: c["quantization_config"].__setitem__("ignore", 3), "ignore must be a list of"),
+    (lambda c: c.__setitem__("n_head", "4"), r"config\.json: "),
+])
+def test_hand_edited_configs_fail_in_one_line(saved, edit, match):
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        lowbit.load(saved)
+
+
+def test_an_alias_with_tensors_of_its_own_is_refused(saved):
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["aliases"] = {"transformer.h.1.mlp.c_fc":
+                                                "transformer.h.0.mlp.c_fc"}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="alias 'transformer.h.1.mlp.c_fc' has tensors of its"):
+        lowbit.load(saved)
+
+
+def test_a_broken_index_is_named(tmp_path):
+    from lowbit.io.header import model_tensor_infos
+
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"index\.json: not a safetensors index.*KeyError"):
+        model_tensor_infos(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("not json")
+    with pytest.raises(ValueError, match=r"index\.json: not a safetensors index"):
+        model_tensor_infos(tmp_path)

@@ -99,7 +99,14 @@ def model_tensor_infos(model_dir: str | Path) -> list[TensorInfo]:
         raise ValueError(f"MODEL_DIR {str(model_dir)!r} is not a folder")
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a "
+                             f"'weight_map' of tensor -> file): {type(e).__name__} {e}") from None
+        if not all(isinstance(f, str) for f in shards):
+            raise ValueError(f"{index}: weight_map values must be file names")
         missing = [s for s in shards if not (model_dir / s).exists()]
         if missing:
             raise ValueError(f"{model_dir}: index names missing shard files {missing}")

@@ -222,7 +222,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{path}/config.json: unknown model_type {model_type!r}")
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    except Exception as e:  # transformers' strict config validation raises its own types
+        raise ValueError(f"{path}/config.json: {str(e).splitlines()[0]}") from None
     kind = model_kind(config)
     # the float tensors' dtype in the file: bytes are reported as stored
     file_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
@@ -274,14 +277,29 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         except AttributeError:
             raise ValueError(f"{path}/config.json: alias {alias!r} is not a module of "
                              f"{type(model).__name__}") from None
+        if any(key.startswith(alias + ".") for key in header):
+            raise ValueError(f"{path}/config.json: alias {alias!r} has tensors of its own in "
+                             f"{WEIGHTS_NAME}; an alias shares {name!r}'s")
         _set_submodule(model, alias, model.get_submodule(name))
     reasons = qc.get("ignore_reasons") or {}
-    for name in qc.get("ignore") or []:
+    ignored = qc.get("ignore") or []
+    tied = qc.get("tied") or {}
+    for field, value, ok in (
+        ("ignore", ignored, isinstance(ignored, list) and all(isinstance(n, str) for n in ignored)),
+        ("ignore_reasons", reasons, isinstance(reasons, dict)
+         and all(isinstance(v, str) for v in reasons.values())),
+        ("tied", tied, isinstance(tied, dict)
+         and all(isinstance(a, str) and isinstance(t, str) for a, t in tied.items())),
+    ):
+        if not ok:
+            raise ValueError(f"{path}/config.json: quantization_config {field} must be "
+                             f"{'a list of' if field == 'ignore' else 'a map of'} names, got "
+                             f"{value!r}")
+    for name in ignored:
         summary.modules.append(ModuleReport(
             name, "", None, "skipped", reasons.get(name, "not quantized in checkpoint"), 0, 0))
 
     quant_prefixes = {name + "." for name in specs}
-    tied: dict[str, str] = dict(qc.get("tied") or {})
     expected = model.state_dict()
     for key in expected:
         if key not in header and key not in tied:

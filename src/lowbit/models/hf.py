@@ -157,7 +157,7 @@ def load_hf_model(
         if isinstance(source, str):
             raise _offline_error(text) from None
         raise ValueError(f"MODEL_DIR {text!r}: config.json could not be read: {e}") from None
-    except ValueError as e:
+    except Exception as e:  # ValueError, or transformers' strict config validation
         raise ValueError(f"MODEL_DIR {text!r}: {str(e).splitlines()[0]}") from None
     kind = model_kind(config)
     stored = getattr(config, "dtype", None)  # the checkpoint's float dtype (Hub ids too),

@@ -95,8 +95,9 @@ class MixedPlan:
         for role, layers in groups.items():
             mean = {c: sum(la.damage[c] for la in layers) / len(layers) for c in layers[0].damage}
             chosen = [str(self.choice[la.name]) for la in layers]
+            order = [str(c) for c in self.sensitivity.candidates]
             rows.append((role, len(layers), mean,
-                         {c: chosen.count(c) for c in dict.fromkeys(chosen)}))
+                         {c: chosen.count(c) for c in order if c in chosen}))
         return rows
 
     def table(self) -> str:

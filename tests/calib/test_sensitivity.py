@@ -72,6 +72,42 @@ def test_a_candidate_with_more_bytes_and_no_less_damage_is_never_chosen():
     assert str(allocate_bits(table, 8.0).choice["a"]) == "int8-ch-sym"
 
 
+def test_a_large_layers_upgrade_is_not_skipped_for_a_small_ones():
+    table = _table({"A": (4096, {"w2g64": (1280, 1.0), "w4g128": (2112, 0.0), "w8": (4500, 0.0)}),
+                    "B": (128, {"w2g64": (40, 0.1), "w4g128": (66, 0.0), "w8": (140, 0.0)})})
+    plan = allocate_bits(table, 2152 * 8 / 4224)
+    assert {n: str(s) for n, s in plan.choice.items()} == {"A": "uint4-g128-asym",
+                                                           "B": "uint2-g64-asym"}
+    assert plan.predicted_damage == pytest.approx(0.1)
+
+
+def test_the_allocation_is_the_exact_optimum_on_small_instances():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for trial in range(200):
+        rows = {}
+        for i in range(rng.randint(1, 5)):
+            n = rng.choice([64, 128, 512, 1024])
+            sizes = sorted(rng.sample(range(n // 8, n * 2), 3))
+            harms = sorted((rng.random() for _ in range(3)), reverse=rng.random() < 0.8)
+            rows[f"l{i}"] = (n, dict(zip(CANDIDATES, zip(sizes, harms, strict=True),
+                                         strict=True)))
+        table = _table(rows)
+        low, high = table.bits_range()
+        bits = rng.uniform(low, high)
+        plan = allocate_bits(table, bits)
+        budget = bits * sum(la.n_weights for la in table.layers) / 8
+        keys = [str(c) for c in table.candidates]
+        best = min(sum(la.damage[k] for la, k in zip(table.layers, pick, strict=True))
+                   for pick in itertools.product(keys, repeat=len(table.layers))
+                   if sum(la.nbytes[k] for la, k in zip(table.layers, pick, strict=True))
+                   <= budget)
+        used = sum(la.nbytes[str(plan.choice[la.name])] for la in table.layers)
+        assert used <= budget and plan.predicted_damage == pytest.approx(best), trial
+
+
 def test_bits_below_the_smallest_candidate_or_not_a_number_are_refused():
     table = _table({"a": _uniform(800, (1.0, 0.1, 0.0))})
     with pytest.raises(ValueError, match=r"bits=1\.5 is below 2\.000.*allowed: 2\.000 or more"):
@@ -108,6 +144,48 @@ def test_replaying_the_earlier_blocks_measures_what_full_forwards_measure(monkey
     for a, b in zip(replayed.layers, full.layers, strict=True):
         for key in a.damage:
             assert a.damage[key] == pytest.approx(b.damage[key], rel=1e-4, abs=1e-9)
+
+
+def test_shared_blocks_that_run_twice_are_measured_with_full_forwards():
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(
+        vocab_size=96, embedding_size=64, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_hidden_groups=2, num_attention_heads=4,
+        max_position_embeddings=64)
+    model = transformers.AlbertModel(config).eval()
+    include = ["*albert_layer_groups.1.*ffn*"]
+    sens = measure_sensitivity(model, ["w2g64", "w8"], [_ids(2, 16), _ids(3, 9)],
+                               include=include)
+    twin = copy.deepcopy(model)
+    layer = twin.get_submodule(sens.layers[0].name)
+    with torch.no_grad():
+        layer.weight.copy_(lowbit.fake_quantize(layer.weight, as_spec("w2g64")))
+        total, positions = 0.0, 0
+        for ids in (_ids(2, 16), _ids(3, 9)):
+            y, yq = model(ids).last_hidden_state.double(), twin(ids).last_hidden_state.double()
+            total += float(((yq - y) ** 2).sum() / (y**2).sum()) * ids.numel()
+            positions += ids.numel()
+    assert sens.layers[0].damage["uint2-g64-asym"] == pytest.approx(total / positions, rel=1e-3)
+
+
+def test_a_forward_wrapper_and_submodule_modes_are_left_as_they_were():
+    model = _tiny_llama()
+    block = model.model.layers[0]
+    original, calls = block.forward, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    model.train()
+    model.model.embed_tokens.eval()
+    measure_sensitivity(model, ["w2g64", "w8"], _ids(), include="model.layers.1.mlp.down_proj")
+    assert block.__dict__["forward"] is wrapped
+    assert model.training and not model.model.embed_tokens.training
+    calls.clear()
+    model(_ids())
+    assert calls == [1]
 
 
 def test_the_plan_quantizes_to_its_bits_and_layers_outside_it_stay_float():

@@ -7,7 +7,7 @@ next-token (or class) distribution from the float model's, in nats per position,
 that return ``logits``; the relative squared error ``||y_q - y||^2 / ||y||^2`` of the output
 otherwise. ``allocate_bits`` then picks one candidate per layer, minimizing the summed damage
 (damage adds up for small perturbations) with the stored bytes, scales included, under the
-budget: a multiple-choice knapsack solved greedily on each layer's lower convex hull.
+budget: a multiple-choice knapsack, solved by dynamic programming.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,9 @@ from lowbit.calib.observe import _model_device
 from lowbit.quant import fake_quantize
 from lowbit.spec import QuantSpec, as_spec
 from lowbit.tensor import stored_nbytes
+
+# Resolution of allocate_bits' dynamic program: the spare budget in at most this many units.
+_DP_UNITS = 100_000
 
 
 @dataclass
@@ -177,7 +181,12 @@ def _weight_swapped(module: nn.Module, weight: torch.Tensor):
 class _BlockReplay:
     """Records each block's output per batch in the float pass; then makes the blocks before a
     given one return their recorded output instead of computing it (they are unchanged, so the
-    output is the same) while a layer in a later block is measured."""
+    output is the same) while a layer in a later block is measured.
+
+    Only where the float pass shows a plain chain: every block called once per forward, in list
+    order, each taking the previous one's output as its hidden states. Otherwise (ALBERT's
+    shared layers run several times, blocks called out of order) every forward runs in full.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         from lowbit.calib.sequential import find_blocks
@@ -194,14 +203,21 @@ class _BlockReplay:
         return int(index) if index.isdigit() else None
 
     @contextmanager
-    def recording(self):
+    def recording(self, n_batches: int):
         if self.blocks is None:
             yield
             return
         self.outputs = [[] for _ in self.blocks]
+        calls: list[int] = []
+        chained = [True]
 
         def hook(i: int) -> Callable:
             def record(module, args, kwargs, output):
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if calls and (calls[-1] != i - 1 or not isinstance(hidden, torch.Tensor)
+                              or not _same(hidden, _first_tensor(self.outputs[i - 1][-1]))):
+                    chained[0] = chained[0] and i == 0  # block 0 starts a new forward
+                calls.append(i)
                 self.outputs[i].append(tree_map(_detached_copy, output))
             return record
 
@@ -212,21 +228,40 @@ class _BlockReplay:
         finally:
             for h in handles:
                 h.remove()
+        if not chained[0] or calls != list(range(len(self.blocks))) * n_batches:
+            self.blocks, self.outputs = None, []  # not a plain chain: full forwards
 
     @contextmanager
     def skipping_before(self, block: int | None):
-        if not block:
+        if not block or self.blocks is None:
             yield
             return
         blocks = list(self.blocks)[:block]
+        before = [b.__dict__.get("forward") for b in blocks]  # a wrapper installed by others
         for i, b in enumerate(blocks):
             b.forward = (lambda *a, _i=i, **k: tree_map(_detached_copy,
                                                          self.outputs[_i][self.batch]))
         try:
             yield
         finally:
-            for b in blocks:
-                del b.forward
+            for b, previous in zip(blocks, before, strict=True):
+                if previous is None:
+                    del b.forward
+                else:
+                    b.forward = previous
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """A block's hidden-state output: the tensor itself, or the first of a tuple / list."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _detached_copy(value: Any) -> Any:
@@ -300,12 +335,12 @@ def measure_sensitivity(
     kwargs = ({"use_cache": False}
               if "use_cache" in inspect.signature(model.forward).parameters else {})
     replay = _BlockReplay(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, put back after
     model.eval()
     try:
         with torch.no_grad():
             references, metric = [], "kl"
-            with replay.recording():
+            with replay.recording(len(batches)):
                 for batch in batches:
                     metric, out = _main_output(model(batch.to(device), **kwargs))
                     references.append(_reference(metric, out))
@@ -337,7 +372,8 @@ def measure_sensitivity(
                                                     damage))
                     step(name)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     n_seq = sum(int(b.shape[0]) for b in batches)
     return Sensitivity(specs, results, metric, n_seq, n_positions)
 
@@ -377,60 +413,57 @@ def allocate_bits(sensitivity: Sensitivity, bits: float) -> MixedPlan:
     """One candidate per layer with the least summed damage whose stored bytes (codes, scales,
     zero-points) stay within ``bits`` per weight over the measured layers.
 
-    Greedy on each layer's lower convex hull of (bytes, damage): start from every layer's
-    smallest candidate, then take upgrades in order of damage removed per byte while they fit.
+    A multiple-choice knapsack solved exactly by dynamic programming over the bytes above every
+    layer's smallest candidate, counted in units of at most 1/100,000 of the spare budget
+    (costs rounded up, so the budget always holds); bytes the rounding left over then go to
+    the single-layer upgrades that remove the most damage.
     """
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
         raise ValueError(f"bits={bits!r}; allowed: a number of bits per weight")
-    low, high = sensitivity.bits_range()
+    low, _ = sensitivity.bits_range()
     if bits < low - 1e-9:
         raise ValueError(f"bits={bits} is below {low:.3f}, the bits per weight of the smallest "
                          f"candidate on every layer; allowed: {low:.3f} or more")
     layers = sensitivity.layers
-    budget = bits * sum(la.n_weights for la in layers) / 8
-    hulls = [_lower_hull(la) for la in layers]
-    at = [0] * len(layers)
-    used = sum(h[0][0] for h in hulls)
-    steps = sorted(  # most damage removed per byte first; a layer's steps in their order
-        (-(h[j][1] - h[j + 1][1]) / (h[j + 1][0] - h[j][0]), i, j)
-        for i, h in enumerate(hulls) for j in range(len(h) - 1)
-    )
-    for _, i, j in steps:
-        if at[i] != j:  # an earlier step of this layer did not fit
-            continue
-        extra = hulls[i][j + 1][0] - hulls[i][j][0]
-        if used + extra <= budget:
-            used += extra
-            at[i] = j + 1
-    by_key = {str(s): s for s in sensitivity.candidates}
-    choice = {la.name: by_key[hulls[i][at[i]][2]] for i, la in enumerate(layers)}
-    damage = sum(hulls[i][at[i]][1] for i in range(len(layers)))
+    keys = [str(c) for c in sensitivity.candidates]
     n = sum(la.n_weights for la in layers)
-    return MixedPlan(choice, float(bits), used * 8 / n, damage, sensitivity)
-
-
-def _lower_hull(layer: LayerSensitivity) -> list[tuple[int, float, str]]:
-    """``(bytes, damage, spec)`` points from the smallest candidate on, each larger one removing
-    damage at a falling rate per byte (others are never worth their bytes)."""
-    points = sorted((layer.nbytes[k], layer.damage[k], k) for k in layer.nbytes)
-    hull: list[tuple[int, float, str]] = []
-    for p in points:
-        if hull and p[0] == hull[-1][0]:
-            if p[1] < hull[-1][1]:
-                hull.pop()
-            else:
+    budget = bits * n / 8
+    nbytes = np.array([[la.nbytes[k] for k in keys] for la in layers], dtype=np.float64)
+    damage = np.array([[la.damage[k] for k in keys] for la in layers], dtype=np.float64)
+    extra = nbytes - nbytes.min(axis=1, keepdims=True)
+    spare = max(budget - float(nbytes.min(axis=1).sum()), 0.0)
+    unit = max(spare / _DP_UNITS, 1.0)
+    cap = int(spare // unit)
+    cost = np.ceil(extra / unit - 1e-9).astype(np.int64)
+    best = np.zeros(cap + 1)  # least damage of the layers so far within b units
+    picks = np.zeros((len(layers), cap + 1), dtype=np.int16)
+    for i in range(len(layers)):
+        new = np.full(cap + 1, np.inf)
+        for c in np.argsort(nbytes[i], kind="stable"):  # ties: the smaller candidate
+            if cost[i, c] > cap:
                 continue
-        if hull and p[1] >= hull[-1][1]:
-            continue  # more bytes, no less damage
-        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
-            hull.pop()
-        hull.append(p)
-    return hull
-
-
-def _cross(a: tuple, b: tuple, c: tuple) -> float:
-    """> 0 when ``b`` lies below the segment ``a -> c`` (a convex turn)."""
-    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+            moved = best[: cap + 1 - cost[i, c]] + damage[i, c]
+            better = moved < new[cost[i, c]:]
+            new[cost[i, c]:][better] = moved[better]
+            picks[i, cost[i, c]:][better] = c
+        best = new
+    at, units = [0] * len(layers), cap
+    for i in reversed(range(len(layers))):
+        at[i] = int(picks[i, units])
+        units -= int(cost[i, at[i]])
+    used = float(nbytes[np.arange(len(layers)), at].sum())
+    while True:  # the bytes rounding kept back: best single upgrade that still fits
+        gain = damage[np.arange(len(layers)), at][:, None] - damage
+        fits = used - nbytes[np.arange(len(layers)), at][:, None] + nbytes <= budget
+        gain = np.where(fits & (gain > 0), gain, 0.0)
+        i, c = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        if gain[i, c] <= 0:
+            break
+        used += float(nbytes[i, c] - nbytes[i, at[i]])
+        at[i] = int(c)
+    choice = {la.name: sensitivity.candidates[at[i]] for i, la in enumerate(layers)}
+    total = float(damage[np.arange(len(layers)), at].sum())
+    return MixedPlan(choice, float(bits), used * 8 / n, total, sensitivity)
 
 
 def mixed_precision(

@@ -85,10 +85,40 @@ def _kept_in_float(model: nn.Module) -> dict[int, str]:
                 found[id(child)] = ("nn.TransformerEncoderLayer(batch_first=True) reads "
                                     "linear1 / linear2.weight (its fused inference path)")
         for base in _KINDS:
-            if isinstance(parent, base) and type(parent).forward is not base.forward:
+            if (isinstance(parent, base) and type(parent).forward is not base.forward
+                    and not _computes_as(parent, base)):
                 found[id(parent)] = (f"{type(parent).__name__} has a forward of its own (a "
                                      f"quantized {base.__name__} would not do what it adds)")
     return found
+
+
+# Subclasses whose own forward computes what their base's does (Falcon's x @ W.T + b), for
+# weights on the meta device, where _computes_as cannot run them.
+_PLAIN_SUBCLASSES = {"FalconLinear"}
+
+
+def _computes_as(module: nn.Module, base: type) -> bool:
+    """Whether ``module`` (a subclass of ``base`` with its own forward) returns what ``base``'s
+    forward returns, tried on a small input (a subclass that takes other arguments does not)."""
+    weight = module.weight
+    if weight.is_meta:
+        return type(module).__name__ in _PLAIN_SUBCLASSES
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    if base is nn.Embedding:
+        x = torch.arange(min(4, module.num_embeddings), device=weight.device).unsqueeze(0)
+    elif base is nn.Linear:
+        x = torch.randn(2, module.in_features, generator=generator, device=weight.device)
+    else:
+        size = (1, module.in_channels, *(2 * k for k in module.kernel_size))
+        x = torch.randn(size, generator=generator, device=weight.device)
+    x = x.to(weight.dtype) if x.is_floating_point() else x
+    try:
+        with torch.no_grad():
+            own, plain = module(x), base.forward(module, x)
+    except Exception:  # other arguments, other shapes: not a plain module
+        return False
+    return (isinstance(own, torch.Tensor) and own.shape == plain.shape
+            and bool(torch.allclose(own.float(), plain.float(), rtol=1e-3, atol=1e-5)))
 
 
 def _kind(module: nn.Module) -> str | None:

@@ -252,7 +252,11 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
         )
     out_dir = Path(out_dir)
     if out_dir.is_symlink():  # write where the link points: the link itself stays
-        out_dir = out_dir.resolve()
+        try:
+            out_dir = out_dir.resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links
+            raise ValueError(f"out_dir {str(out_dir)!r} is a symlink that resolves to no "
+                             f"folder ({e})") from None
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _dedupe(model.state_dict())

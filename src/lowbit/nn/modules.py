@@ -111,8 +111,10 @@ class _QuantWeightMixin(nn.Module):
             given = state_dict.get(prefix + g_idx)
             if given is None:
                 self._buffers.pop(g_idx, None)
-            elif g_idx not in self._buffers:
-                self.register_buffer(g_idx, torch.empty_like(given, dtype=torch.int32))
+            elif g_idx not in self._buffers:  # on the module's device, as its other buffers
+                device = self._buffers[_PREFIX + "packed"].device
+                self.register_buffer(g_idx, torch.empty(given.shape, dtype=torch.int32,
+                                                        device=device))
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):

@@ -240,7 +240,7 @@ def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
     out = tmp_path / "mixed"
     r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "w2g64,w4g128", "--bits", "3.5",
                             "--calib", str(VAL_TEXT), "--include", "model.layers.0.*",
-                            "-o", str(out)])
+                            "--sensitivity-samples", "4", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "mixed precision: " in r.stdout and "w2g64" in r.stdout
     assert "layers in model.layers.*" in r.stdout
@@ -253,7 +253,7 @@ def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
     assert 3.0 < stored * 8 / numel <= 3.5
     config = json.loads((out / "config.json").read_text())
     assert any(n.startswith("mixed precision: each layer's spec chosen among w2g64, w4g128")
-               for n in config["quantization_config"]["notes"])
+               and "on 1,024 positions" in n for n in config["quantization_config"]["notes"])
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -266,6 +266,10 @@ def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
     (["-s", "w2g64,nope", "--bits", "3", "--calib", "VAL"], "unknown scheme 'nope'"),
     (["-s", "w2g64,w4g128", "--bits", "2", "--calib", "VAL", "--include", "model.layers.0.*"],
      "bits=2.0 is below 2.500"),
+    (["-s", "w2g64,w4g128", "--bits", "3", "--calib", "VAL", "--calib-samples", "4"],
+     "--calib-samples sizes the calibration of --mode static or a calibration algorithm"),
+    (["-s", "w4g128", "--sensitivity-samples", "4"], "pass --bits"),
+    (["-s", "w4g128", "--calib-seq-len", "64"], "--calib-seq-len sizes the calibration"),
 ])
 def test_bad_mixed_precision_options_fail_in_one_line(llama_dir, tmp_path, args, expected):
     args = [str(VAL_TEXT) if a == "VAL" else a for a in args]

@@ -115,10 +115,14 @@ def quantize_command(
         "rtn", "--algorithm", "-a",
         help="rtn | gptq | gptq-act-order | hqq | awq | smoothquant (registered algorithms).",
     ),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per sequence."),
-    calib_batch_size: int = typer.Option(8, "--calib-batch-size", help=(
-        "Sequences per calibration forward (lower it to bound activation memory).")),
+    calib_samples: int | None = typer.Option(
+        None, "--calib-samples", help="Calibration sequences (--mode static or a calibration "
+        "algorithm). [default: 128]"),
+    calib_seq_len: int | None = typer.Option(
+        None, "--calib-seq-len", help="Tokens per sequence. [default: 512]"),
+    calib_batch_size: int | None = typer.Option(None, "--calib-batch-size", help=(
+        "Sequences per calibration forward (lower it to bound activation memory). "
+        "[default: 8]")),
     observer: str | None = typer.Option(
         None, "--observer", help="Activation observer for --mode static (default minmax)."
     ),
@@ -131,8 +135,13 @@ def quantize_command(
     bits: float | None = typer.Option(
         None, "--bits", help=(
             "Mixed precision: with -s naming two or more weight-only specs (-s w3g128,w4g128), "
-            "measure each layer's KL with each spec on 8 x 256 tokens of --calib and choose the "
-            "specs with the least total KL at this many bits per weight.")),
+            "measure each layer's KL (relative output error for models without logits) with "
+            "each spec on --sensitivity-samples x --sensitivity-seq-len tokens of --calib and "
+            "choose the specs with the least total at this many bits per weight.")),
+    sensitivity_samples: int = typer.Option(
+        8, "--sensitivity-samples", help="Sequences --bits measures each layer on."),
+    sensitivity_seq_len: int = typer.Option(
+        256, "--sensitivity-seq-len", help="Tokens per sequence for --bits."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
 ) -> None:
@@ -162,10 +171,24 @@ def quantize_command(
                 f"--calib is used by --mode static, --bits or a calibration algorithm only "
                 f"(mode is {mode}, algorithm {algorithm})"
             )
-        for opt, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len),
-                           ("--calib-batch-size", calib_batch_size)):
-            if value < 1:
+        sizes = (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len),
+                 ("--calib-batch-size", calib_batch_size))
+        for opt, value in (*sizes, ("--sensitivity-samples", sensitivity_samples),
+                           ("--sensitivity-seq-len", sensitivity_seq_len)):
+            if value is not None and value < 1:
                 raise ValueError(f"{opt} {value}; allowed: a positive int")
+        given = [opt for opt, value in sizes if value is not None]
+        if given and not (mode == "static" or alg.needs_calibration):
+            raise ValueError(
+                f"{given[0]} sizes the calibration of --mode static or a calibration algorithm "
+                f"(mode is {mode}, algorithm {algorithm})"
+                + ("; --bits measures on --sensitivity-samples / --sensitivity-seq-len"
+                   if candidates is not None else ""))
+        calib_samples, calib_seq_len, calib_batch_size = (
+            calib_samples or 128, calib_seq_len or 512, calib_batch_size or 8)
+        if candidates is None and (sensitivity_samples, sensitivity_seq_len) != (8, 256):
+            raise ValueError("--sensitivity-samples / --sensitivity-seq-len size the "
+                             "measurement of --bits; pass --bits")
         if observer is not None:
             from lowbit.observers import OBSERVERS
 
@@ -195,7 +218,8 @@ def quantize_command(
         try:
             plan = mixed_precision(model, candidates, bits, texts, tokenizer=tokenizer,
                                    include=include_list, exclude=exclude_list,
-                                   show_progress=True)
+                                   calib_samples=sensitivity_samples,
+                                   calib_seq_len=sensitivity_seq_len, show_progress=True)
         except (ValueError, TypeError) as e:
             fail(_explain(str(e)))
         _print_plan(plan, candidates)
@@ -236,9 +260,10 @@ def quantize_command(
             )
         if candidates is not None:
             sens = plan.sensitivity
+            what = "KL" if sens.metric == "kl" else "relative output error"
             model.lowbit_summary.notes.append(
                 f"mixed precision: each layer's spec chosen among {', '.join(candidates)} for "
-                f"the least summed KL at {bits:g} bits per weight (measured with each layer "
+                f"the least summed {what} at {bits:g} bits per weight (measured with each layer "
                 f"quantized alone on {sens.n_positions:,} positions of the calibration text)")
         result = lowbit.save(model, out_dir, overwrite=overwrite,
                              float_dtype=source_float_dtype(model_dir, model))

@@ -243,7 +243,7 @@ def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
                             "--sensitivity-samples", "4", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "mixed precision: " in r.stdout and "w2g64" in r.stdout
-    assert "layers in model.layers.*" in r.stdout
+    assert "layers in model.layers.*" in r.stdout and "sum (predicted)" in r.stdout
     model = lowbit.load(out)
     specs = {m.spec for m in model.lowbit_summary.quantized}
     assert specs == {"uint2-g64-asym", "uint4-g128-asym"}

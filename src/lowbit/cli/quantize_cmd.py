@@ -309,6 +309,14 @@ def _print_plan(plan, names: list[str]) -> None:
         table.add_row(role[len(prefix):], str(n),
                       *(f"{mean[str(c)]:.2g}" for c in sens.candidates),
                       ", ".join(f"{k} x {label[v]}" for v, k in chosen.items()))
+    # the summed single-layer damage of the choice next to each uniform candidate's: the
+    # trade-off at a glance (a prediction from the calibration text; `lowbit eval` measures)
+    n_weights = sum(la.n_weights for la in sens.layers)
+    table.add_section()
+    table.add_row("sum (predicted)", "", *(
+        f"{sum(la.damage[str(c)] for la in sens.layers):.2g} @ "
+        f"{sum(la.nbytes[str(c)] for la in sens.layers) * 8 / n_weights:.2f}b"
+        for c in sens.candidates), f"{plan.predicted_damage:.2g} @ {plan.bits_per_weight:.2f}b")
     console.print(table)
 
 

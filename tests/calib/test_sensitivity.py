@@ -234,3 +234,14 @@ def test_a_layer_a_candidate_cannot_take_is_named():
     model = nn.Sequential(nn.Linear(100, 8))
     with pytest.raises(ValueError, match=r"layer '0' \(Linear\), candidate uint4-g128-asym"):
         measure_sensitivity(model, ["w4g128", "w8"], torch.randn(4, 100))
+
+
+def test_the_digest_tells_calibration_batches_apart():
+    from lowbit.calib.sensitivity import batches_digest
+
+    ids = _ids()
+    assert batches_digest([ids]) == batches_digest([ids.clone()])
+    assert batches_digest([ids]) != batches_digest([ids[:, :-1]])
+    assert batches_digest([ids]) != batches_digest(list(ids.split(2)))
+    floats = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert batches_digest([floats]) != batches_digest([floats.float()])

@@ -275,3 +275,29 @@ def test_bad_mixed_precision_options_fail_in_one_line(llama_dir, tmp_path, args,
     args = [str(VAL_TEXT) if a == "VAL" else a for a in args]
     _fails(["quantize", str(llama_dir), *args, "-o", str(tmp_path / "q")], tmp_path / "q",
            expected)
+
+
+def test_a_sensitivity_file_serves_other_budgets_and_is_checked(llama_dir, tmp_path):
+    from lowbit.calib import Sensitivity
+
+    file = tmp_path / "sens.json"
+    common = ["quantize", str(llama_dir), "--calib", str(VAL_TEXT), "--include",
+              "model.layers.1.*", "--sensitivity-samples", "2", "--sensitivity-file", str(file)]
+    r = runner.invoke(app, [*common, "-s", "w2g64,w4g128", "--bits", "3", "-o",
+                            str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    measured = Sensitivity.load(file)
+    assert len(measured.layers) == 7 and measured.n_positions == 512
+    r = runner.invoke(app, [*common, "-s", "w4g128,w2g64", "--bits", "3.5", "-o",
+                            str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert f"read the measurement from {file}" in r.stderr
+    assert Sensitivity.load(file) == measured
+    _fails([*common, "-s", "w2g64,w8", "--bits", "3", "-o", str(tmp_path / "c")],
+           tmp_path / "c", "measured for candidates", "delete it")
+    _fails([*common[:-4], "--sensitivity-samples", "3", "--sensitivity-file", str(file),
+            "-s", "w2g64,w4g128", "--bits", "3", "-o", str(tmp_path / "d")],
+           tmp_path / "d", "measured on other calibration tokens")
+    file.write_text("{}")
+    _fails([*common, "-s", "w2g64,w4g128", "--bits", "3", "-o", str(tmp_path / "e")],
+           tmp_path / "e", "not a lowbit sensitivity file")

@@ -12,12 +12,17 @@ budget: a multiple-choice knapsack, solved by dynamic programming.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +61,7 @@ class Sensitivity:
     metric: str  # "kl" (nats per position) or "rel_mse"
     n_sequences: int
     n_positions: int
+    calib_digest: str = ""  # sha256 of the calibration batches (token ids) it was measured on
 
     def bits_range(self) -> tuple[float, float]:
         """Bits per weight of the all-smallest and the all-largest choice."""
@@ -63,6 +69,51 @@ class Sensitivity:
         low = sum(min(layer.nbytes.values()) for layer in self.layers)
         high = sum(max(layer.nbytes.values()) for layer in self.layers)
         return low * 8 / n, high * 8 / n
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the measurement as JSON (one measurement, many budgets across runs)."""
+        data = {"version": 1, "candidates": [c.to_dict() for c in self.candidates],
+                "metric": self.metric, "n_sequences": self.n_sequences,
+                "n_positions": self.n_positions, "calib_digest": self.calib_digest,
+                "layers": [dataclasses.asdict(la) for la in self.layers]}
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        """Read what :meth:`save` wrote; ValueError naming the file if it is not that."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if data.get("version") != 1:
+                raise ValueError(f"version {data.get('version')!r}, expected 1")
+            return cls([QuantSpec.from_dict(c) for c in data["candidates"]],
+                       [LayerSensitivity(**la) for la in data["layers"]], data["metric"],
+                       int(data["n_sequences"]), int(data["n_positions"]),
+                       str(data.get("calib_digest", "")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a lowbit sensitivity file ({type(e).__name__}: "
+                             f"{e})") from None
+
+    def check_matches(self, model: nn.Module, candidates: Sequence[str | QuantSpec],
+                      calib_digest: str, include: str | Iterable[str] | None = None,
+                      exclude: str | Iterable[str] | None = None) -> None:
+        """Raise ValueError unless this measurement is of ``model``'s layers (names and sizes
+        under include / exclude), for ``candidates``, on calibration batches with this digest."""
+        from lowbit.models.select import patterns
+
+        wanted = [str(s) for s in _check_candidates(candidates)]
+        if sorted(wanted) != sorted(str(c) for c in self.candidates):
+            raise ValueError(f"measured for candidates {[str(c) for c in self.candidates]}, "
+                             f"not {wanted}")
+        layers = [(name, math.prod(m.weight.shape))
+                  for name, m, _ in _weight_layers(model, patterns(include),
+                                                   patterns(exclude) or [])]
+        if layers != [(la.name, la.n_weights) for la in self.layers]:
+            raise ValueError(f"measured on {len(self.layers)} other layers (this model and "
+                             f"selection have {len(layers)})")
+        if calib_digest != self.calib_digest:
+            raise ValueError("measured on other calibration tokens")
 
 
 @dataclass
@@ -375,7 +426,16 @@ def measure_sensitivity(
         for m, training in modes:
             m.training = training
     n_seq = sum(int(b.shape[0]) for b in batches)
-    return Sensitivity(specs, results, metric, n_seq, n_positions)
+    return Sensitivity(specs, results, metric, n_seq, n_positions, batches_digest(batches))
+
+
+def batches_digest(batches: Sequence[torch.Tensor]) -> str:
+    """sha256 of calibration batches (shapes, dtypes and values), to recognise them again."""
+    digest = hashlib.sha256()
+    for b in batches:
+        digest.update(f"{tuple(b.shape)}{b.dtype}".encode())
+        digest.update(b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_candidates(candidates: Sequence[str | QuantSpec]) -> list[QuantSpec]:

@@ -142,6 +142,11 @@ def quantize_command(
         8, "--sensitivity-samples", help="Sequences --bits measures each layer on."),
     sensitivity_seq_len: int = typer.Option(
         256, "--sensitivity-seq-len", help="Tokens per sequence for --bits."),
+    sensitivity_file: Path | None = typer.Option(
+        None, "--sensitivity-file", help=(
+            "JSON file of the --bits measurement: written after measuring; when it exists "
+            "(same model layers, specs and calibration tokens) it is read instead, so other "
+            "budgets take seconds.")),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
 ) -> None:
@@ -186,9 +191,16 @@ def quantize_command(
                    if candidates is not None else ""))
         calib_samples, calib_seq_len, calib_batch_size = (
             calib_samples or 128, calib_seq_len or 512, calib_batch_size or 8)
-        if candidates is None and (sensitivity_samples, sensitivity_seq_len) != (8, 256):
-            raise ValueError("--sensitivity-samples / --sensitivity-seq-len size the "
-                             "measurement of --bits; pass --bits")
+        if candidates is None and ((sensitivity_samples, sensitivity_seq_len) != (8, 256)
+                                   or sensitivity_file is not None):
+            raise ValueError("--sensitivity-samples / --sensitivity-seq-len / "
+                             "--sensitivity-file are for the measurement of --bits; pass --bits")
+        if sensitivity_file is not None and sensitivity_file.exists() and \
+                not sensitivity_file.is_file():
+            raise ValueError(f"--sensitivity-file {str(sensitivity_file)!r} is not a file")
+        if sensitivity_file is not None and not sensitivity_file.parent.is_dir():
+            raise ValueError(f"--sensitivity-file {str(sensitivity_file)!r}: its folder does "
+                             "not exist")
         if observer is not None:
             from lowbit.observers import OBSERVERS
 
@@ -213,13 +225,10 @@ def quantize_command(
     include_list = list(include) if include else None
     exclude_list = list(exclude or [])
     if candidates is not None:
-        from lowbit.calib import mixed_precision
-
         try:
-            plan = mixed_precision(model, candidates, bits, texts, tokenizer=tokenizer,
-                                   include=include_list, exclude=exclude_list,
-                                   calib_samples=sensitivity_samples,
-                                   calib_seq_len=sensitivity_seq_len, show_progress=True)
+            plan = _mixed_plan(model, candidates, bits, texts, tokenizer, include_list,
+                               exclude_list, sensitivity_samples, sensitivity_seq_len,
+                               sensitivity_file)
         except (ValueError, TypeError) as e:
             fail(_explain(str(e)))
         _print_plan(plan, candidates)
@@ -288,11 +297,41 @@ def mixed_candidates(scheme: str | None, mode: str | None, bits: float | None) -
     return names
 
 
+def _mixed_plan(model, candidates: list[str], bits: float, texts: list[str], tokenizer,
+                include: list[str] | None, exclude: list[str], samples: int, seq_len: int,
+                file: Path | None):
+    """Measure (or read ``file``, checked against this model, specs and text) and allocate."""
+    from lowbit.calib.batches import as_batches
+    from lowbit.calib.sensitivity import (
+        Sensitivity,
+        allocate_bits,
+        batches_digest,
+        measure_sensitivity,
+    )
+
+    if file is not None and file.exists():
+        sens = Sensitivity.load(file)
+        digest = batches_digest(as_batches(texts, tokenizer, samples, seq_len))
+        try:
+            sens.check_matches(model, candidates, digest, include, exclude)
+        except ValueError as e:
+            raise ValueError(f"--sensitivity-file {str(file)!r}: {e}; delete it (or name "
+                             "another file) to measure again") from None
+        err_console.print(f"read the measurement from {file}")
+    else:
+        sens = measure_sensitivity(model, candidates, texts, tokenizer=tokenizer,
+                                   include=include, exclude=exclude, calib_samples=samples,
+                                   calib_seq_len=seq_len, show_progress=True)
+        if file is not None:
+            sens.save(file)
+    return allocate_bits(sens, bits)
+
+
 def _print_plan(plan, names: list[str]) -> None:
     """The mixed-precision plan: per role of layer, mean KL of each candidate and the choice
     (candidates under the names given to -s)."""
     sens = plan.sensitivity
-    label = {str(spec): name for spec, name in zip(sens.candidates, names, strict=True)}
+    label = {str(as_spec(name)): name for name in names}
     unit = "KL" if sens.metric == "kl" else "rel. MSE"
     rows = plan.by_role()
     prefix = os.path.commonprefix([role for role, *_ in rows]) if len(rows) > 1 else ""

@@ -99,26 +99,43 @@ _PLAIN_SUBCLASSES = {"FalconLinear"}
 
 def _computes_as(module: nn.Module, base: type) -> bool:
     """Whether ``module`` (a subclass of ``base`` with its own forward) returns what ``base``'s
-    forward returns, tried on a small input (a subclass that takes other arguments does not)."""
+    forward returns: no parameters or buffers beyond weight and bias (a learned logit scale
+    would be lost), and the same output on small probe inputs at two scales (a clamp or a
+    soft cap shows at the large one). The forwards are called directly: no hooks run, nothing
+    is changed. A subclass that takes other arguments is not plain."""
     weight = module.weight
     if weight.is_meta:
         return type(module).__name__ in _PLAIN_SUBCLASSES
+    extra = [n for n, _ in (*module.named_parameters(), *module.named_buffers())
+             if n not in ("weight", "bias")]
+    if extra or getattr(module, "max_norm", None) is not None:  # max_norm renorms in place
+        return False
     generator = torch.Generator(device=weight.device).manual_seed(0)
     if base is nn.Embedding:
-        x = torch.arange(min(4, module.num_embeddings), device=weight.device).unsqueeze(0)
-    elif base is nn.Linear:
-        x = torch.randn(2, module.in_features, generator=generator, device=weight.device)
+        probes = [torch.arange(min(4, module.num_embeddings), device=weight.device)[None]]
     else:
-        size = (1, module.in_channels, *(2 * k for k in module.kernel_size))
+        if base is nn.Linear:
+            size = (2, module.in_features)
+        else:  # wide enough for the dilated kernel and any (reflect) padding
+            pad = module.padding if isinstance(module.padding, tuple) else module.kernel_size
+            size = (1, module.in_channels, *(2 * (d * (k - 1) + 1) + 2 * p + 1 for k, d, p in
+                                             zip(module.kernel_size, module.dilation, pad,
+                                                 strict=True)))
         x = torch.randn(size, generator=generator, device=weight.device)
-    x = x.to(weight.dtype) if x.is_floating_point() else x
+        probes = [(x * scale).to(weight.dtype) for scale in (1.0, 100.0)]
+    # bf16 / fp16: the subclass may round where F.linear does not (x @ W.T, then + b)
+    rtol = max(1e-3, 8 * torch.finfo(weight.dtype).eps) if weight.is_floating_point() else 1e-3
     try:
         with torch.no_grad():
-            own, plain = module(x), base.forward(module, x)
+            for x in probes:
+                own, plain = type(module).forward(module, x), base.forward(module, x)
+                if not (isinstance(own, torch.Tensor) and own.shape == plain.shape
+                        and bool(torch.allclose(own.float(), plain.float(), rtol=rtol,
+                                                atol=rtol * float(plain.abs().max()) + 1e-6))):
+                    return False
     except Exception:  # other arguments, other shapes: not a plain module
         return False
-    return (isinstance(own, torch.Tensor) and own.shape == plain.shape
-            and bool(torch.allclose(own.float(), plain.float(), rtol=1e-3, atol=1e-5)))
+    return True
 
 
 def _kind(module: nn.Module) -> str | None:

@@ -366,11 +366,28 @@ def test_subclasses_with_a_forward_of_their_own_stay_float():
         def forward(self, x):
             return x @ self.weight.T + self.bias
 
-    model = nn.Sequential(Scaled(64, 128), Plain(128, 128), Same(128, 128), nn.Linear(128, 8))
+    class Clamped(nn.Linear):  # equal to Linear on small inputs only
+        def forward(self, x):
+            return super().forward(x).clamp(-8, 8)
+
+    class LearnedScale(nn.Linear):  # a parameter of its own, 1.0 at first
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.logit_scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return super().forward(x) * self.logit_scale
+
+    model = nn.Sequential(Scaled(64, 128), Plain(128, 128), Same(128, 128), Clamped(128, 128),
+                          LearnedScale(128, 128), nn.Linear(128, 8))
+    bf16 = nn.Sequential(Same(1024, 64).bfloat16())  # rounds twice where F.linear rounds once
     lowbit.quantize(model, "w8")
-    assert isinstance(model[0], Scaled)
-    assert all(isinstance(model[i], QuantLinear) for i in (1, 2, 3))
-    (skipped,) = model.lowbit_summary.skipped
-    assert skipped.name == "0" and "Scaled has a forward of its own" in skipped.reason
+    lowbit.quantize(bf16, "w8")
+    assert isinstance(model[0], Scaled) and isinstance(model[3], Clamped)
+    assert isinstance(model[4], LearnedScale)
+    assert all(isinstance(m, QuantLinear) for m in (model[1], model[2], model[5], bf16[0]))
+    skipped = model.lowbit_summary.skipped
+    assert [m.name for m in skipped] == ["0", "3", "4"]
+    assert "Scaled has a forward of its own" in skipped[0].reason
     with pytest.raises(ValueError, match="no module left to quantize: 1 candidates"):
         lowbit.quantize(nn.Sequential(Scaled(64, 128)), "w8")

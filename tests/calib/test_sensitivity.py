@@ -245,3 +245,34 @@ def test_the_digest_tells_calibration_batches_apart():
     assert batches_digest([ids]) != batches_digest(list(ids.split(2)))
     floats = torch.randn(4, 8, dtype=torch.bfloat16)
     assert batches_digest([floats]) != batches_digest([floats.float()])
+
+
+def test_infinite_damage_is_avoided_nan_is_refused_and_the_top_budget_is_reached():
+    inf = float("inf")
+    table = _table({"a": _uniform(800, (inf, inf, 0.1)), "b": _uniform(800, (0.5, 0.2, 0.0))})
+    plan = allocate_bits(table, 5.0)
+    assert str(plan.choice["a"]) == "int8-ch-sym" and plan.bits_per_weight <= 5.0
+    table.layers[1].damage["uint2-g64-asym"] = float("nan")
+    with pytest.raises(ValueError, match="layer 'b', candidate uint2-g64-asym: damage is NaN"):
+        allocate_bits(table, 5.0)
+    sizes = [45088768, 131072000, 45088768, 45088768, 131072000, 131072000, 131072000, 16777216]
+    specs = [as_spec("w4g128"), as_spec("w8")]
+    keys = [str(s) for s in specs]
+    big = Sensitivity(specs, [LayerSensitivity(f"l{i}", "Linear", n,
+                                               {keys[0]: n * 17 // 32, keys[1]: n + n // 512},
+                                               {keys[0]: 1.0, keys[1]: 0.0})
+                              for i, n in enumerate(sizes)], "kl", 1, 1)
+    top = allocate_bits(big, big.bits_range()[1])
+    assert {str(s) for s in top.choice.values()} == {"int8-ch-sym"}
+
+
+def test_positions_the_float_model_gives_no_mass_add_nothing():
+    from lowbit.calib.sensitivity import _damage
+
+    logits = torch.randn(2, 5, 16)
+    logits[..., 3] = float("-inf")  # a masked vocabulary entry
+    logp = torch.log_softmax(logits, -1)
+    assert _damage("kl", (logp, logp.exp()), logits) == pytest.approx(0.0, abs=1e-6)
+    other = logits.clone()
+    other[..., 0] += 1.0
+    assert 0 < _damage("kl", (logp, logp.exp()), other) < float("inf")

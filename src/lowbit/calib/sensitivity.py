@@ -339,12 +339,17 @@ def _damage(metric: str, reference: tuple[torch.Tensor, ...], out: torch.Tensor)
     times the batch's positions (so dividing by all positions gives a weighted mean)."""
     if metric == "kl":
         logp, p = reference
-        # float32 is enough: log p - log q is formed first, so the terms are small
-        per_position = (p * (logp - F.log_softmax(out.float(), dim=-1))).sum(-1)
-        return float(per_position.double().sum())
+        # float32 is enough: log p - log q is formed first, so the terms are small; entries
+        # the float model gives no mass (logits masked to -inf) add nothing
+        terms = p * (logp - F.log_softmax(out.float(), dim=-1))
+        return float(torch.where(p > 0, terms, 0.0).sum(-1).double().sum())
     ref = reference[0].double()
     err = float(((out.double() - ref) ** 2).sum()) / max(float((ref**2).sum()), 1e-30)
     return err * _positions(reference)
+
+
+def _finite(references: list[tuple[torch.Tensor, ...]]) -> bool:
+    return all(bool(torch.isfinite(r[-1]).all()) for r in references)
 
 
 def measure_sensitivity(
@@ -418,7 +423,12 @@ def measure_sensitivity(
                                 replay.batch = i
                                 _, out = _main_output(model(batch.to(device), **kwargs))
                                 total += _damage(metric, ref, out)
-                        damage[key] = max(total / n_positions, 0.0)
+                        if math.isnan(total):
+                            raise ValueError(
+                                f"layer {name!r} ({kind}), candidate {key}: the model's "
+                                f"output is NaN (the float output is "
+                                f"{'finite' if _finite(references) else 'not finite either'})")
+                        damage[key] = max(total / n_positions, 0.0)  # inf: a broken output
                     results.append(LayerSensitivity(name, kind, math.prod(shape), nbytes,
                                                     damage))
                     step(name)
@@ -487,9 +497,17 @@ def allocate_bits(sensitivity: Sensitivity, bits: float) -> MixedPlan:
     layers = sensitivity.layers
     keys = [str(c) for c in sensitivity.candidates]
     n = sum(la.n_weights for la in layers)
-    budget = bits * n / 8
+    budget = bits * n / 8 + 1e-6  # bits_range()[1] * n / 8 may round one ulp below the bytes
     nbytes = np.array([[la.nbytes[k] for k in keys] for la in layers], dtype=np.float64)
     damage = np.array([[la.damage[k] for k in keys] for la in layers], dtype=np.float64)
+    if np.isnan(damage).any():
+        i, c = np.argwhere(np.isnan(damage))[0]
+        raise ValueError(f"layer {layers[i].name!r}, candidate {keys[c]}: damage is NaN")
+    # an infinite damage (an output the quantized layer breaks) stays finite here, larger than
+    # any sum of finite ones, so the program's sums stay ordered
+    finite = damage[np.isfinite(damage)]
+    damage = np.minimum(damage, (float(finite.max()) + 1.0) * (len(layers) + 1) * 1e6
+                        if finite.size else 1.0)
     extra = nbytes - nbytes.min(axis=1, keepdims=True)
     spare = max(budget - float(nbytes.min(axis=1).sum()), 0.0)
     unit = max(spare / _DP_UNITS, 1.0)

@@ -268,7 +268,7 @@ def test_bits_mixes_the_given_specs_by_measured_kl(llama_dir, tmp_path):
      "bits=2.0 is below 2.500"),
     (["-s", "w2g64,w4g128", "--bits", "3", "--calib", "VAL", "--calib-samples", "4"],
      "--calib-samples sizes the calibration of --mode static or a calibration algorithm"),
-    (["-s", "w4g128", "--sensitivity-samples", "4"], "pass --bits"),
+    (["-s", "w4g128", "--sensitivity-samples", "8"], "pass --bits"),
     (["-s", "w4g128", "--calib-seq-len", "64"], "--calib-seq-len sizes the calibration"),
 ])
 def test_bad_mixed_precision_options_fail_in_one_line(llama_dir, tmp_path, args, expected):

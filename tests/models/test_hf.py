@@ -176,3 +176,24 @@ def test_the_source_float_dtype_is_read_from_the_tensors(tmp_path):
     result = lowbit.save(model, tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float16"
     assert result.file_bytes < 3_300_000  # fp16 float tensors, not fp32
+
+
+def test_one_float32_tensor_does_not_make_an_fp16_source_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.models.hf import source_float_dtype, stored_float_dtype
+
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    source = tmp_path / "m"
+    shutil.copytree(LLAMA_3M, source)
+    for file in source.glob("*.safetensors"):
+        file.chmod(0o644)
+        tensors = load_file(file)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
+            save_file(tensors, file, metadata={"format": "pt"})
+    assert stored_float_dtype(source) == torch.float16
+    assert source_float_dtype(source) == torch.float16
+    model, _, _ = load_hf_model(source)
+    assert model._lowbit_stored_dtype == torch.float16

@@ -138,10 +138,11 @@ def quantize_command(
             "measure each layer's KL (relative output error for models without logits) with "
             "each spec on --sensitivity-samples x --sensitivity-seq-len tokens of --calib and "
             "choose the specs with the least total at this many bits per weight.")),
-    sensitivity_samples: int = typer.Option(
-        8, "--sensitivity-samples", help="Sequences --bits measures each layer on."),
-    sensitivity_seq_len: int = typer.Option(
-        256, "--sensitivity-seq-len", help="Tokens per sequence for --bits."),
+    sensitivity_samples: int | None = typer.Option(
+        None, "--sensitivity-samples", help="Sequences --bits measures each layer on. "
+        "[default: 8]"),
+    sensitivity_seq_len: int | None = typer.Option(
+        None, "--sensitivity-seq-len", help="Tokens per sequence for --bits. [default: 256]"),
     sensitivity_file: Path | None = typer.Option(
         None, "--sensitivity-file", help=(
             "JSON file of the --bits measurement: written after measuring; when it exists "
@@ -191,10 +192,12 @@ def quantize_command(
                    if candidates is not None else ""))
         calib_samples, calib_seq_len, calib_batch_size = (
             calib_samples or 128, calib_seq_len or 512, calib_batch_size or 8)
-        if candidates is None and ((sensitivity_samples, sensitivity_seq_len) != (8, 256)
-                                   or sensitivity_file is not None):
+        if candidates is None and (sensitivity_samples, sensitivity_seq_len,
+                                   sensitivity_file) != (None, None, None):
             raise ValueError("--sensitivity-samples / --sensitivity-seq-len / "
                              "--sensitivity-file are for the measurement of --bits; pass --bits")
+        sensitivity_samples, sensitivity_seq_len = (sensitivity_samples or 8,
+                                                    sensitivity_seq_len or 256)
         if sensitivity_file is not None and sensitivity_file.exists() and \
                 not sensitivity_file.is_file():
             raise ValueError(f"--sensitivity-file {str(sensitivity_file)!r} is not a file")

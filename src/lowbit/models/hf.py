@@ -163,8 +163,7 @@ def load_hf_model(
     stored = getattr(config, "dtype", None)  # the checkpoint's float dtype (Hub ids too),
     if isinstance(source, Path):              # before building on it sets config.dtype
         check_weights_match_config(source, config, kind)
-        if any(source.glob("*.safetensors")):  # the tensors are the truth where they are read
-            stored = stored_float_dtype(source)
+        stored = stored_float_dtype(source) or stored  # the tensors, where they are read
     try:
         model, info = auto_class(kind).from_pretrained(
             source, dtype=dtype, output_loading_info=True
@@ -208,19 +207,24 @@ def load_tokenizer(source: str | Path) -> Any:
 
 
 def stored_float_dtype(folder: Path) -> torch.dtype | None:
-    """float16 / bfloat16 when every float tensor of the folder's safetensors files is stored
-    in it (read from their headers); None for other dtypes, mixes, or no safetensors."""
+    """The dtype most float values of the folder's safetensors files are stored in (read from
+    their headers); None without float tensors or safetensors files."""
     from lowbit.io.header import read_safetensors_header
 
-    found = set()
+    counts: dict[str, int] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            found |= {t.dtype for t in read_safetensors_header(file)
-                      if t.dtype in ("F16", "BF16", "F32", "F64")}
+            for t in read_safetensors_header(file):
+                if t.dtype in ("F16", "BF16", "F32", "F64"):
+                    counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
         except (OSError, ValueError):
             return None
-    return {frozenset({"F16"}): torch.float16,
-            frozenset({"BF16"}): torch.bfloat16}.get(frozenset(found))
+    if not counts:
+        return None
+    # the dtype of most float values: a norm or a router kept in F32 does not make it F32
+    most = max(counts, key=counts.__getitem__)
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+            "F64": torch.float64}[most]
 
 
 def source_float_dtype(model_dir: str | os.PathLike, model: nn.Module | None = None
@@ -236,8 +240,9 @@ def source_float_dtype(model_dir: str | os.PathLike, model: nn.Module | None = N
     if recorded is not None:
         return recorded
     folder = Path(model_dir).expanduser()
-    if folder.is_dir() and any(folder.glob("*.safetensors")):
-        return stored_float_dtype(folder)  # the tensors say it, whatever config.json says
+    found = stored_float_dtype(folder) if folder.is_dir() else None
+    if found is not None:  # the tensors say it, whatever config.json says
+        return found if found in (torch.float16, torch.bfloat16) else None
     try:
         config = json.loads((Path(model_dir).expanduser() / "config.json").read_text(
             encoding="utf-8"))

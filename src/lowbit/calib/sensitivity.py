@@ -372,7 +372,8 @@ def measure_sensitivity(
     calib, tokenizer, calib_samples, calib_seq_len, calib_batch_size: as for
         ``lowbit.quantize`` (``lowbit.calib.as_batches``); the defaults, 8 x 256 tokens, are
         enough to rank layers. One forward per layer and candidate, from the layer's block on
-        (the blocks before it replay their recorded float outputs).
+        where the blocks form a plain chain (the blocks before it replay their recorded float
+        outputs), else in full.
     The float model's outputs are kept for all batches: for KL, two float32 tokens x vocabulary
     tensors (log-probs and probabilities).
     """

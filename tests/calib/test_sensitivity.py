@@ -264,6 +264,16 @@ def test_infinite_damage_is_avoided_nan_is_refused_and_the_top_budget_is_reached
                               for i, n in enumerate(sizes)], "kl", 1, 1)
     top = allocate_bits(big, big.bits_range()[1])
     assert {str(s) for s in top.choice.values()} == {"int8-ch-sym"}
+    # 23B weights: bits_range()[1] * n / 8 comes out 4e-6 bytes short of the byte total
+    huge = Sensitivity(specs, [LayerSensitivity(f"h{i}", "Linear", n,
+                                                {keys[0]: n // 2, keys[1]: n + n // 32},
+                                                {keys[0]: 1.0, keys[1]: 0.0})
+                               for i, n in enumerate([9833815619, 3543818037, 1463349907,
+                                                      195872739, 8179837913])], "kl", 1, 1)
+    top = allocate_bits(huge, huge.bits_range()[1])
+    assert {str(s) for s in top.choice.values()} == {"int8-ch-sym"}
+    broken = _table({"a": _uniform(800, (inf, inf, inf))})
+    assert allocate_bits(broken, 2.0).predicted_damage == inf  # not the clamp value
 
 
 def test_positions_the_float_model_gives_no_mass_add_nothing():

@@ -380,9 +380,14 @@ def test_subclasses_with_a_forward_of_their_own_stay_float():
 
     model = nn.Sequential(Scaled(64, 128), Plain(128, 128), Same(128, 128), Clamped(128, 128),
                           LearnedScale(128, 128), nn.Linear(128, 8))
-    bf16 = nn.Sequential(Same(1024, 64).bfloat16())  # rounds twice where F.linear rounds once
+    class FivePercent(nn.Linear):  # within a loose bf16 tolerance, but not plain
+        def forward(self, x):
+            return super().forward(x) * 1.05
+
+    bf16 = nn.Sequential(Same(1024, 64).bfloat16(), FivePercent(64, 64).bfloat16())
     lowbit.quantize(model, "w8")
     lowbit.quantize(bf16, "w8")
+    assert isinstance(bf16[1], FivePercent)
     assert isinstance(model[0], Scaled) and isinstance(model[3], Clamped)
     assert isinstance(model[4], LearnedScale)
     assert all(isinstance(m, QuantLinear) for m in (model[1], model[2], model[5], bf16[0]))

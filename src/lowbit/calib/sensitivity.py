@@ -498,9 +498,10 @@ def allocate_bits(sensitivity: Sensitivity, bits: float) -> MixedPlan:
     layers = sensitivity.layers
     keys = [str(c) for c in sensitivity.candidates]
     n = sum(la.n_weights for la in layers)
-    budget = bits * n / 8 + 1e-6  # bits_range()[1] * n / 8 may round one ulp below the bytes
+    # bits_range()[1] * n / 8 may round a few ulps below the bytes it came from
+    budget = bits * n / 8 * (1 + 1e-12) + 1e-6
     nbytes = np.array([[la.nbytes[k] for k in keys] for la in layers], dtype=np.float64)
-    damage = np.array([[la.damage[k] for k in keys] for la in layers], dtype=np.float64)
+    damage = raw = np.array([[la.damage[k] for k in keys] for la in layers], dtype=np.float64)
     if np.isnan(damage).any():
         i, c = np.argwhere(np.isnan(damage))[0]
         raise ValueError(f"layer {layers[i].name!r}, candidate {keys[c]}: damage is NaN")
@@ -541,7 +542,7 @@ def allocate_bits(sensitivity: Sensitivity, bits: float) -> MixedPlan:
         used += float(nbytes[i, c] - nbytes[i, at[i]])
         at[i] = int(c)
     choice = {la.name: sensitivity.candidates[at[i]] for i, la in enumerate(layers)}
-    total = float(damage[np.arange(len(layers)), at].sum())
+    total = float(raw[np.arange(len(layers)), at].sum())  # inf where an infinite one was taken
     return MixedPlan(choice, float(bits), used * 8 / n, total, sensitivity)
 
 

@@ -117,12 +117,12 @@ def quantize_command(
     ),
     calib_samples: int | None = typer.Option(
         None, "--calib-samples", help="Calibration sequences (--mode static or a calibration "
-        "algorithm). [default: 128]"),
+        "algorithm). \\[default: 128]"),
     calib_seq_len: int | None = typer.Option(
-        None, "--calib-seq-len", help="Tokens per sequence. [default: 512]"),
+        None, "--calib-seq-len", help="Tokens per sequence. \\[default: 512]"),
     calib_batch_size: int | None = typer.Option(None, "--calib-batch-size", help=(
         "Sequences per calibration forward (lower it to bound activation memory). "
-        "[default: 8]")),
+        "\\[default: 8]")),
     observer: str | None = typer.Option(
         None, "--observer", help="Activation observer for --mode static (default minmax)."
     ),
@@ -140,9 +140,9 @@ def quantize_command(
             "choose the specs with the least total at this many bits per weight.")),
     sensitivity_samples: int | None = typer.Option(
         None, "--sensitivity-samples", help="Sequences --bits measures each layer on. "
-        "[default: 8]"),
+        "\\[default: 8]"),
     sensitivity_seq_len: int | None = typer.Option(
-        None, "--sensitivity-seq-len", help="Tokens per sequence for --bits. [default: 256]"),
+        None, "--sensitivity-seq-len", help="Tokens per sequence for --bits. \\[default: 256]"),
     sensitivity_file: Path | None = typer.Option(
         None, "--sensitivity-file", help=(
             "JSON file of the --bits measurement: written after measuring; when it exists "

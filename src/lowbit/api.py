@@ -225,11 +225,11 @@ def quantize(
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
     include, exclude = patterns(include), patterns(exclude) or []
-    _check_selection(model, spec, include, exclude)
+    kept_in_float = _kept_in_float(model)
+    _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
     replacements: list[tuple[str, nn.Module]] = []
     static_acts: dict[str, QuantSpec] = {}  # module name -> activation spec to calibrate
-    kept_in_float = _kept_in_float(model)
     # "before" counts the weights as the source checkpoint stores them (fp16 loaded as fp32)
     stored_dtype = getattr(model, "_lowbit_stored_dtype", None)
     first_name: dict[int, str] = {}  # a module reachable under several names: quantized once
@@ -360,12 +360,13 @@ def _run_sequential(
 
 
 def _check_selection(
-    model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str]
+    model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str],
+    kept_in_float: dict[int, str],
 ) -> None:
     """Raise ValueError when include / exclude / spec patterns leave no module to quantize
     although the model has some (a mistyped pattern would otherwise write a float copy). Not
-    when the patterns select modules quantized already (a call repeated on its own output)."""
-    kept_in_float = _kept_in_float(model)
+    when the patterns select modules quantized already (a call repeated on its own output).
+    kept_in_float: ``_kept_in_float(model)``."""
     names, reasons = [], Counter()
     for name, module in model.named_modules():
         chosen, why = choose_spec(name, spec, include, exclude)

@@ -469,12 +469,12 @@ def _progress(layers: list, enabled: bool):
     if not enabled:
         yield lambda name: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from lowbit.cli.common import err_console
-
     bar = Progress(TextColumn("measuring sensitivity"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.description}"), console=err_console, transient=True)
+                   TextColumn("{task.description}"), console=Console(stderr=True),
+                   transient=True)
     with bar:
         task = bar.add_task("", total=len(layers))
         yield lambda name: bar.update(task, advance=1, description=name)

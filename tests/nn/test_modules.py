@@ -396,3 +396,57 @@ def test_subclasses_with_a_forward_of_their_own_stay_float():
     assert "Scaled has a forward of its own" in skipped[0].reason
     with pytest.raises(ValueError, match="no module left to quantize: 1 candidates"):
         lowbit.quantize(nn.Sequential(Scaled(64, 128)), "w8")
+
+
+@pytest.mark.parametrize("spec", ["w4g64", "w8", "nf4g64", "w8a8"])
+def test_weight_reads_as_the_dequantized_float_weight(spec: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = QuantLinear.from_float(lin, spec)
+    w = q.weight
+    assert isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter)
+    assert (w.shape, w.dtype, w.device, w.requires_grad) == ((48, 64), torch.float32,
+                                                              torch.device("cpu"), False)
+    dense = q.qweight.dequantize()
+    assert type(w.clone()) is torch.Tensor and torch.equal(w.clone(), dense)
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.testing.assert_close(F.linear(x, w, q.bias), F.linear(x, dense, q.bias))
+    (x @ w.T).sum().backward()  # gradients reach the input through the dequantized weight
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
+    assert q.to(torch.bfloat16).weight.dtype == torch.bfloat16  # the compute dtype
+    assert "DequantizedWeight(shape=(48, 64)" in repr(q.weight)
+    with pytest.raises(AttributeError, match="set_weight"):
+        q.weight = torch.zeros(48, 64)
+
+
+def test_embedding_and_conv_weights_read_as_their_dequantized_tables() -> None:
+    torch.manual_seed(0)
+    emb = QuantEmbedding(nn.Embedding(20, 16), "w8")
+    ids = torch.tensor([3, 7])
+    torch.testing.assert_close(emb.weight[ids], emb(ids))
+    conv = QuantConv2d(nn.Conv2d(3, 8, 3), "w8")
+    assert conv.weight.shape == (8, 3, 3, 3)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(F.conv2d(x, conv.weight, conv.bias), conv(x))
+    assert conv.weight_nbytes < 8 * 27 * 4  # no float copy was attached to the module
+    assert "weight" not in conv.state_dict()
+
+
+def test_models_that_read_their_layers_weights_run_quantized() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, image_size=16, patch_size=8)).eval()
+    pixels = torch.randn(1, 3, 16, 16)
+    before = vit(pixels).last_hidden_state
+    lowbit.quantize(vit, "w8")  # the patch projection (a Conv2d) is read as .weight.dtype
+    assert isinstance(vit.embeddings.patch_embeddings.projection, QuantConv2d)
+    torch.testing.assert_close(vit(pixels).last_hidden_state, before, atol=0.1, rtol=0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_ff=64, num_layers=1,
+                                             num_heads=2, d_kv=16, decoder_start_token_id=0))
+    ids = torch.randint(0, 50, (1, 6))
+    before = t5.eval()(input_ids=ids, decoder_input_ids=ids).logits
+    lowbit.quantize(t5, "w8")  # T5's feed-forward checks isinstance(wo.weight, Tensor).dtype
+    after = t5(input_ids=ids, decoder_input_ids=ids).logits
+    assert after.shape == before.shape and (after - before).abs().max() < 0.1

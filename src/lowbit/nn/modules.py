@@ -6,7 +6,8 @@ Each holds its weight as the buffers of a QuantizedTensor, named as on disk
 construction work as for any module, with one difference: a dtype cast (``.to(torch.bfloat16)``,
 ``.half()``) sets the layer's compute dtype (``weight_dtype``, the bias's dtype) and leaves the
 quantized tensors in the dtypes their spec fixes, so the weights stay exactly as quantized.
-The bias stays in float.
+The bias stays in float. ``module.weight`` reads as a ``DequantizedWeight``: the float weight's
+shape, dtype and device with no float copy held, dequantized by any operation on it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lowbit.kernels import cpu_avx2, dispatch
 from lowbit.spec import QuantSpec, as_spec
@@ -21,6 +23,37 @@ from lowbit.tensor import STATE_NAMES, QuantizedTensor, stored_shapes
 
 _PREFIX = "weight_"
 _address = torch.Tensor.data_ptr
+
+
+class DequantizedWeight(torch.Tensor):
+    """``module.weight`` of a quantized module: a tensor of the float weight's shape (``[out, in]``
+    for every Linear, GPT-2 Conv1D included), dtype (the layer's compute dtype) and device that
+    holds no float copy. Reading ``.shape`` / ``.dtype`` / ``.device`` is free; any operation on
+    it (``x @ w.T``, ``w.float()``, ``w[ids]``) dequantizes the whole weight first and returns
+    plain tensors. For model code that reads its layers' weights (T5's and ViT's dtype checks, a
+    head computed from ``embed.weight``); the quantized module itself never goes through it."""
+
+    quantized: QuantizedTensor
+
+    @staticmethod
+    def __new__(cls, quantized: QuantizedTensor) -> DequantizedWeight:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, quantized.shape, dtype=quantized.dtype, device=quantized.qdata.device,
+            requires_grad=False)
+
+    def __init__(self, quantized: QuantizedTensor) -> None:
+        self.quantized = quantized
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def dense(t):
+            return t.quantized.dequantize() if isinstance(t, DequantizedWeight) else t
+
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return (f"DequantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device}, spec={self.quantized.spec})")
 
 
 class _QuantWeightMixin(nn.Module):
@@ -139,6 +172,16 @@ class _QuantWeightMixin(nn.Module):
             self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
         self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
         return result
+
+    @property
+    def weight(self) -> DequantizedWeight:
+        """The weight as a float-looking tensor, dequantized on use (see DequantizedWeight)."""
+        return DequantizedWeight(self._weight_view())
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(f"{type(self).__name__}.weight is quantized and read-only; "
+                             "replace it with set_weight(QuantizedTensor)")
 
     @property
     def weight_nbytes(self) -> int:

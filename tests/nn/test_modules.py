@@ -430,6 +430,11 @@ def test_embedding_and_conv_weights_read_as_their_dequantized_tables() -> None:
     torch.testing.assert_close(F.conv2d(x, conv.weight, conv.bias), conv(x))
     assert conv.weight_nbytes < 8 * 27 * 4  # no float copy was attached to the module
     assert "weight" not in conv.state_dict()
+    # nn.Embedding's / nn.Conv2d's attributes, as model code reads them (Whisper: num_embeddings)
+    assert (emb.num_embeddings, emb.embedding_dim, emb.padding_idx) == (20, 16, None)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 8, (3, 3))
+    empty = QuantConv2d.empty_like(nn.Conv2d(3, 8, 3), conv.spec, torch.float32, device="meta")
+    assert (empty.kernel_size, empty.groups, empty.bias.shape) == ((3, 3), 1, (8,))
 
 
 def test_models_that_read_their_layers_weights_run_quantized() -> None:

@@ -92,21 +92,10 @@ def _empty_quant_module(
     if kind == "Conv1D":  # GPT-2: weight [in, out] stored as a QuantLinear [out, in]
         return QuantLinear(module.nx, module.nf, spec, module.bias is not None, dtype,
                            device="meta")
-    if kind in ("Embedding", "Conv2d"):
-        # Their constructors quantize a float module; here only the empty buffers are wanted.
-        cls = QuantEmbedding if kind == "Embedding" else QuantConv2d
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q._init_weight(tuple(module.weight.shape), spec, dtype, device="meta")
-        if kind == "Embedding":
-            q.padding_idx = module.padding_idx
-        else:
-            q.stride, q.padding, q.dilation = module.stride, module.padding, module.dilation
-            q.groups, q.padding_mode = module.groups, module.padding_mode
-            bias = None if module.bias is None else torch.empty(
-                module.bias.shape, dtype=dtype, device="meta")
-            q.register_buffer("bias", bias)
-        return q
+    if kind == "Embedding":
+        return QuantEmbedding.empty_like(module, spec, dtype, device="meta")
+    if kind == "Conv2d":
+        return QuantConv2d.empty_like(module, spec, dtype, device="meta")
     raise ValueError(
         f"quantization_config targets {name!r}, a {type(module).__name__}; lowbit quantizes "
         "Linear, Conv1D, Conv2d and Embedding modules"

@@ -252,13 +252,28 @@ class QuantConv2d(_QuantWeightMixin):
         super().__init__()
         spec = as_spec(spec)
         w = conv.weight.detach()
-        self._init_weight(tuple(w.shape), spec, w.dtype, w.device)
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups, self.padding_mode = conv.groups, conv.padding_mode
+        self._init_like(conv, spec, w.dtype, w.device)
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.set_weight(QuantizedTensor.from_float(w, spec))
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype,
+                   device=None) -> QuantConv2d:
+        """Shaped like ``conv`` with uninitialized buffers (to be loaded), nothing quantized."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q._init_like(conv, spec, dtype, device)
+        return q
+
+    def _init_like(self, conv: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype, device) -> None:
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d padding_mode={conv.padding_mode!r}; supported: 'zeros'")
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.set_weight(QuantizedTensor.from_float(w, spec))
+        self._init_weight(tuple(conv.weight.shape), spec, dtype, device)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups", "padding_mode"):  # for code that reads them
+            setattr(self, name, getattr(conv, name))
+        self.register_buffer("bias", None if conv.bias is None else torch.empty(
+            conv.bias.shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.qweight.dequantize(x.dtype)
@@ -282,9 +297,22 @@ class QuantEmbedding(_QuantWeightMixin):
             norms = torch.linalg.vector_norm(w.float(), ord=emb.norm_type, dim=1, keepdim=True)
             w = torch.where(norms > emb.max_norm, w * (emb.max_norm / (norms + 1e-7)), w)
             w = w.to(emb.weight.dtype)
-        self._init_weight(tuple(w.shape), spec, w.dtype, w.device)
-        self.padding_idx = emb.padding_idx
+        self._init_like(emb, spec, w.dtype, w.device)
         self.set_weight(QuantizedTensor.from_float(w, spec))
+
+    @classmethod
+    def empty_like(cls, emb: nn.Embedding, spec: QuantSpec, dtype: torch.dtype,
+                   device=None) -> QuantEmbedding:
+        """Shaped like ``emb`` with uninitialized buffers (to be loaded), nothing quantized."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q._init_like(emb, spec, dtype, device)
+        return q
+
+    def _init_like(self, emb: nn.Embedding, spec: QuantSpec, dtype: torch.dtype, device) -> None:
+        self._init_weight(tuple(emb.weight.shape), spec, dtype, device)
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         qt = self._weight_view()

@@ -14,6 +14,12 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
+from lowbit.models.experts import (
+    every_expert_sees_every_token,
+    expert_linear_names,
+    fused_experts,
+    unfuse_experts,
+)
 from lowbit.models.select import check_specs, choose_spec, patterns
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.quant.layout import layout_for
@@ -225,6 +231,7 @@ def quantize(
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
     include, exclude = patterns(include), patterns(exclude) or []
+    unfused = _unfuse_selected_experts(model, spec, include, exclude)
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
@@ -291,10 +298,11 @@ def quantize(
                         calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
                         progress=progress, show_progress=show_progress)
     elif static_acts:  # observe the float model before any module is swapped
-        calibration = calibrate_static(
-            model, static_acts, calib, tokenizer=tokenizer, observer=observer,
-            n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
-        )
+        with every_expert_sees_every_token(model):
+            calibration = calibrate_static(
+                model, static_acts, calib, tokenizer=tokenizer, observer=observer,
+                n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
+            )
         for name, new in replacements:
             if name in calibration.qparams:
                 set_input_qparams(new, calibration.qparams[name])
@@ -310,6 +318,12 @@ def quantize(
     if aliases:
         summary.notes.append("one module under several names, quantized once: " + ", ".join(
             f"{alias!r} is {name!r}" for alias, name in aliases))
+    if unfused:
+        calibrated = (" and calibrated on every calibration token, not only those routed to "
+                      "them" if alg.needs_calibration or static_acts else "")
+        summary.notes.append(
+            f"{len(unfused)} fused MoE experts modules split into one Linear per expert "
+            f"projection (names like {unfused[0]}.0.down_proj){calibrated}")
     if any(m.kind in ("Linear", "Conv1D", "Conv2d") for m in summary.quantized):
         summary.notes.append("biases are kept in float")
     model.lowbit_summary = summary
@@ -329,11 +343,12 @@ def _run_sequential(
     uses_calib = alg.needs_calibration or bool(static_acts)
     batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len,
                           batch_size=calib_batch_size) if uses_calib else None)
-    result = quantize_sequential(
-        model, chosen, alg, batches, reader=reader, observer=observer,
-        show_progress=show_progress,
-        on_layer=None if progress is None else (lambda layer: progress(layer.name)),
-    )
+    with every_expert_sees_every_token(model):
+        result = quantize_sequential(
+            model, chosen, alg, batches, reader=reader, observer=observer,
+            show_progress=show_progress,
+            on_layer=None if progress is None else (lambda layer: progress(layer.name)),
+        )
     for layer in result.layers:
         new = model.get_submodule(layer.name)
         reason = layer.note or ("weight transposed from Conv1D [in, out]"
@@ -357,6 +372,19 @@ def _run_sequential(
     if reader is not None:
         summary.notes.append("memory bounded: blocks were read from disk one at a time")
     summary.notes.extend(result.notes)
+
+
+def _unfuse_selected_experts(
+    model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str],
+) -> list[str]:
+    """Split the fused MoE experts modules (``lowbit.models.experts``) of which the patterns
+    select at least one expert projection; returns their names (``save`` records every split
+    module, ``load`` splits them again)."""
+    found = fused_experts(model)
+    selected = [name for name, module in found.items()
+                if any(choose_spec(linear, spec, include, exclude)[0] is not None
+                       for linear in expert_linear_names(name, module))]
+    return unfuse_experts(model, selected)
 
 
 def _check_selection(

@@ -177,6 +177,7 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     from transformers import AutoConfig
 
     from lowbit.io.load import rebuild_meta_buffers
+    from lowbit.models.experts import fused_experts
     from lowbit.models.hf import build_on_meta, model_kind
 
     path = Path(model_dir)
@@ -185,6 +186,12 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
                          "(no config.json)")
     config = AutoConfig.from_pretrained(path)
     model = build_on_meta(config, model_kind(config), dtype)
+    moe = next(iter(fused_experts(model)), None)
+    if moe is not None:  # transformers renames / fuses their tensors on loading (w1, w3 -> ...)
+        raise ValueError(
+            f"{model_dir}: a mixture-of-experts model ({moe!r}); the memory-bounded folder path "
+            "does not read MoE checkpoints yet: load it (lowbit.models.hf.load_hf_model) and "
+            "quantize the model object")
     reader = CheckpointReader(path, model)
     found = find_blocks(model)
     block_prefix = (found[0] + ".") if found else None

@@ -23,6 +23,7 @@ from lowbit.io.save import (
     WEIGHTS_NAME,
     float_module_kind,
 )
+from lowbit.models.experts import fused_experts, unfuse_experts
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.spec import QuantSpec
 
@@ -167,10 +168,12 @@ def _int_min(dtype: torch.dtype) -> int:
     return False if dtype == torch.bool else torch.iinfo(dtype).min
 
 
-def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str]) -> nn.Module:
+def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str],
+           unfused: list[str]) -> nn.Module:
     """The saved model on meta: the class config.json's ``architectures`` names (lowbit.save
     records the class it saved), else the Auto class of ``kind``; the first whose modules hold
-    every quantized target (checkpoints saved before the class was recorded)."""
+    every quantized target (checkpoints saved before the class was recorded). The ``unfused``
+    MoE experts modules are split into per-expert Linears, as quantize split them."""
     import transformers
 
     from lowbit.models.hf import build_on_meta
@@ -180,10 +183,14 @@ def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str]) -> nn
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         with torch.device("meta"):
             model = cls._from_config(config, dtype=dtype)
-        names = {name for name, _ in model.named_modules()}
-        if all(t in names for t in targets):
-            return model
-    return build_on_meta(config, kind, dtype)
+        if all(n in fused_experts(model) for n in unfused):
+            unfuse_experts(model, unfused)
+            names = {name for name, _ in model.named_modules()}
+            if all(t in names for t in targets):
+                return model
+    model = build_on_meta(config, kind, dtype)
+    unfuse_experts(model, unfused)
+    return model
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -220,7 +227,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     file_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
         str(config_dict.get("dtype")))
     specs = _group_specs(qc)
-    model = _build(config, kind, dtype, list(specs))
+    unfused = qc.get("unfused_experts") or []
+    if not (isinstance(unfused, list) and all(isinstance(n, str) for n in unfused)):
+        raise ValueError(f"{path}/config.json: quantization_config unfused_experts must be a "
+                         f"list of module names, got {unfused!r}")
+    try:
+        model = _build(config, kind, dtype, list(specs), unfused)
+    except ValueError as e:
+        raise ValueError(f"{path}/config.json: unfused_experts: {e}") from None
 
     dropped = qc.get("dropped") or []
     if dropped != [] and dropped != ["pooler"]:

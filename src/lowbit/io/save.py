@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.models.experts import LinearExperts
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.spec import QuantSpec
 
@@ -106,6 +107,9 @@ def quantization_config(model: nn.Module, tied: dict[str, str] | None = None) ->
         "ignore_reasons": {n: reasons[n] for n in ignore if reasons.get(n)},
         "tied": dict(tied or {}),
         "aliases": aliases,
+        # MoE experts modules split into a Linear per expert projection (models/experts.py)
+        "unfused_experts": [name for name, m in model.named_modules()
+                            if isinstance(m, LinearExperts)],
         # modules the config builds that this model does without (an encoder loaded from a
         # checkpoint without pooler weights): the loader drops them too
         "dropped": ["pooler"] if getattr(model, "pooler", "absent") is None else [],

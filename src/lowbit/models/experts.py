@@ -1,0 +1,167 @@
+"""Mixture-of-experts layers as one Linear per expert projection, so they can be quantized.
+
+transformers (5.x) stores the experts of an MoE layer (Mixtral, Qwen3-MoE, DeepSeek, gpt-oss, ...
+every class decorated with ``use_experts_implementation``) fused: ``gate_up_proj`` (or
+``up_proj``) ``[E, 2I, H]`` and ``down_proj [E, H, I]`` parameters, ``[E, in, out]`` when
+``is_transposed``. No ``nn.Linear`` is left to replace, so these weights, most of an MoE
+model's, would stay in float. ``unfuse_experts`` swaps such a module for ``LinearExperts``:
+experts ``0 .. E-1`` with ``gate_up_proj`` / ``up_proj`` and ``down_proj`` Linears (copies: the
+peak memory grows by one layer's experts) computing what the fused module's eager forward
+computes, so ``lowbit.quantize``, the calibration algorithms (GPTQ, AWQ, static activations),
+the sensitivity measurement and save / load treat experts as any other Linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# what transformers' use_experts_implementation sets on an experts module
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+
+
+def _fused_tensors(module: nn.Module) -> tuple[str, nn.Parameter, nn.Parameter] | None:
+    """``(up projection name, up [E, ., .], down [E, ., .])`` of a fused experts module."""
+    if not all(hasattr(module, flag) for flag in _FLAGS):
+        return None
+    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
+    if not (isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter)
+            and up.dim() == 3 and down.dim() == 3 and up.shape[0] == down.shape[0]):
+        return None
+    return up_name, up, down
+
+
+def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of the fused experts modules in ``model``."""
+    return {name: m for name, m in model.named_modules() if _fused_tensors(m) is not None}
+
+
+def expert_linear_names(name: str, module: nn.Module) -> list[str]:
+    """The Linear names ``unfuse_experts`` gives the fused experts module ``name``."""
+    up_name, up, _ = _fused_tensors(module)
+    return [f"{name}.{e}.{proj}" for e in range(up.shape[0]) for proj in (up_name, "down_proj")]
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.Linear:
+    """An nn.Linear with a copy of ``weight`` ``[out, in]`` (``[in, out]`` when transposed):
+    its own storage, so that the fused tensor is freed, and an expert kept in float does not
+    keep every expert's float weights alive once the others are quantized."""
+    if transposed:
+        weight = weight.t()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format),
+                                 requires_grad=weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return linear
+
+
+class LinearExperts(nn.Module):
+    """A fused experts module as ``E`` children ``"0" .. "E-1"``, each with ``gate_up_proj``
+    (``up_proj`` when the experts have no gate) and ``down_proj`` Linears, plus ``fused``: the
+    original module without its weight tensors, kept for its gate / activation (gpt-oss's
+    clamped SwiGLU, interleaved gate and up columns) and any post-expert norm.
+
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``:
+    per expert hit, in expert order, its tokens through its Linears, scaled by their routing
+    weight and summed into the output, as transformers' eager experts forward does.
+    """
+
+    def __init__(self, fused: nn.Module) -> None:
+        super().__init__()
+        found = _fused_tensors(fused)
+        if found is None:
+            raise TypeError(f"{type(fused).__name__} is not a fused experts module "
+                            "(transformers' use_experts_implementation)")
+        if getattr(fused, "_is_expert_parallel", False):
+            raise ValueError(f"{type(fused).__name__} is sharded for expert parallelism; "
+                             "unfuse it before sharding")
+        self.up_name, up, down = found
+        self.num_experts = up.shape[0]
+        self.has_gate, self.has_bias = bool(fused.has_gate), bool(fused.has_bias)
+        self.has_post_expert_norm = bool(getattr(fused, "has_post_expert_norm", False))
+        transposed = bool(fused.is_transposed)
+        up_bias = getattr(fused, self.up_name + "_bias", None) if self.has_bias else None
+        down_bias = getattr(fused, "down_proj_bias", None) if self.has_bias else None
+        for e in range(self.num_experts):
+            expert = nn.Module()
+            expert.add_module(self.up_name, _linear(
+                up[e], None if up_bias is None else up_bias[e], transposed))
+            expert.add_module("down_proj", _linear(
+                down[e], None if down_bias is None else down_bias[e], transposed))
+            self.add_module(str(e), expert)
+        for name in (self.up_name, "down_proj", self.up_name + "_bias", "down_proj_bias"):
+            if name in fused._parameters:
+                delattr(fused, name)
+        self.fused = fused
+
+    # Calibration sets this (every_expert_sees_every_token): each expert then runs on all
+    # tokens, so that its Linears' statistics (GPTQ's Hessian, activation ranges) exist and are
+    # full rank even for experts the calibration text rarely or never routes to; the output
+    # still sums the routed tokens only.
+    route_all_tokens: bool = False
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        if self.route_all_tokens:
+            experts = range(self.num_experts)
+        else:
+            with torch.no_grad():
+                experts = torch.unique(top_k_index).tolist()
+        for e in experts:
+            if e >= self.num_experts:  # an expert-parallel sentinel: not on this rank
+                continue
+            slot, token = torch.where(top_k_index.t() == e)  # the eager forward's order
+            if self.route_all_tokens:
+                h = self._expert(e, hidden_states)[token]
+            else:
+                h = self._expert(e, hidden_states[token])
+            h = h * top_k_weights[token, slot, None]
+            out.index_add_(0, token, h.to(out.dtype))
+        return out
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        expert = self._modules[str(e)]
+        h = expert._modules[self.up_name](x)
+        h = self.fused._apply_gate(h) if self.has_gate else self.fused.act_fn(h)
+        h = expert._modules["down_proj"](h)
+        return self.fused.post_expert_norm(h) if self.has_post_expert_norm else h
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, unfused from {type(self.fused).__name__}"
+
+
+@contextmanager
+def every_expert_sees_every_token(model: nn.Module) -> Iterator[None]:
+    """While calibrating: every ``LinearExperts`` runs each expert on all tokens (see
+    ``LinearExperts.route_all_tokens``); the model's outputs do not change."""
+    found = [m for m in model.modules() if isinstance(m, LinearExperts)]
+    for m in found:
+        m.route_all_tokens = True
+    try:
+        yield
+    finally:
+        for m in found:
+            m.route_all_tokens = False
+
+
+def unfuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace fused experts modules (all, or those named) by ``LinearExperts``, in place;
+    returns the names replaced. The model computes the same (up to float summation order where
+    transformers' batched / grouped implementations were configured)."""
+    found = fused_experts(model)
+    if names is not None:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise ValueError(f"not fused experts modules: {missing[:3]}")
+        found = {n: found[n] for n in names}
+    for name, module in found.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LinearExperts(module))
+    return list(found)

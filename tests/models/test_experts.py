@@ -1,0 +1,200 @@
+"""Fused MoE experts split into per-expert Linears: same outputs, quantized, saved and loaded."""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.models.experts import (
+    LinearExperts,
+    every_expert_sees_every_token,
+    fused_experts,
+    unfuse_experts,
+)
+from lowbit.nn.modules import QuantLinear
+from lowbit.quant import fake_quantize
+from lowbit.spec import as_spec
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+
+warnings.filterwarnings("ignore", module="transformers")
+
+SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def tiny_moe(kind: str = "mixtral", **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(**{**SMALL, "intermediate_size": 128,
+                                               "num_local_experts": 4, **overrides})
+        model = transformers.MixtralForCausalLM(config)
+    elif kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**{**SMALL, "num_experts": 4,
+                                                "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 64, **overrides})
+        model = transformers.Qwen3MoeForCausalLM(config)
+    else:  # gpt-oss: [E, in, out] experts with biases, interleaved gate / up, clamped SwiGLU
+        config = transformers.GptOssConfig(**{**SMALL, "intermediate_size": 64,
+                                              "num_local_experts": 4, "num_experts_per_tok": 2,
+                                              "head_dim": 16, **overrides})
+        model = transformers.GptOssForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # gpt-oss: non-zero biases
+                p.uniform_(-0.1, 0.1)
+            elif p.dim() > 1:
+                p.normal_(0, 0.05)
+    model.set_experts_implementation("eager")
+    return model.eval()
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_unfused_experts_compute_what_the_fused_eager_forward_does(kind: str) -> None:
+    model = tiny_moe(kind)
+    before = logits(model, IDS)
+    fused = fused_experts(model)
+    assert list(fused) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert unfuse_experts(model) == list(fused)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LinearExperts) and experts.num_experts == 4
+    up = experts.get_submodule("2.gate_up_proj")
+    assert type(up) is nn.Linear and up.weight.is_contiguous()
+    assert sum(p.numel() for p in model.parameters()) == n_params  # moved, nothing dropped
+    after = logits(model, IDS)
+    if kind == "gpt_oss":  # its eager forward adds the bias in another order
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(after, before)
+    with every_expert_sees_every_token(model):  # calibration mode: same outputs
+        torch.testing.assert_close(logits(model, IDS), after, rtol=0, atol=1e-5)
+    assert not experts.route_all_tokens
+    assert unfuse_experts(model) == []  # nothing fused is left
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_every_layout_matches_transformers_batched_experts(transposed: bool, gated: bool):
+    """Against transformers' own batched_mm implementation, for each layout flag."""
+
+    @use_experts_implementation(is_transposed=transposed, has_bias=True, has_gate=gated)
+    class Experts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts, hidden, inner = 3, 8, 6
+            up = ("gate_up_proj", 2 * inner) if gated else ("up_proj", inner)
+            shape_up = (3, hidden, up[1]) if transposed else (3, up[1], hidden)
+            shape_down = (3, inner, hidden) if transposed else (3, hidden, inner)
+            setattr(self, up[0], nn.Parameter(torch.randn(shape_up)))
+            setattr(self, up[0] + "_bias", nn.Parameter(torch.randn(3, up[1])))
+            self.down_proj = nn.Parameter(torch.randn(shape_down))
+            self.down_proj_bias = nn.Parameter(torch.randn(3, hidden))
+            self.act_fn = nn.SiLU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("batched_mm is configured")
+
+    torch.manual_seed(0)
+    fused = Experts(types.SimpleNamespace(_experts_implementation="batched_mm"))
+    x = torch.randn(10, 8)
+    index = torch.randint(0, 3, (10, 2))
+    weights = torch.rand(10, 2)
+    with torch.no_grad():
+        want = fused(x, index, weights)
+        got = LinearExperts(fused)(x, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_splits_and_quantizes_the_experts_as_linears() -> None:
+    model = tiny_moe("qwen3_moe")
+    reference = copy.deepcopy(model)
+    lowbit.quantize(model, "w4g64", exclude=["lm_head", "*embed*"])
+    names = {r.name for r in model.lowbit_summary.quantized}
+    assert {f"model.layers.1.mlp.experts.{e}.{p}" for e in range(4)
+            for p in ("gate_up_proj", "down_proj")} <= names
+    assert any("2 fused MoE experts modules split" in n for n in model.lowbit_summary.notes)
+    assert isinstance(model.model.layers[0].mlp.experts.get_submodule("3.down_proj"), QuantLinear)
+    # the same as fake-quantizing each expert's float weights in the unfused float model
+    unfuse_experts(reference)
+    with torch.no_grad():
+        for name, m in reference.named_modules():
+            if type(m) is nn.Linear and name in names:
+                m.weight.copy_(fake_quantize(m.weight, as_spec("w4g64")))
+    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_excluded_experts_stay_fused_and_partly_excluded_ones_stay_float(tmp_path) -> None:
+    model = tiny_moe("mixtral")
+    lowbit.quantize(model, "w8", include=["*layers.0.*"], exclude=["*.3.down_proj"])
+    assert list(fused_experts(model)) == ["model.layers.1.mlp.experts"]  # nothing selected
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts.get_submodule("3.down_proj")) is nn.Linear
+    out = logits(model, IDS)
+    lowbit.save(model, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert torch.equal(logits(loaded, IDS), out)
+    assert list(fused_experts(loaded)) == ["model.layers.1.mlp.experts"]
+    assert type(loaded.model.layers[0].mlp.experts.get_submodule("3.down_proj")) is nn.Linear
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_quantized_experts_save_and_load_bit_for_bit(kind: str, tmp_path) -> None:
+    model = tiny_moe(kind)
+    lowbit.quantize(model, {"*down_proj": "w8", "*": "w4g64"}, exclude=["lm_head"])
+    out = logits(model, IDS)
+    lowbit.save(model, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert isinstance(loaded.model.layers[1].mlp.experts, LinearExperts)
+    assert torch.equal(logits(loaded, IDS), out)
+
+
+def test_calibration_reaches_experts_the_text_never_routes_to() -> None:
+    """64 experts, top-1, 128 calibration tokens: most experts get no token; GPTQ's Hessians
+    and static activation ranges still come from every token."""
+    model = tiny_moe("mixtral", num_local_experts=64, num_experts_per_tok=1, num_hidden_layers=1)
+    calib = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(2))
+    routed = set()
+    probe = copy.deepcopy(model)
+    unfuse_experts(probe)
+    experts = probe.model.layers[0].mlp.experts
+    for e in range(64):
+        experts.get_submodule(f"{e}.down_proj").register_forward_hook(
+            lambda m, i, o, e=e: routed.add(e))
+    logits(probe, calib)
+    assert len(routed) < 64  # some experts see no calibration token
+    float_out = logits(model, IDS)
+    gptq = lowbit.quantize(copy.deepcopy(model), "w4g64", algorithm="gptq", calib=calib,
+                           exclude=["lm_head"])
+    errors = [r.error for r in gptq.lowbit_summary.quantized if ".experts." in r.name]
+    assert len(errors) == 128 and all(e is not None and e < 0.2 for e in errors)
+    assert any("every calibration token" in n for n in gptq.lowbit_summary.notes)
+    static = lowbit.quantize(copy.deepcopy(model), "w8a8-static", calib=calib,
+                             exclude=["lm_head"])
+    never = min(set(range(64)) - routed)
+    scale = static.model.layers[0].mlp.experts.get_submodule(f"{never}.down_proj").input_scale
+    assert float(scale) != 1.0  # calibrated, not the placeholder
+    for q in (gptq, static):  # (top-1 of 64 random experts: routing flips dominate errors)
+        rel = (logits(q, IDS) - float_out).norm() / float_out.norm()
+        assert rel < 0.5
+
+
+def test_the_folder_path_refuses_moe_checkpoints_in_one_line(tmp_path) -> None:
+    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    with pytest.raises(ValueError, match=r"mixture-of-experts model .*load_hf_model"):
+        lowbit.quantize(tmp_path / "moe", "w8")

@@ -301,3 +301,26 @@ def test_a_sensitivity_file_serves_other_budgets_and_is_checked(llama_dir, tmp_p
     file.write_text("{}")
     _fails([*common, "-s", "w2g64,w4g128", "--bits", "3", "-o", str(tmp_path / "e")],
            tmp_path / "e", "not a lowbit sensitivity file")
+
+
+def test_a_moe_folder_is_loaded_whole_and_its_experts_quantized(llama_dir, tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    moe = tmp_path / "moe"
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, num_local_experts=4)).save_pretrained(moe)
+    shutil.copy(llama_dir / "tokenizer.json", moe)
+    shutil.copy(llama_dir / "tokenizer_config.json", moe)
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(moe), "-s", "w4g64", "--algorithm", "gptq",
+                            "--calib", str(VAL_TEXT), "--calib-samples", "4",
+                            "--calib-seq-len", "64", "--exclude", "lm_head", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "loaded whole, not block by block" in r.output
+    assert "13: 13 x uint4-g64-asym" in r.stdout  # 4 attention, 4 experts x 2, the embedding
+    assert "split into one Linear per expert projection" in r.stdout
+    loaded = lowbit.load(out)
+    assert "model.layers.0.mlp.experts.3.down_proj" in {m.name for m in
+                                                         loaded.lowbit_summary.quantized}

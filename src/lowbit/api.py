@@ -14,12 +14,7 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
-from lowbit.models.experts import (
-    every_expert_sees_every_token,
-    expert_linear_names,
-    fused_experts,
-    unfuse_experts,
-)
+from lowbit.models.experts import every_expert_sees_every_token, unfuse_experts
 from lowbit.models.select import check_specs, choose_spec, patterns
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.quant.layout import layout_for
@@ -231,7 +226,8 @@ def quantize(
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
     include, exclude = patterns(include), patterns(exclude) or []
-    unfused = _unfuse_selected_experts(model, spec, include, exclude)
+    unfused = unfuse_experts(model, selected=lambda name: choose_spec(
+        name, spec, include, exclude)[0] is not None)
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
@@ -372,19 +368,6 @@ def _run_sequential(
     if reader is not None:
         summary.notes.append("memory bounded: blocks were read from disk one at a time")
     summary.notes.extend(result.notes)
-
-
-def _unfuse_selected_experts(
-    model: nn.Module, spec: Any, include: list[str] | None, exclude: list[str],
-) -> list[str]:
-    """Split the fused MoE experts modules (``lowbit.models.experts``) of which the patterns
-    select at least one expert projection; returns their names (``save`` records every split
-    module, ``load`` splits them again)."""
-    found = fused_experts(model)
-    selected = [name for name, module in found.items()
-                if any(choose_spec(linear, spec, include, exclude)[0] is not None
-                       for linear in expert_linear_names(name, module))]
-    return unfuse_experts(model, selected)
 
 
 def _check_selection(

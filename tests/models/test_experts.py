@@ -198,3 +198,13 @@ def test_the_folder_path_refuses_moe_checkpoints_in_one_line(tmp_path) -> None:
     tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
     with pytest.raises(ValueError, match=r"mixture-of-experts model .*load_hf_model"):
         lowbit.quantize(tmp_path / "moe", "w8")
+
+
+def test_mixed_precision_measures_and_plans_each_expert() -> None:
+    model = tiny_moe("qwen3_moe")
+    calib = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(3))
+    plan = lowbit.mixed_precision(copy.deepcopy(model), ["w4g64", "w8"], bits=6, calib=calib,
+                                  exclude=["lm_head"])
+    assert "model.layers.1.mlp.experts.3.down_proj" in plan.choice
+    q = lowbit.quantize(copy.deepcopy(model), plan.specs)
+    assert {r.name for r in q.lowbit_summary.quantized} == set(plan.choice)

@@ -190,10 +190,15 @@ def _main_output(out: Any) -> tuple[str, torch.Tensor]:
 
 def _weight_layers(model: nn.Module, include: list[str] | None,
                    exclude: list[str]) -> list[tuple[str, nn.Module, str]]:
-    """``(name, module, kind)`` of every module ``lowbit.quantize`` would take, once each."""
+    """``(name, module, kind)`` of every module ``lowbit.quantize`` would take, once each.
+    Fused MoE experts modules with a selected expert are split first, as quantize splits them
+    (the model computes the same)."""
     from lowbit.api import _kept_in_float, _kind
+    from lowbit.models.experts import unfuse_experts
     from lowbit.models.select import first_match
 
+    unfuse_experts(model, selected=lambda name: (include is None or first_match(
+        name, include) is not None) and first_match(name, exclude) is None)
     kept_in_float = _kept_in_float(model)
     seen: set[int] = set()
     found = []

@@ -13,7 +13,7 @@ the sensitivity measurement and save / load treat experts as any other Linear.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -150,16 +150,22 @@ def every_expert_sees_every_token(model: nn.Module) -> Iterator[None]:
             m.route_all_tokens = False
 
 
-def unfuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
-    """Replace fused experts modules (all, or those named) by ``LinearExperts``, in place;
-    returns the names replaced. The model computes the same (up to float summation order where
-    transformers' batched / grouped implementations were configured)."""
+def unfuse_experts(model: nn.Module, names: list[str] | None = None, *,
+                   selected: Callable[[str], bool] | None = None) -> list[str]:
+    """Replace fused experts modules by ``LinearExperts``, in place: all, those named, or
+    those with at least one expert projection name (``expert_linear_names``) for which
+    ``selected`` is true; returns the names replaced. The model computes what transformers'
+    eager experts forward computes (its batched / grouped implementations differ from that
+    by float summation order)."""
     found = fused_experts(model)
     if names is not None:
         missing = [n for n in names if n not in found]
         if missing:
             raise ValueError(f"not fused experts modules: {missing[:3]}")
         found = {n: found[n] for n in names}
+    if selected is not None:
+        found = {n: m for n, m in found.items()
+                 if any(map(selected, expert_linear_names(n, m)))}
     for name, module in found.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -14,7 +14,12 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
-from lowbit.models.experts import every_expert_sees_every_token, unfuse_experts
+from lowbit.models.experts import (
+    every_expert_sees_every_token,
+    expert_linear_names,
+    fused_experts,
+    unfuse_experts,
+)
 from lowbit.models.select import check_specs, choose_spec, patterns
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.quant.layout import layout_for
@@ -322,8 +327,34 @@ def quantize(
             f"projection (names like {unfused[0]}.0.down_proj){calibrated}")
     if any(m.kind in ("Linear", "Conv1D", "Conv2d") for m in summary.quantized):
         summary.notes.append("biases are kept in float")
+    left = _float_stacks(model)
+    if left:
+        from lowbit.eval.size import human_bytes
+
+        total = sum(nbytes for _, nbytes in left)
+        names = ", ".join(name for name, _ in left[:3]) + (
+            f" and {len(left) - 3} more" if len(left) > 3 else "")
+        summary.notes.append(
+            f"{len(left)} float tensors of 3+ dims outside any Linear / Conv2d / Embedding stay "
+            f"float, {human_bytes(total)}: {names} (lowbit has no quantized module for them)")
     model.lowbit_summary = summary
     return model
+
+
+def _float_stacks(model: nn.Module) -> list[tuple[str, int]]:
+    """``(name, bytes)`` of float parameters with 3+ dims (2+ of them above 1) that no module
+    lowbit quantizes holds (e.g. fused experts of a class models/experts.py cannot split, an
+    nn.Conv1d), largest first: the summary says they stay float."""
+    found = []
+    for name, module in model.named_modules():
+        if _kind(module) is not None or isinstance(module, (QuantLinear, QuantConv2d,
+                                                            QuantEmbedding)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dim() >= 3 and sum(d > 1 for d in p.shape) >= 2:
+                found.append((f"{name}.{pname}" if name else pname,
+                              p.numel() * p.element_size()))
+    return sorted(found, key=lambda item: -item[1])
 
 
 def _run_sequential(
@@ -395,9 +426,13 @@ def _check_selection(
         return
     why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
     examples = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
+    fused, moe = fused_experts(model), ""
+    if fused:
+        example = expert_linear_names(*next(iter(fused.items())))[0]
+        moe = f"; MoE experts are selected by the names of their split Linears, like {example!r}"
     raise ValueError(
         f"no module left to quantize: {len(names)} candidates ({why}); module names look "
-        f"like {', '.join(map(repr, examples))}"
+        f"like {', '.join(map(repr, examples))}{moe}"
     )
 
 

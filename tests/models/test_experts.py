@@ -14,6 +14,7 @@ import lowbit
 from lowbit.models.experts import (
     LinearExperts,
     every_expert_sees_every_token,
+    fuse_experts,
     fused_experts,
     unfuse_experts,
 )
@@ -208,3 +209,52 @@ def test_mixed_precision_measures_and_plans_each_expert() -> None:
     assert "model.layers.1.mlp.experts.3.down_proj" in plan.choice
     q = lowbit.quantize(copy.deepcopy(model), plan.specs)
     assert {r.name for r in q.lowbit_summary.quantized} == set(plan.choice)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_float_experts_fuse_back_exactly(kind: str) -> None:
+    model = tiny_moe(kind)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    names = unfuse_experts(model)
+    fuse_experts(model, names)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert list(fused_experts(model)) == names
+    unfuse_experts(model)
+    lowbit.quantize(model, "w8", include=["*experts.1.*"])
+    with pytest.raises(ValueError, match="quantized; only float experts"):
+        fuse_experts(model, names)
+
+
+def test_measuring_sensitivity_leaves_the_float_model_fused(tmp_path) -> None:
+    from lowbit.calib import measure_sensitivity
+
+    model = tiny_moe("mixtral")
+    before = logits(model, IDS)
+    sens = measure_sensitivity(model, ["w8", "w4g64"], torch.randint(0, 100, (2, 16)),
+                               calib_samples=2, calib_seq_len=16)
+    assert "model.layers.0.mlp.experts.2.down_proj" in {layer.name for layer in sens.layers}
+    assert list(fused_experts(model)) == ["model.layers.0.mlp.experts",
+                                          "model.layers.1.mlp.experts"]
+    assert torch.equal(logits(model, IDS), before)
+    model.save_pretrained(tmp_path / "f")  # transformers' own format, readable again
+    again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "f").eval()
+    again.set_experts_implementation("eager")
+    assert torch.equal(logits(again, IDS), before)
+
+
+def test_patterns_naming_the_fused_module_get_a_hint() -> None:
+    with pytest.raises(ValueError, match=r"split Linears, like 'model\.layers\.0\.mlp\.experts"
+                                         r"\.0\.gate_up_proj'"):
+        lowbit.quantize(tiny_moe("mixtral"), "w8", include=["*.mlp.experts"])
+
+
+def test_fused_experts_lowbit_cannot_split_are_named_in_the_summary() -> None:
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(**SMALL, head_dim=16, intermediate_size=32,
+                                           intermediate_size_mlp=64, num_local_experts=4)
+    model = transformers.Llama4ForCausalLM(config).eval()
+    lowbit.quantize(model, "w8")
+    note = next(n for n in model.lowbit_summary.notes if "3+ dims" in n)
+    assert note.startswith("4 float tensors") and "feed_forward.experts.gate_up_proj" in note

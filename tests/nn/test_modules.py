@@ -413,10 +413,23 @@ def test_weight_reads_as_the_dequantized_float_weight(spec: str) -> None:
     torch.testing.assert_close(F.linear(x, w, q.bias), F.linear(x, dense, q.bias))
     (x @ w.T).sum().backward()  # gradients reach the input through the dequantized weight
     torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
-    assert q.to(torch.bfloat16).weight.dtype == torch.bfloat16  # the compute dtype
     assert "DequantizedWeight(shape=(48, 64)" in repr(q.weight)
     with pytest.raises(AttributeError, match="set_weight"):
         q.weight = torch.zeros(48, 64)
+    with torch.no_grad():  # writes would land in a temporary copy: refused, not lost
+        for write in (lambda: q.weight.mul_(2), lambda: q.weight.copy_(dense),
+                      lambda: q.weight.__setitem__(0, 0.0), lambda: q.weight.data.zero_(),
+                      lambda: torch.add(dense, 1, out=q.weight)):
+            with pytest.raises(RuntimeError, match="read-only"):
+                write()
+        y = torch.zeros(48, 64)
+        y.add_(q.weight)  # reading it into another tensor is fine
+    assert torch.equal(y, dense) and torch.equal(q.qweight.dequantize(), dense)
+    assert w.numpy().shape == (48, 64) and len(w.tolist()) == 48
+    assert torch.equal(copy.deepcopy(w), dense)
+    other = QuantLinear.from_float(lin, spec)
+    assert w.data_ptr() == q.weight_packed.data_ptr() != other.weight.data_ptr()
+    assert q.to(torch.bfloat16).weight.dtype == torch.bfloat16  # the compute dtype
 
 
 def test_embedding_and_conv_weights_read_as_their_dequantized_tables() -> None:

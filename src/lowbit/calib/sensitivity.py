@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +106,8 @@ class Sensitivity:
         if sorted(wanted) != sorted(str(c) for c in self.candidates):
             raise ValueError(f"measured for candidates {[str(c) for c in self.candidates]}, "
                              f"not {wanted}")
-        layers = [(name, math.prod(m.weight.shape))
-                  for name, m, _ in _weight_layers(model, patterns(include),
-                                                   patterns(exclude) or [])]
+        with _weight_layers(model, patterns(include), patterns(exclude) or []) as found:
+            layers = [(name, math.prod(m.weight.shape)) for name, m, _ in found]
         if layers != [(la.name, la.n_weights) for la in self.layers]:
             raise ValueError(f"measured on {len(self.layers)} other layers (this model and "
                              f"selection have {len(layers)})")
@@ -188,31 +187,35 @@ def _main_output(out: Any) -> tuple[str, torch.Tensor]:
                     "logits, a tensor, or a last_hidden_state")
 
 
+@contextmanager
 def _weight_layers(model: nn.Module, include: list[str] | None,
-                   exclude: list[str]) -> list[tuple[str, nn.Module, str]]:
+                   exclude: list[str]) -> Iterator[list[tuple[str, nn.Module, str]]]:
     """``(name, module, kind)`` of every module ``lowbit.quantize`` would take, once each.
-    Fused MoE experts modules with a selected expert are split first, as quantize splits them
-    (the model computes the same)."""
+    Fused MoE experts modules with a selected expert are split meanwhile, as quantize splits
+    them (the model computes the same), and fused again after."""
     from lowbit.api import _kept_in_float, _kind
-    from lowbit.models.experts import unfuse_experts
+    from lowbit.models.experts import fuse_experts, unfuse_experts
     from lowbit.models.select import first_match
 
-    unfuse_experts(model, selected=lambda name: (include is None or first_match(
+    split = unfuse_experts(model, selected=lambda name: (include is None or first_match(
         name, include) is not None) and first_match(name, exclude) is None)
-    kept_in_float = _kept_in_float(model)
-    seen: set[int] = set()
-    found = []
-    for name, module in model.named_modules():
-        kind = _kind(module)
-        if kind is None or id(module) in seen or id(module) in kept_in_float:
-            continue
-        seen.add(id(module))
-        if include is not None and first_match(name, include) is None:
-            continue
-        if first_match(name, exclude) is not None:
-            continue
-        found.append((name, module, kind))
-    return found
+    try:
+        kept_in_float = _kept_in_float(model)
+        seen: set[int] = set()
+        found = []
+        for name, module in model.named_modules():
+            kind = _kind(module)
+            if kind is None or id(module) in seen or id(module) in kept_in_float:
+                continue
+            seen.add(id(module))
+            if include is not None and first_match(name, include) is None:
+                continue
+            if first_match(name, exclude) is not None:
+                continue
+            found.append((name, module, kind))
+        yield found
+    finally:
+        fuse_experts(model, split)
 
 
 def _fake_quantized(module: nn.Module, kind: str, spec: QuantSpec) -> torch.Tensor:
@@ -386,7 +389,14 @@ def measure_sensitivity(
 
     specs = _check_candidates(candidates)
     include, exclude = patterns(include), patterns(exclude) or []
-    layers = _weight_layers(model, include, exclude)
+    with _weight_layers(model, include, exclude) as layers:
+        return _measure(model, specs, layers, calib, tokenizer, calib_samples, calib_seq_len,
+                        calib_batch_size, show_progress)
+
+
+def _measure(model: nn.Module, specs: list[QuantSpec], layers: list[tuple[str, nn.Module, str]],
+             calib: Any, tokenizer: Any, calib_samples: int, calib_seq_len: int,
+             calib_batch_size: int, show_progress: bool) -> Sensitivity:
     if not layers:
         raise ValueError("no layer to measure: include / exclude leave no Linear, Conv1D, "
                          "Conv2d or Embedding module")

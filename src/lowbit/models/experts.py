@@ -84,7 +84,7 @@ class LinearExperts(nn.Module):
         self.num_experts = up.shape[0]
         self.has_gate, self.has_bias = bool(fused.has_gate), bool(fused.has_bias)
         self.has_post_expert_norm = bool(getattr(fused, "has_post_expert_norm", False))
-        transposed = bool(fused.is_transposed)
+        self.transposed = transposed = bool(fused.is_transposed)
         up_bias = getattr(fused, self.up_name + "_bias", None) if self.has_bias else None
         down_bias = getattr(fused, "down_proj_bias", None) if self.has_bias else None
         for e in range(self.num_experts):
@@ -132,6 +132,28 @@ class LinearExperts(nn.Module):
         h = expert._modules["down_proj"](h)
         return self.fused.post_expert_norm(h) if self.has_post_expert_norm else h
 
+    def refused(self) -> nn.Module:
+        """The fused module again, its ``[E, ., .]`` parameters stacked from the experts' float
+        Linears (ValueError if one is quantized); this module is left without its experts."""
+        fused = self.fused
+        for proj in (self.up_name, "down_proj"):
+            linears = [self._modules[str(e)]._modules[proj] for e in range(self.num_experts)]
+            if any(type(linear) is not nn.Linear for linear in linears):
+                raise ValueError(f"expert {proj} layers are quantized; only float experts "
+                                 "can be fused back")
+            weight = torch.stack([linear.weight.detach() for linear in linears])
+            if self.transposed:
+                weight = weight.transpose(1, 2).contiguous()
+            fused.register_parameter(proj, nn.Parameter(
+                weight, requires_grad=linears[0].weight.requires_grad))
+            if self.has_bias:
+                fused.register_parameter(proj + "_bias", nn.Parameter(torch.stack(
+                    [linear.bias.detach() for linear in linears]),
+                    requires_grad=linears[0].bias.requires_grad))
+            for e in range(self.num_experts):
+                del self._modules[str(e)]._modules[proj]
+        return fused
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, unfused from {type(self.fused).__name__}"
 
@@ -171,3 +193,11 @@ def unfuse_experts(model: nn.Module, names: list[str] | None = None, *,
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LinearExperts(module))
     return list(found)
+
+
+def fuse_experts(model: nn.Module, names: list[str]) -> None:
+    """Undo ``unfuse_experts`` for the named ``LinearExperts`` (whose experts are float)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, model.get_submodule(name).refused())

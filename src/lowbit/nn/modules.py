@@ -30,8 +30,10 @@ class DequantizedWeight(torch.Tensor):
     for every Linear, GPT-2 Conv1D included), dtype (the layer's compute dtype) and device that
     holds no float copy. Reading ``.shape`` / ``.dtype`` / ``.device`` is free; any operation on
     it (``x @ w.T``, ``w.float()``, ``w[ids]``) dequantizes the whole weight first and returns
-    plain tensors. For model code that reads its layers' weights (T5's and ViT's dtype checks, a
-    head computed from ``embed.weight``); the quantized module itself never goes through it."""
+    plain tensors (``.numpy()``, ``.tolist()`` and ``copy.deepcopy`` too). Operations that
+    write to it raise: the codes are what the module computes with. For model code that reads
+    its layers' weights (T5's and ViT's dtype checks, a head computed from ``embed.weight``);
+    the quantized module itself never goes through it."""
 
     quantized: QuantizedTensor
 
@@ -46,10 +48,40 @@ class DequantizedWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):  # writes would go to a temporary
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(
+                    args[i] if i < len(args) else kwargs.get(arg.name), DequantizedWeight):
+                raise RuntimeError(
+                    f"{func.__name__} writes to the weight of a quantized module, which is "
+                    "read-only (a dequantized view of its codes); quantize a new weight and "
+                    "set it with set_weight(QuantizedTensor)")
+
         def dense(t):
             return t.quantized.dequantize() if isinstance(t, DequantizedWeight) else t
 
-        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+    def __setitem__(self, index, value) -> None:  # (indexing gives a temporary float copy)
+        raise RuntimeError("item assignment to the weight of a quantized module, which is "
+                           "read-only (a dequantized view of its codes); quantize a new weight "
+                           "and set it with set_weight(QuantizedTensor)")
+
+    @property
+    def data(self) -> DequantizedWeight:  # so .data[i] = x / .data.zero_() raise as well
+        return self
+
+    def numpy(self, *, force: bool = False):
+        return self.quantized.dequantize().numpy(force=force)
+
+    def tolist(self) -> list:
+        return self.quantized.dequantize().tolist()
+
+    def data_ptr(self) -> int:  # the codes' address: equal for one module under two names
+        return self.quantized.qdata.data_ptr()
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.quantized.dequantize()  # a float copy (a plain tensor)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return (f"DequantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, "

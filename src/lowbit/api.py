@@ -15,6 +15,7 @@ from torch import nn
 from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
 from lowbit.models.experts import (
+    LinearExperts,
     every_expert_sees_every_token,
     expert_linear_names,
     fused_experts,
@@ -233,6 +234,8 @@ def quantize(
     include, exclude = patterns(include), patterns(exclude) or []
     unfused = unfuse_experts(model, selected=lambda name: choose_spec(
         name, spec, include, exclude)[0] is not None)
+    if reader is not None:  # open_pretrained split them all, to read them per expert
+        unfused = [n for n, m in model.named_modules() if isinstance(m, LinearExperts)]
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()

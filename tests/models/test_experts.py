@@ -195,10 +195,21 @@ def test_calibration_reaches_experts_the_text_never_routes_to() -> None:
         assert rel < 0.5
 
 
-def test_the_folder_path_refuses_moe_checkpoints_in_one_line(tmp_path) -> None:
-    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
-    with pytest.raises(ValueError, match=r"mixture-of-experts model .*load_hf_model"):
-        lowbit.quantize(tmp_path / "moe", "w8")
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_the_folder_path_reads_moe_checkpoints_expert_by_expert(kind: str, tmp_path) -> None:
+    """Mixtral stores w1 / w3 / w2 per expert under block_sparse_moe, Qwen3-MoE gate / up /
+    down per expert, gpt-oss fused [E, in, out] tensors with biases: each is read one expert
+    at a time and quantizes exactly as the model loaded whole."""
+    from lowbit.models.hf import load_hf_model
+
+    tiny_moe(kind).save_pretrained(tmp_path / "moe")
+    whole, _, _ = load_hf_model(tmp_path / "moe")
+    in_memory = lowbit.quantize(whole, "w4g64", exclude=["lm_head"])
+    from_disk = lowbit.quantize(tmp_path / "moe", "w4g64", exclude=["lm_head"])
+    assert "memory bounded: blocks were read from disk one at a time" in (
+        from_disk.lowbit_summary.notes)
+    assert any("2 fused MoE experts modules split" in n for n in from_disk.lowbit_summary.notes)
+    assert torch.equal(logits(from_disk, IDS), logits(in_memory, IDS))
 
 
 def test_mixed_precision_measures_and_plans_each_expert() -> None:

@@ -20,6 +20,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 
 from lowbit.algorithms.base import Algorithm, BlockContext, LayerStats
 from lowbit.calib.batches import check_batches
+from lowbit.models.experts import checkpoint_parts
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, linear_weight
 from lowbit.spec import QuantSpec
 
@@ -109,34 +111,47 @@ class CheckpointReader:
             with safe_open(str(single), "pt") as f:
                 weight_map = {k: single.name for k in f.keys()}
         prefix = getattr(model, "base_model_prefix", "") or ""
-        self._where: dict[str, tuple[str, str]] = {}  # model key -> (file, checkpoint name)
-        for ckpt_name, file in weight_map.items():
-            self._where[ckpt_name] = (file, ckpt_name)
-            if prefix and ckpt_name.startswith(prefix + "."):
-                self._where.setdefault(ckpt_name[len(prefix) + 1 :], (file, ckpt_name))
+        # model key -> its parts: (file, checkpoint name, index into dim 0 or None, transpose),
+        # concatenated along dim 0; one whole tensor but for split MoE experts
+        self._where: dict[str, list[tuple[str, str, int | None, bool]]] = {}
+        mapped = checkpoint_parts(model, weight_map) or {
+            name: [(name, None, False)] for name in weight_map}
+        for key, parts in mapped.items():
+            where = [(weight_map[name], name, index, transpose)
+                     for name, index, transpose in parts]
+            self._where[key] = where
+            if prefix and key.startswith(prefix + "."):
+                self._where.setdefault(key[len(prefix) + 1 :], where)
             elif prefix:
-                self._where.setdefault(f"{prefix}.{ckpt_name}", (file, ckpt_name))
+                self._where.setdefault(f"{prefix}.{key}", where)
         self.bytes_read = 0
 
     def tensors(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for the model state-dict keys found in the checkpoint."""
         from safetensors import safe_open
 
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            if key in self._where:
-                by_file.setdefault(self._where[key][0], []).append(key)
         out: dict[str, torch.Tensor] = {}
-        for file, file_keys in by_file.items():
-            with safe_open(str(self.model_dir / file), "pt") as f:
-                for key in file_keys:
-                    t = f.get_tensor(self._where[key][1])
+        with ExitStack() as stack:
+            files: dict[str, Any] = {}
+            for key in keys:
+                pieces = []
+                for file, name, index, transpose in self._where.get(key, ()):
+                    if file not in files:
+                        files[file] = stack.enter_context(
+                            safe_open(str(self.model_dir / file), "pt"))
+                    t = (files[file].get_tensor(name) if index is None
+                         else files[file].get_slice(name)[index])  # one expert's rows only
                     self.bytes_read += t.numel() * t.element_size()
-                    converted = t.to(dtype) if t.is_floating_point() else t
-                    # a tensor of the shard's memory map keeps the whole mapping alive: one
-                    # small kept tensor (a norm weight) would pin every block's shard in the
-                    # address space, so what is kept is always a copy in process memory
-                    out[key] = converted.clone() if converted is t else converted
+                    pieces.append(t.t() if transpose else t)
+                if not pieces:
+                    continue
+                t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                converted = t.to(dtype) if t.is_floating_point() else t
+                # a tensor of the shard's memory map keeps the whole mapping alive: one small
+                # kept tensor (a norm weight) would pin every block's shard in the address
+                # space, so what is kept is always a contiguous copy in process memory
+                out[key] = (converted.clone(memory_format=torch.contiguous_format)
+                            if converted.data_ptr() == t.data_ptr() else converted.contiguous())
         return out
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype,
@@ -177,7 +192,7 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     from transformers import AutoConfig
 
     from lowbit.io.load import rebuild_meta_buffers
-    from lowbit.models.experts import fused_experts
+    from lowbit.models.experts import unfuse_experts
     from lowbit.models.hf import build_on_meta, model_kind
 
     path = Path(model_dir)
@@ -186,13 +201,12 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
                          "(no config.json)")
     config = AutoConfig.from_pretrained(path)
     model = build_on_meta(config, model_kind(config), dtype)
-    moe = next(iter(fused_experts(model)), None)
-    if moe is not None:  # transformers renames / fuses their tensors on loading (w1, w3 -> ...)
-        raise ValueError(
-            f"{model_dir}: a mixture-of-experts model ({moe!r}); the memory-bounded folder path "
-            "does not read MoE checkpoints yet: load it (lowbit.models.hf.load_hf_model) and "
-            "quantize the model object")
-    reader = CheckpointReader(path, model)
+    unfuse_experts(model)  # MoE: the checkpoint's experts are read per expert Linear
+    try:
+        reader = CheckpointReader(path, model)
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}; load the model whole "
+                         "(lowbit.models.hf.load_hf_model) and quantize the model object") from None
     found = find_blocks(model)
     block_prefix = (found[0] + ".") if found else None
 

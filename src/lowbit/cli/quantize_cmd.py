@@ -217,9 +217,8 @@ def quantize_command(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
-        from_disk = alg.needs_calibration and Path(model_dir).is_dir() and candidates is None
-        kind = _check_folder(Path(model_dir)) if from_disk else None
-        if kind is not None:
+        if alg.needs_calibration and Path(model_dir).is_dir() and candidates is None:
+            kind = _check_folder(Path(model_dir))
             model = None  # memory bounded: quantize() reads one block at a time from disk
         else:
             model, tokenizer, kind = load_hf_model(model_dir)
@@ -363,24 +362,17 @@ def _print_plan(plan, names: list[str]) -> None:
     console.print(table)
 
 
-def _check_folder(path: Path) -> str | None:
-    """Validate a model folder against its config.json without loading it; returns its kind,
-    or None for a mixture-of-experts model, which the memory-bounded path cannot read (the
-    checkpoint names its experts as transformers' loader, not the model, does)."""
+def _check_folder(path: Path) -> str:
+    """Validate a model folder against its config.json without loading it; returns its kind."""
     from transformers import AutoConfig
 
-    from lowbit.models.experts import fused_experts
-    from lowbit.models.hf import build_on_meta, check_weights_match_config, model_kind
+    from lowbit.models.hf import check_weights_match_config, model_kind
 
     if not (path / "config.json").is_file():
         raise ValueError(f"MODEL_DIR {str(path)!r} has no config.json; a Hugging Face model "
                          "folder (config.json + *.safetensors) is expected")
     config = AutoConfig.from_pretrained(path)
     kind = model_kind(config)
-    if fused_experts(build_on_meta(config, kind)):
-        err_console.print("a mixture-of-experts model: loaded whole, not block by block (the "
-                          "memory-bounded path does not read MoE checkpoints yet)")
-        return None
     check_weights_match_config(path, config, kind)
     return kind
 

@@ -13,7 +13,8 @@ the sensitivity measurement and save / load treat experts as any other Linear.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -201,3 +202,85 @@ def fuse_experts(model: nn.Module, names: list[str]) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, model.get_submodule(name).refused())
+
+
+# (checkpoint tensor name, index into its first dim or None for the whole tensor, transpose)
+Part = tuple[str, int | None, bool]
+
+
+def checkpoint_parts(model: nn.Module, names: Iterable[str]) -> dict[str, list[Part]]:
+    """Where the tensors of a ``model`` with split experts (on meta, say) are in a checkpoint
+    holding tensors ``names``: ``{model key: parts}``, the parts concatenated along dim 0
+    (gate, then up); ``{}`` for a model without split experts. Names are first renamed as
+    transformers' conversion mapping for the model says (Mixtral's ``block_sparse_moe`` ->
+    ``mlp``). Experts are read from two layouts:
+
+    - per-expert tensors under the source model's names (Mixtral's
+      ``block_sparse_moe.experts.3.w1.weight``, Qwen-MoE's / DeepSeek's
+      ``mlp.experts.3.gate_proj.weight``), renamed and grouped as transformers' own conversion
+      mapping for the model says (its ``MergeModulelist(dim=0)`` [+ ``Concatenate(dim=1)``]
+      converters);
+    - fused ``[E, ., .]`` tensors under the model's names, sliced per expert.
+
+    Raises ValueError naming a tensor where the checkpoint stores experts otherwise.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        WeightConverter,
+        WeightRenaming,
+    )
+
+    split = {name: m for name, m in model.named_modules() if isinstance(m, LinearExperts)}
+    if not split:
+        return {}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def owner_of(key: str) -> str | None:  # the split module, with or without the prefix
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(prefix + ".")):
+            if candidate in split:
+                return candidate
+        return None
+
+    def target(owner: str, e: int, param: str) -> str:
+        proj, field = (param[:-5], "bias") if param.endswith("_bias") else (param, "weight")
+        return f"{owner}.{e}.{proj}.{field}"
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    found: dict[str, list[tuple[int, Part]]] = {}
+    for name in names:
+        key = name
+        for renaming in renamings:
+            key = renaming.rename_source_key(key)[0]
+        base, _, param = key.rpartition(".")
+        owner = owner_of(base)
+        if owner is not None:  # fused on disk: one [E, ., .] tensor, a slice per expert
+            experts = split[owner]
+            transpose = experts.transposed and not param.endswith("_bias")
+            for e in range(experts.num_experts):
+                found.setdefault(target(owner, e, param), []).append((0, (name, e, transpose)))
+            continue
+        for converter in converters:
+            renamed, pattern = converter.rename_source_key(key)
+            if pattern is None:
+                continue
+            base, _, param = renamed.rpartition(".")
+            owner = owner_of(base)
+            index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+            ops = [(type(op), op.dim) for op in converter.operations]
+            if (owner is None or index is None or split[owner].transposed
+                    or ops not in ([(MergeModulelist, 0)],
+                                   [(MergeModulelist, 0), (Concatenate, 1)])):
+                raise ValueError(f"checkpoint tensor {name!r}: experts stored in a way lowbit "
+                                 f"cannot read per expert ({type(converter).__name__} to "
+                                 f"{renamed!r})")
+            position = converter.source_patterns.index(pattern)
+            found.setdefault(target(owner, int(index.group(1)), param), []).append(
+                (position, (name, None, False)))
+            break
+        else:  # not an expert tensor: under its renamed name (Mixtral's router, ...)
+            found.setdefault(key, []).append((0, (name, None, False)))
+    return {key: [part for _, part in sorted(parts)] for key, parts in found.items()}

@@ -119,3 +119,28 @@ def test_prompts_and_paths_print_as_they_are(app, runner, llama, tmp_path):
     missing = str(tmp_path / "out[red]w4")
     result = runner.invoke(app, ["generate", missing, "-p", "x"])
     assert result.exit_code == 2 and missing in result.output
+
+
+def test_architectures_the_decoder_does_not_run_use_transformers_generate(app, runner, llama,
+                                                                          tmp_path):
+    import shutil
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    moe = tmp_path / "moe"
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, num_local_experts=4)).save_pretrained(moe)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama / name, moe)
+    args = ["generate", str(moe), "-p", PROMPT, "-n", "6", "--no-stop-at-eos"]
+    result = runner.invoke(app, [*args, "-s", "w4g64", "--compare"])
+    assert result.exit_code == 0, result.output
+    assert "running transformers' generate: model_type='mixtral' is not supported" in (
+        result.output)
+    assert "1 x 6 new tokens" in result.output and "lowbit Decoder" not in result.output
+    assert re.search(r"w4g64 +│ +transformers generate", result.output)
+    sampled = [runner.invoke(app, [*args, "--sample", "--seed", "5"]).output for _ in range(2)]
+    texts = [out.split("\n1 x 6")[0] for out in sampled]
+    assert texts[0] == texts[1]  # --seed reaches transformers' sampling

@@ -24,6 +24,39 @@ def _timed_generate(decoder, ids: torch.Tensor, new: int, **kwargs) -> tuple[tor
     return out, time.perf_counter() - t0
 
 
+class _TransformersRuntime:
+    """``Decoder.generate``'s interface over the model's own ``generate``: for architectures
+    lowbit's Decoder does not run (MoE, other attention or MLP shapes)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def generate(self, ids: torch.Tensor, new: int, *, do_sample: bool, temperature: float,
+                 top_k: int | None, eos_token_id: int | None, pad_token_id: int,
+                 attention_mask: torch.Tensor, generator: torch.Generator | None
+                 ) -> torch.Tensor:
+        if generator is not None:  # transformers samples from the global generator
+            torch.manual_seed(int(generator.initial_seed()))
+        sampling = {"temperature": temperature, "top_k": top_k or 0} if do_sample else {}
+        with torch.inference_mode():
+            return self.model.generate(
+                ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=do_sample,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, **sampling)
+
+
+def _runtime(model, batch: int, length: int) -> tuple[object, str, str | None]:
+    """lowbit's Decoder where it runs the architecture, else transformers' generate; its
+    label, and why the Decoder was not used (None when it is)."""
+    import lowbit
+    from lowbit.models.decode import _check_supported
+
+    try:
+        _check_supported(model, length)
+    except ValueError as e:
+        return _TransformersRuntime(model), "transformers generate", str(e).split(" (use ")[0]
+    return lowbit.Decoder(model, batch, length), "lowbit Decoder", None
+
+
 def generate_command(
     model_dir: Path = typer.Argument(
         ..., help="A Hugging Face or lowbit-quantized causal LM folder."
@@ -95,7 +128,7 @@ def generate_command(
                 raise ValueError(f"-s {scheme}: MODEL_DIR is already quantized; pass a Hugging "
                                  "Face folder to quantize here, or drop -s")
             lowbit.quantize(model, scheme)
-        decoder = lowbit.Decoder(model, batch, length)
+        decoder, runtime, why_not = _runtime(model, batch, length)
     except (ValueError, TypeError) as e:
         fail(str(e))
     except OSError as e:
@@ -105,6 +138,8 @@ def generate_command(
         gen = torch.Generator().manual_seed(seed) if sample else None
         return _timed_generate(dec, ids, max_new_tokens, generator=gen, **decoding)
 
+    if why_not is not None:
+        console.print(f"running transformers' generate: {why_not}", highlight=False)
     try:
         out, seconds = run(decoder)
     except ValueError as e:  # e.g. the tokenizer's pad id outside the model's vocabulary
@@ -115,7 +150,7 @@ def generate_command(
         console.print(tokenizer.decode(text, skip_special_tokens=True), highlight=False)
     console.print(
         f"\n{batch} x {new} new tokens in {seconds:.2f} s: [bold]{batch * new / seconds:.1f} "
-        f"tokens/s[/] (lowbit Decoder, {torch.get_num_threads()} threads, prompt "
+        f"tokens/s[/] ({runtime}, {torch.get_num_threads()} threads, prompt "
         f"{ids.shape[1]} tokens, {'sampled' if sample else 'greedy'})", highlight=False,
         markup=True,
     )
@@ -124,11 +159,12 @@ def generate_command(
     table = Table(title=f"tokens/s, batch {batch} (same prompts and token count)")
     for column in ("model", "runtime", "tokens/s", "vs float in the same runtime"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    float_out, float_seconds = run(lowbit.Decoder(original, batch, length))
-    float_tps = batch * (float_out.shape[1] - ids.shape[1]) / float_seconds  # its count (eos)
     label, tps = scheme or "as loaded", batch * new / seconds
-    table.add_row("float", "lowbit Decoder", f"{float_tps:.1f}", "1.00x")
-    table.add_row(label, "lowbit Decoder", f"{tps:.1f}", f"{tps / float_tps:.2f}x")
+    if isinstance(decoder, lowbit.Decoder):
+        float_out, float_seconds = run(lowbit.Decoder(original, batch, length))
+        float_tps = batch * (float_out.shape[1] - ids.shape[1]) / float_seconds  # (eos)
+        table.add_row("float", "lowbit Decoder", f"{float_tps:.1f}", "1.00x")
+        table.add_row(label, "lowbit Decoder", f"{tps:.1f}", f"{tps / float_tps:.2f}x")
     hf = {}
     with torch.inference_mode():
         for name, m in (("float", original), (label, model)):

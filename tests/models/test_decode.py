@@ -109,6 +109,30 @@ def test_tiny_random_models_of_each_supported_type(model_type, extra, fused):
     check_logits_match_hf(model, ids, split=6, atol=1e-5, fused=fused)
 
 
+@pytest.mark.parametrize("model_type,extra", [
+    ("mixtral", {"num_local_experts": 4}),
+    # layer 0 dense (wider than the experts), layer 1 routed experts plus a gated shared one
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 64, "mlp_only_layers": [0]}),
+])
+@pytest.mark.parametrize("scheme", [None, "w8"])
+def test_mixture_of_experts_layers_run_their_blocks(model_type, extra, scheme, fused):
+    import lowbit
+
+    model = _tiny(model_type, **extra)
+    with torch.no_grad():  # routing that differs by token (random init routes uniformly)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.set_experts_implementation("eager")
+    if scheme is not None:
+        lowbit.quantize(model, scheme)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
+    check_logits_match_hf(model, ids, split=6, atol=1e-5, fused=fused)
+    decoder = Decoder(model, 1, 18, fused=fused)
+    assert torch.equal(decoder.generate(ids[:1], 8), hf_generate(model, ids[:1], 8))
+
+
 def test_bfloat16_model_follows_transformers_numerics():
     """Half-precision weights: RMSNorm statistics in float32 as transformers computes them."""
     model = _tiny("llama").to(torch.bfloat16)

@@ -1,5 +1,5 @@
-"""A lean decode loop for Llama-family causal LMs (llama, mistral, qwen2): static KV cache, every
-Linear bound to its kernel once.
+"""A lean decode loop for Llama-family causal LMs (llama, mistral, qwen2; mixtral and qwen2_moe
+with their MoE blocks): static KV cache, every Linear bound to its kernel once.
 
 transformers' ``generate`` spends most of a small model's step in Python (cache objects, masks,
 logits processors, one ``nn.Module.__call__`` per layer): on the 19M-parameter fixture LM on
@@ -19,7 +19,9 @@ this project's CPU that is about half of the step, which hides whatever the weig
   longrope, are refused).
 
 It covers decoder-only models with pre-norm RMSNorm blocks, rotary attention (grouped-query
-allowed) and a gated SiLU MLP, in inference mode, batches of prompts (of different lengths:
+allowed) and a gated SiLU MLP or a mixture-of-experts block (the layer's own module, router and
+experts, called on the step's buffer: its expert Linears run their kernels through
+``nn.Module.__call__``, not bound), in inference mode, batches of prompts (of different lengths:
 left-padded with an attention mask), greedy or sampled. Anything else raises a ValueError
 naming what is unsupported. Tested on CPU; on other devices it runs the torch ops (not yet
 measured on a GPU).
@@ -39,7 +41,7 @@ from torch import nn
 from lowbit.kernels import cpu_decode, dispatch
 from lowbit.kernels.dispatch import bound_linear
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,9 +68,10 @@ class _Block:
     v: Linear
     o: Linear
     mlp_norm: torch.Tensor
-    gate: Linear
-    up: Linear
-    down: Linear
+    gate: Linear | None  # None in a mixture-of-experts layer: moe runs instead
+    up: Linear | None
+    down: Linear | None
+    moe: nn.Module | None = None  # the layer's MoE block (router + experts), called as is
     # the fused CPU ops bound to this layer's norms, cache and tables (None: torch ops)
     attn_norm_op: Callable | None = None
     mlp_norm_op: Callable | None = None
@@ -78,6 +81,12 @@ class _Block:
 
     def linears(self) -> tuple[Linear, ...]:
         return self.q, self.k, self.v, self.o, self.gate, self.up, self.down
+
+    def mlp(self, r: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            out = self.moe(r)
+            return out[0] if isinstance(out, tuple) else out
+        return self.down(F.silu(self.gate(r)) * self.up(r))
 
 
 class StepLayer(NamedTuple):
@@ -176,7 +185,6 @@ class Decoder:
 
         x_hidden = torch.zeros(1, hidden, dtype=dtype, device=device)
         x_attn = torch.zeros(1, self.n_heads * self.head_dim, dtype=dtype, device=device)
-        x_mlp = torch.zeros(1, config.intermediate_size, dtype=dtype, device=device)
         self.fused = cpu_decode.available(x_hidden) if fused is None else fused
         if self.fused and not cpu_decode.available(x_hidden):
             raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
@@ -184,13 +192,17 @@ class Decoder:
         self.blocks: list[_Block] = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                       mlp.up_proj, mlp.down_proj)
-            examples = (x_hidden, x_hidden, x_hidden, x_attn, x_hidden, x_hidden, x_mlp)
+            moe = None if hasattr(mlp, "gate_proj") else mlp  # Mixtral / Qwen2-MoE blocks
+            modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            examples = (x_hidden, x_hidden, x_hidden, x_attn)
+            if moe is None:
+                modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                examples += (x_hidden, x_hidden, self._x_mlp(mlp, dtype, device))
             linears = [bind_linear(m, x) for m, x in zip(modules, examples, strict=True)]
+            linears += [None] * (7 - len(linears))
             self.blocks.append(_Block(
                 layer.input_layernorm.weight, *linears[:4], layer.post_attention_layernorm.weight,
-                *linears[4:], modules=modules,
+                *linears[4:], moe=moe, modules=modules,
             ))
         self.embed = base.embed_tokens
         self.final_norm = base.norm.weight
@@ -217,14 +229,24 @@ class Decoder:
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
                                                               self._scratch)
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
+            inner = max([blk.modules[6].weight.shape[1] for blk in self.blocks
+                         if blk.moe is None], default=1)
             widths = {"h": hidden, "r": hidden, "q": self.n_heads * self.head_dim,
                       "k": self.n_kv * self.head_dim, "v": self.n_kv * self.head_dim,
                       "a": self.n_heads * self.head_dim, "o": hidden,
-                      "g": config.intermediate_size, "u": config.intermediate_size, "d": hidden}
+                      "g": inner, "u": inner, "d": hidden}
             self._step_buffers = {name: torch.zeros(batch, 1, width, dtype=dtype, device=device)
                                   for name, width in widths.items()}
             self._resolve_steps()
         self._bound_to = _binding_key(model)
+
+    @staticmethod
+    def _x_mlp(mlp: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An example input of a dense MLP's down projection (its width: a Qwen2-MoE dense
+        layer's differs from config.intermediate_size)."""
+        down = mlp.down_proj
+        width = down.in_features if hasattr(down, "in_features") else down.weight.shape[1]
+        return torch.zeros(1, width, dtype=dtype, device=device)
 
     def refresh(self) -> None:
         """Bind the model again if its modules or tensors were replaced or moved since (caches
@@ -250,11 +272,14 @@ class Decoder:
                      else self.final_norm_op)
             linear = [_step_linear(module, fn, x, out) for module, fn, x, out in zip(
                 blk.modules, blk.linears(), (r, r, r, a, r, r, g), (q, k, v, o, g, u, d),
-                strict=True)]
+                strict=False)]  # (an MoE layer binds its 4 attention Linears only)
+            if blk.moe is None:
+                mlp = (*linear[4:6], functools.partial(_silu_times, g, u), linear[6])
+            else:  # the MoE block writes d; the other MLP slots do nothing
+                mlp = (functools.partial(_moe_step, blk, r, d), _nothing, _nothing, _nothing)
             program.append(StepLayer(
                 *linear[:3], blk.rope.step(q, k, v), blk.attend.step(q, a, self.n_heads),
-                linear[3], blk.mlp_norm_op.step(h, r, o), *linear[4:6],
-                functools.partial(_silu_times, g, u), linear[6], after.step(h, r, d),
+                linear[3], blk.mlp_norm_op.step(h, r, o), *mlp, after.step(h, r, d),
             ))
         self._program = program
         self._first_norm = self.blocks[0].attn_norm_op.step(h, r)
@@ -355,7 +380,7 @@ class Decoder:
             a = self._sdpa(q, k_cache, v_cache, end, causal)
             h = h + blk.o(a)
             r = self._norm(h, blk.mlp_norm)
-            h = h + blk.down(F.silu(blk.gate(r)) * blk.up(r))
+            h = h + blk.mlp(r)
         last = self._norm(h[:, -1], self.final_norm)
         return self.lm_head(last)
 
@@ -391,7 +416,7 @@ class Decoder:
                            k_cache, v_cache, end, causal)
             r = blk.mlp_norm_op.add(h, blk.o(a))
             after = blocks[i + 1].attn_norm_op if i + 1 < len(blocks) else self.final_norm_op
-            r = after.add(h, blk.down(F.silu(blk.gate(r)) * blk.up(r)))
+            r = after.add(h, blk.mlp(r))
         return r
 
     @torch.inference_mode()
@@ -491,6 +516,14 @@ def _step_linear(module: nn.Module, linear: Linear, x: torch.Tensor,
             return functools.partial(torch.mm, x2, weight_t, out=out2)
         return functools.partial(torch.addmm, bias, x2, weight_t, out=out2)
     return lambda: out.copy_(linear(x))
+
+
+def _nothing() -> None:
+    pass
+
+
+def _moe_step(blk: _Block, r: torch.Tensor, d: torch.Tensor) -> None:
+    d.copy_(blk.mlp(r))
 
 
 def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> None:

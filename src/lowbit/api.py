@@ -18,6 +18,7 @@ from lowbit.models.experts import (
     LinearExperts,
     every_expert_sees_every_token,
     expert_linear_names,
+    fuse_experts,
     fused_experts,
     unfuse_experts,
 )
@@ -232,10 +233,16 @@ def quantize(
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
     include, exclude = patterns(include), patterns(exclude) or []
-    unfused = unfuse_experts(model, selected=lambda name: choose_spec(
-        name, spec, include, exclude)[0] is not None)
-    if reader is not None:  # open_pretrained split them all, to read them per expert
-        unfused = [n for n, m in model.named_modules() if isinstance(m, LinearExperts)]
+    def selected(name: str) -> bool:
+        return choose_spec(name, spec, include, exclude)[0] is not None
+
+    unfused = unfuse_experts(model, selected=selected)
+    refuse: list[str] = []  # split by open_pretrained (to read them per expert), unselected
+    if reader is not None:
+        split = {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
+        unfused = [n for n, m in split.items()
+                   if any(map(selected, expert_linear_names(n, m)))]
+        refuse = [n for n in split if n not in unfused]
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
@@ -315,6 +322,7 @@ def quantize(
         summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
+    fuse_experts(model, refuse)  # as the model loaded whole keeps them
     aliases = [(alias, name) for alias, name in aliases  # of a module quantized above
                if isinstance(model.get_submodule(name), (QuantLinear, QuantConv2d, QuantEmbedding))]
     for alias, name in aliases:
@@ -429,9 +437,11 @@ def _check_selection(
         return
     why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
     examples = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
-    fused, moe = fused_experts(model), ""
-    if fused:
-        example = expert_linear_names(*next(iter(fused.items())))[0]
+    experts = {**fused_experts(model), **{n: m for n, m in model.named_modules()
+                                          if isinstance(m, LinearExperts)}}
+    moe = ""
+    if experts:
+        example = expert_linear_names(*next(iter(experts.items())))[0]
         moe = f"; MoE experts are selected by the names of their split Linears, like {example!r}"
     raise ValueError(
         f"no module left to quantize: {len(names)} candidates ({why}); module names look "

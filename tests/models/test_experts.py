@@ -269,3 +269,28 @@ def test_fused_experts_lowbit_cannot_split_are_named_in_the_summary() -> None:
     lowbit.quantize(model, "w8")
     note = next(n for n in model.lowbit_summary.notes if "3+ dims" in n)
     assert note.startswith("4 float tensors") and "feed_forward.experts.gate_up_proj" in note
+
+
+def test_the_folder_path_skips_layers_the_config_does_not_build_and_refuses_unselected(
+        tmp_path) -> None:
+    """A checkpoint with one more MoE layer than config.json builds (DeepSeek-V3's multi-token
+    prediction layer ships so) is read like transformers reads it; experts no pattern selects
+    are fused back, as the model loaded whole keeps them."""
+    import json
+
+    from lowbit.models.hf import load_hf_model
+
+    tiny_moe("mixtral", num_hidden_layers=3).save_pretrained(tmp_path / "moe")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(config))
+    whole, _, _ = load_hf_model(tmp_path / "moe")
+    kwargs = dict(exclude=["lm_head", "*layers.1.mlp.experts*"])
+    in_memory = lowbit.quantize(whole, "w8", **kwargs)
+    from_disk = lowbit.quantize(tmp_path / "moe", "w8", **kwargs)
+    assert list(fused_experts(from_disk)) == ["model.layers.1.mlp.experts"]
+    assert isinstance(from_disk.model.layers[0].mlp.experts, LinearExperts)
+    assert any("1 fused MoE experts modules split" in n for n in from_disk.lowbit_summary.notes)
+    assert torch.equal(logits(from_disk, IDS), logits(in_memory, IDS))
+    with pytest.raises(ValueError, match="split Linears, like 'model.layers.0.mlp.experts.0"):
+        lowbit.quantize(tmp_path / "moe", "w8", include=["*.mlp.experts"])

@@ -42,9 +42,13 @@ def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def expert_linear_names(name: str, module: nn.Module) -> list[str]:
-    """The Linear names ``unfuse_experts`` gives the fused experts module ``name``."""
-    up_name, up, _ = _fused_tensors(module)
-    return [f"{name}.{e}.{proj}" for e in range(up.shape[0]) for proj in (up_name, "down_proj")]
+    """The Linear names ``unfuse_experts`` gives (or gave) the experts module ``name``."""
+    if isinstance(module, LinearExperts):
+        up_name, n_experts = module.up_name, module.num_experts
+    else:
+        up_name, up, _ = _fused_tensors(module)
+        n_experts = up.shape[0]
+    return [f"{name}.{e}.{proj}" for e in range(n_experts) for proj in (up_name, "down_proj")]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.Linear:
@@ -224,6 +228,9 @@ def checkpoint_parts(model: nn.Module, names: Iterable[str]) -> dict[str, list[P
 
     Raises ValueError naming a tensor where the checkpoint stores experts otherwise.
     """
+    split = {name: m for name, m in model.named_modules() if isinstance(m, LinearExperts)}
+    if not split:
+        return {}
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         Concatenate,
@@ -231,10 +238,6 @@ def checkpoint_parts(model: nn.Module, names: Iterable[str]) -> dict[str, list[P
         WeightConverter,
         WeightRenaming,
     )
-
-    split = {name: m for name, m in model.named_modules() if isinstance(m, LinearExperts)}
-    if not split:
-        return {}
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def owner_of(key: str) -> str | None:  # the split module, with or without the prefix
@@ -270,10 +273,11 @@ def checkpoint_parts(model: nn.Module, names: Iterable[str]) -> dict[str, list[P
             base, _, param = renamed.rpartition(".")
             owner = owner_of(base)
             index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+            if owner is None or index is None:  # a layer the config does not build (MTP)
+                break
             ops = [(type(op), op.dim) for op in converter.operations]
-            if (owner is None or index is None or split[owner].transposed
-                    or ops not in ([(MergeModulelist, 0)],
-                                   [(MergeModulelist, 0), (Concatenate, 1)])):
+            if split[owner].transposed or ops not in ([(MergeModulelist, 0)],
+                                                      [(MergeModulelist, 0), (Concatenate, 1)]):
                 raise ValueError(f"checkpoint tensor {name!r}: experts stored in a way lowbit "
                                  f"cannot read per expert ({type(converter).__name__} to "
                                  f"{renamed!r})")

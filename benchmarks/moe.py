@@ -10,7 +10,11 @@ round-robin in the same run, for:
 - lowbit's ``LinearExperts`` in fp32 (the split alone) and quantized with each ``--spec``
   (one QuantLinear kernel per expert projection).
 
-Also the experts' weight bytes. Writes benchmarks/results/moe.md.
+Also the experts' weight bytes. Then decoding: a random Mixtral-shaped causal LM (4 layers,
+hidden 1024, 8 experts of width 2816, top-2, vocabulary 8192; --quick: smaller), batch 1, a
+16-token prompt and 32 new tokens, greedy, with lowbit's Decoder and with transformers'
+generate, fp32 vs each --spec (experts and attention quantized, lm_head too), tokens/s as the
+median of interleaved rounds. Writes benchmarks/results/moe.md.
 Run: python benchmarks/moe.py [--hidden 2048 --inner 5632 --experts 8 --top-k 2] [--quick]
 """
 
@@ -122,10 +126,63 @@ def main() -> None:
             cells.append(f"{ms:.2f} ({statistics.median(times[(base, m)]) / ms:.2f}x)")
         lines.append(f"| {name} | {weight_bytes(module):,} | {errors[name]:.1e} | "
                      + " | ".join(cells) + " |")
+    lines += decode_table(specs, args)
     lines += ["", "Run: `python benchmarks/moe.py`", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def decode_table(specs: list[str], args: argparse.Namespace) -> list[str]:
+    """Decode tokens/s of a random Mixtral-shaped LM, fp32 vs each spec (markdown lines)."""
+    from transformers import MixtralForCausalLM
+
+    hidden, inner, layers = (256, 512, 2) if args.quick else (1024, 2816, 4)
+    config = MixtralConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=inner,
+                           num_hidden_layers=layers, num_attention_heads=8,
+                           num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    float_model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():  # routing that varies by token (the default init routes uniformly)
+        for p in float_model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    models = {"fp32": float_model}
+    for spec in specs:
+        models[spec] = lowbit.quantize(copy.deepcopy(float_model), spec)
+    prompt = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
+    new, rounds = 32, (2 if args.quick else 5)
+    runners = {}
+    for name, model in models.items():
+        decoder = lowbit.Decoder(model, 1, 16 + new)
+        runners[(name, "lowbit Decoder")] = (
+            lambda d=decoder: d.generate(prompt, new))
+        runners[(name, "transformers generate")] = (
+            lambda m=model: m.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                       max_new_tokens=new, min_new_tokens=new,
+                                       do_sample=False, pad_token_id=0))
+    times: dict[tuple[str, str], list[float]] = {}
+    with torch.inference_mode():
+        for run in runners.values():
+            run()  # warm-up: kernels bound, caches built
+        for _ in range(rounds):
+            for key, run in runners.items():
+                times.setdefault(key, []).append(median_ms(run, 1))
+    lines = [
+        "", f"## Decoding a random Mixtral-shaped LM ({date.today()})", "",
+        f"{layers} layers, hidden {hidden}, 8 experts of width {inner}, top-2, vocabulary 8192 "
+        f"(random weights, {sum(p.numel() for p in float_model.parameters()) / 1e6:.0f}M "
+        f"parameters); batch 1, a 16-token prompt, {new} new tokens, greedy; tokens/s = {new} "
+        f"/ median time of a whole generate over {rounds} interleaved rounds (prefill "
+        "included). Speedup: vs fp32 in the same runtime.", "",
+        "| model | runtime | tokens/s | vs fp32 |", "|---|---|---:|---:|",
+    ]
+    for runtime in ("lowbit Decoder", "transformers generate"):
+        base = new / statistics.median(times[("fp32", runtime)]) * 1e3
+        for name in models:
+            tps = new / statistics.median(times[(name, runtime)]) * 1e3
+            lines.append(f"| {name} | {runtime} | {tps:.1f} | {tps / base:.2f}x |")
+    return lines
 
 
 if __name__ == "__main__":

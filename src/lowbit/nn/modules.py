@@ -205,6 +205,16 @@ class _QuantWeightMixin(nn.Module):
         self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
         return result
 
+    @classmethod
+    def empty_like(cls, module: nn.Module, spec: QuantSpec, dtype: torch.dtype,
+                   device=None) -> nn.Module:
+        """A QuantConv2d / QuantEmbedding shaped like float ``module``, its buffers uninitialized
+        (to be loaded), nothing quantized."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q._init_like(module, spec, dtype, device)
+        return q
+
     @property
     def weight(self) -> DequantizedWeight:
         """The weight as a float-looking tensor, dequantized on use (see DequantizedWeight)."""
@@ -288,15 +298,6 @@ class QuantConv2d(_QuantWeightMixin):
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
         self.set_weight(QuantizedTensor.from_float(w, spec))
 
-    @classmethod
-    def empty_like(cls, conv: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype,
-                   device=None) -> QuantConv2d:
-        """Shaped like ``conv`` with uninitialized buffers (to be loaded), nothing quantized."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q._init_like(conv, spec, dtype, device)
-        return q
-
     def _init_like(self, conv: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype, device) -> None:
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d padding_mode={conv.padding_mode!r}; supported: 'zeros'")
@@ -331,15 +332,6 @@ class QuantEmbedding(_QuantWeightMixin):
             w = w.to(emb.weight.dtype)
         self._init_like(emb, spec, w.dtype, w.device)
         self.set_weight(QuantizedTensor.from_float(w, spec))
-
-    @classmethod
-    def empty_like(cls, emb: nn.Embedding, spec: QuantSpec, dtype: torch.dtype,
-                   device=None) -> QuantEmbedding:
-        """Shaped like ``emb`` with uninitialized buffers (to be loaded), nothing quantized."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q._init_like(emb, spec, dtype, device)
-        return q
 
     def _init_like(self, emb: nn.Embedding, spec: QuantSpec, dtype: torch.dtype, device) -> None:
         self._init_weight(tuple(emb.weight.shape), spec, dtype, device)

@@ -237,12 +237,12 @@ def quantize(
         return choose_spec(name, spec, include, exclude)[0] is not None
 
     unfused = unfuse_experts(model, selected=selected)
-    refuse: list[str] = []  # split by open_pretrained (to read them per expert), unselected
+    fuse_back: list[str] = []  # split by open_pretrained (to read them per expert), unselected
     if reader is not None:
         split = {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
         unfused = [n for n, m in split.items()
                    if any(map(selected, expert_linear_names(n, m)))]
-        refuse = [n for n in split if n not in unfused]
+        fuse_back = [n for n in split if n not in unfused]
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
@@ -322,7 +322,7 @@ def quantize(
         summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
-    fuse_experts(model, refuse)  # as the model loaded whole keeps them
+    fuse_experts(model, fuse_back)  # as the model loaded whole keeps them
     aliases = [(alias, name) for alias, name in aliases  # of a module quantized above
                if isinstance(model.get_submodule(name), (QuantLinear, QuantConv2d, QuantEmbedding))]
     for alias, name in aliases:

@@ -137,15 +137,17 @@ class LinearExperts(nn.Module):
         h = expert._modules["down_proj"](h)
         return self.fused.post_expert_norm(h) if self.has_post_expert_norm else h
 
-    def refused(self) -> nn.Module:
+    def fused_again(self) -> nn.Module:
         """The fused module again, its ``[E, ., .]`` parameters stacked from the experts' float
         Linears (ValueError if one is quantized); this module is left without its experts."""
-        fused = self.fused
-        for proj in (self.up_name, "down_proj"):
+        fused, projections = self.fused, (self.up_name, "down_proj")
+        quantized = [f"{e}.{proj}" for e in range(self.num_experts) for proj in projections
+                     if type(self._modules[str(e)]._modules[proj]) is not nn.Linear]
+        if quantized:  # checked first: nothing is changed then
+            raise ValueError(f"expert layers {quantized[:3]} are quantized; only float experts "
+                             "can be fused back")
+        for proj in projections:
             linears = [self._modules[str(e)]._modules[proj] for e in range(self.num_experts)]
-            if any(type(linear) is not nn.Linear for linear in linears):
-                raise ValueError(f"expert {proj} layers are quantized; only float experts "
-                                 "can be fused back")
             weight = torch.stack([linear.weight.detach() for linear in linears])
             if self.transposed:
                 weight = weight.transpose(1, 2).contiguous()
@@ -205,7 +207,7 @@ def fuse_experts(model: nn.Module, names: list[str]) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, model.get_submodule(name).refused())
+        setattr(parent, child, model.get_submodule(name).fused_again())
 
 
 # (checkpoint tensor name, index into its first dim or None for the whole tensor, transpose)

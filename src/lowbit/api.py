@@ -233,6 +233,7 @@ def quantize(
     chosen: dict[str, QuantSpec] = {}  # sequential runs: module name -> spec
     before_bytes: dict[str, int] = {}
     include, exclude = patterns(include), patterns(exclude) or []
+
     def selected(name: str) -> bool:
         return choose_spec(name, spec, include, exclude)[0] is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -177,6 +178,7 @@ def quantize(
     calib_batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
     show_progress: bool = False,
+    moe_calibration: str = "all",
 ) -> nn.Module:
     """Replace Linear / GPT-2 Conv1D / Conv2d / Embedding modules with quantized ones, in place.
 
@@ -201,10 +203,19 @@ def quantize(
     model: a module, or a Hugging Face model folder: then the model is built on the meta device
         and only one block at a time is read from disk in full precision (memory bounded).
     show_progress: a progress bar over blocks with each layer's error (layer-by-layer runs).
+    moe_calibration: what the experts of mixture-of-experts layers see while calibrating:
+        ``"all"`` every calibration token (every expert gets statistics, however rarely the
+        text routes to it), ``"routed"`` the tokens routed to them (their true inputs: on
+        benchmarks/results/moe_accuracy.md 0-9% lower KL and half the time, but an expert the
+        text never reaches has no statistics and GPTQ / static activations fail on it).
     Returns the model; ``model.lowbit_summary`` says what was quantized, what was skipped and why.
     """
     alg = get_algorithm(algorithm)
     check_specs(spec)
+    if moe_calibration not in ("all", "routed"):
+        raise ValueError(f"moe_calibration={moe_calibration!r}; allowed: 'all', 'routed'")
+    experts_calibration = (every_expert_sees_every_token if moe_calibration == "all"
+                           else lambda model: contextlib.nullcontext())
     reader = None
     if isinstance(model, (str, os.PathLike)):
         from lowbit.calib.sequential import open_pretrained
@@ -304,22 +315,31 @@ def quantize(
             "weight transposed from Conv1D [in, out]" if kind == "Conv1D" else note,
             before, new.weight_nbytes,
         ))
-    if sequential:
-        _run_sequential(model, chosen, before_bytes, alg, calib, reader, summary, static_acts,
-                        tokenizer=tokenizer, observer=observer, calib_samples=calib_samples,
-                        calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
-                        progress=progress, show_progress=show_progress)
-    elif static_acts:  # observe the float model before any module is swapped
-        with every_expert_sees_every_token(model):
-            calibration = calibrate_static(
-                model, static_acts, calib, tokenizer=tokenizer, observer=observer,
-                n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
-            )
+    try:
+        if sequential:
+            _run_sequential(model, chosen, before_bytes, alg, calib, reader, summary,
+                            static_acts, tokenizer=tokenizer, observer=observer,
+                            calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                            calib_batch_size=calib_batch_size, progress=progress,
+                            show_progress=show_progress, experts_calibration=experts_calibration)
+        elif static_acts:  # observe the float model before any module is swapped
+            with experts_calibration(model):
+                calibration = calibrate_static(
+                    model, static_acts, calib, tokenizer=tokenizer, observer=observer,
+                    n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
+                )
+    except ValueError as e:
+        if moe_calibration == "routed" and (unfused or fuse_back):
+            raise ValueError(f"{e} (with moe_calibration='routed' an expert the calibration "
+                             "text routes no token to has no statistics: pass more text, or "
+                             "moe_calibration='all')") from None
+        raise
+    if not sequential and static_acts:
         for name, new in replacements:
             if name in calibration.qparams:
                 set_input_qparams(new, calibration.qparams[name])
         summary.notes.append(calibration.describe())
-    elif calib is not None:
+    elif not sequential and calib is not None:
         summary.notes.append("calib ignored: no spec quantizes activations statically")
     for name, new in replacements:
         _set_submodule(model, name, new)
@@ -332,8 +352,11 @@ def quantize(
         summary.notes.append("one module under several names, quantized once: " + ", ".join(
             f"{alias!r} is {name!r}" for alias, name in aliases))
     if unfused:
-        calibrated = (" and calibrated on every calibration token, not only those routed to "
-                      "them" if alg.needs_calibration or static_acts else "")
+        calibrated = ""
+        if alg.needs_calibration or static_acts:
+            calibrated = (" and calibrated on every calibration token, not only those routed "
+                          "to them" if moe_calibration == "all" else
+                          " and calibrated on the tokens routed to them")
         summary.notes.append(
             f"{len(unfused)} fused MoE experts modules split into one Linear per expert "
             f"projection (names like {unfused[0]}.0.down_proj){calibrated}")
@@ -374,7 +397,7 @@ def _run_sequential(
     alg: Algorithm, calib: Any, reader: Any, summary: QuantizeSummary,
     static_acts: dict[str, QuantSpec], *, tokenizer: Any, observer: str, calib_samples: int,
     calib_seq_len: int, calib_batch_size: int, progress: Callable[[str], None] | None,
-    show_progress: bool,
+    show_progress: bool, experts_calibration: Callable = every_expert_sees_every_token,
 ) -> None:
     """Layer-by-layer quantization of ``chosen`` (lowbit.calib.sequential); fills ``summary``."""
     from lowbit.calib.sequential import quantize_sequential
@@ -382,7 +405,7 @@ def _run_sequential(
     uses_calib = alg.needs_calibration or bool(static_acts)
     batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len,
                           batch_size=calib_batch_size) if uses_calib else None)
-    with every_expert_sees_every_token(model):
+    with experts_calibration(model):
         result = quantize_sequential(
             model, chosen, alg, batches, reader=reader, observer=observer,
             show_progress=show_progress,

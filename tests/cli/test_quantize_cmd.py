@@ -324,3 +324,11 @@ def test_a_moe_folder_is_quantized_block_by_block_expert_by_expert(llama_dir, tm
     loaded = lowbit.load(out)
     assert "model.layers.0.mlp.experts.3.down_proj" in {m.name for m in
                                                          loaded.lowbit_summary.quantized}
+    args = ["quantize", str(moe), "-s", "w4g64", "--algorithm", "gptq", "--calib",
+            str(VAL_TEXT), "--calib-samples", "4", "--calib-seq-len", "64", "--overwrite",
+            "-o", str(out)]
+    r = runner.invoke(app, [*args, "--moe-calibration", "routed"])
+    assert r.exit_code == 0, r.output
+    assert "calibrated on the tokens routed to them" in r.stdout
+    r = runner.invoke(app, [*args, "--moe-calibration", "some"])
+    assert r.exit_code != 0 and "--moe-calibration some; allowed: all, routed" in r.output

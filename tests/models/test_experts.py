@@ -297,3 +297,19 @@ def test_the_folder_path_skips_layers_the_config_does_not_build_and_refuses_unse
     assert torch.equal(logits(from_disk, IDS), logits(in_memory, IDS))
     with pytest.raises(ValueError, match="split Linears, like 'model.layers.0.mlp.experts.0"):
         lowbit.quantize(tmp_path / "moe", "w8", include=["*.mlp.experts"])
+
+
+def test_routed_calibration_uses_each_experts_own_tokens_and_names_starved_experts() -> None:
+    model = tiny_moe("mixtral")
+    calib = torch.randint(0, 100, (4, 64), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(algorithm="gptq", calib=calib, exclude=["lm_head"])
+    every = lowbit.quantize(copy.deepcopy(model), "w4g64", **kwargs)
+    routed = lowbit.quantize(copy.deepcopy(model), "w4g64", moe_calibration="routed", **kwargs)
+    assert any("calibrated on the tokens routed to them" in n for n in routed.lowbit_summary.notes)
+    assert not torch.equal(logits(every, IDS), logits(routed, IDS))
+    sparse = tiny_moe("mixtral", num_local_experts=64, num_experts_per_tok=1,
+                      num_hidden_layers=1)
+    with pytest.raises(ValueError, match="moe_calibration='routed' an expert the calibration"):
+        lowbit.quantize(sparse, "w4g64", moe_calibration="routed", **kwargs)
+    with pytest.raises(ValueError, match="moe_calibration='sometimes'; allowed: 'all', 'routed'"):
+        lowbit.quantize(model, "w8", moe_calibration="sometimes")

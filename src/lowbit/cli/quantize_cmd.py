@@ -126,6 +126,9 @@ def quantize_command(
     observer: str | None = typer.Option(
         None, "--observer", help="Activation observer for --mode static (default minmax)."
     ),
+    moe_calibration: str | None = typer.Option(
+        None, "--moe-calibration", help="What MoE experts see while calibrating: 'all' "
+        "tokens, or the tokens 'routed' to them (see lowbit.quantize). \\[default: all]"),
     include: list[str] | None = typer.Option(
         None, "--include", help="Only modules matching this glob / re: pattern (repeatable)."
     ),
@@ -190,6 +193,12 @@ def quantize_command(
                 f"(mode is {mode}, algorithm {algorithm})"
                 + ("; --bits measures on --sensitivity-samples / --sensitivity-seq-len"
                    if candidates is not None else ""))
+        if moe_calibration is not None:
+            if moe_calibration not in ("all", "routed"):
+                raise ValueError(f"--moe-calibration {moe_calibration}; allowed: all, routed")
+            if not (mode == "static" or alg.needs_calibration):
+                raise ValueError(f"--moe-calibration is for --mode static or a calibration "
+                                 f"algorithm (mode is {mode}, algorithm {algorithm})")
         calib_samples, calib_seq_len, calib_batch_size = (
             calib_samples or 128, calib_seq_len or 512, calib_batch_size or 8)
         if candidates is None and (sensitivity_samples, sensitivity_seq_len,
@@ -243,6 +252,7 @@ def quantize_command(
                 exclude=exclude_list, observer=observer or "minmax",
                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                 calib_batch_size=calib_batch_size, show_progress=True,
+                moe_calibration=moe_calibration or "all",
             )
             result = lowbit.save(model, out_dir, overwrite=overwrite,
                                  float_dtype=source_float_dtype(model_dir, model))
@@ -269,6 +279,7 @@ def quantize_command(
                 exclude=exclude_list, observer=observer or "minmax", tokenizer=tokenizer,
                 progress=advance, algorithm=alg, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size,
+                moe_calibration=moe_calibration or "all",
             )
         if candidates is not None:
             sens = plan.sensitivity

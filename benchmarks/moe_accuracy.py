@@ -37,7 +37,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER = SHARED / "models" / "llama-3m-shakespeare-mix"
 VAL = SHARED / "data" / "shakespeare-mix-val.txt"
 TEST = SHARED / "data" / "shakespeare-mix-test.txt"
-CACHE = Path(__file__).parent / ".cache" / "tiny-moe-shakespeare"
+CACHE = Path(__file__).parent / ".cache"  # one model per --steps
 RESULTS = Path(__file__).parent / "results" / "moe_accuracy.md"
 EXCLUDE = ["lm_head", "*embed*"]
 EXPERTS = 8
@@ -55,8 +55,9 @@ def upcycle(val_ids: torch.Tensor, steps: int) -> torch.nn.Module:
     dense one and its experts diverge as each is trained on the tokens routed to it."""
     from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    if (CACHE / "config.json").is_file():
-        return MixtralForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval()
+    cache = CACHE / f"tiny-moe-shakespeare-{steps}-steps"
+    if (cache / "config.json").is_file():
+        return MixtralForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
     dense = LlamaForCausalLM.from_pretrained(TOKENIZER, dtype=torch.float32).eval()
     c = dense.config
     config = MixtralConfig(
@@ -108,7 +109,7 @@ def upcycle(val_ids: torch.Tensor, steps: int) -> torch.nn.Module:
             print(f"step {step}: loss {float(loss.detach()):.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     model.config.output_router_logits = False
-    model.save_pretrained(CACHE)
+    model.save_pretrained(cache)
     return model.eval()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -17,7 +16,7 @@ from lowbit.algorithms import Algorithm, get_algorithm
 from lowbit.calib import as_batches, calibrate_static, set_input_qparams
 from lowbit.models.experts import (
     LinearExperts,
-    every_expert_sees_every_token,
+    calibrating_experts,
     expert_linear_names,
     fuse_experts,
     fused_experts,
@@ -214,8 +213,6 @@ def quantize(
     check_specs(spec)
     if moe_calibration not in ("all", "routed"):
         raise ValueError(f"moe_calibration={moe_calibration!r}; allowed: 'all', 'routed'")
-    experts_calibration = (every_expert_sees_every_token if moe_calibration == "all"
-                           else lambda model: contextlib.nullcontext())
     reader = None
     if isinstance(model, (str, os.PathLike)):
         from lowbit.calib.sequential import open_pretrained
@@ -248,13 +245,11 @@ def quantize(
     def selected(name: str) -> bool:
         return choose_spec(name, spec, include, exclude)[0] is not None
 
-    unfused = unfuse_experts(model, selected=selected)
-    fuse_back: list[str] = []  # split by open_pretrained (to read them per expert), unselected
-    if reader is not None:
-        split = {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
-        unfused = [n for n, m in split.items()
-                   if any(map(selected, expert_linear_names(n, m)))]
-        fuse_back = [n for n in split if n not in unfused]
+    unfuse_experts(model, selected=selected)
+    split = {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
+    unfused = [n for n, m in split.items() if any(map(selected, expert_linear_names(n, m)))]
+    # split by open_pretrained to read them per expert, selected by no pattern: fused back
+    fuse_back = [n for n in split if n not in unfused] if reader is not None else []
     kept_in_float = _kept_in_float(model)
     _check_selection(model, spec, include, exclude, kept_in_float)
     summary = QuantizeSummary()
@@ -321,15 +316,16 @@ def quantize(
                             static_acts, tokenizer=tokenizer, observer=observer,
                             calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                             calib_batch_size=calib_batch_size, progress=progress,
-                            show_progress=show_progress, experts_calibration=experts_calibration)
+                            show_progress=show_progress, moe_calibration=moe_calibration)
         elif static_acts:  # observe the float model before any module is swapped
-            with experts_calibration(model):
+            with calibrating_experts(model, moe_calibration):
                 calibration = calibrate_static(
                     model, static_acts, calib, tokenizer=tokenizer, observer=observer,
                     n_samples=calib_samples, seq_len=calib_seq_len, batch_size=calib_batch_size,
                 )
     except ValueError as e:
-        if moe_calibration == "routed" and (unfused or fuse_back):
+        starved = any(w in str(e) for w in ("statistics", "no data", "no calibration tokens"))
+        if moe_calibration == "routed" and ".experts." in str(e) and starved:
             raise ValueError(f"{e} (with moe_calibration='routed' an expert the calibration "
                              "text routes no token to has no statistics: pass more text, or "
                              "moe_calibration='all')") from None
@@ -397,7 +393,7 @@ def _run_sequential(
     alg: Algorithm, calib: Any, reader: Any, summary: QuantizeSummary,
     static_acts: dict[str, QuantSpec], *, tokenizer: Any, observer: str, calib_samples: int,
     calib_seq_len: int, calib_batch_size: int, progress: Callable[[str], None] | None,
-    show_progress: bool, experts_calibration: Callable = every_expert_sees_every_token,
+    show_progress: bool, moe_calibration: str = "all",
 ) -> None:
     """Layer-by-layer quantization of ``chosen`` (lowbit.calib.sequential); fills ``summary``."""
     from lowbit.calib.sequential import quantize_sequential
@@ -405,7 +401,7 @@ def _run_sequential(
     uses_calib = alg.needs_calibration or bool(static_acts)
     batches = (as_batches(calib, tokenizer, calib_samples, calib_seq_len,
                           batch_size=calib_batch_size) if uses_calib else None)
-    with experts_calibration(model):
+    with calibrating_experts(model, moe_calibration):
         result = quantize_sequential(
             model, chosen, alg, batches, reader=reader, observer=observer,
             show_progress=show_progress,

@@ -3,6 +3,7 @@ transformers', a lowbit-saved folder, --compare's table and the one-line errors.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -145,3 +146,7 @@ def test_architectures_the_decoder_does_not_run_use_transformers_generate(app, r
     sampled = [runner.invoke(app, [*args, "--sample", "--seed", "5"]).output for _ in range(2)]
     texts = [out.split("\n1 x 6")[0] for out in sampled]
     assert texts[0] == texts[1]  # --seed reaches transformers' sampling
+    greedy = runner.invoke(app, args).output.split("\n1 x 6")[0]
+    defaults = {"repetition_penalty": 3.0, "top_p": 0.1, "suppress_tokens": list(range(8000))}
+    (moe / "generation_config.json").write_text(json.dumps(defaults))  # a checkpoint's: unused
+    assert runner.invoke(app, args).output.split("\n1 x 6")[0] == greedy

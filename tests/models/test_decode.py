@@ -133,6 +133,12 @@ def test_mixture_of_experts_layers_run_their_blocks(model_type, extra, scheme, f
     assert torch.equal(decoder.generate(ids[:1], 8), hf_generate(model, ids[:1], 8))
 
 
+def test_a_mixtral_sliding_window_shorter_than_max_len_is_refused():
+    model = _tiny("mixtral", num_local_experts=4, sliding_window=8)
+    with pytest.raises(ValueError, match="exceeds the model's sliding_window=8"):
+        Decoder(model, 1, 16)
+
+
 def test_bfloat16_model_follows_transformers_numerics():
     """Half-precision weights: RMSNorm statistics in float32 as transformers computes them."""
     model = _tiny("llama").to(torch.bfloat16)

@@ -13,7 +13,7 @@ from torch import nn
 import lowbit
 from lowbit.models.experts import (
     LinearExperts,
-    every_expert_sees_every_token,
+    calibrating_experts,
     fuse_experts,
     fused_experts,
     unfuse_experts,
@@ -83,9 +83,10 @@ def test_unfused_experts_compute_what_the_fused_eager_forward_does(kind: str) ->
         torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     else:
         assert torch.equal(after, before)
-    with every_expert_sees_every_token(model):  # calibration mode: same outputs
-        torch.testing.assert_close(logits(model, IDS), after, rtol=0, atol=1e-5)
-    assert not experts.route_all_tokens
+    for tokens in ("all", "routed"):  # calibration modes: the same outputs
+        with calibrating_experts(model, tokens):
+            torch.testing.assert_close(logits(model, IDS), after, rtol=0, atol=1e-5)
+    assert experts.calibrating is None
     assert unfuse_experts(model) == []  # nothing fused is left
 
 
@@ -313,3 +314,24 @@ def test_routed_calibration_uses_each_experts_own_tokens_and_names_starved_exper
         lowbit.quantize(sparse, "w4g64", moe_calibration="routed", **kwargs)
     with pytest.raises(ValueError, match="moe_calibration='sometimes'; allowed: 'all', 'routed'"):
         lowbit.quantize(model, "w8", moe_calibration="sometimes")
+
+
+def test_routed_calibration_over_many_batches_matches_the_re_run_path(monkeypatch) -> None:
+    """One calibration sequence per batch: experts missing from the first batch are still
+    called (with no rows) in every batch, so the staged forward and the re-run per group
+    (documented to give the same statistics) quantize every expert the same."""
+    import lowbit.calib.sequential as sequential
+
+    model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=1, num_hidden_layers=1)
+    calib = torch.randint(0, 100, (16, 16), generator=torch.Generator().manual_seed(7))
+
+    def experts(staged: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(sequential, "STAGED_MAX_BATCHES", 64 if staged else 0)
+        q = lowbit.quantize(copy.deepcopy(model), "w4g64", algorithm="gptq", calib=calib,
+                            exclude=["lm_head"], moe_calibration="routed", calib_batch_size=1,
+                            calib_seq_len=16)
+        return {n: t for n, t in q.state_dict().items() if ".experts." in n}
+
+    staged, rerun = experts(True), experts(False)
+    assert staged.keys() == rerun.keys() and len(staged) > 0
+    assert all(torch.equal(staged[n], rerun[n]) for n in staged)

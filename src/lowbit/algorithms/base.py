@@ -51,6 +51,8 @@ class LayerStats:
 
     def update(self, x: torch.Tensor, hessian: bool = True) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:  # (an MoE expert no token of a batch was routed to)
+            return
         if hessian:
             xtx = x.t() @ x
             self.hessian = xtx if self.hessian is None else self.hessian.add_(xtx)

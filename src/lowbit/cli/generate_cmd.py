@@ -35,13 +35,24 @@ class _TransformersRuntime:
                  top_k: int | None, eos_token_id: int | None, pad_token_id: int,
                  attention_mask: torch.Tensor, generator: torch.Generator | None
                  ) -> torch.Tensor:
+        from transformers import GenerationConfig
+
         if generator is not None:  # transformers samples from the global generator
             torch.manual_seed(int(generator.initial_seed()))
-        sampling = {"temperature": temperature, "top_k": top_k or 0} if do_sample else {}
-        with torch.inference_mode():
-            return self.model.generate(
-                ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=do_sample,
-                eos_token_id=eos_token_id, pad_token_id=pad_token_id, **sampling)
+        # the flags only, as the Decoder reads them: not the checkpoint's generation_config
+        # (its repetition_penalty / top_p would change "greedy" and sampled text)
+        config = GenerationConfig(
+            max_new_tokens=new, do_sample=do_sample, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, temperature=temperature if do_sample else None,
+            top_k=(top_k or 0) if do_sample else None, top_p=None)
+        saved = self.model.generation_config  # generate() fills unset fields from it
+        self.model.generation_config = config
+        try:
+            with torch.inference_mode():
+                return self.model.generate(ids, attention_mask=attention_mask,
+                                           generation_config=config)
+        finally:
+            self.model.generation_config = saved
 
 
 def _runtime(model, batch: int, length: int) -> tuple[object, str, str | None]:

@@ -128,7 +128,8 @@ def _check_supported(model: nn.Module, max_len: int) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r}; the decoder supports 'silu'")
     window = getattr(config, "sliding_window", None)
-    uses_window = kind == "mistral" or getattr(config, "use_sliding_window", False)
+    # mistral and mixtral apply a set sliding_window; qwen2 / qwen2_moe only with the flag
+    uses_window = kind in ("mistral", "mixtral") or getattr(config, "use_sliding_window", False)
     if uses_window and window is not None and window < max_len:
         raise ValueError(f"max_len={max_len} exceeds the model's sliding_window={window}; "
                          "sliding-window attention is not supported by lowbit's decoder")

@@ -104,16 +104,18 @@ class LinearExperts(nn.Module):
                 delattr(fused, name)
         self.fused = fused
 
-    # Calibration sets this (every_expert_sees_every_token): each expert then runs on all
-    # tokens, so that its Linears' statistics (GPTQ's Hessian, activation ranges) exist and are
-    # full rank even for experts the calibration text rarely or never routes to; the output
-    # still sums the routed tokens only.
-    route_all_tokens: bool = False
+    # Set while calibrating (calibrating_experts): "all" runs each expert on every token, so
+    # that its Linears' statistics (GPTQ's Hessian, activation ranges) exist and are full rank
+    # even for experts the calibration text rarely or never routes to; "routed" runs each on
+    # its routed tokens. Either way every expert is called, in order, on every batch (with no
+    # rows if none is routed to it): the layer-by-layer runner expects one call order. The
+    # output still sums the routed tokens only.
+    calibrating: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        if self.route_all_tokens:
+        if self.calibrating is not None:
             experts = range(self.num_experts)
         else:
             with torch.no_grad():
@@ -122,7 +124,7 @@ class LinearExperts(nn.Module):
             if e >= self.num_experts:  # an expert-parallel sentinel: not on this rank
                 continue
             slot, token = torch.where(top_k_index.t() == e)  # the eager forward's order
-            if self.route_all_tokens:
+            if self.calibrating == "all":
                 h = self._expert(e, hidden_states)[token]
             else:
                 h = self._expert(e, hidden_states[token])
@@ -166,17 +168,19 @@ class LinearExperts(nn.Module):
 
 
 @contextmanager
-def every_expert_sees_every_token(model: nn.Module) -> Iterator[None]:
-    """While calibrating: every ``LinearExperts`` runs each expert on all tokens (see
-    ``LinearExperts.route_all_tokens``); the model's outputs do not change."""
+def calibrating_experts(model: nn.Module, tokens: str = "all") -> Iterator[None]:
+    """While calibrating: every ``LinearExperts`` runs each of its experts on ``tokens``,
+    "all" or "routed" (see ``LinearExperts.calibrating``); the model's outputs do not change."""
+    if tokens not in ("all", "routed"):
+        raise ValueError(f"tokens={tokens!r}; allowed: 'all', 'routed'")
     found = [m for m in model.modules() if isinstance(m, LinearExperts)]
     for m in found:
-        m.route_all_tokens = True
+        m.calibrating = tokens
     try:
         yield
     finally:
         for m in found:
-            m.route_all_tokens = False
+            m.calibrating = None
 
 
 def unfuse_experts(model: nn.Module, names: list[str] | None = None, *,

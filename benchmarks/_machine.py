@@ -1,9 +1,12 @@
-"""Describe the machine a benchmark ran on (stated in every results table)."""
+"""Shared by the benchmark scripts: the machine a benchmark ran on (stated in every results
+table) and the evaluation protocol's command-line options."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -23,3 +26,16 @@ def machine_line() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {gpu}"
     )
+
+
+def protocol_parser(description: str, model: Path, out: Path) -> argparse.ArgumentParser:
+    """A parser with the options every LM-evaluating benchmark takes: --model, --quick, --out
+    and the perplexity protocol (--context, --stride, --max-tokens)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, default=model)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    return parser

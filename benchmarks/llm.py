@@ -515,13 +515,10 @@ class CachedReference:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llm.md")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None)
+    from _machine import protocol_parser
+
+    ap = protocol_parser(__doc__.splitlines()[0], DEFAULT_MODEL,
+                         ROOT / "benchmarks" / "results" / "llm.md")
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1, help="timing runs per config (median)")

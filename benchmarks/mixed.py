@@ -14,7 +14,6 @@ its layers' single-layer KLs on the calibration tokens) is shown next to the mea
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import random
@@ -56,13 +55,10 @@ def predicted(layers, choice: dict[str, str]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mixed.md")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None)
+    from _machine import protocol_parser
+
+    ap = protocol_parser(__doc__.splitlines()[0], DEFAULT_MODEL,
+                         ROOT / "benchmarks" / "results" / "mixed.md")
     ap.add_argument("--sens-samples", type=int, default=8)
     ap.add_argument("--sens-seq-len", type=int, default=256)
     ap.add_argument("--random-orders", type=int, default=3)

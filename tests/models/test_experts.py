@@ -335,3 +335,15 @@ def test_routed_calibration_over_many_batches_matches_the_re_run_path(monkeypatc
     staged, rerun = experts(True), experts(False)
     assert staged.keys() == rerun.keys() and len(staged) > 0
     assert all(torch.equal(staged[n], rerun[n]) for n in staged)
+
+
+def test_expert_shapes_the_config_does_not_build_fail_in_one_line(tmp_path) -> None:
+    import json
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    config["intermediate_size"] = 64  # the checkpoint's experts are 128 wide
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"experts.0.gate_up_proj.weight' is \[256, 64\] in the "
+                                         r"checkpoint but config.json builds \[128, 64\]"):
+        lowbit.quantize(tmp_path / "moe", "w8")

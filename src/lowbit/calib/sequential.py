@@ -157,8 +157,15 @@ class CheckpointReader:
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype,
                   skip: Callable[[str], bool] = lambda k: False) -> None:
         """Assign ``module``'s persistent tensors (model keys ``prefix + name``) from disk."""
-        keys = [k for k in module.state_dict(keep_vars=True) if not skip(prefix + k)]
+        expected = module.state_dict(keep_vars=True)
+        keys = [k for k in expected if not skip(prefix + k)]
         found = self.tensors([prefix + k for k in keys], dtype)
+        for key, t in found.items():  # (MoE experts: their names escape the up-front check)
+            want = expected[key[len(prefix):]].shape
+            if t.shape != want:
+                raise ValueError(f"{self.model_dir}: tensor {key!r} is {list(t.shape)} in the "
+                                 f"checkpoint but config.json builds {list(want)}; the config "
+                                 "does not match the weights")
         missing = [prefix + k for k in keys if prefix + k not in found]
         tied = _tied_keys(module, prefix)
         missing = [k for k in missing if k not in tied]

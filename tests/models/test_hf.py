@@ -154,6 +154,10 @@ def test_an_encoder_saved_without_pooler_weights_loads_quantizes_and_round_trips
     assert loaded.pooler is None
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected)
+    from_disk = lowbit.quantize(tmp_path / "mlm", "w8")  # the memory-bounded path drops it too
+    assert from_disk.pooler is None
+    with torch.no_grad():
+        assert torch.equal(from_disk(input_ids=ids).last_hidden_state, expected)
 
 
 def test_the_source_float_dtype_is_read_from_the_tensors(tmp_path):

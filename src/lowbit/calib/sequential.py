@@ -126,6 +126,10 @@ class CheckpointReader:
                 self._where.setdefault(f"{prefix}.{key}", where)
         self.bytes_read = 0
 
+    def keys(self) -> list[str]:
+        """The model keys this checkpoint holds a tensor for (with and without the prefix)."""
+        return list(self._where)
+
     def tensors(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for the model state-dict keys found in the checkpoint."""
         from safetensors import safe_open
@@ -220,6 +224,9 @@ def open_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32
     def in_blocks(key: str) -> bool:
         return block_prefix is not None and key.startswith(block_prefix)
 
+    if getattr(model, "pooler", None) is not None and not any(
+            key.startswith("pooler.") for key in reader.keys()):
+        model.pooler = None  # saved from *ForMaskedLM: dropped, as load_hf_model drops it
     reader.load_into(model, "", dtype, skip=in_blocks)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

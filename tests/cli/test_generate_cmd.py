@@ -126,20 +126,20 @@ def test_architectures_the_decoder_does_not_run_use_transformers_generate(app, r
                                                                           tmp_path):
     import shutil
 
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    moe = tmp_path / "moe"  # Qwen3's attention normalizes q and k: not the Decoder's
-    Qwen3MoeForCausalLM(Qwen3MoeConfig(
+    moe = tmp_path / "moe"  # OLMoE: not a model type the Decoder runs
+    OlmoeForCausalLM(OlmoeConfig(
         vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, moe_intermediate_size=64, num_experts=4,
+        num_key_value_heads=2, intermediate_size=64, num_experts=4,
         num_experts_per_tok=2)).save_pretrained(moe)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(llama / name, moe)
     args = ["generate", str(moe), "-p", PROMPT, "-n", "6", "--no-stop-at-eos"]
     result = runner.invoke(app, [*args, "-s", "w4g64", "--compare"])
     assert result.exit_code == 0, result.output
-    assert "running transformers' generate: model_type='qwen3_moe' is not supported" in (
+    assert "running transformers' generate: model_type='olmoe' is not supported" in (
         result.output)
     assert "1 x 6 new tokens" in result.output and "lowbit Decoder" not in result.output
     assert re.search(r"w4g64 +│ +transformers generate", result.output)

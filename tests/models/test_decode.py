@@ -102,6 +102,7 @@ def _tiny(model_type: str, **extra):
     ("mistral", {"sliding_window": 64}),  # a window no shorter than max_len changes nothing
     ("qwen2", {}),  # q/k/v carry biases
     ("llama", {"attention_bias": True, "tie_word_embeddings": True}),
+    ("qwen3", {"head_dim": 16}),  # RMSNorm of q and k per head, before the rotary embedding
 ])
 def test_tiny_random_models_of_each_supported_type(model_type, extra, fused):
     model = _tiny(model_type, **extra)
@@ -114,6 +115,8 @@ def test_tiny_random_models_of_each_supported_type(model_type, extra, fused):
     # layer 0 dense (wider than the experts), layer 1 routed experts plus a gated shared one
     ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 64, "mlp_only_layers": [0]}),
+    ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "head_dim": 16, "mlp_only_layers": [1]}),
 ])
 @pytest.mark.parametrize("scheme", [None, "w8"])
 def test_mixture_of_experts_layers_run_their_blocks(model_type, extra, scheme, fused):

@@ -1,5 +1,6 @@
-"""A lean decode loop for Llama-family causal LMs (llama, mistral, qwen2; mixtral and qwen2_moe
-with their MoE blocks): static KV cache, every Linear bound to its kernel once.
+"""A lean decode loop for Llama-family causal LMs (llama, mistral, qwen2, qwen3; mixtral,
+qwen2_moe and qwen3_moe with their MoE blocks): static KV cache, every Linear bound to its
+kernel once.
 
 transformers' ``generate`` spends most of a small model's step in Python (cache objects, masks,
 logits processors, one ``nn.Module.__call__`` per layer): on the 19M-parameter fixture LM on
@@ -19,10 +20,11 @@ this project's CPU that is about half of the step, which hides whatever the weig
   longrope, are refused).
 
 It covers decoder-only models with pre-norm RMSNorm blocks, rotary attention (grouped-query
-allowed) and a gated SiLU MLP or a mixture-of-experts block (the layer's own module, router and
-experts, called on the step's buffer: its expert Linears run their kernels through
-``nn.Module.__call__``, not bound), in inference mode, batches of prompts (of different lengths:
-left-padded with an attention mask), greedy or sampled. Anything else raises a ValueError
+allowed; Qwen3's per-head RMSNorm of q and k) and a gated SiLU MLP or a mixture-of-experts
+block (the layer's own module, router and experts, called on the step's buffer: its expert
+Linears run their kernels through ``nn.Module.__call__``, not bound), in inference mode,
+batches of prompts (of different lengths: left-padded with an attention mask), greedy or
+sampled. Anything else raises a ValueError
 naming what is unsupported. Tested on CPU; on other devices it runs the torch ops (not yet
 measured on a GPU).
 """
@@ -41,7 +43,8 @@ from torch import nn
 from lowbit.kernels import cpu_decode, dispatch
 from lowbit.kernels.dispatch import bound_linear
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+                         "qwen3_moe")
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,11 +75,15 @@ class _Block:
     up: Linear | None
     down: Linear | None
     moe: nn.Module | None = None  # the layer's MoE block (router + experts), called as is
+    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm weights [head_dim] of q and k per head
+    k_norm: torch.Tensor | None = None
     # the fused CPU ops bound to this layer's norms, cache and tables (None: torch ops)
     attn_norm_op: Callable | None = None
     mlp_norm_op: Callable | None = None
     rope: Callable | None = None
     attend: Callable | None = None
+    q_norm_op: Callable | None = None
+    k_norm_op: Callable | None = None
     modules: tuple[nn.Module, ...] = ()  # q_proj .. down_proj
 
     def linears(self) -> tuple[Linear, ...]:
@@ -201,9 +208,12 @@ class Decoder:
                 examples += (x_hidden, x_hidden, self._x_mlp(mlp, dtype, device))
             linears = [bind_linear(m, x) for m, x in zip(modules, examples, strict=True)]
             linears += [None] * (7 - len(linears))
+            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
             self.blocks.append(_Block(
                 layer.input_layernorm.weight, *linears[:4], layer.post_attention_layernorm.weight,
                 *linears[4:], moe=moe, modules=modules,
+                q_norm=None if q_norm is None else q_norm.weight,
+                k_norm=None if k_norm is None else k_norm.weight,
             ))
         self.embed = base.embed_tokens
         self.final_norm = base.norm.weight
@@ -225,6 +235,9 @@ class Decoder:
                                              strict=True):
                 blk.attn_norm_op = cpu_decode.bind_rms_norm(blk.attn_norm, self.eps)
                 blk.mlp_norm_op = cpu_decode.bind_rms_norm(blk.mlp_norm, self.eps)
+                if blk.q_norm is not None:
+                    blk.q_norm_op = cpu_decode.bind_rms_norm(blk.q_norm, self.eps)
+                    blk.k_norm_op = cpu_decode.bind_rms_norm(blk.k_norm, self.eps)
                 blk.rope = cpu_decode.bind_rope_kv(self.cos, self.signed_sin, k_cache, v_cache,
                                                    self.n_heads, self.n_kv)
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
@@ -278,8 +291,13 @@ class Decoder:
                 mlp = (*linear[4:6], functools.partial(_silu_times, g, u), linear[6])
             else:  # the MoE block writes d; the other MLP slots do nothing
                 mlp = (functools.partial(_moe_step, blk, r, d), _nothing, _nothing, _nothing)
+            rope = blk.rope.step(q, k, v)
+            if blk.q_norm_op is not None:  # per-head norms of q and k (in place) first
+                q_heads, k_heads = (t.view(*t.shape[:-1], -1, self.head_dim) for t in (q, k))
+                rope = functools.partial(_normed_rope, blk.q_norm_op.step(q_heads, q_heads),
+                                         blk.k_norm_op.step(k_heads, k_heads), rope)
             program.append(StepLayer(
-                *linear[:3], blk.rope.step(q, k, v), blk.attend.step(q, a, self.n_heads),
+                *linear[:3], rope, blk.attend.step(q, a, self.n_heads),
                 linear[3], blk.mlp_norm_op.step(h, r, o), *mlp, after.step(h, r, d),
             ))
         self._program = program
@@ -374,6 +392,9 @@ class Decoder:
         for blk, k_cache, v_cache in zip(self.blocks, self.k_layers, self.v_layers, strict=True):
             r = self._norm(h, blk.attn_norm)
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
+            if blk.q_norm is not None:
+                q = self._norm(q.view(batch, length, nh, hd), blk.q_norm).view(q.shape)
+                k = self._norm(k.view(batch, length, nkv, hd), blk.k_norm).view(k.shape)
             k_cache[:, :, start:end] = self._rope(
                 k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
             v_cache[:, :, start:end] = v.view(batch, length, nkv, hd).transpose(1, 2)
@@ -412,6 +433,9 @@ class Decoder:
         for i, (blk, k_cache, v_cache) in enumerate(zip(blocks, self.k_layers, self.v_layers,
                                                         strict=True)):
             q, k, v = blk.q(r), blk.k(r), blk.v(r)  # [B, T, heads * hd]
+            if blk.q_norm_op is not None:
+                q = blk.q_norm_op(q.view(-1, self.head_dim)).view(q.shape)
+                k = blk.k_norm_op(k.view(-1, self.head_dim)).view(k.shape)
             blk.rope(q, k, v, start, pad)  # q in place, k and v into the cache
             a = self._sdpa(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2),
                            k_cache, v_cache, end, causal)
@@ -521,6 +545,13 @@ def _step_linear(module: nn.Module, linear: Linear, x: torch.Tensor,
 
 def _nothing() -> None:
     pass
+
+
+def _normed_rope(q_norm: Callable[[], None], k_norm: Callable[[], None],
+                 rope: Callable[[int, int | None], None], slot: int, pad_at: int | None) -> None:
+    q_norm()
+    k_norm()
+    rope(slot, pad_at)
 
 
 def _moe_step(blk: _Block, r: torch.Tensor, d: torch.Tensor) -> None:

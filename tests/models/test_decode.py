@@ -136,6 +136,19 @@ def test_mixture_of_experts_layers_run_their_blocks(model_type, extra, scheme, f
     assert torch.equal(decoder.generate(ids[:1], 8), hf_generate(model, ids[:1], 8))
 
 
+@pytest.mark.parametrize("window_layers,refused", [(2, False), (1, True)])
+def test_a_qwen_window_counts_only_where_a_layer_slides(window_layers, refused):
+    """use_sliding_window with max_window_layers = the layer count: no layer slides."""
+    model = _tiny("qwen3", head_dim=16, use_sliding_window=True, sliding_window=4,
+                  max_window_layers=window_layers)
+    if refused:
+        with pytest.raises(ValueError, match="exceeds the model's sliding_window=4"):
+            Decoder(model, 1, 16)
+        return
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(Decoder(model, 1, 16).generate(ids, 8), hf_generate(model, ids, 8))
+
+
 def test_a_mixtral_sliding_window_shorter_than_max_len_is_refused():
     model = _tiny("mixtral", num_local_experts=4, sliding_window=8)
     with pytest.raises(ValueError, match="exceeds the model's sliding_window=8"):

@@ -135,8 +135,15 @@ def _check_supported(model: nn.Module, max_len: int) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r}; the decoder supports 'silu'")
     window = getattr(config, "sliding_window", None)
-    # mistral and mixtral apply a set sliding_window; qwen2 / qwen2_moe only with the flag
-    uses_window = kind in ("mistral", "mixtral") or getattr(config, "use_sliding_window", False)
+    # mistral and mixtral apply a set sliding_window; the qwen types where layer_types (from
+    # use_sliding_window and max_window_layers) has a sliding layer
+    layer_types = getattr(config, "layer_types", None)
+    if kind in ("mistral", "mixtral"):
+        uses_window = True
+    elif layer_types is not None:
+        uses_window = "sliding_attention" in layer_types
+    else:
+        uses_window = bool(getattr(config, "use_sliding_window", False))
     if uses_window and window is not None and window < max_len:
         raise ValueError(f"max_len={max_len} exceeds the model's sliding_window={window}; "
                          "sliding-window attention is not supported by lowbit's decoder")

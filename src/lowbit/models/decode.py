@@ -24,9 +24,8 @@ allowed; Qwen3's per-head RMSNorm of q and k) and a gated SiLU MLP or a mixture-
 block (the layer's own module, router and experts, called on the step's buffer: its expert
 Linears run their kernels through ``nn.Module.__call__``, not bound), in inference mode,
 batches of prompts (of different lengths: left-padded with an attention mask), greedy or
-sampled. Anything else raises a ValueError
-naming what is unsupported. Tested on CPU; on other devices it runs the torch ops (not yet
-measured on a GPU).
+sampled. Anything else raises a ValueError naming what is unsupported. Tested on CPU; on other
+devices it runs the torch ops (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -205,14 +204,18 @@ class Decoder:
             raise ValueError(f"fused=True needs float32 on CPU with the cpu_decode ops built; "
                              f"model is {dtype} on {device}")
         self.blocks: list[_Block] = []
+        inner = 1  # the widest dense MLP's inner width (the step's gate / up buffers)
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
             moe = None if hasattr(mlp, "gate_proj") else mlp  # Mixtral / Qwen2-MoE blocks
             modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
             examples = (x_hidden, x_hidden, x_hidden, x_attn)
-            if moe is None:
+            if moe is None:  # (a Qwen2-MoE dense layer's width is not intermediate_size)
+                width = mlp.down_proj.weight.shape[1]  # nn.Linear or QuantLinear alike
+                inner = max(inner, width)
                 modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-                examples += (x_hidden, x_hidden, self._x_mlp(mlp, dtype, device))
+                examples += (x_hidden, x_hidden,
+                             torch.zeros(1, width, dtype=dtype, device=device))
             linears = [bind_linear(m, x) for m, x in zip(modules, examples, strict=True)]
             linears += [None] * (7 - len(linears))
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -250,8 +253,6 @@ class Decoder:
                 blk.attend = cpu_decode.bind_decode_attention(k_cache, v_cache, self.scaling,
                                                               self._scratch)
             self.final_norm_op = cpu_decode.bind_rms_norm(self.final_norm, self.eps)
-            inner = max([blk.modules[6].weight.shape[1] for blk in self.blocks
-                         if blk.moe is None], default=1)
             widths = {"h": hidden, "r": hidden, "q": self.n_heads * self.head_dim,
                       "k": self.n_kv * self.head_dim, "v": self.n_kv * self.head_dim,
                       "a": self.n_heads * self.head_dim, "o": hidden,
@@ -260,14 +261,6 @@ class Decoder:
                                   for name, width in widths.items()}
             self._resolve_steps()
         self._bound_to = _binding_key(model)
-
-    @staticmethod
-    def _x_mlp(mlp: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An example input of a dense MLP's down projection (its width: a Qwen2-MoE dense
-        layer's differs from config.intermediate_size)."""
-        down = mlp.down_proj
-        width = down.in_features if hasattr(down, "in_features") else down.weight.shape[1]
-        return torch.zeros(1, width, dtype=dtype, device=device)
 
     def refresh(self) -> None:
         """Bind the model again if its modules or tensors were replaced or moved since (caches

@@ -26,7 +26,7 @@ def _timed_generate(decoder, ids: torch.Tensor, new: int, **kwargs) -> tuple[tor
 
 class _TransformersRuntime:
     """``Decoder.generate``'s interface over the model's own ``generate``: for architectures
-    lowbit's Decoder does not run (MoE, other attention or MLP shapes)."""
+    lowbit's Decoder does not run (DeepSeek, gpt-oss, OLMoE: other attention or MLP shapes)."""
 
     def __init__(self, model) -> None:
         self.model = model

@@ -183,7 +183,8 @@ def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str],
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         with torch.device("meta"):
             model = cls._from_config(config, dtype=dtype)
-        if all(n in fused_experts(model) for n in unfused):
+        found = fused_experts(model)
+        if all(n in found for n in unfused):
             unfuse_experts(model, unfused)
             names = {name for name, _ in model.named_modules()}
             if all(t in names for t in targets):

@@ -53,6 +53,7 @@ def model_card(
     bytes_before: int | None,
     source_card: str | None,
     version: str,
+    format: str = "lowbit",
 ) -> str:
     """README.md text for a checkpoint saved to ``out_dir``.
 
@@ -61,6 +62,7 @@ def model_card(
     bytes_before / quantized_bytes: the quantized modules' weights in float / as stored (None:
     unknown, e.g. a loaded checkpoint saved again); quantized_weights: how many weights that is.
     source_card: the float model's README.md.
+    format: the checkpoint's format, "lowbit" or "compressed-tensors" (how to load it).
     """
     meta, body = _split_front_matter(source_card or "")
     earlier = _LOWBIT_ORIGIN.search(body)
@@ -83,7 +85,8 @@ def model_card(
         tags = [t for t in map(str, tags)
                 if t not in ("lowbit", "quantized") and not re.fullmatch(r"\d+-bit", t)]
     front["tags"] = list(dict.fromkeys(
-        [*map(str, tags), "lowbit", "quantized", *(f"{b}-bit" for b in widths)]))
+        [*map(str, tags), "lowbit", "quantized", *(f"{b}-bit" for b in widths),
+         *(["compressed-tensors"] if format == "compressed-tensors" else [])]))
 
     from lowbit.eval.size import human_bytes
 
@@ -94,10 +97,17 @@ def model_card(
     lines += [f"# {Path(out_dir).name} (lowbit: {specs})", ""]
     origin = (f"`{base_model}`" if base_model else f"`{source_name}`" if source_name
               else "a float model")
-    lines += [f"This is {origin} with its weights quantized by lowbit {version}. Load it with:",
-              "",
-              "```python", "import lowbit", "", f"model = lowbit.load({out_dir!r})",
-              "```", ""]
+    if format == "compressed-tensors":
+        lines += [f"This is {origin} with its weights quantized by lowbit {version}, saved in "
+                  "the compressed-tensors format. vLLM serves it (`vllm serve <folder>`); "
+                  "transformers loads it with the `compressed-tensors` package installed:",
+                  "", "```python", "from transformers import AutoModelForCausalLM", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({out_dir!r})", "```", ""]
+    else:
+        lines += [f"This is {origin} with its weights quantized by lowbit {version}. Load it "
+                  "with:", "",
+                  "```python", "import lowbit", "", f"model = lowbit.load({out_dir!r})",
+                  "```", ""]
     lines += ["## What was quantized", "", "| spec | modules | e.g. |", "| --- | ---: | --- |"]
     for g in groups:
         targets = g["targets"]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.io import compressed_tensors as ct
 from lowbit.models.experts import LinearExperts
 from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.spec import QuantSpec
@@ -29,6 +30,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "lowbit"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
+SAVE_FORMATS = ("lowbit", ct.FORMAT_NAME)
 
 # Files of a source folder that hold weights (replaced by ours) rather than tokenizer/config data.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf",
@@ -196,17 +198,22 @@ def _copy_source_files(source: Path, dest: Path, out_dir: Path) -> None:
 def _cast_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``tensors`` with every float tensor but the quantized state (codes, scales, zero-points,
-    codebooks, activation qparams) cast to ``dtype``."""
+    codebooks, activation qparams: a quantized module's tensors other than its bias) cast to
+    ``dtype``."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"float_dtype must be a floating torch.dtype, got {dtype!r}")
-    quantized = {f"{name}.{buffer}" for name, module in quant_modules(model)
-                 for buffer in module._buffers if buffer.startswith(("weight_", "input_"))}
-    return {key: t.to(dtype) if t.is_floating_point() and key not in quantized else t
+    owners = {name for name, _ in quant_modules(model)}
+
+    def quantized(key: str) -> bool:
+        owner, _, leaf = key.rpartition(".")
+        return owner in owners and leaf != "bias"
+
+    return {key: t.to(dtype) if t.is_floating_point() and not quantized(key) else t
             for key, t in tensors.items()}
 
 
-def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[str, Any],
-                file_bytes: int, quantized_bytes: int, source: str | None) -> None:
+def _write_card(model: nn.Module, path: Path, out_dir: Path, lowbit_config: dict[str, Any],
+                file_bytes: int, quantized_bytes: int, source: str | None, format: str) -> None:
     """README.md: lowbit's model card, the float model's card (copied to ``path``) below it."""
     from lowbit import __version__
     from lowbit.io.card import base_model_id, model_card
@@ -221,8 +228,8 @@ def _write_card(model: nn.Module, path: Path, out_dir: Path, config_dict: dict[s
     weights = sum(m.qweight.numel for _, m in quant_modules(model))
     card = model_card(str(out_dir), base_model_id(model.config, source),
                       None if source is None else Path(source).name,
-                      config_dict["quantization_config"], file_bytes, quantized_bytes, weights,
-                      before, original, __version__)
+                      lowbit_config, file_bytes, quantized_bytes, weights,
+                      before, original, __version__, format)
     path.write_text(card, encoding="utf-8")
 
 
@@ -233,7 +240,7 @@ def _is_transformers_class(cls: type) -> bool:
 
 
 def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
-         float_dtype: torch.dtype | None = None) -> SaveResult:
+         float_dtype: torch.dtype | None = None, format: str = "lowbit") -> SaveResult:
     """Write ``model`` (a transformers model, quantized or not) to ``out_dir``.
 
     Everything is written to a temporary sibling folder that is renamed to ``out_dir`` at the end;
@@ -243,6 +250,9 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     e.g. float16 for a model computed in float32. None: the source checkpoint's float16 /
     bfloat16 where ``load_hf_model`` / ``lowbit.load`` recorded one (a lossless round trip of
     weights read from it), else as they are. Quantized tensors keep the dtypes their spec fixes.
+    format: "lowbit" (read back by ``lowbit.load``; every spec) or "compressed-tensors" (read by
+    vLLM and by transformers with the ``compressed-tensors`` package; integer and fp8 e4m3
+    Linear specs, see lowbit.io.compressed_tensors; others are refused before writing).
     """
     from safetensors.torch import save_file
 
@@ -261,21 +271,35 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
         except (OSError, RuntimeError) as e:  # a loop of links
             raise ValueError(f"out_dir {str(out_dir)!r} is a symlink that resolves to no "
                              f"folder ({e})") from None
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}; allowed: {', '.join(SAVE_FORMATS)}")
     _check_out_dir(out_dir, overwrite)
+    state = model.state_dict()
+    if format == ct.FORMAT_NAME:
+        state, exported_config, quantized_bytes = ct.export_tensors(model, state)
+    else:
+        quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tensors, tied = _dedupe(model.state_dict())
+    tensors, tied = _dedupe(state)
     if float_dtype is None:
         float_dtype = getattr(model, "_lowbit_stored_dtype", None)
     if float_dtype is not None:
         tensors = _cast_float_tensors(model, tensors, float_dtype)
-    quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     config_dict = json.loads(config.to_json_string(use_diff=False))
     config_dict["dtype"] = str(float_dtype or _model_float_dtype(model)).removeprefix("torch.")
     if _is_transformers_class(type(model)):  # load builds this class (a head, a base model)
         config_dict["architectures"] = [type(model).__name__]
-    config_dict["quantization_config"] = quantization_config(model, tied)
+    lowbit_config = quantization_config(model, tied)
+    if format == ct.FORMAT_NAME:
+        config_dict["quantization_config"] = exported_config
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(output, QUANT_MODULES) and config_dict.get("tie_word_embeddings"):
+            # the loader would tie the quantized head back to the float input embedding
+            config_dict["tie_word_embeddings"] = False
+    else:
+        config_dict["quantization_config"] = lowbit_config
 
     tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"
     old = out_dir.parent / f".{out_dir.name}.lowbit-old-{uuid.uuid4().hex[:8]}"
@@ -293,8 +317,8 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
             (header_len,) = struct.unpack("<Q", f.read(8))
         file_bytes = weights.stat().st_size
         if quantized_bytes:
-            _write_card(model, tmp / "README.md", out_dir, config_dict, file_bytes,
-                        quantized_bytes, source)
+            _write_card(model, tmp / "README.md", out_dir, lowbit_config, file_bytes,
+                        quantized_bytes, source, format)
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

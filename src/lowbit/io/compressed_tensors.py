@@ -1,0 +1,223 @@
+"""Export to compressed-tensors: the checkpoint format vLLM, transformers and llm-compressor read.
+
+lowbit's own format (docs/format.md) borrows compressed-tensors' tensor names; this module writes
+the real thing, so a model quantized by lowbit (RTN, GPTQ, AWQ, SmoothQuant, QAT) can be served
+by vLLM or loaded by ``transformers.AutoModelForCausalLM.from_pretrained`` with the
+``compressed-tensors`` package installed. The mapping is exact (no re-quantization):
+
+- integer weights (intN / uintN, 1..8 bits; per tensor, output channel or input group) become
+  ``pack-quantized``: codes as compressed-tensors' signed values plus ``2**(b-1)``, packed into
+  int32 words as one little-endian bit stream per row (lowbit's own bit order, so the words are
+  lowbit's bytes read four at a time), ``weight_scale [N, K/g]`` as stored, asymmetric
+  zero-points packed the same way along the output dim (``[ceil(N*b/32), K/g]``);
+- int8 weights with int8 activations (``w8a8``, ``w8a8-static``) become ``int-quantized``
+  (``weight`` int8), fp8 e4m3 weights ``float-quantized`` (``weight`` float8_e4m3fn);
+- activation specs become ``input_activations`` (dynamic per token, or static per tensor with
+  ``input_scale``).
+
+What has no compressed-tensors form is refused in one line naming the layer: codebooks (nf4,
+k-means, pow2), fp4 / fp6 / e5m2 grids, 2-D blocks, HQQ's fractional zero-points, GPTQ
+act-order ``g_idx`` (compressed-tensors' own dequantization ignores it), asymmetric static
+activations, quantized Embedding / Conv2d / GPT-2 Conv1D layers, and MoE experts split by
+lowbit (the float model has no Linear of that name).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from lowbit.quant.maps import qrange
+from lowbit.spec import QuantSpec
+
+FORMAT_NAME = "compressed-tensors"
+# The compressed-tensors release whose format this writes (and that the tests load it with).
+CT_VERSION = "0.20.0"
+_CT_GRANULARITY = {"tensor": "tensor", "channel": "channel", "group": "group", "token": "token"}
+
+
+def _refuse(name: str, spec: QuantSpec, why: str) -> ValueError:
+    return ValueError(f"layer {name!r} ({spec}) has no compressed-tensors form: {why}")
+
+
+def _strategy(name: str, spec: QuantSpec, what: str) -> tuple[str, int | None]:
+    if spec.granularity not in _CT_GRANULARITY:
+        raise _refuse(name, spec, f"{what} granularity {spec.granularity!r}; allowed: "
+                      "tensor, channel (output rows), group (along the input)")
+    if spec.granularity == "channel" and spec.axis != 0:
+        raise _refuse(name, spec, f"per-channel scales along axis {spec.axis}; "
+                      "compressed-tensors has one scale per output row (axis 0)")
+    return _CT_GRANULARITY[spec.granularity], spec.group_size
+
+
+def weight_args(name: str, spec: QuantSpec) -> tuple[dict[str, Any], str]:
+    """compressed-tensors' ``weights`` args of a lowbit weight spec, and the group's format."""
+    strategy, group_size = _strategy(name, spec, "weight")
+    if spec.kind == "affine":
+        if spec.has_zero_point and spec.zero_point != "int":
+            raise _refuse(name, spec, "fractional (HQQ-style) zero-points; compressed-tensors "
+                          "stores integer zero-points (use zero_point='int', or rtn / gptq / awq)")
+        # W8A8 runtimes (vLLM's int8 GEMMs) read an int8 ``weight``; the rest is packed
+        fmt = ("int-quantized" if spec.bits == 8 and spec.signed and spec.act is not None
+               and not spec.has_zero_point else "pack-quantized")
+        args = {"num_bits": spec.bits, "type": "int", "symmetric": not spec.has_zero_point}
+    elif spec.format == "fp8_e4m3fn" and strategy in ("tensor", "channel"):
+        fmt = "float-quantized"
+        args = {"num_bits": 8, "type": "float", "symmetric": True}
+    else:
+        raise _refuse(name, spec, "compressed-tensors stores integer grids (1..8 bits, per "
+                      "tensor / channel / group) and fp8 e4m3 (per tensor / channel)")
+    args.update(strategy=strategy, group_size=group_size, dynamic=False, actorder=None,
+                block_structure=None, observer="minmax", observer_kwargs={})
+    return args, fmt
+
+
+def activation_args(name: str, spec: QuantSpec) -> dict[str, Any] | None:
+    """compressed-tensors' ``input_activations`` args of a W*A* spec (None: weight-only)."""
+    act = spec.act
+    if act is None:
+        return None
+    strategy, group_size = _strategy(name, act, "activation")
+    if act.kind == "affine" and act.signed and not act.has_zero_point:
+        kind = "int"
+    elif act.format == "fp8_e4m3fn":
+        kind = "float"
+    else:
+        raise _refuse(name, spec, f"activations {act}; compressed-tensors runs signed symmetric "
+                      "integer or fp8 e4m3 activations")
+    if strategy == "token" and not act.dynamic or strategy != "token" and act.dynamic:
+        raise _refuse(name, spec, "activations must be dynamic per token or static per tensor")
+    return {"num_bits": act.bits, "type": kind, "symmetric": True, "strategy": strategy,
+            "group_size": group_size, "dynamic": act.dynamic, "actorder": None,
+            "block_structure": None, "observer": None if act.dynamic else "minmax",
+            "observer_kwargs": {}}
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 ``[R, C]`` -> int32 ``[R, ceil(C*bits/32)]``: each row one
+    little-endian bit stream (code i at bits ``[i*b, (i+1)*b)``), as compressed-tensors'
+    ``pack_to_int32`` lays out its offset values."""
+    from lowbit.formats.packing import pack
+
+    packed = pack(codes, bits)  # the same stream in bytes
+    words = -(-codes.shape[-1] * bits // 32)
+    padded = torch.zeros(packed.shape[0], words * 4, dtype=torch.int64)
+    padded[:, : packed.shape[1]] = packed.to(torch.int64)
+    b = padded.view(packed.shape[0], words, 4)
+    value = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return torch.where(value >= 1 << 31, value - (1 << 32), value).to(torch.int32)
+
+
+def module_tensors(name: str, module: QuantLinear, fmt: str) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized Linear (names without the prefix)."""
+    qt = module.qweight
+    spec = qt.spec
+    if qt.g_idx is not None:
+        raise _refuse(name, spec, "GPTQ act-order groups (g_idx), which compressed-tensors' "
+                      "own dequantization ignores; quantize with GPTQ(act_order=False) or "
+                      "GPTQ(act_order=True, static_groups=True)")
+    n, k = qt.shape
+    if spec.granularity == "group" and k % spec.group_size:
+        raise _refuse(name, spec, f"in_features {k} is not a multiple of the group size")
+    scale = qt.scale if spec.granularity != "tensor" else qt.scale.reshape(1)
+    out: dict[str, torch.Tensor] = {}
+    if fmt == "float-quantized":
+        out["weight"] = qt.codes().view(torch.float8_e4m3fn).reshape(n, k)
+    elif fmt == "int-quantized":
+        out["weight"] = qt.int_repr()
+    else:
+        qmin = qrange(spec)[0]
+        # compressed-tensors stores signed value + 2**(b-1); lowbit stores q - qmin: for uintN
+        # the two are equal, for intN (qmin = -2**(b-1)) as well
+        out["weight_packed"] = pack_int32(qt.codes(), spec.bits)
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if spec.has_zero_point:
+            zero = qt.zero_point.float()
+            lo, hi = qrange(spec)
+            if not bool(((zero == zero.round()) & (zero >= lo) & (zero <= hi)).all()):
+                raise _refuse(name, spec, f"zero-points outside the integers {lo}..{hi}")
+            if spec.granularity == "tensor":  # stored as the signed value, unpacked
+                out["weight_zero_point"] = (zero.reshape(1) - qmin
+                                            - (1 << (spec.bits - 1))).to(torch.int8)
+            else:
+                stored = (zero - qmin).to(torch.uint8)
+                out["weight_zero_point"] = pack_int32(stored.T.contiguous(), spec.bits).T
+    out["weight_scale"] = scale
+    if spec.act is not None and not spec.act.dynamic:
+        out["input_scale"] = module.input_scale.reshape(1)
+    if module.bias is not None:
+        out["bias"] = module.bias
+    return out
+
+
+def _float_skeleton(model: nn.Module) -> nn.Module | None:
+    """The model's class built from its config on the meta device: the modules a loader builds."""
+    try:
+        with torch.device("meta"):
+            return type(model)(model.config)
+    except Exception:  # noqa: BLE001 - a class that needs more than its config: skip the check
+        return None
+
+
+def export_tensors(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """``state`` (the model's state dict) with every quantized module's tensors in
+    compressed-tensors' form, config.json's ``quantization_config``, and the bytes of the
+    quantized weights as stored (codes, scales, zero-points)."""
+    skeleton = _float_skeleton(model)
+    floats = dict(skeleton.named_modules()) if skeleton is not None else None
+    groups: dict[str, dict[str, Any]] = {}
+    out = dict(state)
+    quantized_bytes = 0
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantConv2d, QuantEmbedding)):
+            continue
+        spec = module.spec
+        if not isinstance(module, QuantLinear):
+            raise _refuse(name, spec, f"{type(module).__name__[5:]} layers; compressed-tensors "
+                          "runtimes quantize Linear layers only (keep it in float: "
+                          f"exclude={name!r}, CLI --exclude {name})")
+        if floats is not None and not isinstance(floats.get(name), nn.Linear):
+            what = type(floats[name]).__name__ if name in floats else "no module"
+            raise _refuse(name, spec, f"the float model has {what} there, not a Linear "
+                          "(GPT-2 Conv1D, or MoE experts split by lowbit), so a loader "
+                          "would not find this layer")
+        wargs, fmt = weight_args(name, spec)
+        aargs = activation_args(name, spec)
+        tensors = module_tensors(name, module, fmt)
+        for key in [k for k in out if k.startswith(name + ".")
+                    and k.count(".") == name.count(".") + 1]:
+            del out[key]
+        out.update({f"{name}.{key}": t for key, t in tensors.items()})
+        quantized_bytes += sum(t.numel() * t.element_size() for key, t in tensors.items()
+                               if key not in ("bias", "weight_shape", "input_scale"))
+        key = repr((sorted(wargs.items()), sorted((aargs or {}).items()), fmt))
+        group = groups.setdefault(key, {"targets": [], "weights": wargs,
+                                        "input_activations": aargs,
+                                        "output_activations": None, "format": fmt})
+        group["targets"].append(name)
+        names.append(name)
+    if not names:
+        raise ValueError("model has no quantized layers to export; quantize it first "
+                         "(lowbit.quantize) or save it in float with model.save_pretrained")
+    quantized = set(names)
+    linears = [n for n, m in (floats or dict(model.named_modules())).items()
+               if isinstance(m, nn.Linear) and n not in quantized]
+    if len(groups) == 1:  # the usual llm-compressor shape: every Linear but the ignored ones
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    formats = {g["format"] for g in groups.values()}
+    config = {
+        "quant_method": FORMAT_NAME,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": linears,
+        "kv_cache_scheme": None,
+        "version": CT_VERSION,
+    }
+    return out, config, quantized_bytes

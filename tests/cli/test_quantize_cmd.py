@@ -332,3 +332,37 @@ def test_a_moe_folder_is_quantized_block_by_block_expert_by_expert(llama_dir, tm
     assert "calibrated on the tokens routed to them" in r.stdout
     r = runner.invoke(app, [*args, "--moe-calibration", "some"])
     assert r.exit_code != 0 and "--moe-calibration some; allowed: all, routed" in r.output
+
+
+def test_compressed_tensors_format(llama_dir, tmp_path):
+    """--format compressed-tensors keeps the embedding float (the format's runtimes quantize
+    Linear layers) and writes what transformers loads."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ct"
+    r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "w4g128-sym", "--exclude",
+                            "lm_head", "--format", "compressed-tensors", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "1 Embedding / Conv layers stay float" in r.stderr
+    assert "28: 28 x int4-g128-sym" in r.stdout and "compressed-tensors (load with" in r.stdout
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["format"]) == ("compressed-tensors", "pack-quantized")
+    assert (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert model(torch.tensor([[3, 4, 5]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--format", "gguf"], "--format gguf; allowed: lowbit, compressed-tensors"),
+    (["-s", "nf4g64", "--format", "compressed-tensors"], "spec nf4-g64 has no compressed"),
+    (["--algorithm", "gptq-act-order", "--calib", str(VAL_TEXT), "--format",
+      "compressed-tensors"], "use --algorithm gptq"),
+])
+def test_compressed_tensors_refusals_come_first(llama_dir, tmp_path, extra, expected):
+    out = tmp_path / "ct"
+    args = ["quantize", str(llama_dir), "-s", "w4g128", "-o", str(out), *extra]
+    if "-s" in extra:
+        args[2:4] = []  # the -s of extra
+    _fails(args, out, expected)

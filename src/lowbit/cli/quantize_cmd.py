@@ -12,6 +12,8 @@ from rich.table import Table
 
 from lowbit.cli.common import console, err_console, fail
 from lowbit.eval.size import human_bytes
+from lowbit.io import compressed_tensors as ct
+from lowbit.io.save import SAVE_FORMATS
 from lowbit.kernels.dispatch import kernel_plan
 from lowbit.models.hf import source_float_dtype
 from lowbit.spec import PRESETS, SPEC_STRING_SYNTAX, QuantSpec, as_spec, preset
@@ -153,6 +155,11 @@ def quantize_command(
             "budgets take seconds.")),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    save_format: str = typer.Option(
+        "lowbit", "--format", help=(
+            "Checkpoint format: lowbit (read by lowbit.load; every spec) or compressed-tensors "
+            "(read by vLLM and by transformers with the compressed-tensors package; integer "
+            "and fp8 specs, Linear layers: Embedding / Conv layers stay float).")),
 ) -> None:
     """Quantize a model and write safetensors + config.json (see docs/format.md)."""
     import lowbit
@@ -223,6 +230,10 @@ def quantize_command(
                     f"unknown observer {observer!r}; allowed: {', '.join(sorted(OBSERVERS))}"
                 )
         check_out_dir(out_dir, overwrite)
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"--format {save_format}; allowed: {', '.join(SAVE_FORMATS)}")
+        if save_format == ct.FORMAT_NAME:
+            _check_exportable(spec, candidates, alg)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
@@ -236,6 +247,12 @@ def quantize_command(
 
     include_list = list(include) if include else None
     exclude_list = list(exclude or [])
+    if save_format == ct.FORMAT_NAME:
+        kept = ct.float_only_layers(model if model is not None else _meta_model(Path(model_dir)))
+        if kept:
+            err_console.print(f"compressed-tensors: {len(kept)} Embedding / Conv layers stay "
+                              "float (its runtimes quantize Linear layers)")
+        exclude_list += kept
     if candidates is not None:
         try:
             plan = _mixed_plan(model, candidates, bits, texts, tokenizer, include_list,
@@ -254,11 +271,11 @@ def quantize_command(
                 calib_batch_size=calib_batch_size, show_progress=True,
                 moe_calibration=moe_calibration or "all",
             )
-            result = lowbit.save(model, out_dir, overwrite=overwrite,
+            result = lowbit.save(model, out_dir, overwrite=overwrite, format=save_format,
                                  float_dtype=source_float_dtype(model_dir, model))
         except (ValueError, TypeError) as e:
             fail(_explain(str(e)))
-        _print_report(model, result, model_dir, mode, kind)
+        _print_report(model, result, model_dir, mode, kind, save_format)
         return
 
     total = _candidates(model, include_list, exclude_list)
@@ -288,11 +305,11 @@ def quantize_command(
                 f"mixed precision: each layer's spec chosen among {', '.join(candidates)} for "
                 f"the least summed {what} at {bits:g} bits per weight (measured with each layer "
                 f"quantized alone on {sens.n_positions:,} positions of the calibration text)")
-        result = lowbit.save(model, out_dir, overwrite=overwrite,
+        result = lowbit.save(model, out_dir, overwrite=overwrite, format=save_format,
                              float_dtype=source_float_dtype(model_dir, model))
     except (ValueError, TypeError) as e:
         fail(_explain(str(e)))
-    _print_report(model, result, model_dir, mode, kind)
+    _print_report(model, result, model_dir, mode, kind, save_format)
 
 
 def mixed_candidates(scheme: str | None, mode: str | None, bits: float | None) -> list[str]:
@@ -373,6 +390,28 @@ def _print_plan(plan, names: list[str]) -> None:
     console.print(table)
 
 
+def _check_exportable(spec, candidates: list[str] | None, alg) -> None:
+    """Fail before quantizing when the result could not be saved as compressed-tensors."""
+    specs = [resolve_scheme(c, "weight")[0] for c in candidates] if candidates else [spec]
+    for s in specs:
+        ct.check_spec(s)
+        static = getattr(alg, "static_groups", None)
+        if (getattr(alg, "act_order", False) and s.granularity == "group"
+                and not (static if static is not None else s.bits <= 2)):
+            raise ValueError("--algorithm gptq-act-order stores act-order groups (g_idx), which "
+                             "compressed-tensors' own dequantization ignores; use --algorithm "
+                             "gptq")
+
+
+def _meta_model(path: Path):
+    from transformers import AutoConfig
+
+    from lowbit.models.hf import build_on_meta, model_kind
+
+    config = AutoConfig.from_pretrained(path)
+    return build_on_meta(config, model_kind(config))
+
+
 def _check_folder(path: Path) -> str:
     """Validate a model folder against its config.json without loading it; returns its kind."""
     from transformers import AutoConfig
@@ -388,7 +427,8 @@ def _check_folder(path: Path) -> str:
     return kind
 
 
-def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
+def _print_report(model, result, model_dir: str, mode: str, kind: str,
+                  fmt: str = "lowbit") -> None:
     summary = model.lowbit_summary
     quantized, skipped = summary.quantized, summary.skipped
     numel = sum(model.get_submodule(m.name).qweight.numel for m in quantized)
@@ -398,6 +438,8 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str) -> None:
     table.add_column("value")
     specs = Counter(m.spec for m in quantized)
     table.add_row("mode", mode)
+    if fmt != "lowbit":
+        table.add_row("format", f"{fmt} (load with transformers or vLLM, not lowbit.load)")
     table.add_row(
         "modules quantized",
         (f"{len(quantized)}: " + ", ".join(f"{n} x {s}" for s, n in specs.items()))

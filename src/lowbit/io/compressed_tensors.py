@@ -39,11 +39,27 @@ CT_VERSION = "0.20.0"
 _CT_GRANULARITY = {"tensor": "tensor", "channel": "channel", "group": "group", "token": "token"}
 
 
-def _refuse(name: str, spec: QuantSpec, why: str) -> ValueError:
-    return ValueError(f"layer {name!r} ({spec}) has no compressed-tensors form: {why}")
+def _refuse(name: str | None, spec: QuantSpec, why: str) -> ValueError:
+    where = f"layer {name!r} ({spec})" if name is not None else f"spec {spec}"
+    return ValueError(f"{where} has no compressed-tensors form: {why}")
 
 
-def _strategy(name: str, spec: QuantSpec, what: str) -> tuple[str, int | None]:
+def check_spec(spec: QuantSpec) -> None:
+    """Raise ValueError now if Linear layers quantized with ``spec`` could not be exported
+    (lets a caller fail before quantizing; layer-level checks come at save time)."""
+    weight_args(None, spec)
+    activation_args(None, spec)
+
+
+def float_only_layers(model: nn.Module) -> list[str]:
+    """Names of the Embedding / Conv2d / GPT-2 Conv1D layers of a float ``model``: lowbit can
+    quantize them, compressed-tensors runtimes cannot, so an export keeps them in float."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.Conv2d))
+            or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))]
+
+
+def _strategy(name: str | None, spec: QuantSpec, what: str) -> tuple[str, int | None]:
     if spec.granularity not in _CT_GRANULARITY:
         raise _refuse(name, spec, f"{what} granularity {spec.granularity!r}; allowed: "
                       "tensor, channel (output rows), group (along the input)")
@@ -53,7 +69,7 @@ def _strategy(name: str, spec: QuantSpec, what: str) -> tuple[str, int | None]:
     return _CT_GRANULARITY[spec.granularity], spec.group_size
 
 
-def weight_args(name: str, spec: QuantSpec) -> tuple[dict[str, Any], str]:
+def weight_args(name: str | None, spec: QuantSpec) -> tuple[dict[str, Any], str]:
     """compressed-tensors' ``weights`` args of a lowbit weight spec, and the group's format."""
     strategy, group_size = _strategy(name, spec, "weight")
     if spec.kind == "affine":
@@ -75,7 +91,7 @@ def weight_args(name: str, spec: QuantSpec) -> tuple[dict[str, Any], str]:
     return args, fmt
 
 
-def activation_args(name: str, spec: QuantSpec) -> dict[str, Any] | None:
+def activation_args(name: str | None, spec: QuantSpec) -> dict[str, Any] | None:
     """compressed-tensors' ``input_activations`` args of a W*A* spec (None: weight-only)."""
     act = spec.act
     if act is None:

@@ -193,3 +193,113 @@ def test_unknown_format_and_float_model(tmp_path):
     with pytest.raises(ValueError, match="no quantized layers"):
         lowbit.save(_tiny_llama(), tmp_path / "b", format="compressed-tensors")
     assert not any(tmp_path.iterdir())
+
+
+# ---- reading compressed-tensors checkpoints ------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["w4g128", "w4g128-sym", "w3g128", "w8", "fp8", "w8a8",
+                                  "w8a8-static", "w4a8"])
+def test_lowbit_load_reads_the_export_bit_exactly(llama, tmp_path, spec):
+    model, ids = llama
+    q = _quantized(model, spec, exclude=NO_EMBED, calib=[ids] if "static" in spec else None)
+    lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
+    loaded = lowbit.load(tmp_path / "ct")
+    for name, module in q.named_modules():
+        if isinstance(module, lowbit.nn.QuantLinear):
+            assert loaded.get_submodule(name).spec == module.spec
+    assert torch.equal(_logits(loaded, ids), _logits(q, ids))
+    assert len(loaded.lowbit_summary.quantized) == 28
+
+
+def _ct_checkpoint(model: nn.Module, folder: Path, bits: int, symmetric: bool,
+                   group_size: int) -> None:
+    """A checkpoint made by compressed-tensors' own compressor (lowbit only writes the float
+    tensors): qparams from its calculate_qparams, codes from its PackedQuantizationCompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from safetensors.torch import save_file
+
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group",
+                            group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            w = module.weight.detach()
+            grouped = w.reshape(w.shape[0], -1, group_size)
+            scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+            local = {"weight": w, "weight_scale": scale.half(),
+                     "weight_zero_point": zero.round().to(torch.int8)}
+            del state[f"{name}.weight"]
+            for key, t in PackedQuantizationCompressor.compress(local, scheme).items():
+                state[f"{name}.{key}"] = t.contiguous()
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    config = json.loads(model.config.to_json_string())
+    config["quantization_config"] = QuantizationConfig(
+        config_groups={"group_0": scheme}, format="pack-quantized", ignore=["lm_head"],
+        quantization_status="compressed").model_dump(mode="json")
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (2, False)])
+def test_lowbit_load_reads_compressed_tensors_own_checkpoints(tmp_path, bits, symmetric):
+    """Codes and qparams as compressed-tensors writes them: lowbit's weights equal what
+    compressed-tensors decompresses (transformers' dequantize path), and lowbit's kernels run
+    them."""
+    model = _tiny_llama()
+    _ct_checkpoint(model, tmp_path / "ct", bits, symmetric, group_size=32)
+    ours = lowbit.load(tmp_path / "ct")
+    theirs = _from_pretrained(tmp_path / "ct", dequantize=True)
+    down = ours.model.layers[0].mlp.down_proj
+    assert down.spec.bits == bits and down.spec.symmetric is symmetric
+    for name, module in ours.named_modules():
+        if isinstance(module, lowbit.nn.QuantLinear):
+            want = theirs.get_submodule(name).weight
+            torch.testing.assert_close(module.qweight.dequantize().half().float(), want,
+                                       rtol=0, atol=0)
+    ids = torch.randint(0, 128, (1, 10))
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=1e-2)
+
+
+def test_act_order_g_idx_is_read(llama):
+    """weight_g_idx (GPTQ act-order groups, as vLLM reads them) maps onto lowbit's g_idx."""
+    from lowbit.io.compressed_tensors import _quantized_tensor
+    from lowbit.spec import as_spec
+
+    model, ids = llama
+    calib = torch.randint(0, model.config.vocab_size, (4, 128),
+                          generator=torch.Generator().manual_seed(0))
+    q = _quantized(model, "w4g128-sym", algorithm="gptq-act-order", calib=calib,
+                   include=["*layers.0.mlp.down_proj"])
+    qt = q.model.layers[0].mlp.down_proj.qweight
+    assert qt.g_idx is not None
+    tensors = {"weight_packed": pack_int32(qt.codes(), 4), "weight_scale": qt.scale,
+               "weight_g_idx": qt.g_idx.long()}
+    got = _quantized_tensor("down_proj", as_spec("w4g128-sym"), "pack-quantized", qt.shape,
+                            tensors, torch.float32)
+    assert torch.equal(got.dequantize(), qt.dequantize())
+
+
+def test_unreadable_compressed_tensors_configs(tmp_path):
+    model = _tiny_llama()
+    _ct_checkpoint(model, tmp_path / "ct", 4, True, group_size=32)
+    config_file = tmp_path / "ct" / "config.json"
+    config = json.loads(config_file.read_text())
+    for change, message in (
+        ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized'; lowbit reads"),
+        ({"transform_config": {"x": 1}}, "rotations"),
+        ({"quantization_status": "frozen"}, "status 'frozen'"),
+    ):
+        qc = {**config["quantization_config"], **change}
+        if "format" in change:
+            qc["config_groups"] = {"group_0": {**qc["config_groups"]["group_0"],
+                                               "format": None}}
+        config_file.write_text(json.dumps({**config, "quantization_config": qc}))
+        with pytest.raises(ValueError, match=message):
+            lowbit.load(tmp_path / "ct")

@@ -19,13 +19,14 @@ from lowbit.eval.speed import latency, weight_bytes
 
 
 def is_lowbit_folder(path: Path) -> bool:
-    """True when ``path/config.json`` has ``quantization_config.quant_method == "lowbit"``."""
+    """True when ``path/config.json``'s ``quantization_config.quant_method`` is one lowbit.load
+    reads into its quantized modules: "lowbit" or "compressed-tensors"."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == "lowbit"
+    return isinstance(qc, dict) and qc.get("quant_method") in ("lowbit", "compressed-tensors")
 
 
 def _folder_tokenizer(path: Path) -> Any:
@@ -38,7 +39,8 @@ def _folder_tokenizer(path: Path) -> Any:
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, Any, str]:
-    """``(model, tokenizer or None, kind)`` from a plain HF folder or a ``lowbit.save`` folder."""
+    """``(model, tokenizer or None, kind)`` from a plain HF folder, a ``lowbit.save`` folder or a
+    compressed-tensors checkpoint (run by lowbit's kernels)."""
     from transformers.utils import logging as hf_logging
 
     from lowbit.io import load

@@ -68,10 +68,10 @@ def size_from_model(model_dir: str | Path) -> tuple[list[SizeRow], dict[str, int
     except (OSError, ValueError):
         config = None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
-        raise ValueError(f"MODEL_DIR {str(model_dir)!r} is a lowbit checkpoint (already "
-                         "quantized: its headers hold packed codes); give the float model's "
-                         "folder, or see its bytes with lowbit eval")
+    if isinstance(qc, dict) and qc.get("quant_method") in ("lowbit", "compressed-tensors"):
+        raise ValueError(f"MODEL_DIR {str(model_dir)!r} is a {qc['quant_method']} checkpoint "
+                         "(already quantized: its headers hold packed codes); give the float "
+                         "model's folder, or see its bytes with lowbit eval")
     infos = model_tensor_infos(model_dir)
     n_params = sum(i.numel for i in infos)
     if n_params == 0:

@@ -24,6 +24,10 @@ lowbit (the float model has no Linear of that name).
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -237,3 +241,244 @@ def export_tensors(
         "version": CT_VERSION,
     }
     return out, config, quantized_bytes
+
+
+# ---- reading compressed-tensors checkpoints (llm-compressor's, vLLM's, lowbit's) -----------
+
+# compressed-tensors formats lowbit reads: integer codes (packed in int32 words, or one int8 per
+# weight), fp8 e4m3 weights
+_READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
+
+
+def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
+    """compressed-tensors' matching: a ``re:`` regex or the exact name, or a class name in the
+    module's MRO."""
+    for target in targets:
+        if target.startswith("re:"):
+            if re.match(target[3:], name):
+                return True
+        elif target == name or any(c.__name__ == target for c in type(module).__mro__):
+            return True
+    return False
+
+
+def _spec_from_args(group: str, body: dict[str, Any], default_format: str,
+                    scale_dtype: torch.dtype) -> QuantSpec:
+    """The lowbit spec of a compressed-tensors config group (weights + input activations)."""
+    fmt = body.get("format") or default_format
+    w, a = body.get("weights"), body.get("input_activations")
+    if fmt not in _READ_FORMATS:
+        raise ValueError(f"group {group!r}: format {fmt!r}; lowbit reads "
+                         f"{', '.join(_READ_FORMATS)}")
+    if not isinstance(w, dict):
+        raise ValueError(f"group {group!r}: no weights args (activation-only schemes are not "
+                         "read)")
+    if body.get("output_activations"):
+        raise ValueError(f"group {group!r}: output activation quantization is not supported")
+    strategy = w.get("strategy") or "tensor"
+    fields: dict[str, Any] = {"scale_dtype": str(scale_dtype).removeprefix("torch.")}
+    if strategy == "group":
+        fields.update(granularity="group", group_size=w.get("group_size"))
+    elif strategy in ("channel", "tensor"):
+        fields.update(granularity=strategy)
+    elif strategy == "block" and w.get("type") == "float":
+        fields.update(granularity="block", block=tuple(w.get("block_structure") or ()))
+    else:
+        raise ValueError(f"group {group!r}: weight strategy {strategy!r} is not supported")
+    bits = w.get("num_bits")
+    if w.get("type") == "float":
+        if bits != 8 or fmt != "float-quantized":
+            raise ValueError(f"group {group!r}: float weights of {bits} bits ({fmt}); lowbit "
+                             "reads fp8 e4m3 (float-quantized)")
+        fields.update(format="fp8_e4m3fn", symmetric=True)
+    elif w.get("symmetric", True):
+        fields.update(format=f"int{bits}", symmetric=True)
+    else:
+        fields.update(format=f"uint{bits}", symmetric=False, zero_point="int")
+    if isinstance(a, dict):
+        if not a.get("symmetric", True):
+            raise ValueError(f"group {group!r}: asymmetric activations are not supported")
+        act_format = "fp8_e4m3fn" if a.get("type") == "float" else f"int{a.get('num_bits')}"
+        fields["act"] = QuantSpec(format=act_format, granularity=a.get("strategy") or "tensor",
+                                  symmetric=True, scale_dtype="float32",
+                                  dynamic=bool(a.get("dynamic")), group_size=a.get("group_size"))
+    try:
+        return QuantSpec(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"group {group!r}: {e}") from None
+
+
+def _bytes_of_words(words: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """int32 ``[R, W]`` -> uint8 ``[R, n_bytes]``: each word's bytes, least significant first."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    parts = torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+    return parts.reshape(w.shape[0], -1)[:, :n_bytes].to(torch.uint8).contiguous()
+
+
+def _quantized_tensor(name: str, spec: QuantSpec, fmt: str, shape: tuple[int, int],
+                      t: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A lowbit QuantizedTensor from one module's compressed-tensors tensors ``t``."""
+    from lowbit.formats.packing import pack, packed_length, unpack
+    from lowbit.tensor import QuantizedTensor, stored_shapes
+
+    n, k = shape
+    bits = spec.bits
+    if fmt == "pack-quantized":
+        packed = t.get("weight_packed")
+        if packed is None or packed.dtype != torch.int32 or packed.dim() != 2 or \
+                packed.shape[0] != n or packed.shape[1] * 32 < k * bits:
+            raise ValueError(f"{name}.weight_packed: expected int32 [{n}, "
+                             f"{-(-k * bits // 32)}] for {spec}")
+        qdata = _bytes_of_words(packed, packed_length(k, bits))
+    else:
+        w = t.get("weight")
+        want = torch.float8_e4m3fn if fmt == "float-quantized" else torch.int8
+        if w is None or w.dtype != want or tuple(w.shape) != shape:
+            raise ValueError(f"{name}.weight: expected {want} {list(shape)} for {spec}")
+        codes = (w.view(torch.uint8) if fmt == "float-quantized"
+                 else (w.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8))
+        qdata = pack(codes, bits)
+    expected = stored_shapes(spec, shape)
+    scale = t.get("weight_scale")
+    scale_shape = expected["scale"][0]
+    if scale is None or scale.numel() != math.prod(scale_shape):
+        raise ValueError(f"{name}.weight_scale: expected {math.prod(scale_shape)} values "
+                         f"{list(scale_shape)} for {spec}")
+    zero = None
+    if spec.has_zero_point:
+        zp = t.get("weight_zero_point")
+        zero_shape = expected["zero_point"][0]
+        if zp is None:
+            raise ValueError(f"{name}.weight_zero_point is missing (asymmetric {spec})")
+        if zp.dtype == torch.int32 and fmt == "pack-quantized":  # packed along the output dim
+            cols = unpack(_bytes_of_words(zp.T.contiguous(), packed_length(n, bits)), bits, n)
+            zero = cols.T
+        else:  # one signed int8 per (row, group)
+            zero = zp.to(torch.int16) + (1 << (bits - 1))
+        if zero.numel() != math.prod(zero_shape):
+            raise ValueError(f"{name}.weight_zero_point: expected {list(zero_shape)} values")
+        zero = zero.reshape(zero_shape).to(expected["zero_point"][1])
+    g_idx = t.get("weight_g_idx")
+    return QuantizedTensor(qdata=qdata, spec=spec, shape=shape, dtype=dtype,
+                           scale=scale.reshape(scale_shape).contiguous(), zero_point=zero,
+                           g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous())
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise ValueError(f"{folder} has no model.safetensors(.index.json)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {key: single.name for key in f.keys()}
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A compressed-tensors checkpoint as a lowbit model: every quantized Linear becomes a
+    QuantLinear holding the same codes (so lowbit's CPU kernels run it), the rest loads as
+    float ``dtype``. Called by ``lowbit.load`` for such folders."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from lowbit.api import ModuleReport, QuantizeSummary
+    from lowbit.io.load import rebuild_meta_buffers
+    from lowbit.models.hf import build_on_meta, model_kind
+
+    config_dict = json.loads((path / "config.json").read_text())
+    qc = config_dict["quantization_config"]
+    where = f"{path}/config.json: quantization_config"
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise ValueError(f"{where} status {qc.get('quantization_status')!r}; lowbit reads "
+                         "'compressed' checkpoints")
+    for field in ("transform_config", "kv_cache_scheme"):
+        if qc.get(field):
+            raise ValueError(f"{where} has a {field} (rotations / KV-cache quantization), "
+                             "which lowbit does not run")
+    sparsity = qc.get("sparsity_config") or {}
+    if sparsity.get("format", "dense") != "dense":
+        raise ValueError(f"{where}: sparse format {sparsity.get('format')!r} is not supported")
+    weight_map = _weight_map(path)
+    config = AutoConfig.from_pretrained(path)
+    model = build_on_meta(config, model_kind(config), dtype)
+    groups = qc.get("config_groups") or {}
+    ignore = list(qc.get("ignore") or [])
+    files: dict[str, Any] = {}
+
+    def tensor(key: str) -> torch.Tensor:
+        file = weight_map[key]
+        if file not in files:
+            files[file] = safe_open(str(path / file), "pt")
+        return files[file].get_tensor(key)
+
+    summary = QuantizeSummary()
+    quantized: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
+            continue
+        group = next((g for g, body in groups.items()
+                      if _matches(name, module, list(body.get("targets") or []))), None)
+        if group is None:
+            continue
+        body = groups[group]
+        t = {key[len(name) + 1:]: tensor(key) for key in weight_map
+             if key.startswith(name + ".") and "." not in key[len(name) + 1:]}
+        if "weight_scale" not in t:
+            raise ValueError(f"{path}: {name!r} is a target of group {group!r} but has no "
+                             "weight_scale in the checkpoint")
+        spec = _spec_from_args(group, body, qc.get("format"), t["weight_scale"].dtype)
+        fmt = body.get("format") or qc.get("format")
+        shape = (module.out_features, module.in_features)
+        if "weight_shape" in t and tuple(int(s) for s in t["weight_shape"].tolist()) != shape:
+            raise ValueError(f"{path}: {name}.weight_shape is {t['weight_shape'].tolist()}; "
+                             f"the model's layer is {list(shape)}")
+        new = QuantLinear(module.in_features, module.out_features, spec, module.bias is not None,
+                          dtype, device="meta")
+        try:
+            new.set_weight(_quantized_tensor(name, spec, fmt, shape, t, dtype))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if module.bias is not None:
+            new.bias = t["bias"].to(dtype)
+        if hasattr(new, "input_scale"):
+            new.input_scale = t["input_scale"].float().reshape(1)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        quantized.add(name)
+        summary.modules.append(ModuleReport(name, "Linear", str(spec), "quantized", "",
+                                            module.weight.numel() * dtype.itemsize, 0))
+    if not quantized:
+        raise ValueError(f"{where}: no Linear of {type(model).__name__} matches a group's "
+                         "targets")
+    owned = {key for key in weight_map if key.rpartition(".")[0] in quantized}
+    state = {key: tensor(key) for key in weight_map if key not in owned}
+    expected = model.state_dict()
+    for key in state:
+        if key not in expected:
+            raise ValueError(f"{path}: tensor {key!r} is not part of {type(model).__name__}")
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {list(state[key].shape)}; the "
+                             f"model expects {list(expected[key].shape)}")
+        if state[key].is_floating_point():
+            state[key] = state[key].to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    rebuild_meta_buffers(model)
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"{path}: tensors {meta[:3]} are missing from the checkpoint")
+    for report in summary.quantized:
+        module = model.get_submodule(report.name)
+        try:
+            module.qweight.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: module {report.name!r}: {e}") from None
+        report.bytes_after = module.weight_nbytes
+    model.lowbit_summary = summary
+    model.lowbit_quantization_config = qc
+    model._lowbit_source = str(path.resolve())
+    return model.eval()

@@ -64,6 +64,16 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, qc
 
 
+def _quant_method(path: Path) -> str | None:
+    """config.json's ``quantization_config.quant_method`` (None if there is none)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
 def _group_specs(qc: dict[str, Any]) -> dict[str, QuantSpec]:
     """``{module name: spec}`` from the config groups."""
     out: dict[str, QuantSpec] = {}
@@ -197,6 +207,10 @@ def _build(config: Any, kind: str, dtype: torch.dtype, targets: list[str],
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a checkpoint written by :func:`lowbit.save`; returns the model in eval mode.
 
+    Compressed-tensors checkpoints (llm-compressor's, or ``lowbit.save(format=
+    "compressed-tensors")``) load too: their integer / fp8 Linears become lowbit's quantized
+    modules holding the same codes (see lowbit.io.compressed_tensors.load_checkpoint).
+
     Float tensors are cast to ``dtype``; quantized tensors keep their stored dtypes. The model's
     ``lowbit_summary`` lists quantized and ignored modules as ``lowbit.quantize`` did.
     """
@@ -211,6 +225,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path)
+    if _quant_method(path) == "compressed-tensors":
+        from lowbit.io.compressed_tensors import load_checkpoint
+
+        return load_checkpoint(path, dtype)
     config_dict, qc = _read_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

@@ -345,7 +345,7 @@ def test_compressed_tensors_format(llama_dir, tmp_path):
                             "lm_head", "--format", "compressed-tensors", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "1 Embedding / Conv layers stay float" in r.stderr
-    assert "28: 28 x int4-g128-sym" in r.stdout and "compressed-tensors (load with" in r.stdout
+    assert "28: 28 x int4-g128-sym" in r.stdout and "compressed-tensors (read by vLLM" in r.stdout
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["format"]) == ("compressed-tensors", "pack-quantized")
     assert (out / "tokenizer.json").is_file()
@@ -366,3 +366,20 @@ def test_compressed_tensors_refusals_come_first(llama_dir, tmp_path, extra, expe
     if "-s" in extra:
         args[2:4] = []  # the -s of extra
     _fails(args, out, expected)
+
+
+def test_compressed_tensors_refuses_moe_experts_before_quantizing(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path / "moe"
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2)).save_pretrained(folder)
+    out = tmp_path / "ct"
+    _fails(["quantize", str(folder), "-s", "int4-g32-sym", "--format", "compressed-tensors",
+            "-o", str(out)], out, "mixture-of-experts layers", "--exclude '*experts*'")
+    r = runner.invoke(app, ["quantize", str(folder), "-s", "int4-g32-sym", "--format",
+                            "compressed-tensors", "--exclude", "*experts*", "-o", str(out)])
+    assert r.exit_code == 0, r.output

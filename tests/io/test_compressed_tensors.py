@@ -303,3 +303,80 @@ def test_unreadable_compressed_tensors_configs(tmp_path):
         config_file.write_text(json.dumps({**config, "quantization_config": qc}))
         with pytest.raises(ValueError, match=message):
             lowbit.load(tmp_path / "ct")
+
+
+def _mixed_export(tmp_path: Path) -> tuple[nn.Module, Path]:
+    model = _tiny_llama(tie=True)
+    q = _quantized(model, {"*down_proj": "w8", "*": "w4g128-sym"}, exclude=["*embed_tokens"])
+    lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
+    return q, tmp_path / "ct"
+
+
+def _edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_the_most_specific_target_wins(tmp_path):
+    """A class-name group listed first and a regex group for down_proj: compressed-tensors and
+    vLLM give down_proj the regex group's scheme, and so does lowbit.load."""
+    q, folder = _mixed_export(tmp_path)
+
+    def by_class_then_regex(config):
+        groups = config["quantization_config"]["config_groups"]
+        w4, w8 = sorted(groups.values(), key=lambda g: g["weights"]["num_bits"])
+        config["quantization_config"]["config_groups"] = {
+            "group_0": {**w4, "targets": ["Linear"]},
+            "group_1": {**w8, "targets": ["re:.*down_proj$"]}}
+
+    _edit_config(folder, by_class_then_regex)
+    loaded = lowbit.load(folder)
+    assert str(loaded.model.layers[0].mlp.down_proj.spec) == "int8-ch-sym"
+    ids = torch.randint(0, 128, (1, 12))
+    assert torch.equal(_logits(loaded, ids), _logits(q, ids))
+
+
+def test_quantized_head_of_a_tied_config_stays_quantized(tmp_path):
+    q, folder = _mixed_export(tmp_path)
+    _edit_config(folder, lambda c: c.update(tie_word_embeddings=True))
+    loaded = lowbit.load(folder)
+    assert isinstance(loaded.lm_head, lowbit.nn.QuantLinear)
+    ids = torch.randint(0, 128, (1, 12))
+    assert torch.equal(_logits(loaded, ids), _logits(q, ids))
+
+
+def test_strategy_inferred_from_group_size(tmp_path):
+    _, folder = _mixed_export(tmp_path)
+
+    def no_strategy(config):
+        for group in config["quantization_config"]["config_groups"].values():
+            w = group["weights"]
+            w["strategy"], w["group_size"] = None, w["group_size"] or -1
+
+    _edit_config(folder, no_strategy)
+    loaded = lowbit.load(folder)
+    assert str(loaded.model.layers[0].mlp.down_proj.spec) == "int8-ch-sym"
+    assert str(loaded.model.layers[0].mlp.up_proj.spec) == "int4-g128-sym"
+
+
+def test_missing_tensors_are_named(tmp_path):
+    """config.json builds MLP biases the file does not hold: one line naming the tensor."""
+    q = _quantized(_tiny_llama(), "w4g128-sym", exclude=NO_EMBED)
+    lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
+    _edit_config(tmp_path / "ct", lambda c: c.update(mlp_bias=True))
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.\w+_proj.bias is missing"):
+        lowbit.load(tmp_path / "ct")
+
+
+def test_export_config_for_vllm_fusions_and_conv1d(tmp_path):
+    """GPT-2's float Conv1D layers are listed in ignore (vLLM builds them as Linear layers);
+    q / k / v of different specs (one fused layer in vLLM) warn."""
+    q = _quantized(_gpt2(), "w8", include=["lm_head"])
+    lowbit.save(q, tmp_path / "gpt2", format="compressed-tensors")
+    ignore = json.loads((tmp_path / "gpt2" / "config.json").read_text())[
+        "quantization_config"]["ignore"]
+    assert "transformer.h.0.attn.c_attn" in ignore and "transformer.h.0.mlp.c_fc" in ignore
+    q = _quantized(_tiny_llama(), {"*q_proj": "w8", "*": "w4g128-sym"}, exclude=NO_EMBED)
+    with pytest.warns(UserWarning, match="q_proj, model.layers.0.self_attn.k_proj"):
+        lowbit.save(q, tmp_path / "split", format="compressed-tensors")

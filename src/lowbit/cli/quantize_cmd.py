@@ -248,7 +248,12 @@ def quantize_command(
     include_list = list(include) if include else None
     exclude_list = list(exclude or [])
     if save_format == ct.FORMAT_NAME:
-        kept = ct.float_only_layers(model if model is not None else _meta_model(Path(model_dir)))
+        float_model = model if model is not None else _meta_model(Path(model_dir))
+        try:
+            _check_no_experts(float_model, spec, include_list, exclude_list)
+        except ValueError as e:
+            fail(str(e))
+        kept = ct.float_only_layers(float_model)
         if kept:
             err_console.print(f"compressed-tensors: {len(kept)} Embedding / Conv layers stay "
                               "float (its runtimes quantize Linear layers)")
@@ -403,6 +408,19 @@ def _check_exportable(spec, candidates: list[str] | None, alg) -> None:
                              "gptq")
 
 
+def _check_no_experts(model, spec, include: list[str] | None, exclude: list[str]) -> None:
+    """Fail before quantizing when the patterns select MoE experts (no export for them yet)."""
+    from lowbit.models.experts import expert_linear_names, fused_experts
+    from lowbit.models.select import choose_spec
+
+    for name, module in fused_experts(model).items():
+        for linear in expert_linear_names(name, module):
+            if choose_spec(linear, spec, include, exclude)[0] is not None:
+                raise ValueError(f"mixture-of-experts layers ({linear}, ...) have no "
+                                 "compressed-tensors export in lowbit yet; keep them float "
+                                 "with --exclude '*experts*' or save with --format lowbit")
+
+
 def _meta_model(path: Path):
     from transformers import AutoConfig
 
@@ -439,7 +457,7 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str,
     specs = Counter(m.spec for m in quantized)
     table.add_row("mode", mode)
     if fmt != "lowbit":
-        table.add_row("format", f"{fmt} (load with transformers or vLLM, not lowbit.load)")
+        table.add_row("format", f"{fmt} (read by vLLM, transformers and lowbit.load)")
     table.add_row(
         "modules quantized",
         (f"{len(quantized)}: " + ", ".join(f"{n} x {s}" for s, n in specs.items()))

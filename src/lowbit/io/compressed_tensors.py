@@ -55,12 +55,41 @@ def check_spec(spec: QuantSpec) -> None:
     activation_args(None, spec)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def float_only_layers(model: nn.Module) -> list[str]:
     """Names of the Embedding / Conv2d / GPT-2 Conv1D layers of a float ``model``: lowbit can
     quantize them, compressed-tensors runtimes cannot, so an export keeps them in float."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Embedding, nn.Conv2d))
-            or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))]
+            if isinstance(m, (nn.Embedding, nn.Conv2d)) or _is_conv1d(m)]
+
+
+# Projections vLLM runs as one fused layer (qkv_proj, gate_up_proj): one scheme for all of them.
+FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _warn_split_fusions(model: nn.Module, quantized: list[str]) -> None:
+    """Warn (once) where a set vLLM fuses holds different specs, or float and quantized layers:
+    transformers reads such a checkpoint, vLLM gives the fused layer one scheme."""
+    import warnings
+
+    modules = dict(model.named_modules())
+    chosen = set(quantized)
+    for name in quantized:
+        parent, _, leaf = name.rpartition(".")
+        for fused in FUSED_SETS:
+            if leaf != fused[0]:
+                continue
+            members = [f"{parent}.{m}" for m in fused if f"{parent}.{m}" in modules]
+            specs = {str(modules[m].spec) if m in chosen else "float" for m in members}
+            if len(specs) > 1:
+                warnings.warn(f"{', '.join(members)} are saved as {' / '.join(sorted(specs))}: "
+                              "vLLM fuses them into one layer with one scheme and would not "
+                              "load this checkpoint (transformers and lowbit.load do)",
+                              stacklevel=3)
+                return
 
 
 def _strategy(name: str | None, spec: QuantSpec, what: str) -> tuple[str, int | None]:
@@ -226,8 +255,10 @@ def export_tensors(
         raise ValueError("model has no quantized layers to export; quantize it first "
                          "(lowbit.quantize) or save it in float with model.save_pretrained")
     quantized = set(names)
+    # every float Linear-like layer: vLLM builds GPT-2's Conv1D as Linear layers too
     linears = [n for n, m in (floats or dict(model.named_modules())).items()
-               if isinstance(m, nn.Linear) and n not in quantized]
+               if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n not in quantized]
+    _warn_split_fusions(model, names)
     if len(groups) == 1:  # the usual llm-compressor shape: every Linear but the ignored ones
         next(iter(groups.values()))["targets"] = ["Linear"]
     formats = {g["format"] for g in groups.values()}
@@ -250,16 +281,14 @@ def export_tensors(
 _READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 
 
-def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
-    """compressed-tensors' matching: a ``re:`` regex or the exact name, or a class name in the
-    module's MRO."""
-    for target in targets:
-        if target.startswith("re:"):
-            if re.match(target[3:], name):
-                return True
-        elif target == name or any(c.__name__ == target for c in type(module).__mro__):
-            return True
-    return False
+def _match_rank(name: str, module: nn.Module, targets: list[str]) -> int | None:
+    """How specifically ``targets`` name the module, as compressed-tensors and vLLM rank them:
+    0 the exact name, 1 a ``re:`` regex, 2 a class name in the module's MRO; None: no match."""
+    ranks = [0 if t == name else 1 if t.startswith("re:") and re.match(t[3:], name)
+             else 2 if not t.startswith("re:") and any(c.__name__ == t
+                                                       for c in type(module).__mro__)
+             else None for t in targets]
+    return min((r for r in ranks if r is not None), default=None)
 
 
 def _spec_from_args(group: str, body: dict[str, Any], default_format: str,
@@ -275,10 +304,13 @@ def _spec_from_args(group: str, body: dict[str, Any], default_format: str,
                          "read)")
     if body.get("output_activations"):
         raise ValueError(f"group {group!r}: output activation quantization is not supported")
-    strategy = w.get("strategy") or "tensor"
+    strategy, group_size = w.get("strategy"), w.get("group_size")
+    if strategy is None:  # inferred as compressed-tensors' validator does
+        strategy = ("tensor" if group_size is None else "channel" if group_size == -1
+                    else "group")
     fields: dict[str, Any] = {"scale_dtype": str(scale_dtype).removeprefix("torch.")}
     if strategy == "group":
-        fields.update(granularity="group", group_size=w.get("group_size"))
+        fields.update(granularity="group", group_size=group_size)
     elif strategy in ("channel", "tensor"):
         fields.update(granularity=strategy)
     elif strategy == "block" and w.get("type") == "float":
@@ -326,7 +358,7 @@ def _quantized_tensor(name: str, spec: QuantSpec, fmt: str, shape: tuple[int, in
     if fmt == "pack-quantized":
         packed = t.get("weight_packed")
         if packed is None or packed.dtype != torch.int32 or packed.dim() != 2 or \
-                packed.shape[0] != n or packed.shape[1] * 32 < k * bits:
+                tuple(packed.shape) != (n, -(-k * bits // 32)):
             raise ValueError(f"{name}.weight_packed: expected int32 [{n}, "
                              f"{-(-k * bits // 32)}] for {spec}")
         qdata = _bytes_of_words(packed, packed_length(k, bits))
@@ -417,12 +449,14 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     summary = QuantizeSummary()
     quantized: set[str] = set()
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
+        if not isinstance(module, nn.Linear) or _match_rank(name, module, ignore) is not None:
             continue
-        group = next((g for g, body in groups.items()
-                      if _matches(name, module, list(body.get("targets") or []))), None)
-        if group is None:
+        ranked = [(rank, g) for g, body in groups.items()
+                  if (rank := _match_rank(name, module, list(body.get("targets") or [])))
+                  is not None]
+        if not ranked:
             continue
+        group = min(ranked, key=lambda r: r[0])[1]  # the most specific target wins
         body = groups[group]
         t = {key[len(name) + 1:]: tensor(key) for key in weight_map
              if key.startswith(name + ".") and "." not in key[len(name) + 1:]}
@@ -441,6 +475,10 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module
             new.set_weight(_quantized_tensor(name, spec, fmt, shape, t, dtype))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        for key, present in (("bias", module.bias is not None),
+                             ("input_scale", hasattr(new, "input_scale"))):
+            if present and key not in t:
+                raise ValueError(f"{path}: tensor {name}.{key} is missing")
         if module.bias is not None:
             new.bias = t["bias"].to(dtype)
         if hasattr(new, "input_scale"):
@@ -458,6 +496,9 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     expected = model.state_dict()
     for key in state:
         if key not in expected:
+            if ".experts." in key:
+                raise ValueError(f"{path}: tensor {key!r}: mixture-of-experts compressed-tensors "
+                                 "checkpoints (one tensor set per expert) are not read yet")
             raise ValueError(f"{path}: tensor {key!r} is not part of {type(model).__name__}")
         if tuple(state[key].shape) != tuple(expected[key].shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {list(state[key].shape)}; the "
@@ -465,8 +506,9 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module
         if state[key].is_floating_point():
             state[key] = state[key].to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "tie_word_embeddings", False) and not isinstance(head, QuantLinear):
+        model.tie_weights()  # a quantized head is its own (transformers loads it untied too)
     rebuild_meta_buffers(model)
     meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if meta:

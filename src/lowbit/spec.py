@@ -308,6 +308,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "doc": "k-means 8-entry codebook per output channel (palettization)",
         "spec": {"format": "kmeans3", "granularity": "channel", "symmetric": True},
     },
+    # llama.cpp's block types (GGUF): groups of 32 with an fp16 scale (lowbit.io.gguf)
+    "q4_0": {
+        "doc": "int4 symmetric, groups of 32, fp16 scale (GGUF Q4_0)",
+        "spec": {"format": "int4", "granularity": "group", "group_size": 32, "symmetric": True},
+    },
+    "q4_1": {
+        "doc": "uint4 asymmetric, groups of 32, fp16 scale + zero (GGUF Q4_1)",
+        "spec": {"format": "uint4", "granularity": "group", "group_size": 32},
+    },
+    "q5_0": {
+        "doc": "int5 symmetric, groups of 32, fp16 scale (GGUF Q5_0)",
+        "spec": {"format": "int5", "granularity": "group", "group_size": 32, "symmetric": True},
+    },
+    "q5_1": {
+        "doc": "uint5 asymmetric, groups of 32, fp16 scale + zero (GGUF Q5_1)",
+        "spec": {"format": "uint5", "granularity": "group", "group_size": 32},
+    },
+    "q8_0": {
+        "doc": "int8 symmetric, groups of 32, fp16 scale (GGUF Q8_0)",
+        "spec": {"format": "int8", "granularity": "group", "group_size": 32, "symmetric": True},
+    },
     "w8a8": {
         "doc": "int8 per-channel weights, int8 per-token dynamic activations",
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,

@@ -355,7 +355,7 @@ def test_compressed_tensors_format(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    (["--format", "gguf"], "--format gguf; allowed: lowbit, compressed-tensors"),
+    (["--format", "onnx"], "--format onnx; allowed: lowbit, compressed-tensors, gguf"),
     (["-s", "nf4g64", "--format", "compressed-tensors"], "spec nf4-g64 has no compressed"),
     (["--algorithm", "gptq-act-order", "--calib", str(VAL_TEXT), "--format",
       "compressed-tensors"], "use --algorithm gptq"),
@@ -383,3 +383,24 @@ def test_compressed_tensors_refuses_moe_experts_before_quantizing(tmp_path):
     r = runner.invoke(app, ["quantize", str(folder), "-s", "int4-g32-sym", "--format",
                             "compressed-tensors", "--exclude", "*experts*", "-o", str(out)])
     assert r.exit_code == 0, r.output
+
+
+def test_gguf_format(llama_dir, tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "q4_0", "--exclude", "lm_head",
+                            "--format", "gguf", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "gguf (model.gguf: llama.cpp" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.gguf"]
+
+
+@pytest.mark.parametrize(("scheme", "model", "expected"), [
+    ("w4g128", "llama", "spec uint4-g128-asym has no GGUF block type"),
+    ("q4_0", "gpt2", "model_type 'gpt2': the GGUF export writes llama"),
+])
+def test_gguf_refusals_come_first(llama_dir, gpt2_dir, tmp_path, scheme, model, expected):
+    out = tmp_path / "g"
+    folder = llama_dir if model == "llama" else gpt2_dir
+    _fails(["quantize", str(folder), "-s", scheme, "--format", "gguf", "-o", str(out)], out,
+           expected)

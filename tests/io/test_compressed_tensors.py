@@ -188,8 +188,8 @@ def test_act_order_groups_are_refused(tmp_path):
 
 
 def test_unknown_format_and_float_model(tmp_path):
-    with pytest.raises(ValueError, match="format='gguf'; allowed: lowbit, compressed-tensors"):
-        lowbit.save(_tiny_llama(), tmp_path / "a", format="gguf")
+    with pytest.raises(ValueError, match="format='onnx'; allowed: lowbit, compressed-tensors"):
+        lowbit.save(_tiny_llama(), tmp_path / "a", format="onnx")
     with pytest.raises(ValueError, match="no quantized layers"):
         lowbit.save(_tiny_llama(), tmp_path / "b", format="compressed-tensors")
     assert not any(tmp_path.iterdir())

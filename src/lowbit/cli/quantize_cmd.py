@@ -157,9 +157,11 @@ def quantize_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     save_format: str = typer.Option(
         "lowbit", "--format", help=(
-            "Checkpoint format: lowbit (read by lowbit.load; every spec) or compressed-tensors "
-            "(read by vLLM and by transformers with the compressed-tensors package; integer "
-            "and fp8 specs, Linear layers: Embedding / Conv layers stay float).")),
+            "Checkpoint format: lowbit (read by lowbit.load; every spec), compressed-tensors "
+            "(read by vLLM, transformers with the compressed-tensors package and lowbit.load; "
+            "integer and fp8 specs, Linear layers: Embedding / Conv layers stay float) or gguf "
+            "(OUT_DIR/model.gguf for llama.cpp; llama / mistral models, specs q4_0, q8_0, "
+            "q5_0, q4_1, q5_1).")),
 ) -> None:
     """Quantize a model and write safetensors + config.json (see docs/format.md)."""
     import lowbit
@@ -232,8 +234,8 @@ def quantize_command(
         check_out_dir(out_dir, overwrite)
         if save_format not in SAVE_FORMATS:
             raise ValueError(f"--format {save_format}; allowed: {', '.join(SAVE_FORMATS)}")
-        if save_format == ct.FORMAT_NAME:
-            _check_exportable(spec, candidates, alg)
+        if save_format != "lowbit":
+            _check_exportable(save_format, spec, candidates, alg, Path(model_dir))
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar follows; theirs would interleave
@@ -395,17 +397,23 @@ def _print_plan(plan, names: list[str]) -> None:
     console.print(table)
 
 
-def _check_exportable(spec, candidates: list[str] | None, alg) -> None:
-    """Fail before quantizing when the result could not be saved as compressed-tensors."""
+def _check_exportable(save_format: str, spec, candidates: list[str] | None, alg,
+                      model_dir: Path) -> None:
+    """Fail before quantizing when the result could not be saved in ``save_format``."""
+    from lowbit.io import gguf
+
     specs = [resolve_scheme(c, "weight")[0] for c in candidates] if candidates else [spec]
+    if save_format == gguf.FORMAT_NAME:
+        from transformers import AutoConfig
+
+        gguf.check_model_type(getattr(AutoConfig.from_pretrained(model_dir), "model_type", None))
     for s in specs:
-        ct.check_spec(s)
+        (gguf.check_spec if save_format == gguf.FORMAT_NAME else ct.check_spec)(s)
         static = getattr(alg, "static_groups", None)
         if (getattr(alg, "act_order", False) and s.granularity == "group"
                 and not (static if static is not None else s.bits <= 2)):
-            raise ValueError("--algorithm gptq-act-order stores act-order groups (g_idx), which "
-                             "compressed-tensors' own dequantization ignores; use --algorithm "
-                             "gptq")
+            raise ValueError(f"--algorithm gptq-act-order stores act-order groups (g_idx), "
+                             f"which {save_format} does not carry; use --algorithm gptq")
 
 
 def _check_no_experts(model, spec, include: list[str] | None, exclude: list[str]) -> None:
@@ -457,7 +465,8 @@ def _print_report(model, result, model_dir: str, mode: str, kind: str,
     specs = Counter(m.spec for m in quantized)
     table.add_row("mode", mode)
     if fmt != "lowbit":
-        table.add_row("format", f"{fmt} (read by vLLM, transformers and lowbit.load)")
+        table.add_row("format", "gguf (model.gguf: llama.cpp; transformers' gguf_file=)"
+                      if fmt == "gguf" else f"{fmt} (read by vLLM, transformers and lowbit.load)")
     table.add_row(
         "modules quantized",
         (f"{len(quantized)}: " + ", ".join(f"{n} x {s}" for s, n in specs.items()))

@@ -62,7 +62,7 @@ def model_card(
     bytes_before / quantized_bytes: the quantized modules' weights in float / as stored (None:
     unknown, e.g. a loaded checkpoint saved again); quantized_weights: how many weights that is.
     source_card: the float model's README.md.
-    format: the checkpoint's format, "lowbit" or "compressed-tensors" (how to load it).
+    format: the checkpoint's format, "lowbit", "compressed-tensors" or "gguf" (how to load it).
     """
     meta, body = _split_front_matter(source_card or "")
     earlier = _LOWBIT_ORIGIN.search(body)
@@ -86,7 +86,7 @@ def model_card(
                 if t not in ("lowbit", "quantized") and not re.fullmatch(r"\d+-bit", t)]
     front["tags"] = list(dict.fromkeys(
         [*map(str, tags), "lowbit", "quantized", *(f"{b}-bit" for b in widths),
-         *(["compressed-tensors"] if format == "compressed-tensors" else [])]))
+         *([format] if format in ("compressed-tensors", "gguf") else [])]))
 
     from lowbit.eval.size import human_bytes
 
@@ -97,7 +97,14 @@ def model_card(
     lines += [f"# {Path(out_dir).name} (lowbit: {specs})", ""]
     origin = (f"`{base_model}`" if base_model else f"`{source_name}`" if source_name
               else "a float model")
-    if format == "compressed-tensors":
+    if format == "gguf":
+        lines += [f"This is {origin} with its weights quantized by lowbit {version}, saved as "
+                  "GGUF (`model.gguf`) for llama.cpp and the tools built on it:", "",
+                  "```bash", f"llama-cli -m {out_dir}/model.gguf -p \"Hello\"", "```", "",
+                  "transformers reads it too (dequantized to float): "
+                  f"`AutoModelForCausalLM.from_pretrained({out_dir!r}, "
+                  "gguf_file=\"model.gguf\")`.", ""]
+    elif format == "compressed-tensors":
         lines += [f"This is {origin} with its weights quantized by lowbit {version}, saved in "
                   "the compressed-tensors format. vLLM serves it (`vllm serve <folder>`); "
                   "transformers loads it with the `compressed-tensors` package installed:",
@@ -124,7 +131,8 @@ def model_card(
     bits = quantized_bytes * 8 / max(quantized_weights, 1)
     lines += [f"| quantized modules as stored (codes, scales, zero-points: {bits:.3f} bits per "
               f"weight) | {human_bytes(quantized_bytes)} |",
-              f"| model.safetensors | {human_bytes(file_bytes)} |", ""]
+              f"| {'model.gguf' if format == 'gguf' else 'model.safetensors'} | "
+              f"{human_bytes(file_bytes)} |", ""]
     notes = quantization_config.get("notes") or []
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]

@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "lowbit"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
-SAVE_FORMATS = ("lowbit", ct.FORMAT_NAME)
+SAVE_FORMATS = ("lowbit", ct.FORMAT_NAME, "gguf")
 
 # Files of a source folder that hold weights (replaced by ours) rather than tokenizer/config data.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf",
@@ -233,6 +233,50 @@ def _write_card(model: nn.Module, path: Path, out_dir: Path, lowbit_config: dict
     path.write_text(card, encoding="utf-8")
 
 
+def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a new sibling folder, then put it in ``out_dir``'s place (the old
+    one is removed only once the new one is there); on any error nothing new is left."""
+    tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"
+    old = out_dir.parent / f".{out_dir.name}.lowbit-old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_gguf(model: nn.Module, out_dir: Path, float_dtype: torch.dtype | None) -> SaveResult:
+    """``out_dir/model.gguf`` (llama.cpp) and the model card; see lowbit.io.gguf."""
+    from lowbit.io import gguf
+
+    for name, module in quant_modules(model):  # refused before anything is written
+        gguf.check_spec(module.spec, name)
+    source = getattr(model, "_lowbit_source", None)
+    sizes: dict[str, int] = {}
+
+    def write(tmp: Path) -> None:
+        sizes["quantized"], sizes["other"] = gguf.write_gguf(model, tmp / gguf.FILE_NAME,
+                                                             float_dtype)
+        sizes["file"] = (tmp / gguf.FILE_NAME).stat().st_size
+        if sizes["quantized"]:
+            _write_card(model, tmp / "README.md", out_dir, quantization_config(model),
+                        sizes["file"], sizes["quantized"], source, gguf.FORMAT_NAME)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out_dir, write)
+    tensors = sizes["quantized"] + sizes["other"]
+    return SaveResult(path=out_dir, file_bytes=sizes["file"],
+                      header_bytes=sizes["file"] - tensors, quantized_bytes=sizes["quantized"],
+                      other_bytes=sizes["other"])
+
+
 def _is_transformers_class(cls: type) -> bool:
     import transformers
 
@@ -274,6 +318,10 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}; allowed: {', '.join(SAVE_FORMATS)}")
     _check_out_dir(out_dir, overwrite)
+    if float_dtype is None:
+        float_dtype = getattr(model, "_lowbit_stored_dtype", None)
+    if format == "gguf":
+        return _save_gguf(model, out_dir, float_dtype)
     state = model.state_dict()
     if format == ct.FORMAT_NAME:
         state, exported_config, quantized_bytes = ct.export_tensors(model, state)
@@ -281,8 +329,6 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
         quantized_bytes = sum(m.weight_nbytes for _, m in quant_modules(model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _dedupe(state)
-    if float_dtype is None:
-        float_dtype = getattr(model, "_lowbit_stored_dtype", None)
     if float_dtype is not None:
         tensors = _cast_float_tensors(model, tensors, float_dtype)
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -301,11 +347,10 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     else:
         config_dict["quantization_config"] = lowbit_config
 
-    tmp = out_dir.parent / f".{out_dir.name}.lowbit-tmp-{uuid.uuid4().hex[:8]}"
-    old = out_dir.parent / f".{out_dir.name}.lowbit-old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        source = getattr(model, "_lowbit_source", None)
+    source = getattr(model, "_lowbit_source", None)
+
+    def write(tmp: Path) -> None:
+        nonlocal file_bytes, header_len
         if source is not None and Path(source).is_dir():
             _copy_source_files(Path(source), tmp, out_dir)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -319,15 +364,9 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
         if quantized_bytes:
             _write_card(model, tmp / "README.md", out_dir, lowbit_config, file_bytes,
                         quantized_bytes, source, format)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    file_bytes = header_len = 0
+    _write_atomically(out_dir, write)
     return SaveResult(
         path=out_dir,
         file_bytes=file_bytes,

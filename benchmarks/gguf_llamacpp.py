@@ -1,0 +1,213 @@
+"""lowbit's GGUF export run by llama.cpp itself: fidelity and speed of Q4_0 / Q8_0 from lowbit's
+GPTQ against llama.cpp's own quantizer, on the fixture LM.
+
+Needs ``llama-cpp-python`` (llama.cpp compiled for this CPU), best in a separate venv with numpy
+(``--llama-python``; this script re-runs itself there for the llama.cpp half). Steps:
+
+1. lowbit (this venv): from /work/shared/models/llama-19m-shakespeare-mix, write GGUFs with
+   ``lowbit.save(format="gguf")``: the float model (F32), RTN and GPTQ ``q4_0``, RTN ``q8_0``
+   (GPTQ calibration: 128 x 512 tokens of the val split; ``--quick``: 32 x 256).
+2. llama.cpp: quantize the F32 GGUF to Q4_0 / Q8_0 with its own ``llama_model_quantize`` (its
+   RTN, no importance matrix), then for every GGUF: the test split's perplexity and mean
+   KL(F32 || model) (llama.cpp's logits, non-overlapping windows of ``--context`` tokens, the
+   token ids of the HF tokenizer fed as they are), whether llama.cpp's tokenizer (read from the
+   GGUF) gives the HF ids, and greedy decode tokens/s at batch 1 (32-token prompt,
+   ``--new-tokens``, median of ``--rounds``).
+3. lowbit: the same Q4_0 / Q8_0 models in lowbit's Decoder (tokens/s, same prompt).
+
+    .venv/bin/python benchmarks/gguf_llamacpp.py --llama-python /tmp/llama-venv/bin/python
+
+Writes benchmarks/results/gguf_llamacpp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "llama-19m-shakespeare-mix"
+VAL = SHARED / "data" / "shakespeare-mix-val.txt"
+TEST = SHARED / "data" / "shakespeare-mix-test.txt"
+RESULTS = Path(__file__).parent / "results" / "gguf_llamacpp.md"
+PROMPT = 32
+
+
+def llama_side(job: dict) -> dict:
+    """Run in the llama.cpp venv: quantize with llama.cpp, then score and time every GGUF."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    work = Path(job["work"])
+    for name, ftype in (("llama.cpp RTN q4_0", 2), ("llama.cpp RTN q8_0", 7)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = job["threads"]
+        params.pure = True  # every tensor this type: no k-quant mix, as lowbit's file
+        params.leave_output_tensor = True  # output.weight stays F32, as lowbit's
+        out = work / f"{name.split()[-1]}-llamacpp.gguf"
+        rc = llama_cpp.llama_model_quantize(str(work / "f32.gguf").encode(), str(out).encode(),
+                                            ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({name}) returned {rc}")
+        job["files"][name] = str(out)
+    test = np.array(job["test_ids"], dtype=np.int64)
+    ctx = job["context"]
+    windows = [test[i : i + ctx] for i in range(0, len(test) - ctx + 1, ctx)]
+
+    def window_logprobs(llm, window) -> np.ndarray:
+        llm.reset()
+        llm.eval(window.tolist())
+        logits = np.array(llm.scores[: len(window)], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    reference = None
+    out = {"version": llama_cpp.__version__, "rows": {}}
+    for name, path in job["files"].items():
+        llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, verbose=False,
+                              n_threads=job["threads"], n_batch=ctx)
+        nll, kl, n = 0.0, 0.0, 0
+        logps = []
+        for w in windows:
+            lp = window_logprobs(llm, w)
+            nll -= lp[np.arange(len(w) - 1), w[1:]].sum()
+            logps.append(lp)
+            n += len(w) - 1
+        if reference is None:
+            reference = logps
+        else:
+            for lp, ref in zip(logps, reference, strict=True):
+                kl += (np.exp(ref) * (ref - lp)).sum(-1)[:-1].sum()
+        text_ids = [int(t) for t in llm.tokenize(job["text"].encode(), add_bos=False,
+                                                 special=False)]
+        prompt = job["prompt"]
+        times = []
+        for _ in range(job["rounds"] + 1):  # the first run warms up
+            llm.reset()
+            t0 = time.perf_counter()
+            count = 0
+            for _tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                count += 1
+                if count == job["new_tokens"]:
+                    break
+            times.append(time.perf_counter() - t0)
+        out["rows"][name] = {"ppl": float(np.exp(nll / n)), "kl": kl / n if kl else 0.0,
+                             "tokens": n, "tokenizer_ok": text_ids == job["text_ids"],
+                             "tok_s": job["new_tokens"] / statistics.median(times[1:]),
+                             "bytes": Path(path).stat().st_size}
+        del llm
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-python", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import torch
+    from _machine import machine_line
+    from transformers import AutoTokenizer
+
+    import lowbit
+    from lowbit.models.hf import load_hf_model
+
+    threads = torch.get_num_threads()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    ids = {p: tokenizer(p.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+           for p in (VAL, TEST)}
+    samples, seq_len = (32, 256) if args.quick else (128, 512)
+    calib = ids[VAL][: samples * seq_len].reshape(samples, seq_len)
+    max_tokens = args.max_tokens or (32_768 if args.quick else None)
+    test = ids[TEST][:max_tokens] if max_tokens else ids[TEST]
+    base, _, _ = load_hf_model(MODEL)
+    work = Path(tempfile.mkdtemp(prefix="lowbit-gguf-"))
+    files = {}
+    lowbit.save(base, work / "f32", format="gguf", float_dtype=torch.float32)
+    files["F32 (lowbit export)"] = str(work / "f32" / "model.gguf")
+    (work / "f32.gguf").symlink_to(work / "f32" / "model.gguf")
+    quantized = {}
+    for label, spec, alg in (("lowbit RTN q4_0", "q4_0", "rtn"),
+                             ("lowbit GPTQ q4_0", "q4_0", "gptq"),
+                             ("lowbit RTN q8_0", "q8_0", "rtn")):
+        q = lowbit.quantize(copy.deepcopy(base), spec, algorithm=alg,
+                            calib=calib if alg == "gptq" else None, exclude=["lm_head"])
+        lowbit.save(q, work / spec / alg, format="gguf", float_dtype=torch.float32)
+        files[label] = str(work / spec / alg / "model.gguf")
+        quantized[label] = q
+    prompt = ids[VAL][10_000 : 10_000 + PROMPT]
+    text = VAL.read_text(encoding="utf-8")[:20_000]
+    job = {"work": str(work), "files": files, "test_ids": test.tolist(), "context": args.context,
+           "threads": threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
+           "prompt": prompt.tolist(), "text": text, "text_ids": tokenizer(text)["input_ids"]}
+    (work / "job.json").write_text(json.dumps(job))
+    done = subprocess.run([str(args.llama_python), __file__, "--llama-job", str(work / "job.json")],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
+    result = json.loads((work / "result.json").read_text())
+
+    lowbit_tok_s = {}
+    for label, q in quantized.items():
+        decoder = lowbit.Decoder(q, 1, PROMPT + args.new_tokens)
+        decoder.generate(prompt[None], args.new_tokens)
+        times = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            decoder.generate(prompt[None], args.new_tokens)
+            times.append(time.perf_counter() - t0)
+        lowbit_tok_s[label] = args.new_tokens / statistics.median(times)
+
+    rows = result["rows"]
+    n = rows["F32 (lowbit export)"]["tokens"]
+    lines = [
+        "# lowbit's GGUF in llama.cpp", "",
+        f"Written by `benchmarks/gguf_llamacpp.py{' --quick' if args.quick else ''}` on "
+        f"{date.today().isoformat()}. Machine: {machine_line()}. llama-cpp-python "
+        f"{result['version']} (llama.cpp built from source on this machine), {threads} threads.",
+        "",
+        f"Model: {MODEL.name}. Protocol (llama.cpp's logits): {TEST.name}, non-overlapping "
+        f"windows of {args.context} tokens, {n:,} tokens scored, the HF tokenizer's ids fed as "
+        "they are; KL = mean KL(F32 || model) per token against llama.cpp's F32 run. lm_head "
+        "stays F32 in every file; token embeddings are quantized with the rest (llama.cpp's "
+        f"quantizer keeps them too). GPTQ calibration: {samples} x {seq_len} tokens of "
+        f"{VAL.name}. Decode: greedy, batch 1, {PROMPT}-token prompt, {args.new_tokens} new "
+        f"tokens, median of {args.rounds}; lowbit's Decoder runs the same quantized weights.", "",
+        "| GGUF | file MB | ppl | KL vs F32 | llama.cpp tokenizer = HF | llama.cpp tok/s | "
+        "lowbit Decoder tok/s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for label, row in rows.items():
+        ours = lowbit_tok_s.get(label)
+        lines.append(f"| {label} | {row['bytes'] / 1e6:.2f} | {row['ppl']:.3f} | "
+                     f"{row['kl']:.4f} | {'yes' if row['tokenizer_ok'] else 'NO'} | "
+                     f"{row['tok_s']:.0f} | {f'{ours:.0f}' if ours else '-'} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--llama-job":
+        job_file = Path(sys.argv[2])
+        job = json.loads(job_file.read_text())
+        (job_file.parent / "result.json").write_text(json.dumps(llama_side(job)))
+    else:
+        sys.exit(main())

@@ -1,0 +1,228 @@
+"""Export to GGUF, the single-file format of llama.cpp (and of Ollama, LM Studio, ...).
+
+``lowbit.save(model, out, format="gguf")`` writes ``out/model.gguf``: the model's hyper-parameters
+and its tokenizer as GGUF metadata, every tensor under llama.cpp's names. Quantized layers map
+onto GGUF's block types without re-quantizing (lowbit's codes, in ggml's bit order):
+
+=====================  ======  ===========================================================
+lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale d)
+=====================  ======  ===========================================================
+``int4-g32-sym``       Q4_0    ``d * (q - 8)``: lowbit's ``s * q`` exactly
+``int8-g32-sym``       Q8_0    ``d * q``: exactly
+``int5-g32-sym``       Q5_0    ``d * (q - 16)``: exactly
+``uint4-g32`` (asym)   Q4_1    ``d * q + m`` with ``m = -s * z`` rounded to fp16
+``uint5-g32`` (asym)   Q5_1    as Q4_1
+=====================  ======  ===========================================================
+
+(presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
+the blocks store). Float tensors are written F32 (1-D: norms) or in their stored float16.
+Architectures: llama and mistral (GGUF arch ``llama``; q / k rows permuted to ggml's rotary
+layout, as llama.cpp's converter does). The tokenizer (a byte-level BPE ``tokenizer.json`` or a
+SentencePiece ``tokenizer.model``) comes from the folder the model was loaded from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.modules import QuantEmbedding, QuantLinear
+from lowbit.spec import QuantSpec
+
+FORMAT_NAME = "gguf"
+FILE_NAME = "model.gguf"
+_ARCHS = {"llama": "llama", "mistral": "llama"}
+# (format, symmetric) of a group-of-32 fp16-scale spec -> GGUF block type name
+_BLOCK_TYPES = {("int4", True): "Q4_0", ("int8", True): "Q8_0", ("int5", True): "Q5_0",
+                ("uint4", False): "Q4_1", ("uint5", False): "Q5_1"}
+
+
+def gguf_type(spec: QuantSpec) -> str | None:
+    """The GGUF block type lowbit's ``spec`` stores exactly (Q4_1 / Q5_1: up to the fp16 offset),
+    or None."""
+    if (spec.granularity != "group" or spec.group_size != 32 or spec.scale_dtype != "float16"
+            or spec.act is not None or spec.kind != "affine"
+            or (spec.has_zero_point and spec.zero_point != "int")):
+        return None
+    return _BLOCK_TYPES.get((spec.format, spec.symmetric))
+
+
+def check_spec(spec: QuantSpec, layer: str | None = None) -> None:
+    """Raise ValueError if (``layer``'s) ``spec`` has no GGUF block type."""
+    if gguf_type(spec) is None:
+        where = f"layer {layer!r} ({spec})" if layer is not None else f"spec {spec}"
+        raise ValueError(f"{where} has no GGUF block type; GGUF stores groups of 32 with an "
+                         "fp16 scale: presets q4_0, q8_0, q5_0 (symmetric), q4_1, q5_1 "
+                         "(asymmetric)")
+
+
+def check_model_type(model_type: str | None) -> str:
+    """GGUF's architecture name for a transformers ``model_type`` (ValueError if none)."""
+    if model_type not in _ARCHS:
+        raise ValueError(f"model_type {model_type!r}: the GGUF export writes "
+                         f"{', '.join(_ARCHS)} models")
+    return _ARCHS[model_type]
+
+
+def _blocks(module: nn.Module, name: str) -> tuple[torch.Tensor, str]:
+    """uint8 ``[rows, bytes per row]`` of ggml blocks for a quantized 2-D weight, and its type."""
+    qt = module.qweight
+    check_spec(qt.spec, name)
+    kind = gguf_type(qt.spec)
+    if qt.g_idx is not None:
+        raise ValueError(f"layer {name!r}: GPTQ act-order groups (g_idx) have no GGUF form; "
+                         "quantize with GPTQ(act_order=False) or static_groups=True")
+    rows, cols = qt.shape
+    codes = qt.codes().reshape(rows, cols // 32, 32)  # q - qmin, unsigned
+    scale = qt.scale.reshape(rows, cols // 32, 1).to(torch.float16)
+    d = scale.view(torch.uint8)  # [rows, n, 2], little-endian fp16
+    bits = qt.spec.bits
+    parts = [d]
+    if qt.spec.has_zero_point:  # x = d * q + m
+        zero = qt.zero_point.reshape(rows, cols // 32, 1).float()
+        m = (-scale.float() * zero).to(torch.float16)
+        parts.append(m.view(torch.uint8))
+    if bits == 8:
+        parts.append((codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
+    else:  # byte j: low nibble code j, high nibble code j + 16 (ggml's order)
+        low = codes & 0x0F
+        parts.append(low[..., :16] | (low[..., 16:] << 4))
+        if bits == 5:  # the fifth bits, as one little-endian uint32 (bit j = code j)
+            high = ((codes >> 4) & 1).to(torch.int64) << torch.arange(32)
+            word = high.sum(-1, keepdim=True)
+            parts.insert(-1, torch.cat([(word >> (8 * i)) & 0xFF for i in range(4)], -1)
+                         .to(torch.uint8))
+    return torch.cat(parts, -1).reshape(rows, -1).contiguous(), kind
+
+
+def _permute_rotary(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q / k (HF's half-split rotary layout) in ggml's interleaved order."""
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2) \
+        .reshape(t.shape)
+
+
+def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
+    """GGUF tokenizer keys from a HF tokenizer folder (byte-level BPE, as llama.cpp's "gpt2")."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer_file = source / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ValueError(f"{source} has no tokenizer.json; GGUF carries the tokenizer, so the "
+                         "model must come from a folder with one (byte-level BPE)")
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    pre = (spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        raise ValueError(f"{tokenizer_file}: a {model.get('type')} model with a "
+                         f"{pre.get('type')} pre-tokenizer; the GGUF export writes byte-level "
+                         "BPE tokenizers (GPT-2 style)")
+    tok = AutoTokenizer.from_pretrained(source)
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    special = set(tok.all_special_ids)
+    added = {a["id"] for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED
+                     if i in added else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
+                       ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(value)
+    writer.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+
+
+def write_gguf(model: nn.Module, path: Path,
+               float_dtype: torch.dtype | None) -> tuple[int, int]:
+    """Write ``model`` (quantized or float, llama / mistral) to the file ``path``; returns the
+    bytes of its quantized tensors (blocks with their scales) and of its float tensors."""
+    import gguf
+
+    config = model.config
+    arch = check_model_type(getattr(config, "model_type", None))
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rotary parameters {rope!r}: the GGUF export writes models without "
+                         "rotary scaling (rope_type 'default')")
+    source = getattr(model, "_lowbit_source", None)
+    if source is None:
+        raise ValueError("the model has no source folder (load it with lowbit.models.hf."
+                         "load_hf_model or lowbit.load): GGUF needs its tokenizer files")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    tensors: list[tuple[str, Any, Any]] = []  # (gguf name, array, raw dtype)
+    quantized_bytes, float_bytes, types = 0, 0, set()
+    state = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    for module_name, module in modules.items():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            data, kind = _blocks(module, module_name)
+            if module_name.endswith("q_proj") or module_name.endswith("k_proj"):
+                data = _permute_rotary(data, heads if module_name.endswith("q_proj")
+                                       else kv_heads)
+            if module_name == "lm_head" and tied:
+                continue
+            target = names.get_name(module_name + ".weight", try_suffixes=(".weight",))
+            if target is None:
+                raise ValueError(f"layer {module_name!r} has no GGUF name for arch {arch}")
+            tensors.append((target, data.numpy(), getattr(gguf.GGMLQuantizationType, kind)))
+            quantized_bytes += data.numel()
+            types.add(kind)
+    for key, t in state.items():
+        owner = key.rpartition(".")[0]
+        if isinstance(modules.get(owner), (QuantLinear, QuantEmbedding)) or \
+                (key.startswith("lm_head.") and tied):
+            continue
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ValueError(f"tensor {key!r} has no GGUF name for arch {arch}")
+        t = t.detach().float()
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            t = _permute_rotary(t, heads if "q_proj" in key else kv_heads)
+        stored = torch.float16 if (float_dtype == torch.float16 and t.dim() > 1) else \
+            torch.float32  # ggml keeps 1-D tensors (norms) in F32
+        tensors.append((target, t.to(stored).numpy(), None))
+        float_bytes += t.numel() * stored.itemsize
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(Path(source).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta")
+                                    or getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+    writer.add_file_type(file_type[types.pop()] if len(types) == 1 else
+                         1 if float_dtype == torch.float16 else 0)
+    _tokenizer_metadata(writer, Path(source), config.vocab_size)
+    for target, array, raw in tensors:
+        writer.add_tensor(target, array, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized_bytes, float_bytes

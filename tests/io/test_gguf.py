@@ -1,0 +1,127 @@
+"""lowbit.save(format="gguf"): llama.cpp's file, read back by the gguf package and by
+transformers' GGUF loader against lowbit's own forward; refusals with nothing written."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
+TEXT = "To be, or not to be: that is the question."
+
+
+@pytest.fixture(scope="module")
+def llama():
+    if not (LLAMA_3M / "config.json").exists():
+        pytest.skip(f"fixture model {LLAMA_3M} is absent")
+    from lowbit.models.hf import load_hf_model
+
+    model, tokenizer, _ = load_hf_model(LLAMA_3M)
+    return model, tokenizer, torch.tensor([tokenizer(TEXT)["input_ids"]])
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize(("spec", "block", "exact"), [
+    ("q4_0", "Q4_0", True), ("q8_0", "Q8_0", True), ("q5_0", "Q5_0", True),
+    ("q4_1", "Q4_1", False), ("q5_1", "Q5_1", False)])
+def test_blocks_decode_to_lowbit_weights(llama, tmp_path, spec, block, exact):
+    """ggml's own dequantization of each block type gives lowbit's weights (Q4_1 / Q5_1: the
+    offset -s*z is rounded to fp16, within 2**-11 of it); q / k rows in ggml's rotary order."""
+    from lowbit.io.gguf import _permute_rotary
+
+    model, _, _ = llama
+    q = lowbit.quantize(copy.deepcopy(model), spec, exclude=["lm_head", "*embed_tokens"])
+    lowbit.save(q, tmp_path / "g", format="gguf")
+    tensors = _tensors(tmp_path / "g" / "model.gguf")
+    heads = model.config.num_attention_heads
+    for gguf_name, name, permute in (("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj",
+                                      0),
+                                     ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj",
+                                      heads)):
+        t = tensors[gguf_name]
+        assert t.tensor_type.name == block
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        qt = q.get_submodule(name).qweight
+        want = qt.dequantize()
+        if permute:
+            want = _permute_rotary(want, permute)
+        if exact:
+            assert torch.equal(got, want)
+        else:  # |m error| <= half an fp16 ulp of |s * z|
+            bound = (qt.scale.float() * qt.zero_point.float()).abs().max() * 2.0**-11
+            assert (got - want).abs().max() <= bound
+
+
+def test_transformers_runs_the_gguf_as_lowbit_does(llama, tmp_path):
+    """transformers' GGUF loader (its own dequantization, tokenizer and q/k un-permutation):
+    the same logits as lowbit's model for Q4_0, and the same token ids from the GGUF's
+    tokenizer."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer, ids = llama
+    q = lowbit.quantize(copy.deepcopy(model), "q4_0", algorithm="gptq",
+                        calib=torch.randint(0, 8192, (4, 128),
+                                            generator=torch.Generator().manual_seed(0)))
+    assert isinstance(q.model.embed_tokens, lowbit.nn.QuantEmbedding)  # token_embd as Q4_0
+    result = lowbit.save(q, tmp_path / "g", format="gguf")
+    assert result.file_bytes == (tmp_path / "g" / "model.gguf").stat().st_size
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model.gguf",
+                                                  dtype=torch.float32)
+    assert torch.equal(_logits(loaded, ids), _logits(q, ids))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="model.gguf")
+    text = open(SHARED / "data" / "shakespeare-mix-val.txt", encoding="utf-8").read()[:5000]
+    assert theirs(text)["input_ids"] == tokenizer(text)["input_ids"]
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "llama-cli -m" in card and "model.gguf" in card
+
+
+def test_float_model_and_metadata(llama, tmp_path):
+    model, tokenizer, ids = llama
+    lowbit.save(model, tmp_path / "f", format="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "f" / "model.gguf"))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.block_count"].parts[-1][0]) == model.config.num_hidden_layers
+    assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output.weight"] == "F16"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("w4g128", "has no GGUF block type"),
+    ("nf4g64", "has no GGUF block type"),
+])
+def test_refusals_write_nothing(llama, tmp_path, spec, message):
+    model, _, _ = llama
+    q = lowbit.quantize(copy.deepcopy(model), spec, include=["*layers.0.mlp*"])
+    with pytest.raises(ValueError, match=message) as info:
+        lowbit.save(q, tmp_path / "g", format="gguf")
+    assert "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="model_type 'gpt2': the GGUF export writes llama"):
+        lowbit.save(model, tmp_path / "g", format="gguf")
+    assert not any(tmp_path.iterdir())

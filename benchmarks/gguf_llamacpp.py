@@ -55,7 +55,7 @@ def llama_side(job: dict) -> dict:
         params.ftype = ftype
         params.nthread = job["threads"]
         params.pure = True  # every tensor this type: no k-quant mix, as lowbit's file
-        params.leave_output_tensor = True  # output.weight stays F32, as lowbit's
+        params.quantize_output_tensor = False  # output.weight stays F32, as lowbit's
         out = work / f"{name.split()[-1]}-llamacpp.gguf"
         rc = llama_cpp.llama_model_quantize(str(work / "f32.gguf").encode(), str(out).encode(),
                                             ctypes.byref(params))

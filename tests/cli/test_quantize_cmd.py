@@ -404,3 +404,13 @@ def test_gguf_refusals_come_first(llama_dir, gpt2_dir, tmp_path, scheme, model, 
     folder = llama_dir if model == "llama" else gpt2_dir
     _fails(["quantize", str(folder), "-s", scheme, "--format", "gguf", "-o", str(out)], out,
            expected)
+
+
+def test_gguf_checks_the_tokenizer_before_quantizing(llama_dir, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama_dir / name, folder / name)
+    out = tmp_path / "g"
+    _fails(["quantize", str(folder), "-s", "q4_0", "-a", "gptq", "--calib", str(VAL_TEXT),
+            "--format", "gguf", "-o", str(out)], out, "has no tokenizer.json")

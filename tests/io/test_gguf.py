@@ -125,3 +125,85 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(ValueError, match="model_type 'gpt2': the GGUF export writes llama"):
         lowbit.save(model, tmp_path / "g", format="gguf")
     assert not any(tmp_path.iterdir())
+
+
+def _tiny_folder(tmp_path: Path, **config) -> Path:
+    """A tiny random Llama saved with the fixture's tokenizer files (GGUF needs a tokenizer)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      **config)
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(LLAMA_3M / name, folder / name)
+    return folder
+
+
+def _load(folder: Path):
+    from lowbit.models.hf import load_hf_model
+
+    return load_hf_model(folder)[0]
+
+
+def _transformers_logits(folder: Path, ids):
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf",
+                                                 dtype=torch.float32)
+    return _logits(model, ids)
+
+
+def test_tied_model_keeps_a_head_quantized_apart(tmp_path):
+    """tie_word_embeddings with the head quantized differently from the embedding: the head is
+    written (llama.cpp falls back to token_embd only when output.weight is absent)."""
+    model = _load(_tiny_folder(tmp_path, tie_word_embeddings=True))
+    q = lowbit.quantize(model, {"lm_head": "q8_0", "*": "q4_0"})
+    lowbit.save(q, tmp_path / "g", format="gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(
+        str(tmp_path / "g" / "model.gguf")).tensors}
+    assert (types["output.weight"], types["token_embd.weight"]) == ("Q8_0", "Q4_0")
+    ids = torch.randint(0, 8192, (1, 9))
+    assert torch.equal(_transformers_logits(tmp_path / "g", ids), _logits(q, ids))
+
+
+def test_biases_and_head_dim(tmp_path):
+    """Llama with attention biases (q / k biases permuted like their rows) and a head_dim that
+    is not hidden / heads (key_length / value_length written, as llama.cpp needs)."""
+    from lowbit.io.gguf import _permute_rotary
+
+    model = _load(_tiny_folder(tmp_path, attention_bias=True, head_dim=32))
+    q = lowbit.quantize(model, "q4_0", include=["*layers*"])
+    lowbit.save(q, tmp_path / "g", format="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert int(fields["llama.attention.key_length"].parts[-1][0]) == 32
+    tensors = {t.name: t for t in reader.tensors}
+    bias = torch.from_numpy(tensors["blk.0.attn_q.bias"].data.copy())
+    want = _permute_rotary(q.model.layers[0].self_attn.q_proj.bias.detach(), 4)
+    assert torch.equal(bias, want)
+    assert "blk.0.attn_v.bias" in tensors and "blk.0.attn_output.bias" in tensors
+
+
+def test_tokenizer_types_and_refusals(tmp_path):
+    import json
+
+    folder = _tiny_folder(tmp_path)
+    model = _load(folder)
+    lowbit.save(model, tmp_path / "g", format="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    fields = {f.name: f for f in reader.fields.values()}
+    types = fields["tokenizer.ggml.token_type"]
+    eos = int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
+    assert int(types.parts[types.data[eos]][0]) == gguf.TokenType.CONTROL
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="add_prefix_space"):
+        lowbit.save(model, tmp_path / "h", format="gguf")
+    assert not (tmp_path / "h").exists()

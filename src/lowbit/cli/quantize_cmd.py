@@ -406,7 +406,7 @@ def _check_exportable(save_format: str, spec, candidates: list[str] | None, alg,
     if save_format == gguf.FORMAT_NAME:
         from transformers import AutoConfig
 
-        gguf.check_model_type(getattr(AutoConfig.from_pretrained(model_dir), "model_type", None))
+        gguf.check_model(AutoConfig.from_pretrained(model_dir), model_dir)
     for s in specs:
         (gguf.check_spec if save_format == gguf.FORMAT_NAME else ct.check_spec)(s)
         static = getattr(alg, "static_groups", None)

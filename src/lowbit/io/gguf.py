@@ -16,9 +16,11 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 
 (presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
 the blocks store). Float tensors are written F32 (1-D: norms) or in their stored float16.
-Architectures: llama and mistral (GGUF arch ``llama``; q / k rows permuted to ggml's rotary
-layout, as llama.cpp's converter does). The tokenizer (a byte-level BPE ``tokenizer.json`` or a
-SentencePiece ``tokenizer.model``) comes from the folder the model was loaded from.
+Architectures: llama and mistral (GGUF arch ``llama``; q / k rows and biases permuted to ggml's
+rotary layout, as llama.cpp's converter does). The tokenizer (a GPT-2-style byte-level BPE
+``tokenizer.json``; SentencePiece and Llama-3-style split pre-tokenizers are refused) comes from
+the folder the model was loaded from, its special tokens, add-BOS/EOS flags and chat template
+read by gguf's own ``SpecialVocab``.
 """
 
 from __future__ import annotations
@@ -105,26 +107,57 @@ def _permute_rotary(t: torch.Tensor, heads: int) -> torch.Tensor:
         .reshape(t.shape)
 
 
-def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
-    """GGUF tokenizer keys from a HF tokenizer folder (byte-level BPE, as llama.cpp's "gpt2")."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer_file = source / "tokenizer.json"
+def check_tokenizer(source: Path) -> dict[str, Any]:
+    """The folder's ``tokenizer.json`` if GGUF's "gpt2" tokenizer reproduces it (byte-level BPE
+    with GPT-2's split, no normalizer, no prefix space), else ValueError."""
+    tokenizer_file = Path(source) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ValueError(f"{source} has no tokenizer.json; GGUF carries the tokenizer, so the "
                          "model must come from a folder with one (byte-level BPE)")
     spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    model = spec.get("model", {})
-    pre = (spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" \
+            or not pre.get("use_regex", True):
         raise ValueError(f"{tokenizer_file}: a {model.get('type')} model with a "
-                         f"{pre.get('type')} pre-tokenizer; the GGUF export writes byte-level "
-                         "BPE tokenizers (GPT-2 style)")
+                         f"{pre.get('type')} pre-tokenizer; the GGUF export writes GPT-2-style "
+                         "byte-level BPE tokenizers only (SentencePiece and Llama-3-style split "
+                         "pre-tokenizers are not written yet)")
+    if pre.get("add_prefix_space") or spec.get("normalizer"):
+        raise ValueError(f"{tokenizer_file}: a normalizer or add_prefix_space, which llama.cpp's "
+                         "gpt2 tokenizer does not apply (its token ids would differ)")
+    return spec
+
+
+def check_model(config: Any, source: str | Path | None) -> str:
+    """GGUF's architecture for ``config`` once everything the export needs is there (the arch,
+    default rotary parameters, a tokenizer it can write); ValueError naming what is not."""
+    arch = check_model_type(getattr(config, "model_type", None))
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rotary parameters {rope!r}: the GGUF export writes models without "
+                         "rotary scaling (rope_type 'default')")
+    if source is None or not Path(source).is_dir():
+        raise ValueError("the model has no source folder (load it with lowbit.models.hf."
+                         "load_hf_model or lowbit.load): GGUF needs its tokenizer files")
+    check_tokenizer(Path(source))
+    return arch
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                or {})
+
+
+def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
+    """GGUF tokenizer keys from a HF tokenizer folder (byte-level BPE, llama.cpp's "gpt2")."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    check_tokenizer(source)
     tok = AutoTokenizer.from_pretrained(source)
     by_id = {i: t for t, i in tok.get_vocab().items()}
-    special = set(tok.all_special_ids)
-    added = {a["id"] for a in spec.get("added_tokens", [])}
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
@@ -132,19 +165,16 @@ def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
-        types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED
-                     if i in added else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        types.append(gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL
+                     if getattr(added[i], "special", False) else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
-                       ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-        if value is not None:
-            getattr(writer, f"add_{key}_token_id")(value)
-    writer.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    # merges, special token ids, add_bos / add_eos (from tokenizer_config and the
+    # post-processor) and the chat template, read as llama.cpp's converter reads them
+    gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer,
+                                                                               quiet=True)
 
 
 def write_gguf(model: nn.Module, path: Path,
@@ -154,49 +184,48 @@ def write_gguf(model: nn.Module, path: Path,
     import gguf
 
     config = model.config
-    arch = check_model_type(getattr(config, "model_type", None))
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                or {})
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rotary parameters {rope!r}: the GGUF export writes models without "
-                         "rotary scaling (rope_type 'default')")
     source = getattr(model, "_lowbit_source", None)
-    if source is None:
-        raise ValueError("the model has no source folder (load it with lowbit.models.hf."
-                         "load_hf_model or lowbit.load): GGUF needs its tokenizer files")
+    arch = check_model(config, source)
+    rope = _rope(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     modules = dict(model.named_modules())
     tensors: list[tuple[str, Any, Any]] = []  # (gguf name, array, raw dtype)
-    quantized_bytes, float_bytes, types = 0, 0, set()
+    quantized_bytes, float_bytes, types = 0, 0, []
     state = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
+    # llama.cpp reads the head from token_embd when output.weight is absent: drop it only when
+    # it is the embedding's very tensor (a float tied model), never when quantized apart
+    head = getattr(model, "lm_head", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    shared_head = (isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding)
+                   and head.weight.data_ptr() == embed.weight.data_ptr())
+
+    def heads_of(module_name: str) -> int:
+        return heads if module_name.endswith("q_proj") else kv_heads
+
     for module_name, module in modules.items():
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             data, kind = _blocks(module, module_name)
-            if module_name.endswith("q_proj") or module_name.endswith("k_proj"):
-                data = _permute_rotary(data, heads if module_name.endswith("q_proj")
-                                       else kv_heads)
-            if module_name == "lm_head" and tied:
-                continue
+            if module_name.endswith(("q_proj", "k_proj")):
+                data = _permute_rotary(data, heads_of(module_name))
             target = names.get_name(module_name + ".weight", try_suffixes=(".weight",))
             if target is None:
                 raise ValueError(f"layer {module_name!r} has no GGUF name for arch {arch}")
             tensors.append((target, data.numpy(), getattr(gguf.GGMLQuantizationType, kind)))
             quantized_bytes += data.numel()
-            types.add(kind)
+            types.append(kind)
     for key, t in state.items():
-        owner = key.rpartition(".")[0]
-        if isinstance(modules.get(owner), (QuantLinear, QuantEmbedding)) or \
-                (key.startswith("lm_head.") and tied):
+        owner, _, leaf = key.rpartition(".")
+        if (isinstance(modules.get(owner), (QuantLinear, QuantEmbedding)) and leaf != "bias") \
+                or (key == "lm_head.weight" and shared_head):
             continue
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ValueError(f"tensor {key!r} has no GGUF name for arch {arch}")
         t = t.detach().float()
-        if key.endswith(("q_proj.weight", "k_proj.weight")):
-            t = _permute_rotary(t, heads if "q_proj" in key else kv_heads)
+        if owner.endswith(("q_proj", "k_proj")):  # weight rows and bias alike
+            t = _permute_rotary(t, heads_of(owner))
         stored = torch.float16 if (float_dtype == torch.float16 and t.dim() > 1) else \
             torch.float32  # ggml keeps 1-D tensors (norms) in F32
         tensors.append((target, t.to(stored).numpy(), None))
@@ -211,13 +240,15 @@ def write_gguf(model: nn.Module, path: Path,
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # llama.cpp assumes hidden / heads without them
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta")
                                     or getattr(config, "rope_theta", None) or 10000.0))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
-    writer.add_file_type(file_type[types.pop()] if len(types) == 1 else
-                         1 if float_dtype == torch.float16 else 0)
+    most = max(set(types), key=types.count) if types else None  # informational in GGUF
+    writer.add_file_type(file_type[most] if most else 1 if float_dtype == torch.float16 else 0)
     _tokenizer_metadata(writer, Path(source), config.vocab_size)
     for target, array, raw in tensors:
         writer.add_tensor(target, array, raw_dtype=raw)

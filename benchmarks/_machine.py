@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: the machine a benchmark ran on (stated in every results
-table) and the evaluation protocol's command-line options."""
+table), the evaluation protocol's command-line options and the fixtures' paths."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import platform
 from pathlib import Path
 
 import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURE_19M = SHARED / "models" / "llama-19m-shakespeare-mix"
+VAL = SHARED / "data" / "shakespeare-mix-val.txt"  # calibration text
+TEST = SHARED / "data" / "shakespeare-mix-test.txt"  # held out: perplexity, KL
 
 
 def machine_line() -> str:

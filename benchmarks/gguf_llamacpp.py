@@ -33,11 +33,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "llama-19m-shakespeare-mix"
-VAL = SHARED / "data" / "shakespeare-mix-val.txt"
-TEST = SHARED / "data" / "shakespeare-mix-test.txt"
 RESULTS = Path(__file__).parent / "results" / "gguf_llamacpp.md"
 PROMPT = 32
 
@@ -73,23 +68,24 @@ def llama_side(job: dict) -> dict:
         logits -= logits.max(-1, keepdims=True)
         return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 
-    reference = None
     out = {"version": llama_cpp.__version__, "rows": {}}
-    for name, path in job["files"].items():
-        llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, verbose=False,
-                              n_threads=job["threads"], n_batch=ctx)
-        nll, kl, n = 0.0, 0.0, 0
-        logps = []
-        for w in windows:
+    llms = {name: llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, verbose=False,
+                                  n_threads=job["threads"], n_batch=ctx)
+            for name, path in job["files"].items()}
+    nll = dict.fromkeys(llms, 0.0)
+    kl = dict.fromkeys(llms, 0.0)
+    n = 0
+    for w in windows:  # window by window: every model against the F32 run (no logits kept)
+        reference = None
+        for name, llm in llms.items():
             lp = window_logprobs(llm, w)
-            nll -= lp[np.arange(len(w) - 1), w[1:]].sum()
-            logps.append(lp)
-            n += len(w) - 1
-        if reference is None:
-            reference = logps
-        else:
-            for lp, ref in zip(logps, reference, strict=True):
-                kl += (np.exp(ref) * (ref - lp)).sum(-1)[:-1].sum()
+            nll[name] -= lp[np.arange(len(w) - 1), w[1:]].sum()
+            if reference is None:
+                reference = lp
+            else:
+                kl[name] += (np.exp(reference) * (reference - lp)).sum(-1)[:-1].sum()
+        n += len(w) - 1
+    for name, llm in llms.items():
         text_ids = [int(t) for t in llm.tokenize(job["text"].encode(), add_bos=False,
                                                  special=False)]
         prompt = job["prompt"]
@@ -103,11 +99,10 @@ def llama_side(job: dict) -> dict:
                 if count == job["new_tokens"]:
                     break
             times.append(time.perf_counter() - t0)
-        out["rows"][name] = {"ppl": float(np.exp(nll / n)), "kl": kl / n if kl else 0.0,
+        out["rows"][name] = {"ppl": float(np.exp(nll[name] / n)), "kl": kl[name] / n,
                              "tokens": n, "tokenizer_ok": text_ids == job["text_ids"],
                              "tok_s": job["new_tokens"] / statistics.median(times[1:]),
-                             "bytes": Path(path).stat().st_size}
-        del llm
+                             "bytes": Path(job["files"][name]).stat().st_size}
     return out
 
 
@@ -123,7 +118,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from _machine import machine_line
+
+    # (here, not at the top: the llama.cpp venv that re-runs this file has no torch)
+    from _machine import FIXTURE_19M as MODEL
+    from _machine import TEST, VAL, machine_line
     from transformers import AutoTokenizer
 
     import lowbit

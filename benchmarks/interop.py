@@ -32,17 +32,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _machine import machine_line, protocol_parser
+from _machine import FIXTURE_19M, TEST, VAL, machine_line, protocol_parser
 
 import lowbit
 from lowbit.eval.perplexity import compare_logits, perplexity
 from lowbit.eval.speed import weight_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "llama-19m-shakespeare-mix"
-VAL = SHARED / "data" / "shakespeare-mix-val.txt"
-TEST = SHARED / "data" / "shakespeare-mix-test.txt"
+MODEL = FIXTURE_19M
 RESULTS = Path(__file__).parent / "results" / "interop.md"
 EXCLUDE = ["lm_head", "*embed_tokens"]
 PROMPT = 32

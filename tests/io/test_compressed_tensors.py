@@ -16,20 +16,9 @@ from lowbit.io.compressed_tensors import pack_int32
 pytest.importorskip("transformers")
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
 NO_EMBED = ["lm_head", "*embed_tokens"]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    if not (LLAMA_3M / "config.json").exists():
-        pytest.skip(f"fixture model {LLAMA_3M} is absent")
-    from lowbit.models.hf import load_hf_model
-
-    model, tokenizer, _ = load_hf_model(LLAMA_3M)
-    ids = torch.tensor([tokenizer("To be, or not to be: that is the question.")["input_ids"]])
-    return model, ids
 
 
 def _tiny_llama(tie: bool = False) -> nn.Module:
@@ -76,7 +65,7 @@ def test_pack_int32_matches_compressed_tensors(bits):
 @pytest.mark.parametrize("spec", ["w4g128-sym", "w8", "fp8"])
 def test_transformers_runs_the_export_exactly(llama, tmp_path, spec):
     """Symmetric int and fp8 weights: transformers' compressed path computes lowbit's logits."""
-    model, ids = llama
+    model, _, ids = llama
     q = _quantized(model, spec, exclude=NO_EMBED)
     lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -92,7 +81,7 @@ def test_compressed_tensors_decompresses_lowbit_weights(llama, tmp_path, spec):
     """Asymmetric zero-points (packed along the output dim) and 2/3-bit streams, decoded by
     compressed-tensors' own decompressor: lowbit's weights up to fp16 rounding of (q - z) * s,
     the product compressed-tensors forms in the scale's dtype."""
-    model, ids = llama
+    model, _, ids = llama
     q = _quantized(model, spec, exclude=NO_EMBED)
     lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
     loaded = _from_pretrained(tmp_path / "ct", dequantize=True)
@@ -105,7 +94,7 @@ def test_compressed_tensors_decompresses_lowbit_weights(llama, tmp_path, spec):
 
 
 def test_gptq_export_keeps_its_quality(llama, tmp_path):
-    model, ids = llama
+    model, _, ids = llama
     calib = torch.randint(0, model.config.vocab_size, (4, 128),
                           generator=torch.Generator().manual_seed(0))
     q = _quantized(model, "w4g128-sym", algorithm="gptq", calib=calib, exclude=NO_EMBED)
@@ -120,7 +109,7 @@ def test_w8a8_export(llama, tmp_path, spec):
     transformers' emulation rounds activations on another grid (absmax / 127.5, lowbit and
     vLLM's kernels absmax / 127): two draws of W8A8's rounding noise, each as far from the
     float model as the other."""
-    model, ids = llama
+    model, _, ids = llama
     calib = [ids] if spec.endswith("static") else None
     q = _quantized(model, spec, exclude=NO_EMBED, calib=calib)
     lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
@@ -200,7 +189,7 @@ def test_unknown_format_and_float_model(tmp_path):
 @pytest.mark.parametrize("spec", ["w4g128", "w4g128-sym", "w3g128", "w8", "fp8", "w8a8",
                                   "w8a8-static", "w4a8"])
 def test_lowbit_load_reads_the_export_bit_exactly(llama, tmp_path, spec):
-    model, ids = llama
+    model, _, ids = llama
     q = _quantized(model, spec, exclude=NO_EMBED, calib=[ids] if "static" in spec else None)
     lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
     loaded = lowbit.load(tmp_path / "ct")
@@ -272,7 +261,7 @@ def test_act_order_g_idx_is_read(llama):
     from lowbit.io.compressed_tensors import _quantized_tensor
     from lowbit.spec import as_spec
 
-    model, ids = llama
+    model, _, ids = llama
     calib = torch.randint(0, model.config.vocab_size, (4, 128),
                           generator=torch.Generator().manual_seed(0))
     q = _quantized(model, "w4g128-sym", algorithm="gptq-act-order", calib=calib,

@@ -16,17 +16,8 @@ gguf = pytest.importorskip("gguf")
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
-TEXT = "To be, or not to be: that is the question."
 
 
-@pytest.fixture(scope="module")
-def llama():
-    if not (LLAMA_3M / "config.json").exists():
-        pytest.skip(f"fixture model {LLAMA_3M} is absent")
-    from lowbit.models.hf import load_hf_model
-
-    model, tokenizer, _ = load_hf_model(LLAMA_3M)
-    return model, tokenizer, torch.tensor([tokenizer(TEXT)["input_ids"]])
 
 
 def _logits(model, ids):

@@ -23,15 +23,6 @@ LLAMA_3M = SHARED / "models" / "llama-3m-shakespeare-mix"
 VAL_TEXT = SHARED / "data" / "shakespeare-mix-val.txt"
 
 
-@pytest.fixture(scope="module")
-def llama():
-    if not (LLAMA_3M / "config.json").exists():
-        pytest.skip(f"fixture model {LLAMA_3M} is absent")
-    from lowbit.models.hf import load_hf_model
-
-    model, tokenizer, _ = load_hf_model(LLAMA_3M)
-    ids = torch.tensor([tokenizer("To be, or not to be: that is the question.")["input_ids"]])
-    return model, tokenizer, ids
 
 
 @pytest.fixture(scope="module")

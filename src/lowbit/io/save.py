@@ -294,9 +294,11 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     e.g. float16 for a model computed in float32. None: the source checkpoint's float16 /
     bfloat16 where ``load_hf_model`` / ``lowbit.load`` recorded one (a lossless round trip of
     weights read from it), else as they are. Quantized tensors keep the dtypes their spec fixes.
-    format: "lowbit" (read back by ``lowbit.load``; every spec) or "compressed-tensors" (read by
-    vLLM and by transformers with the ``compressed-tensors`` package; integer and fp8 e4m3
-    Linear specs, see lowbit.io.compressed_tensors; others are refused before writing).
+    format: "lowbit" (read back by ``lowbit.load``; every spec), "compressed-tensors" (read by
+    vLLM, by transformers with the ``compressed-tensors`` package and by ``lowbit.load``;
+    integer and fp8 e4m3 Linear specs, see lowbit.io.compressed_tensors) or "gguf"
+    (``out_dir/model.gguf`` for llama.cpp; llama / mistral models, the q4_0 ... q8_0 specs, see
+    lowbit.io.gguf). What a format cannot carry is refused before anything is written.
     """
     from safetensors.torch import save_file
 
@@ -317,6 +319,9 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
                              f"folder ({e})") from None
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}; allowed: {', '.join(SAVE_FORMATS)}")
+    if float_dtype is not None and (not isinstance(float_dtype, torch.dtype)
+                                    or not float_dtype.is_floating_point):
+        raise TypeError(f"float_dtype must be a floating torch.dtype, got {float_dtype!r}")
     _check_out_dir(out_dir, overwrite)
     if float_dtype is None:
         float_dtype = getattr(model, "_lowbit_stored_dtype", None)

@@ -198,3 +198,46 @@ def test_tokenizer_types_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="add_prefix_space"):
         lowbit.save(model, tmp_path / "h", format="gguf")
     assert not (tmp_path / "h").exists()
+
+
+def test_llama3_tokenizer_and_rotary_scaling(tmp_path):
+    """Llama 3's split pre-tokenizer is written as llama.cpp's "llama-bpe" and its rotary
+    scaling as rope_freqs (default inverse frequencies over the model's own: 1 for high
+    frequencies, the factor for the lowest). Checked once against llama.cpp itself (see
+    docs/format.md); here against transformers' rotary module."""
+    import json
+
+    from lowbit.io.gguf import LLAMA3_SPLIT
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    folder = _tiny_folder(tmp_path, rope_parameters=rope, max_position_embeddings=131072)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    model = _load(folder)
+    lowbit.save(model, tmp_path / "g", format="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "llama-bpe"
+    factors = torch.from_numpy(
+        next(t for t in reader.tensors if t.name == "rope_freqs.weight").data.copy())
+    head_dim = model.config.head_dim
+    default = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    torch.testing.assert_close(factors.double(),
+                               default / model.model.rotary_emb.inv_freq.double(),
+                               rtol=1e-6, atol=0)
+    assert factors[0] == 1.0 and factors[-1] == 8.0
+
+
+def test_other_rotary_scaling_is_refused(tmp_path):
+    folder = _tiny_folder(tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                     "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope_type 'default' and 'llama3'"):
+        lowbit.save(_load(folder), tmp_path / "g", format="gguf")
+    assert not (tmp_path / "g").exists()

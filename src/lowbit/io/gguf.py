@@ -17,10 +17,10 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 (presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
 the blocks store). Float tensors are written F32 (1-D: norms) or in their stored float16.
 Architectures: llama and mistral (GGUF arch ``llama``; q / k rows and biases permuted to ggml's
-rotary layout, as llama.cpp's converter does). The tokenizer (a GPT-2-style byte-level BPE
-``tokenizer.json``; SentencePiece and Llama-3-style split pre-tokenizers are refused) comes from
-the folder the model was loaded from, its special tokens, add-BOS/EOS flags and chat template
-read by gguf's own ``SpecialVocab``.
+rotary layout, as llama.cpp's converter does; Llama 3's rotary scaling as ``rope_freqs``). The
+tokenizer (a byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's split; SentencePiece is
+refused) comes from the folder the model was loaded from, its special tokens, add-BOS/EOS flags
+and chat template read by gguf's own ``SpecialVocab``.
 """
 
 from __future__ import annotations
@@ -107,9 +107,33 @@ def _permute_rotary(t: torch.Tensor, heads: int) -> torch.Tensor:
         .reshape(t.shape)
 
 
-def check_tokenizer(source: Path) -> dict[str, Any]:
-    """The folder's ``tokenizer.json`` if GGUF's "gpt2" tokenizer reproduces it (byte-level BPE
-    with GPT-2's split, no normalizer, no prefix space), else ValueError."""
+# Llama 3's split before byte-level BPE: llama.cpp's "llama-bpe" pre-tokenizer applies it
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+                r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a byte-level pre-tokenizer it reproduces: "gpt-2" (ByteLevel with
+    GPT-2's split) or "llama-bpe" (Llama 3's split, then ByteLevel without its own); None."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
+            and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(parts) == 2:
+        split, byte_level = parts
+        if (split.get("type") == "Split" and (split.get("pattern") or {}).get("Regex")
+                == LLAMA3_SPLIT and split.get("behavior") == "Isolated"
+                and not split.get("invert") and byte_level.get("type") == "ByteLevel"
+                and not byte_level.get("use_regex", True)
+                and not byte_level.get("add_prefix_space")):
+            return "llama-bpe"
+    return None
+
+
+def check_tokenizer(source: Path) -> str:
+    """llama.cpp's pre-tokenizer name for the folder's ``tokenizer.json`` if its "gpt2"
+    tokenizer reproduces it (byte-level BPE, GPT-2's or Llama 3's split, no normalizer, no
+    prefix space), else ValueError."""
     tokenizer_file = Path(source) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ValueError(f"{source} has no tokenizer.json; GGUF carries the tokenizer, so the "
@@ -117,16 +141,17 @@ def check_tokenizer(source: Path) -> dict[str, Any]:
     spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     pre = spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" \
-            or not pre.get("use_regex", True):
-        raise ValueError(f"{tokenizer_file}: a {model.get('type')} model with a "
-                         f"{pre.get('type')} pre-tokenizer; the GGUF export writes GPT-2-style "
-                         "byte-level BPE tokenizers only (SentencePiece and Llama-3-style split "
-                         "pre-tokenizers are not written yet)")
-    if pre.get("add_prefix_space") or spec.get("normalizer"):
-        raise ValueError(f"{tokenizer_file}: a normalizer or add_prefix_space, which llama.cpp's "
-                         "gpt2 tokenizer does not apply (its token ids would differ)")
-    return spec
+    name = _pre_tokenizer_name(pre)
+    prefix = pre.get("add_prefix_space") or any(p.get("add_prefix_space")
+                                                for p in pre.get("pretokenizers") or [])
+    found = (f"a {model.get('type')} model with a {pre.get('type')} pre-tokenizer"
+             + (" that sets add_prefix_space" if prefix else "")
+             + (" and a normalizer" if spec.get("normalizer") else ""))
+    if model.get("type") != "BPE" or name is None or spec.get("normalizer"):
+        raise ValueError(f"{tokenizer_file}: {found}; the GGUF export writes byte-level BPE "
+                         "tokenizers llama.cpp reproduces (GPT-2's or Llama 3's split, no "
+                         "normalizer, no prefix space; SentencePiece is not written yet)")
+    return name
 
 
 def check_model(config: Any, source: str | Path | None) -> str:
@@ -134,9 +159,9 @@ def check_model(config: Any, source: str | Path | None) -> str:
     default rotary parameters, a tokenizer it can write); ValueError naming what is not."""
     arch = check_model_type(getattr(config, "model_type", None))
     rope = _rope(config)
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rotary parameters {rope!r}: the GGUF export writes models without "
-                         "rotary scaling (rope_type 'default')")
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
+        raise ValueError(f"rotary parameters {rope!r}: the GGUF export writes rope_type "
+                         "'default' and 'llama3' (as per-frequency factors)")
     if source is None or not Path(source).is_dir():
         raise ValueError("the model has no source folder (load it with lowbit.models.hf."
                          "load_hf_model or lowbit.load): GGUF needs its tokenizer files")
@@ -149,12 +174,28 @@ def _rope(config: Any) -> dict[str, Any]:
                 or {})
 
 
+def _rope_freq_factors(model: nn.Module, config: Any, head_dim: int,
+                       theta: float) -> torch.Tensor | None:
+    """ggml's ``rope_freqs`` for Llama 3's rotary scaling: the default inverse frequencies over
+    the model's own (ggml divides each rotation angle by its factor); None for plain RoPE."""
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        return None
+    rotary = next((m for m in model.modules() if isinstance(getattr(m, "inv_freq", None),
+                                                           torch.Tensor)), None)
+    if rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise ValueError(f"rotary parameters {rope!r}: no rotary module with plain attention "
+                         "scaling to read the frequencies from")
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (default / rotary.inv_freq.double()).float()
+
+
 def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
     """GGUF tokenizer keys from a HF tokenizer folder (byte-level BPE, llama.cpp's "gpt2")."""
     import gguf
     from transformers import AutoTokenizer
 
-    check_tokenizer(source)
+    pre = check_tokenizer(source)
     tok = AutoTokenizer.from_pretrained(source)
     by_id = {i: t for t, i in tok.get_vocab().items()}
     added = getattr(tok, "added_tokens_decoder", {}) or {}
@@ -168,7 +209,7 @@ def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
         types.append(gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL
                      if getattr(added[i], "special", False) else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # merges, special token ids, add_bos / add_eos (from tokenizer_config and the
@@ -231,6 +272,12 @@ def write_gguf(model: nn.Module, path: Path,
         tensors.append((target, t.to(stored).numpy(), None))
         float_bytes += t.numel() * stored.itemsize
 
+    theta = float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    factors = _rope_freq_factors(model, config, head_dim, theta)
+    if factors is not None:
+        tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                        factors.numpy(), None))
+        float_bytes += factors.numel() * 4
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(Path(source).name)
     writer.add_context_length(config.max_position_embeddings)
@@ -242,8 +289,7 @@ def write_gguf(model: nn.Module, path: Path,
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)  # llama.cpp assumes hidden / heads without them
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta")
-                                    or getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}

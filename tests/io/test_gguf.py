@@ -192,7 +192,15 @@ def test_tokenizer_types_and_refusals(tmp_path):
     types = fields["tokenizer.ggml.token_type"]
     eos = int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
     assert int(types.parts[types.data[eos]][0]) == gguf.TokenType.CONTROL
+    # written as the tokenizer behaves, whatever tokenizer_config says (llama.cpp's default
+    # for an absent key is true with the llama-bpe pre-tokenizer)
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False
     spec = json.loads((folder / "tokenizer.json").read_text())
+    stripping = copy.deepcopy(spec)
+    stripping["added_tokens"][0]["lstrip"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(stripping))
+    with pytest.raises(ValueError, match="lstrip / rstrip"):
+        lowbit.save(model, tmp_path / "h", format="gguf")
     spec["pre_tokenizer"]["add_prefix_space"] = True
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="add_prefix_space"):

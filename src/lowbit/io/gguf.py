@@ -151,6 +151,12 @@ def check_tokenizer(source: Path) -> str:
         raise ValueError(f"{tokenizer_file}: {found}; the GGUF export writes byte-level BPE "
                          "tokenizers llama.cpp reproduces (GPT-2's or Llama 3's split, no "
                          "normalizer, no prefix space; SentencePiece is not written yet)")
+    stripping = [t.get("content") for t in spec.get("added_tokens") or []
+                 if t.get("lstrip") or t.get("rstrip")]
+    if stripping:
+        raise ValueError(f"{tokenizer_file}: added token {stripping[0]!r} strips the spaces "
+                         "around it (lstrip / rstrip), which GGUF cannot record (llama.cpp's "
+                         "token ids would differ)")
     return name
 
 
@@ -212,10 +218,15 @@ def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    # merges, special token ids, add_bos / add_eos (from tokenizer_config and the
-    # post-processor) and the chat template, read as llama.cpp's converter reads them
-    gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer,
-                                                                               quiet=True)
+    # merges, special token ids and the chat template, read as llama.cpp's converter reads
+    # them; add-BOS / add-EOS as the tokenizer behaves (llama.cpp's default when the key is
+    # absent depends on the pre-tokenizer: true for llama-bpe)
+    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size)
+    probe = tok("a")["input_ids"]
+    special.add_special_token = {
+        "bos": tok.bos_token_id is not None and len(probe) > 1 and probe[0] == tok.bos_token_id,
+        "eos": tok.eos_token_id is not None and len(probe) > 1 and probe[-1] == tok.eos_token_id}
+    special.add_to_gguf(writer, quiet=True)
 
 
 def write_gguf(model: nn.Module, path: Path,

@@ -4,8 +4,11 @@ table), the evaluation protocol's command-line options and the fixtures' paths."
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,3 +47,16 @@ def protocol_parser(description: str, model: Path, out: Path) -> argparse.Argume
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=None)
     return parser
+
+
+def run_llama_job(python: Path, script: str, work: Path, job: dict) -> dict:
+    """Run ``script --llama-job work/job.json`` with the llama.cpp venv's ``python`` (a venv
+    without torch, so the script's llama.cpp half imports nothing of lowbit's) and return the
+    ``work/result.json`` it writes."""
+    (work / "job.json").write_text(json.dumps(job))
+    done = subprocess.run([str(python), script, "--llama-job", str(work / "job.json")],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
+    return json.loads((work / "result.json").read_text())
+

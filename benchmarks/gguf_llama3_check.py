@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -58,7 +57,7 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from _machine import SHARED, VAL, machine_line
+    from _machine import SHARED, VAL, machine_line, run_llama_job
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowbit
@@ -97,12 +96,7 @@ def main() -> None:
              "F32 without rope_freqs (control)": str(work / "no-rope-freqs" / "model.gguf")}
     job = {"files": files, "logits": str(work / "logits.npy"), "seq": seq[0].tolist(),
            "text": text, "ids": ids}
-    (work / "job.json").write_text(json.dumps(job))
-    done = subprocess.run([str(args.llama_python), __file__, "--llama-job", str(work / "job.json")],
-                          capture_output=True, text=True, cwd=tempfile.gettempdir())
-    if done.returncode != 0:
-        raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
-    result = json.loads((work / "result.json").read_text())
+    result = run_llama_job(args.llama_python, __file__, work, job)
     lines = ["# Llama 3 rotary scaling and tokenizer in llama.cpp", "",
              f"Written by `benchmarks/gguf_llama3_check.py` on {date.today().isoformat()}. "
              f"Machine: {machine_line()}. llama-cpp-python {result['version']} (llama.cpp built "

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -121,7 +120,7 @@ def main() -> None:
 
     # (here, not at the top: the llama.cpp venv that re-runs this file has no torch)
     from _machine import FIXTURE_19M as MODEL
-    from _machine import TEST, VAL, machine_line
+    from _machine import TEST, VAL, machine_line, run_llama_job
     from transformers import AutoTokenizer
 
     import lowbit
@@ -155,12 +154,7 @@ def main() -> None:
     job = {"work": str(work), "files": files, "test_ids": test.tolist(), "context": args.context,
            "threads": threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
            "prompt": prompt.tolist(), "text": text, "text_ids": tokenizer(text)["input_ids"]}
-    (work / "job.json").write_text(json.dumps(job))
-    done = subprocess.run([str(args.llama_python), __file__, "--llama-job", str(work / "job.json")],
-                          capture_output=True, text=True, cwd=tempfile.gettempdir())
-    if done.returncode != 0:
-        raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
-    result = json.loads((work / "result.json").read_text())
+    result = run_llama_job(args.llama_python, __file__, work, job)
 
     lowbit_tok_s = {}
     for label, q in quantized.items():

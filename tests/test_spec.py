@@ -85,6 +85,11 @@ def test_every_presets_spec_string_names_it_again(name):
     QuantSpec(format="int4", granularity="channel", axis=-1, symmetric=True),
     QuantSpec(format="int4", granularity="group", group_size=32, clip_ratio=1e-5),
     QuantSpec(format="kmeans4", granularity="group", group_size=64, symmetric=False),
+    QuantSpec(format="uint3", granularity="group", group_size=64, symmetric=True,
+              full_range=True, clip_ratio=0.9),
+    QuantSpec(format="int8", granularity="channel", symmetric=True, full_range=True,
+              act=QuantSpec(format="int8", granularity="token", symmetric=True, dynamic=True,
+                            scale_dtype="float32")),
 ])
 def test_spec_strings_parse_back_to_their_spec(spec):
     assert as_spec(str(spec)) == spec
@@ -113,6 +118,13 @@ def test_bad_spec_strings_say_what_is_allowed(text, match):
     ({"format": "kmeans4", "rounding": "stochastic"}, "rounding='stochastic' is implemented"),
     ({"act": QuantSpec(format="int8", granularity="token", symmetric=True)},
      "static activation spec .* not 'token'"),
+    ({"format": "int4", "full_range": True}, "full_range=True .* symmetric integer grid"),
+    ({"format": "nf4", "symmetric": True, "full_range": True}, "format='nf4'"),
+    ({"format": "int8", "symmetric": True, "full_range": True, "granularity": "token",
+      "dynamic": True}, "full_range=True with dynamic=True"),
+    ({"act": QuantSpec(format="int8", granularity="tensor", symmetric=True, full_range=True)},
+     "full_range is for weights"),
+    ({"full_range": 1}, "full_range=1; allowed: True, False"),
 ])
 def test_fields_of_the_wrong_type_or_combination_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -143,3 +155,11 @@ def test_fields_a_spec_does_not_use_do_not_make_specs_unequal() -> None:
         "int8", "channel", symmetric=True)
     assert QuantSpec("uint4", zero_point="float") != QuantSpec("uint4")
     assert QuantSpec("uint4", zero_dtype="float32") != QuantSpec("uint4")
+
+
+def test_full_range_in_spec_strings_and_old_checkpoints():
+    assert str(preset("q4_0")) == "int4-g32-sym-full" and preset("q4_0").full_range
+    assert not as_spec("int4-g32-sym").full_range
+    old = preset("q4_0").to_dict()
+    del old["full_range"]  # a spec saved before the field existed: absmax scales
+    assert QuantSpec.from_dict(old) == preset("q4_0").replace(full_range=False)

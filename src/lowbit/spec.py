@@ -72,6 +72,10 @@ class QuantSpec:
         tiles of the 2-D view) | "token" (one scale per row of the last dim; for activations).
     symmetric: zero maps to code zero and the scale comes from absmax; otherwise min-max with a
         zero-point, integer (``zero_point="int"``) or float (``"float"``, as HQQ).
+    full_range: (symmetric integer weights) the block's largest-magnitude value lands on the
+        grid's extra negative level, ``s = v / -2**(b-1)`` with ``v``'s sign (negative when
+        ``v > 0``), so all ``2**b`` levels are used instead of ``2**b - 1`` (llama.cpp's
+        Q4_0 / Q5_0 rule); spec-string flag ``-full``.
     act: the activation spec of a W*A* scheme (quantized at run time when ``act.dynamic``).
     """
 
@@ -87,6 +91,7 @@ class QuantSpec:
     clip_ratio: float = 1.0
     rounding: str = "nearest"
     dynamic: bool = False
+    full_range: bool = False
     act: QuantSpec | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -99,7 +104,7 @@ class QuantSpec:
             raise ValueError(
                 f"granularity={self.granularity!r}; allowed: {', '.join(GRANULARITIES)}"
             )
-        for name in ("symmetric", "dynamic"):
+        for name in ("symmetric", "dynamic", "full_range"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: True, False")
         if not _is_int(self.axis):
@@ -143,6 +148,12 @@ class QuantSpec:
                 f"format={self.format!r} with symmetric=True: a 1-bit grid has no level above "
                 "zero; use symmetric=False (levels {min, max}) or bits >= 2"
             )
+        if self.full_range and not (kind == "affine" and self.symmetric):
+            raise ValueError(f"full_range=True with format={self.format!r}, symmetric="
+                             f"{self.symmetric}: it needs a symmetric integer grid (-sym)")
+        if self.full_range and self.dynamic:
+            raise ValueError("full_range=True with dynamic=True: it is for weights (kernels "
+                             "quantize activations with absmax / qmax)")
         if kind == "kmeans" and not self.symmetric:
             # a learned codebook has no zero-point: one value keeps equal specs equal
             object.__setattr__(self, "symmetric", True)
@@ -162,6 +173,8 @@ class QuantSpec:
         if self.rounding == "stochastic" and kind != "affine":
             raise ValueError(f"rounding='stochastic' is implemented for integer formats; "
                              f"{self.format!r} rounds to nearest")
+        if self.act is not None and self.act.full_range:
+            raise ValueError(f"act={self.act}: full_range is for weights, not activations")
         if self.act is not None and not self.act.dynamic and self.act.granularity != "tensor":
             raise ValueError(f"a static activation spec has one calibrated scale per layer "
                              f"input: granularity='tensor', not {self.act.granularity!r} (or "
@@ -203,6 +216,8 @@ class QuantSpec:
         parts = [self.format, gran]
         if self.kind == "affine":
             parts.append("sym" if self.symmetric else "asym")
+            if self.full_range:
+                parts.append("full")
             if not self.symmetric and self.zero_point == "float":
                 parts.append("fz")
         if self.clip_ratio != 1.0:  # positional: an exponent's "-" would split the string
@@ -275,8 +290,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "uint4", "granularity": "group", "group_size": 64},
     },
     "w4g128-sym": {
-        "doc": "int4 symmetric, groups of 128, fp16 scale",
-        "spec": {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": True},
+        "doc": "int4 symmetric, groups of 128, fp16 scale (full range: all 16 levels)",
+        "spec": {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": True,
+                 "full_range": True},
     },
     "w3g128": {
         "doc": "uint3 asymmetric, groups of 128, fp16 scale + zero",
@@ -310,16 +326,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # llama.cpp's block types (GGUF): groups of 32 with an fp16 scale (lowbit.io.gguf)
     "q4_0": {
-        "doc": "int4 symmetric, groups of 32, fp16 scale (GGUF Q4_0)",
-        "spec": {"format": "int4", "granularity": "group", "group_size": 32, "symmetric": True},
+        "doc": "int4 symmetric, groups of 32, fp16 scale (GGUF Q4_0, llama.cpp's full range)",
+        "spec": {"format": "int4", "granularity": "group", "group_size": 32, "symmetric": True,
+                 "full_range": True},
     },
     "q4_1": {
         "doc": "uint4 asymmetric, groups of 32, fp16 scale + zero (GGUF Q4_1)",
         "spec": {"format": "uint4", "granularity": "group", "group_size": 32},
     },
     "q5_0": {
-        "doc": "int5 symmetric, groups of 32, fp16 scale (GGUF Q5_0)",
-        "spec": {"format": "int5", "granularity": "group", "group_size": 32, "symmetric": True},
+        "doc": "int5 symmetric, groups of 32, fp16 scale (GGUF Q5_0, llama.cpp's full range)",
+        "spec": {"format": "int5", "granularity": "group", "group_size": 32, "symmetric": True,
+                 "full_range": True},
     },
     "q5_1": {
         "doc": "uint5 asymmetric, groups of 32, fp16 scale + zero (GGUF Q5_1)",
@@ -384,7 +402,7 @@ def preset(name: str) -> QuantSpec:
     return QuantSpec.from_dict(PRESETS[name]["spec"])
 
 
-SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym|-asym][-fz][-clipR][-sr][-dyn][+a:ACTIVATION "
+SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym[-full]|-asym[-fz]][-clipR][-sr][-dyn][+a:ACTIVATION "
                       "SPEC], granularity tensor, ch, chAXIS, gN, bRxC or token, e.g. "
                       "'uint4-g128-asym' or 'int8-ch-sym+a:int8-token-sym-dyn'")
 
@@ -435,6 +453,8 @@ def parse_spec(text: str, *, activation: bool = False) -> QuantSpec:
             fields["symmetric"] = flag == "sym"
         elif flag == "fz":
             fields["zero_point"] = "float"
+        elif flag == "full":
+            fields["full_range"] = True
         elif flag == "sr":
             fields["rounding"] = "stochastic"
         elif flag == "dyn":

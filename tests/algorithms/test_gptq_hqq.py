@@ -88,6 +88,7 @@ def test_gptq_raises_damping_for_a_singular_hessian():
 @pytest.mark.parametrize(
     "spec",
     [preset("w4g128"), preset("w3g128"), preset("w2g64"), preset("w4g128-sym"), preset("w8"),
+     QuantSpec("int3", "group", 64, symmetric=True, full_range=True),
      QuantSpec("uint4", "group", 64, zero_point="float"), QuantSpec("uint3", "channel")],
     ids=str,
 )

@@ -82,7 +82,7 @@ def test_lsq_plus_learns_the_offset():
 
 
 @pytest.mark.parametrize("spec", ["w2g64", "w4g64", "w8", QuantSpec(
-    format="uint3", granularity="group", group_size=32, zero_point="float")])
+    format="uint3", granularity="group", group_size=32, zero_point="float"), "int4-g32-sym-full"])
 @pytest.mark.parametrize("learn", ["lsq", "lsq+", "fixed"])
 def test_convert_equals_fake_quant_bit_for_bit(spec, learn):
     model = qat.prepare(_mlp(), spec, learn=learn)

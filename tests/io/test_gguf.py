@@ -60,6 +60,30 @@ def test_blocks_decode_to_lowbit_weights(llama, tmp_path, spec, block, exact):
             assert (got - want).abs().max() <= bound
 
 
+@pytest.mark.parametrize(("spec", "qtype", "levels"), [("q4_0", "Q4_0", 16), ("q5_0", "Q5_0", 32)])
+def test_rtn_blocks_follow_llama_cpps_own_quantizer(spec, qtype, levels):
+    """lowbit's RTN q4_0 / q5_0 is ggml's rule (gguf's numpy port of quantize_row_q4_0): the
+    block's largest-magnitude value on the lowest level, d = v / -(levels / 2). Codes differ
+    only where ggml rounds with the unrounded d and lowbit with the stored fp16 one."""
+    from gguf.quants import dequantize, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 512) * torch.rand(64, 1) * 3
+    ours = lowbit.QuantizedTensor.from_float(w, spec)
+    blocks = quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
+    theirs = torch.from_numpy(dequantize(blocks, getattr(gguf.GGMLQuantizationType, qtype)))
+    d = torch.from_numpy(blocks.reshape(64, 16, -1)[..., :2].copy().view("float16")).float()
+    scale = ours.scale.float().reshape(64, 16, 1)
+    assert torch.equal(scale.sign(), d.sign())  # negative where the extreme is positive
+    assert bool(((scale - d).abs() <= d.abs() * 2**-10).all())  # at most one fp16 ulp
+    codes = torch.round(theirs.reshape(64, 16, 32) / d).clamp(-levels // 2, levels // 2 - 1)
+    ours_codes = ours.codes().reshape(64, 16, 32).to(torch.int32) - levels // 2
+    assert float((codes == ours_codes).float().mean()) > 0.995
+    # lowbit rounds |d| up to fp16 (ggml: to nearest): the error differs by well under 1%
+    ratio = float((ours.dequantize() - w).pow(2).mean() / (theirs - w).pow(2).mean())
+    assert abs(ratio - 1) < 0.005
+
+
 def test_transformers_runs_the_gguf_as_lowbit_does(llama, tmp_path):
     """transformers' GGUF loader (its own dequantization, tokenizer and q/k un-permutation):
     the same logits as lowbit's model for Q4_0, and the same token ids from the GGUF's

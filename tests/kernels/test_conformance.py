@@ -13,16 +13,21 @@ import pytest
 import torch
 
 from lowbit.kernels import KERNELS, cpu_avx2, dispatch
-from lowbit.spec import PRESETS, QuantSpec, preset
+from lowbit.spec import PRESETS, QuantSpec, as_spec, preset
 from lowbit.tensor import QuantizedTensor
 
 K, N = 256, 40
+# beyond the presets: full-range symmetric weights (negative scales, the code -2**(b-1) used)
+FULL_RANGE = ("int4-g128-sym-full", "uint4-g128-sym-full", "int8-ch-sym-full", "int3-g128-sym-full",
+              "int2-g64-sym-full", "int8-g32-sym-full", "int8-ch-sym-full+a:int8-token-sym-dyn",
+              "int4-g128-sym-full+a:int8-token-sym-dyn")
+NAMES = (*PRESETS, *FULL_RANGE)
 
 
 def _quantized(name: str) -> QuantizedTensor:
     torch.manual_seed(sum(map(ord, name)))
     qt = QuantizedTensor.from_float(torch.randn(N, K) * torch.rand(N, 1) * 2, name)
-    spec = preset(name)
+    spec = as_spec(name)
     if spec.act is not None and not spec.act.dynamic:  # static activations: a calibrated scale
         qt.act_scale = torch.tensor(4.0 / 127)
         if spec.act.has_zero_point:
@@ -30,7 +35,7 @@ def _quantized(name: str) -> QuantizedTensor:
     return qt
 
 
-_QUANTIZED = {name: _quantized(name) for name in PRESETS}
+_QUANTIZED = {name: _quantized(name) for name in NAMES}
 _INPUTS = {
     "odd-2d": lambda: torch.randn(7, K),
     "3d": lambda: torch.randn(2, 3, K),
@@ -39,7 +44,7 @@ _INPUTS = {
 
 def _cases():
     for kernel in sorted(KERNELS):
-        for name in PRESETS:
+        for name in NAMES:
             if KERNELS[kernel].supports(_QUANTIZED[name], torch.randn(1, K)):
                 yield kernel, name
 

@@ -54,7 +54,7 @@ def test_per_tensor_scales_and_sums_beyond_2_pow_24():
     assert abs(float(got[0, 0]) - 4096) < 1
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w7a8"])
+@pytest.mark.parametrize("name", ["w8a8", "w7a8", "int8-ch-sym-full+a:int8-token-sym-dyn"])
 def test_many_rows_across_row_chunks_stay_exact(name):
     """More rows than one chunk of the row loop (128), odd K, a partial last panel."""
     torch.manual_seed(1)

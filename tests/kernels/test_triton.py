@@ -48,6 +48,9 @@ _SCRIPT = textwrap.dedent(
         ("w4g128", 1, 256, 80, torch.float32, None),
         ("w4g64", 5, 192, 72, torch.float32, None),
         ("w4g128-sym", 17, 256, 48, torch.float32, None),
+        ("int4-g128-sym-full", 3, 256, 40, torch.float32, None),  # negative scales
+        ("int4-g128-sym-full", 1, 512, 12, torch.float16, GEMV2),
+        ("int8-ch-sym-full", 2, 96, 24, torch.float32, None),
         (preset("w4g64").replace(group_size=32, zero_point="float"), 3, 96, 40, torch.float32,
          None),
         (preset("w4g64").replace(group_size=32, zero_point="float"), 1, 96, 40, torch.float32,
@@ -148,7 +151,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference(run_interpreted) -> None:
-    assert "OK 40" in run_interpreted(_SCRIPT)
+    assert "OK 43" in run_interpreted(_SCRIPT)
 
 
 @pytest.mark.parametrize(("module", "name"), [(triton_int4, "w4g128"), (triton_int8, "w8")])

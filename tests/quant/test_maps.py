@@ -8,17 +8,19 @@ from lowbit.spec import QuantSpec, preset
 from lowbit.tensor import QuantizedTensor
 
 
-def affine_specs():
-    return st.builds(
-        QuantSpec,
-        format=st.sampled_from([f"{p}{b}" for p in ("int", "uint") for b in range(2, 9)]),
-        granularity=st.sampled_from(["tensor", "channel", "group", "block"]),
-        group_size=st.sampled_from([4, 8, 16]),
-        block=st.sampled_from([(2, 4), (1, 8), (4, 4)]),
-        symmetric=st.booleans(),
-        zero_point=st.sampled_from(["int", "float"]),
-        scale_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
-        zero_dtype=st.sampled_from(["float32", "float16"]),
+@st.composite
+def affine_specs(draw):
+    symmetric = draw(st.booleans())
+    return QuantSpec(
+        format=draw(st.sampled_from([f"{p}{b}" for p in ("int", "uint") for b in range(2, 9)])),
+        granularity=draw(st.sampled_from(["tensor", "channel", "group", "block"])),
+        group_size=draw(st.sampled_from([4, 8, 16])),
+        block=draw(st.sampled_from([(2, 4), (1, 8), (4, 4)])),
+        symmetric=symmetric,
+        full_range=symmetric and draw(st.booleans()),
+        zero_point=draw(st.sampled_from(["int", "float"])),
+        scale_dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])),
+        zero_dtype=draw(st.sampled_from(["float32", "float16"])),
     )
 
 
@@ -50,14 +52,17 @@ def test_error_at_most_half_a_step_inside_the_range(spec, seed):
     x = _tensor(seed)
     codes, qp, layout = quantize(x, spec)
     err = (x - dequantize(codes, qp, spec, layout)).abs()
-    step = _expanded(qp.scale, layout)
+    step = _expanded(qp.scale, layout).abs()  # full-range scales may be negative
     # Inside the clip range (no saturation) the error is at most half a step; the float zero-point
     # of a reduced-precision dtype may push the grid by up to half a step of its own rounding.
     slack = 1e-5 * x.abs() + 1e-6
     if spec.has_zero_point and spec.zero_point == "float" and spec.zero_dtype != "float32":
         zero = _expanded(qp.zero_point, layout)
         slack = slack + step * zero.abs() * 2**-10
-    assert bool((err <= step / 2 + slack).all())
+    # full range: the side opposite the block's extreme reaches one level less, so a value
+    # there is clipped by up to half a step more
+    bound = step if spec.full_range else step / 2
+    assert bool((err <= bound + slack).all())
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -221,3 +226,37 @@ def test_values_float32_cannot_hold_and_codebooks_fp16_cannot_hold_are_refused()
     with pytest.raises(ValueError, match="codebook entry.*float16"):
         choose_qparams(torch.full((4, 64), 7e4), QuantSpec(format="kmeans4",
                                                            granularity="channel"))
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), seed=st.integers(0, 1000),
+       flip=st.booleans())
+def test_full_range_puts_each_blocks_extreme_on_the_lowest_level(bits, signed, seed, flip):
+    spec = QuantSpec(format=f"{'int' if signed else 'uint'}{bits}", granularity="group",
+                     group_size=16, symmetric=True, full_range=True)
+    x = _tensor(seed, (6, 64)) * (-1 if flip else 1)
+    qt = QuantizedTensor.from_float(x, spec)
+    blocks = x.reshape(6, 4, 16)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    codes = qt.codes().reshape(6, 4, 16).gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    assert bool((codes == 0).all())  # stored q - qmin: the lowest level
+    scale = qt.scale.float().unsqueeze(-1)
+    assert torch.equal(scale < 0, extreme > 0)  # the scale takes the extreme's sign, flipped
+    back = qt.dequantize().reshape(6, 4, 16).gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    assert torch.allclose(back, extreme, rtol=2e-3)  # up to the fp16 scale's rounding
+
+
+@pytest.mark.parametrize("bits, at_most", [(2, 0.45), (3, 0.8), (4, 0.9)])
+def test_full_range_lowers_the_error_of_gaussian_weights(bits, at_most):
+    """2**b levels instead of 2**b - 1: the step shrinks by (2**(b-1) - 1) / 2**(b-1)."""
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    absmax = QuantSpec(format=f"int{bits}", granularity="group", group_size=32, symmetric=True)
+    errors = [(fake_quantize(x, s) - x).pow(2).mean() for s in
+              (absmax, absmax.replace(full_range=True))]
+    assert errors[1] < at_most * errors[0]
+
+
+def test_full_range_on_a_constant_or_zero_block_is_exact():
+    for value in (0.0, 2.5, -2.5):
+        x = torch.full((4, 32), value)
+        assert torch.equal(fake_quantize(x, preset("q4_0")), x)

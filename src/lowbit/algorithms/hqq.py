@@ -101,7 +101,8 @@ class HQQ(Algorithm):
             centred = q - (zero if spec.has_zero_point else symmetric_zero(spec))
             num = (target * centred).sum(-1, keepdim=True)
             den = (centred * centred).sum(-1, keepdim=True)
-            scale = torch.where((num > 0) & (den > 0), num / den.clamp(min=1e-12), scale)
+            # same sign as before (full-range scales are negative where the block's extreme is)
+            scale = torch.where((num * scale > 0) & (den > 0), num / den.clamp(min=1e-12), scale)
             cand = QParams(
                 scale=scale.squeeze(-1).to(scale_dtype),
                 zero_point=zero.squeeze(-1).to(zero_dtype) if spec.has_zero_point else None,

@@ -164,14 +164,19 @@ def fake_quant_blocked(
 
 def stored_scale(scale: torch.Tensor, spec: QuantSpec, learn: str, grad_scale: float
                  ) -> torch.Tensor:
-    """A learned scale as it will be stored (``spec.scale_dtype``, positive), as float32; LSQ
-    gradient scaling unless ``learn == 'fixed'``, straight-through through the cast."""
+    """A learned scale as it will be stored (``spec.scale_dtype``; positive, or of either sign
+    for full-range specs), as float32; LSQ gradient scaling unless ``learn == 'fixed'``,
+    straight-through through the cast."""
     dtype = torch_dtype(spec.scale_dtype)
     s = _GradScale.apply(scale, grad_scale) if learn != "fixed" else scale
     # the smallest subnormal, as PTQ's scales (finfo.tiny, the smallest normal, is ~1000x
     # larger for fp16 and clamped small weights' scales)
     smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
-    return _CastSTE.apply(s.clamp(min=smallest), dtype)
+    if spec.full_range:  # a full-range scale keeps its sign: only its magnitude is bounded
+        s = torch.where(s < 0, -(-s).clamp(min=smallest), s.clamp(min=smallest))
+    else:
+        s = s.clamp(min=smallest)
+    return _CastSTE.apply(s, dtype)
 
 
 def stored_zero(zero: torch.Tensor | None, spec: QuantSpec, learn: str, grad_scale: float
@@ -227,7 +232,7 @@ class _FakeQuantWeight(nn.Module):
         self.grad_scale = lsq_grad_scale(spec, self.layout)
 
     def stored_scale(self) -> torch.Tensor:
-        """The scale as it will be stored (spec.scale_dtype, positive), as float32, STE grads."""
+        """The scale as it will be stored (spec.scale_dtype), as float32, STE grads."""
         return stored_scale(self.scale, self.spec, self.learn, self.grad_scale)
 
     def stored_zero(self) -> torch.Tensor | int:

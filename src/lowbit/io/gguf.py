@@ -15,7 +15,8 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 =====================  ======  ===========================================================
 
 (presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
-the blocks store). Float tensors are written F32 (1-D: norms) or in their stored float16.
+the blocks store; ``q4_0`` and ``q5_0`` choose scales as llama.cpp does, ``-full``: the block's
+largest-magnitude value on code 0, ``d`` negative where that value is positive). Float tensors are written F32 (1-D: norms) or in their stored float16.
 Architectures: llama and mistral (GGUF arch ``llama``; q / k rows and biases permuted to ggml's
 rotary layout, as llama.cpp's converter does; Llama 3's rotary scaling as ``rope_freqs``). The
 tokenizer (a byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's split; SentencePiece is

@@ -113,8 +113,9 @@ def qparams_from_range(
 ) -> QParams:
     """Scale (and zero-point) from per-block ranges ``[R/bh, C/bw]`` (observers use this).
 
-    Symmetric and fixed grids use ``absmax = max(|min|, |max|)``; asymmetric integer zero-points
-    widen the range to include 0 so that zero stays exactly representable.
+    Symmetric and fixed grids use ``absmax = max(|min|, |max|)`` (``full_range``: the signed
+    value of larger magnitude over ``qmin``); asymmetric integer zero-points widen the range to
+    include 0 so that zero stays exactly representable.
     """
     if spec.kind == "kmeans":
         raise ValueError(f"format={spec.format!r} learns a codebook; it has no range-based qparams")
@@ -123,6 +124,13 @@ def qparams_from_range(
     scale_dtype = torch_dtype(spec.scale_dtype)
     if spec.kind == "affine":
         qmin, qmax = qrange(spec)
+        if spec.symmetric and spec.full_range:
+            # the largest magnitude (the negative one on ties) lands on the lowest level;
+            # a positive one makes the scale negative
+            extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
+            raw = extreme / (qmin - symmetric_zero(spec))
+            scale = _store_scale(raw.abs(), scale_dtype)
+            return QParams(scale=torch.where(raw < 0, -scale, scale))
         if spec.symmetric:
             absmax = torch.maximum(lo.abs(), hi.abs())
             scale = _store_scale(absmax / (qmax - symmetric_zero(spec)), scale_dtype)

@@ -273,3 +273,90 @@ def test_other_rotary_scaling_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rope_type 'default' and 'llama3'"):
         lowbit.save(_load(folder), tmp_path / "g", format="gguf")
     assert not (tmp_path / "g").exists()
+
+
+def _sentencepiece_folder(tmp_path: Path, vocab_size: int = 640, **trainer) -> Path:
+    """A tiny random Llama with a SentencePiece BPE tokenizer trained on the fixture text (as
+    Llama 2's: identity normalization, byte fallback, digits split), tokenizer.model plus the
+    tokenizer.json transformers converts from it."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    text = (SHARED / "data" / "shakespeare-mix-val.txt").read_text(encoding="utf-8")[:200_000]
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    options = dict(model_type="bpe", vocab_size=600, byte_fallback=True, split_digits=True,
+                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                   allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   minloglevel=2)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"),
+                                   model_prefix=str(tmp_path / "sp"), **{**options, **trainer})
+    (tmp_path / "sp.model").rename(folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", '
+        '"unk_token": "<unk>", "add_bos_token": true}')
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds tokenizer.json
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_vocab(tmp_path):
+    """Pieces, scores and types from tokenizer.model as llama.cpp's converter reads them (ids
+    past the model's 600 pieces padded UNUSED); transformers' GGUF tokenizer then gives the HF
+    tokenizer's ids on the test text, and its GGUF model lowbit's logits."""
+    from transformers import AutoTokenizer
+
+    folder = _sentencepiece_folder(tmp_path)
+    q = lowbit.quantize(_load(folder), "q4_0", include=["*layers*"])
+    lowbit.save(q, tmp_path / "g", format="gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def text(name):
+        return bytes(fields[name].parts[-1]).decode()
+
+    assert (text("tokenizer.ggml.model"), text("tokenizer.ggml.pre")) == ("llama", "default")
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0])
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0])
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0])
+             for i in fields["tokenizer.ggml.token_type"].data]
+    assert types[1] == gguf.TokenType.CONTROL and types[3 + 0x0A] == gguf.TokenType.BYTE
+    assert set(types[600:]) == {gguf.TokenType.UNUSED} and len(types) == 640
+    scores = [float(fields["tokenizer.ggml.scores"].parts[i][0])
+              for i in fields["tokenizer.ggml.scores"].data]
+    assert scores[300] > scores[500]  # earlier merges score higher: llama.cpp merges by score
+    hf = AutoTokenizer.from_pretrained(folder)
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="model.gguf")
+    sample = (SHARED / "data" / "shakespeare-mix-test.txt").read_text(encoding="utf-8")[:20_000]
+    assert from_gguf(sample)["input_ids"] == hf(sample)["input_ids"]
+    ids = torch.tensor([hf(sample[:400])["input_ids"]])
+    assert torch.equal(_transformers_logits(tmp_path / "g", ids), _logits(q, ids))
+
+
+@pytest.mark.parametrize(("trainer", "message"), [
+    ({"model_type": "unigram"}, "SentencePiece UNIGRAM model"),
+    ({"normalization_rule_name": "nmt_nfkc"}, "normalization 'nmt_nfkc'"),
+    ({"remove_extra_whitespaces": True}, "removing extra whitespace"),
+])
+def test_sentencepiece_models_llama_cpp_would_split_otherwise_are_refused(tmp_path, trainer,
+                                                                          message):
+    folder = _sentencepiece_folder(tmp_path, **trainer)
+    with pytest.raises(ValueError, match=message):
+        lowbit.save(_load(folder), tmp_path / "g", format="gguf")
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_hf_tokenizer_that_splits_unlike_its_sentencepiece_model_is_refused(tmp_path):
+    import json
+
+    folder = _sentencepiece_folder(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["add_prefix_space"] = False  # HF adds no "\u2581" prefix, tokenizer.model does
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="llama.cpp would follow tokenizer.model"):
+        lowbit.save(_load(folder), tmp_path / "g", format="gguf")

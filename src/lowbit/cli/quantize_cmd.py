@@ -244,7 +244,7 @@ def quantize_command(
             model = None  # memory bounded: quantize() reads one block at a time from disk
         else:
             model, tokenizer, kind = load_hf_model(model_dir)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:  # ImportError: an export's package
         fail(str(e))
 
     include_list = list(include) if include else None

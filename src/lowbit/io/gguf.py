@@ -16,17 +16,20 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 
 (presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
 the blocks store; ``q4_0`` and ``q5_0`` choose scales as llama.cpp does, ``-full``: the block's
-largest-magnitude value on code 0, ``d`` negative where that value is positive). Float tensors are written F32 (1-D: norms) or in their stored float16.
-Architectures: llama and mistral (GGUF arch ``llama``; q / k rows and biases permuted to ggml's
-rotary layout, as llama.cpp's converter does; Llama 3's rotary scaling as ``rope_freqs``). The
-tokenizer (a byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's split; SentencePiece is
-refused) comes from the folder the model was loaded from, its special tokens, add-BOS/EOS flags
-and chat template read by gguf's own ``SpecialVocab``.
+largest-magnitude value on code 0, ``d`` negative where that value is positive). Float tensors
+are written F32 (1-D: norms) or in their stored float16. Architectures: llama and mistral (GGUF
+arch ``llama``; q / k rows and biases permuted to ggml's rotary layout, as llama.cpp's converter
+does; Llama 3's rotary scaling as ``rope_freqs``). The tokenizer comes from the folder the model
+was loaded from: a SentencePiece BPE ``tokenizer.model`` (llama.cpp's "llama": pieces, scores,
+space prefix; Llama 2, Mistral) or a byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's
+split ("gpt2": tokens, merges); special tokens, add-BOS/EOS flags and the chat template are read
+by gguf's own ``SpecialVocab``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +134,28 @@ def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
     return None
 
 
-def check_tokenizer(source: Path) -> str:
-    """llama.cpp's pre-tokenizer name for the folder's ``tokenizer.json`` if its "gpt2"
-    tokenizer reproduces it (byte-level BPE, GPT-2's or Llama 3's split, no normalizer, no
-    prefix space), else ValueError."""
-    tokenizer_file = Path(source) / "tokenizer.json"
+def check_tokenizer(source: Path) -> tuple[str, str]:
+    """``(tokenizer model, pre-tokenizer)`` as llama.cpp names them for the folder's tokenizer
+    if llama.cpp reproduces it, else ValueError: ``("llama", "default")`` for a SentencePiece
+    BPE ``tokenizer.model`` (read first, as llama.cpp's converter does), ``("gpt2", name)`` for a
+    byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's split, no normalizer and no
+    prefix space."""
+    source = Path(source)
+    tokenizer_file = source / "tokenizer.json"
+    spec = (json.loads(tokenizer_file.read_text(encoding="utf-8"))
+            if tokenizer_file.is_file() else {})
+    stripping = [t.get("content") for t in spec.get("added_tokens") or []
+                 if t.get("lstrip") or t.get("rstrip")]
+    if stripping:
+        raise ValueError(f"{tokenizer_file}: added token {stripping[0]!r} strips the spaces "
+                         "around it (lstrip / rstrip), which GGUF cannot record (llama.cpp's "
+                         "token ids would differ)")
+    if (source / SENTENCEPIECE_FILE).is_file():
+        _check_sentencepiece(source)
+        return "llama", "default"
     if not tokenizer_file.is_file():
-        raise ValueError(f"{source} has no tokenizer.json; GGUF carries the tokenizer, so the "
-                         "model must come from a folder with one (byte-level BPE)")
-    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        raise ValueError(f"{source} has neither tokenizer.json nor {SENTENCEPIECE_FILE}; GGUF "
+                         "carries the tokenizer, so the model must come from a folder with one")
     model = spec.get("model") or {}
     pre = spec.get("pre_tokenizer") or {}
     name = _pre_tokenizer_name(pre)
@@ -151,14 +167,51 @@ def check_tokenizer(source: Path) -> str:
     if model.get("type") != "BPE" or name is None or spec.get("normalizer"):
         raise ValueError(f"{tokenizer_file}: {found}; the GGUF export writes byte-level BPE "
                          "tokenizers llama.cpp reproduces (GPT-2's or Llama 3's split, no "
-                         "normalizer, no prefix space; SentencePiece is not written yet)")
-    stripping = [t.get("content") for t in spec.get("added_tokens") or []
-                 if t.get("lstrip") or t.get("rstrip")]
-    if stripping:
-        raise ValueError(f"{tokenizer_file}: added token {stripping[0]!r} strips the spaces "
-                         "around it (lstrip / rstrip), which GGUF cannot record (llama.cpp's "
-                         "token ids would differ)")
-    return name
+                         f"normalizer, no prefix space) and SentencePiece BPE "
+                         f"({SENTENCEPIECE_FILE})")
+    return "gpt2", name
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+# a probe the HF tokenizer and tokenizer.model must split alike (spaces, newlines, digits)
+_PROBE = "Hello  world,\n\n the 2024 year's\tend ."
+
+
+def _sentencepiece(source: Path) -> tuple[Any, Any]:
+    """The folder's SentencePiece processor and model proto (ImportError naming the packages)."""
+    try:
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError as e:
+        raise ImportError(f"{source / SENTENCEPIECE_FILE} is a SentencePiece model; reading it "
+                          "needs `pip install sentencepiece protobuf`") from e
+    data = (source / SENTENCEPIECE_FILE).read_bytes()
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    return SentencePieceProcessor(model_proto=data), proto
+
+
+def _check_sentencepiece(source: Path) -> None:
+    """A SentencePiece model llama.cpp's "llama" tokenizer reproduces: BPE pieces merged by
+    score, no normalization beyond the space prefix, split as the HF tokenizer splits."""
+    from transformers import AutoTokenizer
+
+    processor, proto = _sentencepiece(source)
+    where = source / SENTENCEPIECE_FILE
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+        raise ValueError(f"{where}: a SentencePiece {kind} model; the GGUF export writes "
+                         "SentencePiece BPE (llama.cpp merges pieces by score)")
+    norm = proto.normalizer_spec
+    if norm.name not in ("", "identity") or norm.remove_extra_whitespaces:
+        raise ValueError(f"{where}: SentencePiece normalization {norm.name!r}"
+                         f"{' removing extra whitespace' if norm.remove_extra_whitespaces else ''}"
+                         "; llama.cpp only adds the space prefix (normalizer 'identity')")
+    hf = AutoTokenizer.from_pretrained(source)(_PROBE, add_special_tokens=False)["input_ids"]
+    if hf != processor.encode(_PROBE):
+        raise ValueError(f"{source}: the HF tokenizer splits {_PROBE!r} as {hf}, "
+                         f"{SENTENCEPIECE_FILE} as {processor.encode(_PROBE)}; llama.cpp would "
+                         f"follow {SENTENCEPIECE_FILE}")
 
 
 def check_model(config: Any, source: str | Path | None) -> str:
@@ -198,31 +251,55 @@ def _rope_freq_factors(model: nn.Module, config: Any, head_dim: int,
 
 
 def _tokenizer_metadata(writer: Any, source: Path, vocab_size: int) -> None:
-    """GGUF tokenizer keys from a HF tokenizer folder (byte-level BPE, llama.cpp's "gpt2")."""
+    """GGUF tokenizer keys from a HF tokenizer folder: llama.cpp's "gpt2" (byte-level BPE:
+    tokens and merges) or "llama" (SentencePiece BPE: pieces and their scores)."""
     import gguf
     from transformers import AutoTokenizer
 
-    pre = check_tokenizer(source)
+    model, pre = check_tokenizer(source)
     tok = AutoTokenizer.from_pretrained(source)
-    by_id = {i: t for t, i in tok.get_vocab().items()}
     added = getattr(tok, "added_tokens_decoder", {}) or {}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        types.append(gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL
-                     if getattr(added[i], "special", False) else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    if model == "llama":  # as llama.cpp's converter: pieces, scores, types from the model file
+        processor, proto = _sentencepiece(source)
+        scores = [-10000.0] * vocab_size
+        for i in range(min(processor.vocab_size(), vocab_size)):
+            tokens[i], scores[i] = processor.id_to_piece(i), processor.get_score(i)
+            types[i] = (gguf.TokenType.UNKNOWN if processor.is_unknown(i)
+                        else gguf.TokenType.CONTROL if processor.is_control(i)
+                        else gguf.TokenType.UNUSED if processor.is_unused(i)
+                        else gguf.TokenType.BYTE if processor.is_byte(i)
+                        else gguf.TokenType.NORMAL)
+        for i, token in added.items():
+            if i < vocab_size:
+                special = getattr(token, "special", False)
+                tokens[i] = token.content if special else token.content.replace("\u2581", " ")
+                types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+                scores[i] = -1000.0
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+    else:
+        for t, i in tok.get_vocab().items():
+            if i < vocab_size:
+                tokens[i] = t
+                types[i] = (gguf.TokenType.NORMAL if i not in added
+                            else gguf.TokenType.CONTROL if getattr(added[i], "special", False)
+                            else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    # merges, special token ids and the chat template, read as llama.cpp's converter reads
-    # them; add-BOS / add-EOS as the tokenizer behaves (llama.cpp's default when the key is
-    # absent depends on the pre-tokenizer: true for llama-bpe)
-    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size)
+    # merges (byte-level BPE), special token ids and the chat template, read as llama.cpp's
+    # converter reads them; add-BOS / add-EOS as the tokenizer behaves (llama.cpp's default
+    # when the key is absent depends on the pre-tokenizer: true for llama-bpe)
+    vocab_log = logging.getLogger("gguf.vocab")  # its guesses at add-BOS/EOS are replaced
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(source, load_merges=model == "gpt2", n_vocab=vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     probe = tok("a")["input_ids"]
     special.add_special_token = {
         "bos": tok.bos_token_id is not None and len(probe) > 1 and probe[0] == tok.bos_token_id,

@@ -52,6 +52,11 @@ def llama_side(job_file: Path) -> None:
                              "scale": float(np.abs(want).max()),
                              "tokenizer_ok": [int(i) for i in ids] == case["ids"],
                              "tokens": len(case["ids"]), "chars": len(case["text"])}
+        if "special" in case:  # text with special tokens written in it, parsed as such
+            ids = [int(i) for i in llm.tokenize(case["special"]["text"].encode(),
+                                                add_bos=False, special=True)]
+            out["rows"][name]["special"] = {k: ids == case["special"][k]
+                                            for k in ("sentencepiece", "hf")}
     (job_file.parent / "result.json").write_text(json.dumps(out))
 
 
@@ -117,6 +122,22 @@ def main() -> None:
 
     job = {}
 
+    def special_case(folder: str) -> dict:
+        """Ids of a chat-like text with special tokens and leading spaces: by SentencePiece's
+        own rule (each text run between special tokens encoded with the space prefix, as
+        llama.cpp's "llama" tokenizer does) and by the HF tokenizer."""
+        import re
+
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(work / folder / "tokenizer.model"))
+        chat = "<s>[INST] Hello  there [/INST] Fine, thanks.</s><s>[INST]  again [/INST]"
+        by_sp = []
+        for part in re.split(r"(<s>|</s>)", chat):
+            by_sp += [sp.piece_to_id(part)] if part in ("<s>", "</s>") else sp.encode(part)
+        hf = load_hf_model(work / folder)[1](chat, add_special_tokens=False)["input_ids"]
+        return {"text": chat, "sentencepiece": by_sp, "hf": hf}
+
     def case(name: str, folder: str, export: str) -> None:
         model, tokenizer, _ = load_hf_model(work / folder)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -134,6 +155,7 @@ def main() -> None:
     case("Llama 3 scaling + split, F32 without rope_freqs (control)", "llama3", "l3-no-freqs")
     lowbit_gguf._rope_freq_factors = factors
     case("SentencePiece BPE tokenizer (Llama 2's kind), F32", "sp", "sp-f32")
+    job["SentencePiece BPE tokenizer (Llama 2's kind), F32"]["special"] = special_case("sp")
     result = run_llama_job(args.llama_python, __file__, work, job)
     lines = ["# lowbit's GGUF exports in llama.cpp: rotary scaling and tokenizers", "",
              f"Written by `benchmarks/gguf_llamacpp_check.py` on {date.today().isoformat()}. "
@@ -154,6 +176,17 @@ def main() -> None:
     for name, row in result["rows"].items():
         lines.append(f"| {name} | {row['max_diff']:.2g} | {row['scale']:.3g} | "
                      f"{'yes' if row['tokenizer_ok'] else 'NO'} ({row['tokens']:,} tokens) |")
+    for name, row in result["rows"].items():
+        if "special" in row:
+            chat = job[name]["special"]["text"]
+            lines += ["", f"Special tokens written in the text ({name}): llama.cpp's ids for "
+                      f"`{chat}` (special tokens parsed) equal SentencePiece's own rule (each "
+                      "text run between special tokens encoded with its space prefix): "
+                      f"{'yes' if row['special']['sentencepiece'] else 'NO'}; equal the HF "
+                      "tokenizer's (transformers "
+                      f"{__import__('transformers').__version__}, which adds no prefix after "
+                      "a special token and one '\u2581' for a leading space): "
+                      f"{'yes' if row['special']['hf'] else 'no'}."]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)

@@ -284,7 +284,7 @@ def _sentencepiece_folder(tmp_path: Path, vocab_size: int = 640, **trainer) -> P
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "sp"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     text = (SHARED / "data" / "shakespeare-mix-val.txt").read_text(encoding="utf-8")[:200_000]
     (tmp_path / "train.txt").write_text(text, encoding="utf-8")
     options = dict(model_type="bpe", vocab_size=600, byte_fallback=True, split_digits=True,
@@ -342,6 +342,7 @@ def test_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_vocab(tmp_path):
     ({"model_type": "unigram"}, "SentencePiece UNIGRAM model"),
     ({"normalization_rule_name": "nmt_nfkc"}, "normalization 'nmt_nfkc'"),
     ({"remove_extra_whitespaces": True}, "removing extra whitespace"),
+    ({"byte_fallback": False}, "without byte fallback"),
 ])
 def test_sentencepiece_models_llama_cpp_would_split_otherwise_are_refused(tmp_path, trainer,
                                                                           message):
@@ -360,3 +361,31 @@ def test_a_hf_tokenizer_that_splits_unlike_its_sentencepiece_model_is_refused(tm
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llama.cpp would follow tokenizer.model"):
         lowbit.save(_load(folder), tmp_path / "g", format="gguf")
+
+
+def test_which_tokenizer_file_is_written(tmp_path):
+    """A byte-level BPE tokenizer.json wins over a tokenizer.model (what HF loads); a
+    tokenizer.model that is not SentencePiece, alone, is a one-line refusal; lstrip on an added
+    token of tokenizer_config.json (not in tokenizer.json) is refused as well."""
+    import json
+
+    folder = _tiny_folder(tmp_path)
+    (folder / "tokenizer.model").write_bytes(b"IHRoZQ== 0\nIGE= 1\n")  # tiktoken-style
+    model = _load(folder)
+    lowbit.save(model, tmp_path / "g", format="gguf")
+    fields = {f.name: f for f in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).fields
+              .values()}
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="is not a SentencePiece model"):
+        lowbit.save(model, tmp_path / "h", format="gguf")
+    sp = _sentencepiece_folder(tmp_path / "sp-case")
+    config = json.loads((sp / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"0": {"content": "<unk>", "special": True, "lstrip": True,
+                                            "rstrip": False, "normalized": False,
+                                            "single_word": False}}
+    (sp / "tokenizer_config.json").write_text(json.dumps(config))
+    (sp / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="lstrip / rstrip"):
+        lowbit.save(_load(sp), tmp_path / "h", format="gguf")
+    assert not (tmp_path / "h").exists()

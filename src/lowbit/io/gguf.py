@@ -136,29 +136,35 @@ def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
 
 def check_tokenizer(source: Path) -> tuple[str, str]:
     """``(tokenizer model, pre-tokenizer)`` as llama.cpp names them for the folder's tokenizer
-    if llama.cpp reproduces it, else ValueError: ``("llama", "default")`` for a SentencePiece
-    BPE ``tokenizer.model`` (read first, as llama.cpp's converter does), ``("gpt2", name)`` for a
-    byte-level BPE ``tokenizer.json`` with GPT-2's or Llama 3's split, no normalizer and no
-    prefix space."""
+    if llama.cpp reproduces it, else ValueError: ``("gpt2", name)`` for a byte-level BPE
+    ``tokenizer.json`` with GPT-2's or Llama 3's split, no normalizer and no prefix space;
+    otherwise ``("llama", "default")`` for a SentencePiece BPE ``tokenizer.model`` (as
+    llama.cpp's converter prefers it)."""
+    from transformers import AutoTokenizer
+
     source = Path(source)
     tokenizer_file = source / "tokenizer.json"
     spec = (json.loads(tokenizer_file.read_text(encoding="utf-8"))
             if tokenizer_file.is_file() else {})
-    stripping = [t.get("content") for t in spec.get("added_tokens") or []
-                 if t.get("lstrip") or t.get("rstrip")]
-    if stripping:
-        raise ValueError(f"{tokenizer_file}: added token {stripping[0]!r} strips the spaces "
-                         "around it (lstrip / rstrip), which GGUF cannot record (llama.cpp's "
-                         "token ids would differ)")
-    if (source / SENTENCEPIECE_FILE).is_file():
-        _check_sentencepiece(source)
-        return "llama", "default"
-    if not tokenizer_file.is_file():
-        raise ValueError(f"{source} has neither tokenizer.json nor {SENTENCEPIECE_FILE}; GGUF "
-                         "carries the tokenizer, so the model must come from a folder with one")
-    model = spec.get("model") or {}
     pre = spec.get("pre_tokenizer") or {}
     name = _pre_tokenizer_name(pre)
+    sentencepiece = (source / SENTENCEPIECE_FILE).is_file() and name is None
+    if not sentencepiece and not tokenizer_file.is_file():
+        raise ValueError(f"{source} has neither tokenizer.json nor {SENTENCEPIECE_FILE}; GGUF "
+                         "carries the tokenizer, so the model must come from a folder with one")
+    if sentencepiece:
+        _sentencepiece(source)  # a model file that is not SentencePiece fails here
+    tok = AutoTokenizer.from_pretrained(source)
+    stripping = [t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values()
+                 if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)]
+    if stripping:
+        raise ValueError(f"{source}: added token {stripping[0]!r} strips the spaces around it "
+                         "(lstrip / rstrip), which GGUF cannot record (llama.cpp's token ids "
+                         "would differ)")
+    if sentencepiece:
+        _check_sentencepiece(source, tok)
+        return "llama", "default"
+    model = spec.get("model") or {}
     prefix = pre.get("add_prefix_space") or any(p.get("add_prefix_space")
                                                 for p in pre.get("pretokenizers") or [])
     found = (f"a {model.get('type')} model with a {pre.get('type')} pre-tokenizer"
@@ -178,8 +184,10 @@ _PROBE = "Hello  world,\n\n the 2024 year's\tend ."
 
 
 def _sentencepiece(source: Path) -> tuple[Any, Any]:
-    """The folder's SentencePiece processor and model proto (ImportError naming the packages)."""
+    """The folder's SentencePiece processor and model proto (ImportError naming the packages,
+    ValueError for a file that is not a SentencePiece model)."""
     try:
+        from google.protobuf.message import DecodeError
         from sentencepiece import SentencePieceProcessor
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
     except ImportError as e:
@@ -187,27 +195,37 @@ def _sentencepiece(source: Path) -> tuple[Any, Any]:
                           "needs `pip install sentencepiece protobuf`") from e
     data = (source / SENTENCEPIECE_FILE).read_bytes()
     proto = model_pb2.ModelProto()
-    proto.ParseFromString(data)
+    try:
+        proto.ParseFromString(data)
+    except DecodeError:
+        proto.Clear()
+    if not proto.pieces:
+        raise ValueError(f"{source / SENTENCEPIECE_FILE} is not a SentencePiece model, and the "
+                         "folder has no byte-level BPE tokenizer.json; the GGUF export writes "
+                         "those two kinds")
     return SentencePieceProcessor(model_proto=data), proto
 
 
-def _check_sentencepiece(source: Path) -> None:
+def _check_sentencepiece(source: Path, tok: Any) -> None:
     """A SentencePiece model llama.cpp's "llama" tokenizer reproduces: BPE pieces merged by
-    score, no normalization beyond the space prefix, split as the HF tokenizer splits."""
-    from transformers import AutoTokenizer
-
+    score, byte fallback, no normalization beyond the space prefix, split as ``tok`` (the HF
+    tokenizer) splits plain text."""
     processor, proto = _sentencepiece(source)
     where = source / SENTENCEPIECE_FILE
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
         raise ValueError(f"{where}: a SentencePiece {kind} model; the GGUF export writes "
                          "SentencePiece BPE (llama.cpp merges pieces by score)")
+    if not proto.trainer_spec.byte_fallback:
+        raise ValueError(f"{where}: a SentencePiece model without byte fallback; llama.cpp "
+                         "aborts on a character outside its vocabulary unless <0xXX> pieces "
+                         "exist")
     norm = proto.normalizer_spec
     if norm.name not in ("", "identity") or norm.remove_extra_whitespaces:
         raise ValueError(f"{where}: SentencePiece normalization {norm.name!r}"
                          f"{' removing extra whitespace' if norm.remove_extra_whitespaces else ''}"
                          "; llama.cpp only adds the space prefix (normalizer 'identity')")
-    hf = AutoTokenizer.from_pretrained(source)(_PROBE, add_special_tokens=False)["input_ids"]
+    hf = tok(_PROBE, add_special_tokens=False)["input_ids"]
     if hf != processor.encode(_PROBE):
         raise ValueError(f"{source}: the HF tokenizer splits {_PROBE!r} as {hf}, "
                          f"{SENTENCEPIECE_FILE} as {processor.encode(_PROBE)}; llama.cpp would "

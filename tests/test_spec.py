@@ -118,8 +118,9 @@ def test_bad_spec_strings_say_what_is_allowed(text, match):
     ({"format": "kmeans4", "rounding": "stochastic"}, "rounding='stochastic' is implemented"),
     ({"act": QuantSpec(format="int8", granularity="token", symmetric=True)},
      "static activation spec .* not 'token'"),
-    ({"format": "int4", "full_range": True}, "full_range=True .* symmetric integer grid"),
-    ({"format": "nf4", "symmetric": True, "full_range": True}, "format='nf4'"),
+    ({"format": "int4", "full_range": True}, "full_range=True with symmetric=False"),
+    ({"format": "nf4", "symmetric": True, "full_range": True},
+     "format='nf4': it is for integer grids"),
     ({"format": "int8", "symmetric": True, "full_range": True, "granularity": "token",
       "dynamic": True}, "full_range=True with dynamic=True"),
     ({"act": QuantSpec(format="int8", granularity="tensor", symmetric=True, full_range=True)},
@@ -163,3 +164,6 @@ def test_full_range_in_spec_strings_and_old_checkpoints():
     old = preset("q4_0").to_dict()
     del old["full_range"]  # a spec saved before the field existed: absmax scales
     assert QuantSpec.from_dict(old) == preset("q4_0").replace(full_range=False)
+    # written only when set, so older lowbit still reads checkpoints of other specs
+    assert "full_range" not in preset("w4g128").to_dict()
+    assert QuantSpec.from_dict(preset("q4_0").to_dict()) == preset("q4_0")

@@ -148,9 +148,12 @@ class QuantSpec:
                 f"format={self.format!r} with symmetric=True: a 1-bit grid has no level above "
                 "zero; use symmetric=False (levels {min, max}) or bits >= 2"
             )
-        if self.full_range and not (kind == "affine" and self.symmetric):
-            raise ValueError(f"full_range=True with format={self.format!r}, symmetric="
-                             f"{self.symmetric}: it needs a symmetric integer grid (-sym)")
+        if self.full_range and kind != "affine":
+            raise ValueError(f"full_range=True with format={self.format!r}: it is for integer "
+                             "grids (intN / uintN)")
+        if self.full_range and not self.symmetric:
+            raise ValueError(f"full_range=True with symmetric=False ({self.format}): it needs "
+                             "a symmetric grid (-sym)")
         if self.full_range and self.dynamic:
             raise ValueError("full_range=True with dynamic=True: it is for weights (kernels "
                              "quantize activations with absmax / qmax)")
@@ -234,6 +237,8 @@ class QuantSpec:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "full_range" and not value:
+                continue  # absent unless set: checkpoints stay readable by older lowbit
             if f.name == "act":
                 value = None if value is None else value.to_dict()
             elif isinstance(value, tuple):

@@ -370,3 +370,24 @@ def test_prepare_keeps_the_linears_torch_attention_reads_in_float():
     qat.convert(layer)
     with torch.no_grad():
         assert layer.eval()(x, x).shape == (2, 5, 64)
+
+
+def test_negative_scales_read_from_a_checkpoint_survive_prepare(tmp_path):
+    """A full-range model exported to compressed-tensors comes back as plain int4-g32-sym with
+    its negative scales; QAT must start from exactly that model."""
+    from lowbit.tensor import QuantizedTensor
+
+    model = lowbit.quantize(_mlp(), "q4_0")
+    plain = lowbit.preset("q4_0").replace(full_range=False)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            qt = module.qweight
+            module.spec = plain  # as lowbit.load builds it from the exported config
+            module.set_weight(QuantizedTensor.from_float(qt.dequantize(), plain, qt.qparams))
+            assert bool((module.qweight.scale < 0).any())
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        before = model(x)
+    qat.prepare(model, plain, learn="lsq")
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)

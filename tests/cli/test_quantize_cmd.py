@@ -413,4 +413,5 @@ def test_gguf_checks_the_tokenizer_before_quantizing(llama_dir, tmp_path):
         shutil.copy(llama_dir / name, folder / name)
     out = tmp_path / "g"
     _fails(["quantize", str(folder), "-s", "q4_0", "-a", "gptq", "--calib", str(VAL_TEXT),
-            "--format", "gguf", "-o", str(out)], out, "has neither tokenizer.json nor tokenizer.model")
+            "--format", "gguf", "-o", str(out)], out,
+           "has neither tokenizer.json nor tokenizer.model")

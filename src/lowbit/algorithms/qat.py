@@ -165,14 +165,15 @@ def fake_quant_blocked(
 def stored_scale(scale: torch.Tensor, spec: QuantSpec, learn: str, grad_scale: float
                  ) -> torch.Tensor:
     """A learned scale as it will be stored (``spec.scale_dtype``; positive, or of either sign
-    for full-range specs), as float32; LSQ gradient scaling unless ``learn == 'fixed'``,
+    for symmetric specs), as float32; LSQ gradient scaling unless ``learn == 'fixed'``,
     straight-through through the cast."""
     dtype = torch_dtype(spec.scale_dtype)
     s = _GradScale.apply(scale, grad_scale) if learn != "fixed" else scale
     # the smallest subnormal, as PTQ's scales (finfo.tiny, the smallest normal, is ~1000x
     # larger for fp16 and clamped small weights' scales)
     smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
-    if spec.full_range:  # a full-range scale keeps its sign: only its magnitude is bounded
+    if spec.symmetric:  # a negative scale (full range, or one read from a checkpoint made
+        # with it) keeps its sign: only the magnitude is bounded
         s = torch.where(s < 0, -(-s).clamp(min=smallest), s.clamp(min=smallest))
     else:
         s = s.clamp(min=smallest)

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEFAULT_MODEL = SHARED / "models" / "llama-19m-shakespeare-mix"
-VAL = SHARED / "data" / "shakespeare-mix-val.txt"
-TEST = SHARED / "data" / "shakespeare-mix-test.txt"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported as a module
+
+from _machine import FIXTURE_19M as DEFAULT_MODEL  # noqa: E402
+from _machine import TEST, VAL  # noqa: E402
+
 EXCLUDE = ["lm_head", "*embed*"]
 WEIGHT_SPECS = ["w4g128", "w3g128", "w2g64"]
 WEIGHT_ALGORITHMS = ["rtn", "gptq", "gptq-act-order", "hqq", "awq"]
@@ -274,13 +275,11 @@ def run_peers(args) -> None:
     llmcompressor GPTQ, gptqmodel GPTQ, lowbit HQQ, hqq (``--repeats`` rounds, interleaved).
     Rewrites only the results file's "## Peer toolkits" section."""
     import torch
+    from _machine import machine_line
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit
     from lowbit.eval import compare_logits
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _machine import machine_line
 
     python = Path(args.peers_python)
     if not python.exists():
@@ -556,10 +555,8 @@ def main() -> None:
     calib_samples = args.calib_samples or (8 if args.quick else 32)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from _machine import machine_line
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit
     from lowbit.algorithms import ALGORITHMS

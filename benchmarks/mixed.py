@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEFAULT_MODEL = SHARED / "models" / "llama-19m-shakespeare-mix"
-VAL = SHARED / "data" / "shakespeare-mix-val.txt"
-TEST = SHARED / "data" / "shakespeare-mix-test.txt"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported as a module
+
+from _machine import FIXTURE_19M as DEFAULT_MODEL  # noqa: E402
+from _machine import TEST, VAL  # noqa: E402
+
 EXCLUDE = ["lm_head", "*embed*"]
 CANDIDATES = ["w2g64", "w3g128", "w4g128", "w8"]
 BUDGETS = [3.0, 3.5, 3.75, 4.5]
@@ -71,11 +72,9 @@ def main() -> None:
     budgets = [3.5] if args.quick else BUDGETS
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from _machine import machine_line
     from llm import CachedReference
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit
     from lowbit.calib import allocate_bits, measure_sensitivity

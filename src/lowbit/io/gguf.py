@@ -152,8 +152,8 @@ def check_tokenizer(source: Path) -> tuple[str, str]:
     if not sentencepiece and not tokenizer_file.is_file():
         raise ValueError(f"{source} has neither tokenizer.json nor {SENTENCEPIECE_FILE}; GGUF "
                          "carries the tokenizer, so the model must come from a folder with one")
-    if sentencepiece:
-        _sentencepiece(source)  # a model file that is not SentencePiece fails here
+    # a model file that is not SentencePiece fails here, before HF tries to load it
+    parsed = _sentencepiece(source) if sentencepiece else None
     tok = AutoTokenizer.from_pretrained(source)
     stripping = [t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values()
                  if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)]
@@ -161,8 +161,8 @@ def check_tokenizer(source: Path) -> tuple[str, str]:
         raise ValueError(f"{source}: added token {stripping[0]!r} strips the spaces around it "
                          "(lstrip / rstrip), which GGUF cannot record (llama.cpp's token ids "
                          "would differ)")
-    if sentencepiece:
-        _check_sentencepiece(source, tok)
+    if parsed is not None:
+        _check_sentencepiece(source, tok, *parsed)
         return "llama", "default"
     model = spec.get("model") or {}
     prefix = pre.get("add_prefix_space") or any(p.get("add_prefix_space")
@@ -206,11 +206,10 @@ def _sentencepiece(source: Path) -> tuple[Any, Any]:
     return SentencePieceProcessor(model_proto=data), proto
 
 
-def _check_sentencepiece(source: Path, tok: Any) -> None:
-    """A SentencePiece model llama.cpp's "llama" tokenizer reproduces: BPE pieces merged by
-    score, byte fallback, no normalization beyond the space prefix, split as ``tok`` (the HF
-    tokenizer) splits plain text."""
-    processor, proto = _sentencepiece(source)
+def _check_sentencepiece(source: Path, tok: Any, processor: Any, proto: Any) -> None:
+    """A SentencePiece model (``processor``, ``proto``) llama.cpp's "llama" tokenizer
+    reproduces: BPE pieces merged by score, byte fallback, no normalization beyond the space
+    prefix, split as ``tok`` (the HF tokenizer) splits plain text."""
     where = source / SENTENCEPIECE_FILE
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)

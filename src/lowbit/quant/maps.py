@@ -114,7 +114,7 @@ def qparams_from_range(
     """Scale (and zero-point) from per-block ranges ``[R/bh, C/bw]`` (observers use this).
 
     Symmetric and fixed grids use ``absmax = max(|min|, |max|)`` (``full_range``: the signed
-    value of larger magnitude over ``qmin``); asymmetric integer zero-points widen the range to
+    value of larger magnitude over ``-2**(b-1)``); asymmetric integer zero-points widen the range to
     include 0 so that zero stays exactly representable.
     """
     if spec.kind == "kmeans":

@@ -76,6 +76,11 @@ class QuantSpec:
         grid's extra negative level, ``s = v / -2**(b-1)`` with ``v``'s sign (negative when
         ``v > 0``), so all ``2**b`` levels are used instead of ``2**b - 1`` (llama.cpp's
         Q4_0 / Q5_0 rule); spec-string flag ``-full``.
+    scale_bits, super_group: (integer group specs) double quantization, as llama.cpp's k-quants:
+        each group's scale (and, asymmetric, its minimum) is itself stored as a ``scale_bits``-bit
+        code times one ``scale_dtype`` scale per ``super_group`` consecutive groups of a row
+        (Q4_K: ``uint4-g32-asym-fz-dq6x8``); spec-string flag ``-dqBxS``. Asymmetric specs need
+        ``zero_point="float"``: the minimum is stored in value units (``x~ = s*q - m``).
     act: the activation spec of a W*A* scheme (quantized at run time when ``act.dynamic``).
     """
 
@@ -92,6 +97,8 @@ class QuantSpec:
     rounding: str = "nearest"
     dynamic: bool = False
     full_range: bool = False
+    scale_bits: int | None = None
+    super_group: int | None = None
     act: QuantSpec | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -157,6 +164,7 @@ class QuantSpec:
         if self.full_range and self.dynamic:
             raise ValueError("full_range=True with dynamic=True: it is for weights (kernels "
                              "quantize activations with absmax / qmax)")
+        self._check_double_quantization(kind)
         if kind == "kmeans" and not self.symmetric:
             # a learned codebook has no zero-point: one value keeps equal specs equal
             object.__setattr__(self, "symmetric", True)
@@ -182,6 +190,37 @@ class QuantSpec:
             raise ValueError(f"a static activation spec has one calibrated scale per layer "
                              f"input: granularity='tensor', not {self.act.granularity!r} (or "
                              "dynamic=True)")
+
+    def _check_double_quantization(self, kind: str) -> None:
+        if self.scale_bits is None:
+            if self.super_group is not None:
+                raise ValueError(f"super_group={self.super_group!r} without scale_bits: it "
+                                 "counts the groups sharing one scale of the scale codes")
+            return
+        if not _is_int(self.scale_bits) or not 2 <= self.scale_bits <= 8:
+            raise ValueError(f"scale_bits={self.scale_bits!r}; allowed: None or an int from 2 "
+                             "to 8")
+        if self.super_group is None:
+            object.__setattr__(self, "super_group", 8)
+        if not _is_int(self.super_group) or self.super_group < 1:
+            raise ValueError(f"super_group={self.super_group!r}; allowed: a positive int "
+                             "(groups per super-block)")
+        if kind != "affine" or self.granularity != "group":
+            raise ValueError(f"scale_bits={self.scale_bits} with format={self.format!r}, "
+                             f"granularity={self.granularity!r}: double quantization is for "
+                             "integer formats with granularity='group'")
+        if self.dynamic:
+            raise ValueError(f"scale_bits={self.scale_bits} with dynamic=True: double "
+                             "quantization is for weights")
+        if self.has_zero_point and self.zero_point != "float":
+            raise ValueError(f"scale_bits={self.scale_bits} with zero_point='int': a "
+                             "double-quantized asymmetric spec stores each group's minimum as "
+                             "a code; use zero_point='float' (-fz)")
+
+    @property
+    def double_quantized(self) -> bool:
+        """Whether group scales (and minimums) are stored as codes under super-block scales."""
+        return self.scale_bits is not None
 
     # ---- derived facts -------------------------------------------------------------------
     @cached_property
@@ -223,6 +262,8 @@ class QuantSpec:
                 parts.append("full")
             if not self.symmetric and self.zero_point == "float":
                 parts.append("fz")
+            if self.scale_bits is not None:
+                parts.append(f"dq{self.scale_bits}x{self.super_group}")
         if self.clip_ratio != 1.0:  # positional: an exponent's "-" would split the string
             parts.append("clip" + np.format_float_positional(self.clip_ratio, trim="-"))
         if self.rounding == "stochastic":
@@ -237,7 +278,7 @@ class QuantSpec:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "full_range" and not value:
+            if f.name in ("full_range", "scale_bits", "super_group") and not value:
                 continue  # absent unless set: checkpoints stay readable by older lowbit
             if f.name == "act":
                 value = None if value is None else value.to_dict()
@@ -352,6 +393,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "doc": "int8 symmetric, groups of 32, fp16 scale (GGUF Q8_0)",
         "spec": {"format": "int8", "granularity": "group", "group_size": 32, "symmetric": True},
     },
+    # llama.cpp's k-quants: group scales (and minimums) stored as 6- or 8-bit codes under one
+    # fp16 scale per super-block of 256 weights ("double quantization")
+    "q4_k": {
+        "doc": "uint4 asymmetric, groups of 32, 6-bit scale and minimum codes, fp16 per 256 "
+               "(GGUF Q4_K, 4.5 bits per weight)",
+        "spec": {"format": "uint4", "granularity": "group", "group_size": 32,
+                 "zero_point": "float", "scale_bits": 6, "super_group": 8},
+    },
+    "q5_k": {
+        "doc": "uint5 asymmetric, groups of 32, 6-bit scale and minimum codes, fp16 per 256 "
+               "(GGUF Q5_K, 5.5 bits per weight)",
+        "spec": {"format": "uint5", "granularity": "group", "group_size": 32,
+                 "zero_point": "float", "scale_bits": 6, "super_group": 8},
+    },
+    "q6_k": {
+        "doc": "int6 symmetric full range, groups of 16, signed 8-bit scale codes, fp16 per 256 "
+               "(GGUF Q6_K, 6.5625 bits per weight)",
+        "spec": {"format": "int6", "granularity": "group", "group_size": 16, "symmetric": True,
+                 "full_range": True, "scale_bits": 8, "super_group": 16},
+    },
     "w8a8": {
         "doc": "int8 per-channel weights, int8 per-token dynamic activations",
         "spec": {"format": "int8", "granularity": "channel", "symmetric": True,
@@ -407,9 +468,11 @@ def preset(name: str) -> QuantSpec:
     return QuantSpec.from_dict(PRESETS[name]["spec"])
 
 
-SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym[-full]|-asym[-fz]][-clipR][-sr][-dyn][+a:ACTIVATION "
-                      "SPEC], granularity tensor, ch, chAXIS, gN, bRxC or token, e.g. "
-                      "'uint4-g128-asym' or 'int8-ch-sym+a:int8-token-sym-dyn'")
+SPEC_STRING_SYNTAX = ("FORMAT-GRANULARITY[-sym[-full]|-asym[-fz]][-dqBxS][-clipR][-sr][-dyn]"
+                      "[+a:ACTIVATION SPEC], granularity tensor, ch, chAXIS, gN, bRxC or token, "
+                      "-dqBxS: B-bit scale codes, S groups per super-block, e.g. "
+                      "'uint4-g128-asym', 'uint4-g32-asym-fz-dq6x8' or "
+                      "'int8-ch-sym+a:int8-token-sym-dyn'")
 
 
 def _is_int(value: object) -> bool:
@@ -464,6 +527,9 @@ def parse_spec(text: str, *, activation: bool = False) -> QuantSpec:
             fields["rounding"] = "stochastic"
         elif flag == "dyn":
             fields["dynamic"] = True
+        elif re.fullmatch(r"dq\d+x\d+", flag):
+            bits, groups = flag[2:].split("x")
+            fields.update(scale_bits=int(bits), super_group=int(groups))
         elif re.fullmatch(r"clip\d*\.?\d+", flag):
             fields["clip_ratio"] = float(flag[4:])
         else:

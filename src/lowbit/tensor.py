@@ -10,18 +10,20 @@ import torch
 
 from lowbit.formats.packing import pack, packed_length, unpack
 from lowbit.quant.layout import Layout, layout_for
-from lowbit.quant.maps import QParams, dequantize, qrange, quantize
+from lowbit.quant.maps import QParams, ScaleCodes, decode_scales, dequantize, qrange, quantize
 from lowbit.spec import QuantSpec, as_spec, torch_dtype
 
 # Stored tensors, in state-dict order; each is optional except qdata. Their state-dict names
 # follow compressed-tensors (``<module>.weight_packed``, ``.weight_scale``, ...).
-_FIELDS = ("qdata", "scale", "zero_point", "codebook", "g_idx")
+_FIELDS = ("qdata", "scale", "zero_point", "codebook", "g_idx", "super_scale", "super_min")
 STATE_NAMES = {
     "qdata": "packed",
     "scale": "scale",
     "zero_point": "zero_point",
     "codebook": "codebook",
     "g_idx": "g_idx",
+    "super_scale": "super_scale",
+    "super_min": "super_min",
 }
 
 
@@ -34,6 +36,11 @@ class QuantizedTensor:
     scale, zero_point: ``[R/bh, C/bw]`` in the spec's dtypes (None where the spec has none).
     codebook: ``[R/bh, C/bw, 2**bits]`` for k-means specs.
     g_idx: optional int32 ``[C]`` group index per input column (GPTQ act-order).
+    super_scale, super_min: double-quantized specs (``spec.scale_bits``, k-quants): then
+        ``scale`` / ``zero_point`` are uint8 ``[R, ceil(G*scale_bits/8)]``, each row's group
+        scale (minimum) codes packed as ``qdata``, and these ``[R, ceil(G/super_group)]`` in
+        the spec's scale / zero dtypes scale them (:class:`lowbit.quant.maps.ScaleCodes`);
+        :attr:`qparams` decodes the effective values.
     """
 
     qdata: torch.Tensor
@@ -44,6 +51,8 @@ class QuantizedTensor:
     zero_point: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
+    super_scale: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
     # Static activation qparams (per tensor) of a W*A* spec; set by the module, not stored here.
     act_scale: torch.Tensor | None = None
     act_zero_point: torch.Tensor | None = None
@@ -61,15 +70,27 @@ class QuantizedTensor:
         """Quantize ``w`` with ``spec`` (a preset name or QuantSpec) and pack the codes."""
         spec = as_spec(spec)
         codes, qp, layout = quantize(w, spec, qparams, generator=generator)
-        return cls(
-            qdata=pack(codes, spec.bits),
-            spec=spec,
-            shape=tuple(w.shape),
-            dtype=w.dtype,
-            scale=qp.scale,
-            zero_point=qp.zero_point,
-            codebook=qp.codebook,
-        )
+        return cls.from_codes(codes, qp, spec, tuple(w.shape), w.dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, qparams: QParams, spec: QuantSpec,
+                   shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> QuantizedTensor:
+        """Pack stored codes uint8 ``[R, C]`` (canonical view) with their qparams (a
+        double-quantized spec's from ``qparams.scale_codes``)."""
+        stored: dict[str, torch.Tensor | None] = {
+            "scale": qparams.scale, "zero_point": qparams.zero_point,
+            "codebook": qparams.codebook}
+        if spec.double_quantized:
+            sc = qparams.scale_codes
+            if sc is None:
+                raise ValueError(f"spec {spec} stores its scales as codes; qparams lack "
+                                 "scale_codes (see lowbit.quant.maps.double_quantize)")
+            stored = {"scale": pack(sc.scale, spec.scale_bits), "super_scale": sc.super_scale,
+                      "zero_point": None if sc.minimum is None else pack(sc.minimum,
+                                                                          spec.scale_bits),
+                      "super_min": sc.super_min}
+        return cls(qdata=pack(codes, spec.bits), spec=spec, shape=tuple(shape), dtype=dtype,
+                   **stored)
 
     # ---- views ---------------------------------------------------------------------------
     @property
@@ -78,7 +99,30 @@ class QuantizedTensor:
 
     @property
     def qparams(self) -> QParams:
+        """The qparams the maps use (a double-quantized spec's decoded to float32)."""
+        if self.spec.double_quantized:
+            groups = self.layout.n_blocks[1]
+            bits = self.spec.scale_bits
+            codes = ScaleCodes(
+                unpack(self.scale, bits, groups), self.super_scale,
+                None if self.zero_point is None else unpack(self.zero_point, bits, groups),
+                self.super_min)
+            return decode_scales(codes, self.spec)
         return QParams(scale=self.scale, zero_point=self.zero_point, codebook=self.codebook)
+
+    def with_float_scales(self) -> QuantizedTensor:
+        """A double-quantized tensor as the plain spec with its decoded float32 scales (and
+        zero-points): the same values, for kernels and exports that take float scales. The
+        codes are shared; other tensors are returned as they are. Kernels bind this view: an
+        in-place edit of the scale codes after a layer first ran is not seen (replace the
+        QuantizedTensor instead)."""
+        if not self.spec.double_quantized:
+            return self
+        qp = self.qparams
+        spec = self.spec.replace(scale_bits=None, super_group=None, scale_dtype="float32",
+                                 zero_dtype="float32")
+        return dataclasses.replace(self, spec=spec, scale=qp.scale, zero_point=qp.zero_point,
+                                   super_scale=None, super_min=None)
 
     def codes(self) -> torch.Tensor:
         """Stored (unsigned) codes, uint8 ``[R, C]`` in the canonical view."""
@@ -161,7 +205,8 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Real bytes of every stored tensor (codes, scale, zero-point, codebook, g_idx)."""
+        """Real bytes of every stored tensor (codes, scale, zero-point, codebook, g_idx, super
+        scales)."""
         return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
 
     @property
@@ -172,7 +217,8 @@ class QuantizedTensor:
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Stored tensors plus the logical shape (int64), keyed ``prefix + name``.
 
-        Names: ``packed`` (qdata), ``scale``, ``zero_point``, ``codebook``, ``g_idx``, ``shape``.
+        Names: ``packed`` (qdata), ``scale``, ``zero_point``, ``codebook``, ``g_idx``,
+        ``super_scale``, ``super_min``, ``shape``.
         """
         out = {prefix + STATE_NAMES[k]: v for k, v in self.stored_tensors().items()}
         out[prefix + "shape"] = torch.tensor(self.shape, dtype=torch.int64)
@@ -226,6 +272,12 @@ class QuantizedTensor:
                     f"'{name}' has shape {tuple(t.shape)} dtype {t.dtype}; spec {self.spec} "
                     f"with logical shape {self.shape} needs shape {shape} dtype {dtype}"
                 )
+        if self.spec.double_quantized:
+            zero_code = 1 << (self.spec.scale_bits - 1) if self.spec.full_range else 0
+            codes = unpack(self.scale, self.spec.scale_bits, self.layout.n_blocks[1])
+            if bool((codes == zero_code).any()):
+                raise ValueError(f"'scale' holds the code of a zero scale ({zero_code}); spec "
+                                 f"{self.spec} needs every group scale nonzero")
 
     def __repr__(self) -> str:
         return (
@@ -241,6 +293,15 @@ def stored_shapes(
     layout = layout_for(shape, spec)
     nb = layout.n_blocks
     out = {"qdata": ((layout.rows, packed_length(layout.cols, spec.bits)), torch.uint8)}
+    if spec.double_quantized:
+        codes = (layout.rows, packed_length(nb[1], spec.scale_bits))
+        supers = (layout.rows, -(-nb[1] // spec.super_group))
+        out["scale"] = (codes, torch.uint8)
+        out["super_scale"] = (supers, torch_dtype(spec.scale_dtype))
+        if spec.has_zero_point:
+            out["zero_point"] = (codes, torch.uint8)
+            out["super_min"] = (supers, torch_dtype(spec.zero_dtype))
+        return out
     if spec.has_scale:
         out["scale"] = (nb, torch_dtype(spec.scale_dtype))
     if spec.has_zero_point:
@@ -267,7 +328,8 @@ def elementwise_view(
     each column with its group's qparams (as GPTQ with act-order does).
     """
     cols = g_idx.long()
-    per_element = spec.replace(granularity="block", group_size=None, block=(1, 1))
+    per_element = spec.replace(granularity="block", group_size=None, block=(1, 1),
+                               scale_bits=None, super_group=None)
     expanded = QParams(
         scale=None if qparams.scale is None else qparams.scale[:, cols],
         zero_point=None if qparams.zero_point is None else qparams.zero_point[:, cols],

@@ -21,7 +21,10 @@ K, N = 256, 40
 FULL_RANGE = ("int4-g128-sym-full", "uint4-g128-sym-full", "int8-ch-sym-full", "int3-g128-sym-full",
               "int2-g64-sym-full", "int8-g32-sym-full", "int8-ch-sym-full+a:int8-token-sym-dyn",
               "int4-g128-sym-full+a:int8-token-sym-dyn")
-NAMES = (*PRESETS, *FULL_RANGE)
+# double-quantized scales (k-quants): kernels run their plain spec with decoded float32 scales
+DOUBLE_QUANTIZED = ("int4-g32-sym-dq6x8", "uint4-g64-asym-fz-dq4x2", "int3-g32-sym-full-dq6x16",
+                    "uint2-g32-asym-fz-dq4x16", "int8-g32-sym-full-dq8x8")
+NAMES = (*PRESETS, *FULL_RANGE, *DOUBLE_QUANTIZED)
 
 
 def _quantized(name: str) -> QuantizedTensor:
@@ -36,6 +39,8 @@ def _quantized(name: str) -> QuantizedTensor:
 
 
 _QUANTIZED = {name: _quantized(name) for name in NAMES}
+# what a kernel is handed: the selection path decodes double-quantized scales first
+_RUNNABLE = {name: qt.with_float_scales() for name, qt in _QUANTIZED.items()}
 _INPUTS = {
     "odd-2d": lambda: torch.randn(7, K),
     "3d": lambda: torch.randn(2, 3, K),
@@ -45,7 +50,7 @@ _INPUTS = {
 def _cases():
     for kernel in sorted(KERNELS):
         for name in NAMES:
-            if KERNELS[kernel].supports(_QUANTIZED[name], torch.randn(1, K)):
+            if KERNELS[kernel].supports(_RUNNABLE[name], torch.randn(1, K)):
                 yield kernel, name
 
 
@@ -76,7 +81,7 @@ def test_kernel_matches_reference(kernel: str, name: str, input_kind: str, with_
     torch.manual_seed(7)
     x = _INPUTS[input_kind]()
     bias = torch.randn(N) if with_bias else None
-    y = KERNELS[kernel].fn(x, qt, bias, {})
+    y = KERNELS[kernel].fn(x, _RUNNABLE[name], bias, {})
     ref = dispatch.select_kernel(qt, x, "reference").fn(x, qt, bias, {})
     assert y.shape == (*x.shape[:-1], N) and y.dtype == ref.dtype
     err = (y - ref).abs().reshape(-1, N)
@@ -91,7 +96,7 @@ def test_forced_by_environment(monkeypatch, kernel: str, name: str) -> None:
     monkeypatch.setenv("LOWBIT_KERNEL", kernel)
     assert dispatch.select_kernel(qt, x).name == kernel
     # the forced kernel is the one that ran: bit-identical to calling it directly
-    assert torch.equal(dispatch.linear(x, qt), KERNELS[kernel].fn(x, qt, None, {}))
+    assert torch.equal(dispatch.linear(x, qt), KERNELS[kernel].fn(x, _RUNNABLE[name], None, {}))
 
 
 def test_forcing_an_unsupporting_kernel_is_a_clear_error(monkeypatch) -> None:
@@ -126,7 +131,7 @@ def test_raw_step_entries_equal_the_bound_call(kernel: str, name: str, bias_dtyp
     count it accepts; it refuses buffers that do not fit; an entry taken before an in-place
     edit follows the rebuilt layout, and keeps working after the bound call is dropped (a
     half-precision bias's float32 copy included)."""
-    qt = _QUANTIZED[name]
+    qt = _RUNNABLE[name]
     bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
     run = KERNELS[kernel].bound(qt, bias, {})
     raw_step = run.raw_step  # every native CPU kernel has one (the Decoder's step calls it)

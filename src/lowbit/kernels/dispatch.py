@@ -4,6 +4,8 @@ Every kernel computes ``y = x @ W^T + b`` for a QuantizedTensor W ``[out, in]``.
 kernel (dequantize + ``F.linear``) is always registered and is the oracle the others are tested
 against. ``LOWBIT_KERNEL=<name>`` (or ``kernel=`` on the call) forces a kernel by name.
 Kernels may cache an execution layout on the ``cache`` dict they are handed (never saved).
+Double-quantized weights (k-quants) run as their plain spec with the decoded float32 scales
+(:meth:`QuantizedTensor.with_float_scales`), so every kernel of that spec serves them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Kernel:
 
     def bound(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache: dict) -> BoundLinear:
         """``x -> x @ W^T + b`` for this weight and bias."""
+        qt = qt.with_float_scales()
         if self.bind is not None:
             return self.bind(qt, bias, cache)
         fn = self.fn
@@ -88,7 +91,9 @@ register_kernel(
 
 
 def select_kernel(qt: QuantizedTensor, x: torch.Tensor, kernel: str | None = None) -> Kernel:
-    """The kernel for this call: the forced one, else the highest-priority one that supports it."""
+    """The kernel for this call: the forced one, else the highest-priority one that supports it
+    (for a double-quantized weight: that supports its plain spec with float scales)."""
+    qt = qt.with_float_scales()
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != qt.shape[-1]:
@@ -134,6 +139,7 @@ def linear(
     every kernel once, not per call. Clear it when the weight changes.
     """
     if cache is None:
+        qt = qt.with_float_scales()
         return select_kernel(qt, x, kernel).fn(x, qt, bias, {})
     return bound_linear(x, qt, bias, kernel=kernel, cache=cache)(x)
 

@@ -25,13 +25,35 @@ from lowbit.spec import QuantSpec, torch_dtype
 
 
 @dataclass
+class ScaleCodes:
+    """Double-quantized group parameters of a ``[R, G]``-group spec (``spec.scale_bits``).
+
+    scale: uint8 ``[R, G]`` stored codes (offset by ``2**(scale_bits-1)`` where the spec's
+        scales are signed, full range); never the code of a zero scale.
+    super_scale: ``[R, ceil(G / super_group)]`` in ``spec.scale_dtype``: group ``g``'s scale is
+        ``super_scale[:, g // super_group] * (code - offset)``.
+    minimum, super_min: the same for asymmetric specs' minimums (value units, >= 0, unsigned
+        codes; ``zero_dtype``), None for symmetric ones.
+    """
+
+    scale: torch.Tensor
+    super_scale: torch.Tensor
+    minimum: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
+
+
+@dataclass
 class QParams:
-    """Quantization parameters, oriented ``[R/bh, C/bw]`` (a codebook: ``[R/bh, C/bw, 2**b]``)."""
+    """Quantization parameters, oriented ``[R/bh, C/bw]`` (a codebook: ``[R/bh, C/bw, 2**b]``).
+
+    For double-quantized specs ``scale`` / ``zero_point`` hold the effective float32 values the
+    maps use (decoded from ``scale_codes``, which is what is stored).
+    """
 
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale_codes: ScaleCodes | None = field(default=None, repr=False)
 
 
 def qrange(spec: QuantSpec) -> tuple[int, int]:
@@ -122,6 +144,8 @@ def qparams_from_range(
     lo = min_val.float() * spec.clip_ratio
     hi = max_val.float() * spec.clip_ratio
     scale_dtype = torch_dtype(spec.scale_dtype)
+    if spec.double_quantized:
+        return _double_quantized_range(lo, hi, spec)
     if spec.kind == "affine":
         qmin, qmax = qrange(spec)
         if spec.symmetric and spec.full_range:
@@ -155,6 +179,82 @@ def qparams_from_range(
     absmax = torch.maximum(lo.abs(), hi.abs())
     top = _grid(spec).max if spec.kind == "float" else 1.0
     return QParams(scale=_store_scale(absmax / top, scale_dtype))
+
+
+def _double_quantized_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Double-quantized qparams of per-group ranges ``[..., G]`` (see :func:`double_quantize`)."""
+    qmin, qmax = qrange(spec)
+    if not spec.symmetric:  # x~ = s*q - m with m >= 0: the range includes 0
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        return double_quantize((hi - lo) / (qmax - qmin), -lo, spec)
+    if spec.full_range:
+        extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
+        return double_quantize(extreme / (qmin - symmetric_zero(spec)), None, spec)
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    return double_quantize(absmax / (qmax - symmetric_zero(spec)), None, spec)
+
+
+def _code_groups(values: torch.Tensor, bits: int, signed: bool, nonzero: bool,
+                 super_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values [..., G]`` as stored codes uint8 ``[..., G]`` and one scale per ``super_group``
+    consecutive entries ``[..., ceil(G / super_group)]`` (``dtype``; absmax / top code,
+    rounded up). Codes round to nearest; ``nonzero`` keeps them off 0 (a scale must not
+    vanish). Signed codes are stored offset by ``2**(bits-1)``."""
+    n = values.shape[-1]
+    n_super = -(-n // super_group)
+    padded = torch.nn.functional.pad(values, (0, n_super * super_group - n))
+    padded = padded.reshape(*values.shape[:-1], n_super, super_group)
+    top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    sup = _store_scale(padded.abs().amax(-1) / top, dtype)
+    codes = (padded / sup.float().unsqueeze(-1)).round_().clamp_(-top if signed else 0, top)
+    if nonzero:
+        codes = torch.where(codes == 0, torch.where(padded < 0, -1.0, 1.0), codes)
+    codes = codes.reshape(*values.shape[:-1], n_super * super_group)[..., :n]
+    offset = 1 << (bits - 1) if signed else 0
+    return codes.add_(offset).to(torch.uint8), sup
+
+
+def double_quantize(scale: torch.Tensor, minimum: torch.Tensor | None,
+                    spec: QuantSpec) -> QParams:
+    """Group scales ``[..., G]`` (and minimums ``m >= 0`` in value units, asymmetric) stored
+    as ``spec.scale_bits``-bit codes under one scale per ``spec.super_group`` groups, as
+    llama.cpp's k-quants; returns the effective qparams with their :class:`ScaleCodes`."""
+    bits, group = spec.scale_bits, spec.super_group
+    codes, sup = _code_groups(scale.float(), bits, spec.full_range, True, group,
+                              torch_dtype(spec.scale_dtype))
+    min_codes = super_min = None
+    if minimum is not None:
+        min_codes, super_min = _code_groups(minimum.float().clamp(min=0), bits, False, False,
+                                            group, torch_dtype(spec.zero_dtype))
+    return decode_scales(ScaleCodes(codes, sup, min_codes, super_min), spec)
+
+
+def to_double_quantized(qparams: QParams, spec: QuantSpec) -> QParams:
+    """Plain float qparams (scale, code-unit zero-point) of ``spec`` without its double
+    quantization, double-quantized: the minimum ``s * (z - qmin)`` is coded in value units
+    (clamped at 0). How algorithms that refine float qparams (HQQ, AWQ's clip search) end."""
+    minimum = None
+    if spec.has_zero_point:
+        minimum = qparams.scale.float() * (qparams.zero_point.float() - qrange(spec)[0])
+    return double_quantize(qparams.scale.float(), minimum, spec)
+
+
+def decode_scales(codes: ScaleCodes, spec: QuantSpec) -> QParams:
+    """Effective float32 qparams ``[..., G]`` of double-quantized ``codes``:
+    ``scale = super_scale * (code - offset)``, ``zero_point = qmin + minimum / scale`` (code
+    units, so ``x~ = (q - zero_point) * scale = s * (q - qmin) - minimum``)."""
+    n = codes.scale.shape[-1]
+
+    def per_group(sup: torch.Tensor) -> torch.Tensor:
+        return sup.float().repeat_interleave(spec.super_group, -1)[..., :n]
+
+    offset = 1 << (spec.scale_bits - 1) if spec.full_range else 0
+    scale = (codes.scale.float() - offset) * per_group(codes.super_scale)
+    zero = None
+    if codes.minimum is not None:
+        zero = codes.minimum.float().mul(per_group(codes.super_min)).div_(scale)
+        zero.add_(qrange(spec)[0])
+    return QParams(scale=scale, zero_point=zero, scale_codes=codes)
 
 
 def choose_qparams(

@@ -217,6 +217,11 @@ class QuantSpec:
                              "double-quantized asymmetric spec stores each group's minimum as "
                              "a code; use zero_point='float' (-fz)")
 
+    def plain_scales(self) -> QuantSpec:
+        """This spec with float group scales (and zero-points) in place of double-quantized
+        codes: what algorithms that refine float qparams work on."""
+        return dataclasses.replace(self, scale_bits=None, super_group=None)
+
     @property
     def double_quantized(self) -> bool:
         """Whether group scales (and minimums) are stored as codes under super-block scales."""

@@ -119,8 +119,7 @@ class QuantizedTensor:
         if not self.spec.double_quantized:
             return self
         qp = self.qparams
-        spec = self.spec.replace(scale_bits=None, super_group=None, scale_dtype="float32",
-                                 zero_dtype="float32")
+        spec = self.spec.plain_scales().replace(scale_dtype="float32", zero_dtype="float32")
         return dataclasses.replace(self, spec=spec, scale=qp.scale, zero_point=qp.zero_point,
                                    super_scale=None, super_min=None)
 
@@ -328,8 +327,8 @@ def elementwise_view(
     each column with its group's qparams (as GPTQ with act-order does).
     """
     cols = g_idx.long()
-    per_element = spec.replace(granularity="block", group_size=None, block=(1, 1),
-                               scale_bits=None, super_group=None)
+    per_element = spec.plain_scales().replace(granularity="block", group_size=None,
+                                              block=(1, 1))
     expanded = QParams(
         scale=None if qparams.scale is None else qparams.scale[:, cols],
         zero_point=None if qparams.zero_point is None else qparams.zero_point[:, cols],

@@ -40,6 +40,7 @@ from lowbit.quant.maps import (
     fake_quantize,
     keep_better,
     quantize,
+    to_double_quantized,
 )
 from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
@@ -163,7 +164,10 @@ class AWQ(Algorithm):
 
     def search_clip(self, weight: torch.Tensor, spec: QuantSpec, stats: LayerStats) -> QParams:
         """Per-block qparams from the clip ratio (1 down to ``1 - max_shrink``) that minimises
-        each block's output error ``d H_bb d^T`` (blocks along the input dim: group/channel)."""
+        each block's output error ``d H_bb d^T`` (blocks along the input dim: group/channel;
+        a double-quantized spec's float qparams are searched, then double-quantized)."""
+        if spec.double_quantized:
+            return to_double_quantized(self.search_clip(weight, spec.plain_scales(), stats), spec)
         start = choose_qparams(weight, spec)
         layout = layout_for(weight.shape, spec)
         if (

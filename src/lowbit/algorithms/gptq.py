@@ -11,15 +11,15 @@ for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from lowbit.algorithms.base import Algorithm, LayerStats, check_number
-from lowbit.formats.packing import pack
 from lowbit.quant.layout import layout_for
 from lowbit.quant.maps import (
     QParams,
+    ScaleCodes,
     affine_codes,
     affine_values,
     choose_qparams,
@@ -27,7 +27,7 @@ from lowbit.quant.maps import (
     qrange,
     symmetric_zero,
 )
-from lowbit.spec import QuantSpec, torch_dtype
+from lowbit.spec import QuantSpec
 from lowbit.tensor import QuantizedTensor
 
 
@@ -125,8 +125,6 @@ class GPTQ(Algorithm):
         group = spec.group_size if spec.granularity == "group" else None
         if group is not None and cols % group:
             raise ValueError(f"group_size={group} does not divide in_features={cols}")
-        n_groups = cols // group if group else 1
-        column_spec = spec.replace(granularity="channel", group_size=None, axis=0)
 
         perm = torch.argsort(torch.diag(H), descending=True) if self.act_order else None
         static = self.static_groups if self.static_groups is not None else spec.bits <= 2
@@ -140,8 +138,12 @@ class GPTQ(Algorithm):
 
         Hinv = _inverse_hessian_cholesky(H, self.damp)
         codes = torch.zeros(rows, cols, dtype=torch.uint8)
-        scales = torch.zeros(rows, n_groups, dtype=torch_dtype(spec.scale_dtype))
-        zeros = torch.zeros(rows, n_groups, dtype=torch_dtype(spec.zero_dtype))
+        # Groups' qparams are chosen a chunk at a time: one group, or the groups of a
+        # double-quantized spec's super-block (their scale codes share one scale).
+        span = group * spec.super_group if group and spec.double_quantized else group
+        chunk_spec = spec if spec.double_quantized else spec.replace(
+            granularity="channel", group_size=None, axis=0)
+        chunks: list[QParams] = []
         # The column loop is the hot path: Python-level work per column is kept to a few ops.
         order = perm.tolist() if perm is not None else None
         if fixed is not None:
@@ -167,22 +169,22 @@ class GPTQ(Algorithm):
                     s_col = fixed_scale[:, gi : gi + 1]
                     z_col = fixed_zero[:, gi : gi + 1] if spec.has_zero_point else (
                         symmetric_zero(spec))
-                elif col % group == 0:  # a new group: qparams from the updated weight ahead
-                    gi = col // group
-                    ahead = W1[:, i : i + group]
-                    if ahead.shape[1] < group:
-                        tail = W[:, i2 : i2 + group - ahead.shape[1]]
-                        if i:  # columns past the block lack its pending lazy updates so far
-                            tail = tail - Err1[:, :i] @ Hinv[i1 : i1 + i, i2 : i2 + tail.shape[1]]
-                        ahead = torch.cat([ahead, tail], 1)
-                    qp = self._qparams(ahead, column_spec, hdiag[col : col + group])
-                    scales[:, gi] = qp.scale[:, 0]
-                    s_col = qp.scale.float()
-                    if spec.has_zero_point:
-                        zeros[:, gi] = qp.zero_point[:, 0]
-                        z_col = qp.zero_point.float()
-                    else:
-                        z_col = symmetric_zero(spec)
+                elif col % group == 0:  # a new group
+                    if col % span == 0:  # a new chunk: its qparams from the updated weight
+                        width = min(span, cols - col)
+                        ahead = W1[:, i : i + width]
+                        if ahead.shape[1] < width:
+                            tail = W[:, i2 : i2 + width - ahead.shape[1]]
+                            if i:  # columns past the block lack its pending lazy updates so far
+                                tail = tail - Err1[:, :i] @ Hinv[i1 : i1 + i,
+                                                                 i2 : i2 + tail.shape[1]]
+                            ahead = torch.cat([ahead, tail], 1)
+                        chunks.append(self._qparams(ahead, chunk_spec, hdiag[col : col + width]))
+                        chunk_col = col
+                    j = (col - chunk_col) // group
+                    s_col = chunks[-1].scale[:, j : j + 1].float()
+                    z_col = (chunks[-1].zero_point[:, j : j + 1].float() if spec.has_zero_point
+                             else symmetric_zero(spec))
                 w = W1[:, i : i + 1]
                 if inline:
                     v = w.div(s_col)
@@ -207,20 +209,12 @@ class GPTQ(Algorithm):
         if perm is not None:
             inverse = torch.argsort(perm)
             codes = codes[:, inverse]
-        scale = fixed.scale if fixed is not None else scales
-        zero = None if not spec.has_zero_point else (
-            fixed.zero_point if fixed is not None else zeros)
+        qparams = fixed if fixed is not None else _concat(chunks)
         out, start = [], 0
         for w, n in zip(weights, sizes, strict=True):
-            part = slice(start, start + n) if scale.shape[0] == rows else slice(None)
-            qt = QuantizedTensor(
-                qdata=pack(codes[start : start + n].contiguous(), spec.bits),
-                spec=spec,
-                shape=(n, cols),
-                dtype=w.dtype,
-                scale=scale[part].contiguous(),
-                zero_point=None if zero is None else zero[part].contiguous(),
-            )
+            part = slice(start, start + n) if qparams.scale.shape[0] == rows else slice(None)
+            qt = QuantizedTensor.from_codes(codes[start : start + n], _rows(qparams, part),
+                                            spec, (n, cols), w.dtype)
             if group is not None and self.act_order and not static:
                 qt.g_idx = g_idx if len(weights) == 1 else g_idx.clone()
             qt.validate()
@@ -267,6 +261,31 @@ class GPTQ(Algorithm):
                 best_err = torch.where(better, err, best_err)
                 best_ratio = torch.where(better, chosen, best_ratio)
         return qparams_from_range(lo * best_ratio, hi * best_ratio, spec)
+
+
+def _concat(chunks: list[QParams]) -> QParams:
+    """Qparams of consecutive column chunks ``[R, G_i]`` as one ``[R, sum G_i]``."""
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat(ts, 1)
+
+    codes = None
+    if chunks[0].scale_codes is not None:
+        parts = [c.scale_codes for c in chunks]
+        codes = ScaleCodes(*(cat([getattr(p, f.name) for p in parts]) for f in fields(ScaleCodes)))
+    return QParams(scale=cat([c.scale for c in chunks]),
+                   zero_point=cat([c.zero_point for c in chunks]), scale_codes=codes)
+
+
+def _rows(qp: QParams, part: slice) -> QParams:
+    """The rows ``part`` of group qparams (stacked weights are quantized together)."""
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[part].contiguous()
+
+    codes = None
+    if qp.scale_codes is not None:
+        codes = ScaleCodes(*(pick(getattr(qp.scale_codes, f.name))
+                             for f in fields(ScaleCodes)))
+    return QParams(scale=pick(qp.scale), zero_point=pick(qp.zero_point), scale_codes=codes)
 
 
 SEARCH_ELEMENTS = 1 << 22

@@ -31,6 +31,7 @@ from lowbit.quant.maps import (
     keep_better,
     qrange,
     symmetric_zero,
+    to_double_quantized,
 )
 from lowbit.spec import QuantSpec, torch_dtype
 from lowbit.tensor import QuantizedTensor
@@ -67,7 +68,10 @@ class HQQ(Algorithm):
         return QuantizedTensor.from_float(weight, spec, qp)
 
     def refine(self, weight: torch.Tensor, spec: QuantSpec) -> QParams:
-        """HQQ-refined qparams for ``weight`` (same shapes and dtypes as ``choose_qparams``)."""
+        """HQQ-refined qparams for ``weight`` (same shapes and dtypes as ``choose_qparams``;
+        a double-quantized spec's are refined as float, then double-quantized)."""
+        if spec.double_quantized:
+            return to_double_quantized(self.refine(weight, spec.plain_scales()), spec)
         layout = layout_for(weight.shape, spec)
         wb = layout.blocked(layout.to_2d(weight.detach()).float())  # [nr, nc, n]
         qmin, _ = qrange(spec)

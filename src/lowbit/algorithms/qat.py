@@ -111,6 +111,10 @@ def _check_spec(spec: QuantSpec) -> None:
         )
     if spec.rounding != "nearest":
         raise ValueError(f"spec {spec}: QAT needs rounding='nearest'")
+    if spec.double_quantized:
+        raise ValueError(f"spec {spec}: QAT learns float scales; double-quantized scale codes "
+                         f"(scale_bits) are not learned: train {spec.plain_scales()} and "
+                         "quantize the result")
     act = spec.act
     if act is None:
         return

@@ -157,6 +157,7 @@ def _gpt2() -> nn.Module:
     (_tiny_llama, {"spec": lowbit.QuantSpec(group_size=64, zero_point="float"),
                    "algorithm": "hqq", "exclude": NO_EMBED}, "fractional"),
     (_tiny_llama, {"spec": "w4g64"}, "exclude='model.embed_tokens'"),
+    (_tiny_llama, {"spec": "int4-g32-sym-dq6x8", "exclude": NO_EMBED}, "double-quantized"),
     (_gpt2, {"spec": "w8", "exclude": ["*wte", "*wpe", "lm_head"]}, "Conv1D"),
 ])
 def test_refusals_write_nothing(tmp_path, make, kwargs, message):

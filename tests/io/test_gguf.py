@@ -149,9 +149,9 @@ def _tiny_folder(tmp_path: Path, **config) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                      **config)
+    fields = {"vocab_size": 8192, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = LlamaConfig(**{**fields, **config})
     folder = tmp_path / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -185,6 +185,43 @@ def test_tied_model_keeps_a_head_quantized_apart(tmp_path):
     assert (types["output.weight"], types["token_embd.weight"]) == ("Q8_0", "Q4_0")
     ids = torch.randint(0, 8192, (1, 9))
     assert torch.equal(_transformers_logits(tmp_path / "g", ids), _logits(q, ids))
+
+
+@pytest.mark.parametrize(("spec", "block"), [("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("q6_k", "Q6_K")])
+def test_k_quant_blocks_decode_to_lowbit_weights(tmp_path, spec, block):
+    """k-quants (double-quantized scales) as ggml's super-blocks: gguf's own dequantization
+    gives lowbit's weights (up to float32 rounding of ``d*sc*q - dmin*m``), and transformers'
+    GGUF loader lowbit's logits, for RTN and GPTQ weights."""
+    from lowbit.io.gguf import _permute_rotary
+
+    model = _load(_tiny_folder(tmp_path, hidden_size=256, intermediate_size=512, head_dim=64))
+    q = lowbit.quantize(model, spec, algorithm="gptq", include=["*layers*"],
+                        calib=torch.randint(0, 8192, (4, 160),
+                                            generator=torch.Generator().manual_seed(0)))
+    result = lowbit.save(q, tmp_path / "g", format="gguf")
+    tensors = _tensors(tmp_path / "g" / "model.gguf")
+    for gguf_name, name in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
+                            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj")):
+        t = tensors[gguf_name]
+        assert t.tensor_type.name == block
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        want = q.get_submodule(name).qweight.dequantize()
+        if name.endswith("q_proj"):
+            want = _permute_rotary(want, 4)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    quantized = sum(m.qweight.nbytes for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear))
+    assert result.quantized_bytes == quantized  # ggml's blocks take lowbit's stored bytes
+    ids = torch.randint(0, 8192, (1, 9), generator=torch.Generator().manual_seed(1))
+    theirs, ours = _transformers_logits(tmp_path / "g", ids), _logits(q, ids)
+    assert torch.allclose(theirs, ours, atol=1e-4 * float(ours.abs().max()))
+
+
+def test_k_quant_rows_must_hold_whole_super_blocks(tmp_path):
+    model = _load(_tiny_folder(tmp_path))  # hidden 64: no 256-weight super-block fits a row
+    q = lowbit.quantize(model, "q4_k", include=["*layers*"])
+    with pytest.raises(ValueError, match="has 64 inputs: Q4_K blocks hold 256 .* with q5_0"):
+        lowbit.save(q, tmp_path / "g", format="gguf")
+    assert not (tmp_path / "g").exists()
 
 
 def test_biases_and_head_dim(tmp_path):

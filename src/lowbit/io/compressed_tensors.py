@@ -105,6 +105,9 @@ def _strategy(name: str | None, spec: QuantSpec, what: str) -> tuple[str, int | 
 def weight_args(name: str | None, spec: QuantSpec) -> tuple[dict[str, Any], str]:
     """compressed-tensors' ``weights`` args of a lowbit weight spec, and the group's format."""
     strategy, group_size = _strategy(name, spec, "weight")
+    if spec.double_quantized:
+        raise _refuse(name, spec, "double-quantized scales (k-quants); compressed-tensors "
+                      "stores float scales (use a spec without -dq, or --format gguf)")
     if spec.kind == "affine":
         if spec.has_zero_point and spec.zero_point != "int":
             raise _refuse(name, spec, "fractional (HQQ-style) zero-points; compressed-tensors "

@@ -12,10 +12,16 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 ``int5-g32-sym``       Q5_0    ``d * (q - 16)``: exactly
 ``uint4-g32`` (asym)   Q4_1    ``d * q + m`` with ``m = -s * z`` rounded to fp16
 ``uint5-g32`` (asym)   Q5_1    as Q4_1
+``q4_k`` (k-quant)     Q4_K    ``d*sc*q - dmin*m``: 6-bit ``sc``/``m`` per 32, fp16 ``d``/``dmin``
+                               per 256 (lowbit's scale codes and super-scales as they are)
+``q5_k``               Q5_K    as Q4_K with 5-bit codes
+``q6_k``               Q6_K    ``d*sc*(q - 32)``: signed 8-bit ``sc`` per 16, fp16 ``d`` per 256
 =====================  ======  ===========================================================
 
-(presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1`` name these specs, with the fp16 scales
-the blocks store; ``q4_0`` and ``q5_0`` choose scales as llama.cpp does, ``-full``: the block's
+(presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k`` name these
+specs, with the fp16 scales the blocks store; k-quant blocks hold 256 weights, so their layers'
+input widths must be multiples of 256 (llama.cpp falls back to Q5_0 / Q5_1 / Q8_0 for others:
+give such layers those specs); ``q4_0`` and ``q5_0`` choose scales as llama.cpp does, ``-full``: the block's
 largest-magnitude value on code 0, ``d`` negative where that value is positive). Float tensors
 are written F32 (1-D: norms) or in their stored float16. Architectures: llama and mistral (GGUF
 arch ``llama``; q / k rows and biases permuted to ggml's rotary layout, as llama.cpp's converter
@@ -45,14 +51,24 @@ _ARCHS = {"llama": "llama", "mistral": "llama"}
 # (format, symmetric) of a group-of-32 fp16-scale spec -> GGUF block type name
 _BLOCK_TYPES = {("int4", True): "Q4_0", ("int8", True): "Q8_0", ("int5", True): "Q5_0",
                 ("uint4", False): "Q4_1", ("uint5", False): "Q5_1"}
+# k-quants: (format, group size, scale bits, groups per super-block, full range) -> type
+_K_TYPES = {("uint4", 32, 6, 8, False): "Q4_K", ("uint5", 32, 6, 8, False): "Q5_K",
+            ("int6", 16, 8, 16, True): "Q6_K"}
+K_BLOCK = 256  # weights per k-quant super-block (ggml's QK_K)
 
 
 def gguf_type(spec: QuantSpec) -> str | None:
     """The GGUF block type lowbit's ``spec`` stores exactly (Q4_1 / Q5_1: up to the fp16 offset),
     or None."""
-    if (spec.granularity != "group" or spec.group_size != 32 or spec.scale_dtype != "float16"
-            or spec.act is not None or spec.kind != "affine"
-            or (spec.has_zero_point and spec.zero_point != "int")):
+    if (spec.granularity != "group" or spec.scale_dtype != "float16" or spec.act is not None
+            or spec.kind != "affine"):
+        return None
+    if spec.double_quantized:
+        if spec.has_zero_point and spec.zero_dtype != "float16":
+            return None
+        return _K_TYPES.get((spec.format, spec.group_size, spec.scale_bits, spec.super_group,
+                             spec.full_range))
+    if spec.group_size != 32 or (spec.has_zero_point and spec.zero_point != "int"):
         return None
     return _BLOCK_TYPES.get((spec.format, spec.symmetric))
 
@@ -63,7 +79,7 @@ def check_spec(spec: QuantSpec, layer: str | None = None) -> None:
         where = f"layer {layer!r} ({spec})" if layer is not None else f"spec {spec}"
         raise ValueError(f"{where} has no GGUF block type; GGUF stores groups of 32 with an "
                          "fp16 scale: presets q4_0, q8_0, q5_0 (symmetric), q4_1, q5_1 "
-                         "(asymmetric)")
+                         "(asymmetric), or the k-quants q4_k, q5_k, q6_k")
 
 
 def check_model_type(model_type: str | None) -> str:
@@ -83,6 +99,13 @@ def _blocks(module: nn.Module, name: str) -> tuple[torch.Tensor, str]:
         raise ValueError(f"layer {name!r}: GPTQ act-order groups (g_idx) have no GGUF form; "
                          "quantize with GPTQ(act_order=False) or static_groups=True")
     rows, cols = qt.shape
+    if kind.endswith("_K"):
+        if cols % K_BLOCK:
+            fallback = {"Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}[kind]
+            raise ValueError(f"layer {name!r} has {cols} inputs: {kind} blocks hold {K_BLOCK} "
+                             f"weights of a row; quantize this layer with {fallback} "
+                             "(llama.cpp's fallback) or another type of groups of 32")
+        return _k_blocks(qt, kind), kind
     codes = qt.codes().reshape(rows, cols // 32, 32)  # q - qmin, unsigned
     scale = qt.scale.reshape(rows, cols // 32, 1).to(torch.float16)
     d = scale.view(torch.uint8)  # [rows, n, 2], little-endian fp16
@@ -103,6 +126,41 @@ def _blocks(module: nn.Module, name: str) -> tuple[torch.Tensor, str]:
             parts.insert(-1, torch.cat([(word >> (8 * i)) & 0xFF for i in range(4)], -1)
                          .to(torch.uint8))
     return torch.cat(parts, -1).reshape(rows, -1).contiguous(), kind
+
+
+def _k_blocks(qt: Any, kind: str) -> torch.Tensor:
+    """uint8 ``[rows, bytes per row]`` of Q4_K / Q5_K / Q6_K super-blocks (256 weights each) in
+    ggml's layout, from lowbit's codes, scale codes and fp16 super-scales as they are."""
+    rows, cols = qt.shape
+    n = cols // K_BLOCK
+    codes = qt.codes().reshape(rows, n, K_BLOCK)  # unsigned: q (Q4_K, Q5_K), q + 32 (Q6_K)
+    sc = qt.qparams.scale_codes
+    d = sc.super_scale.reshape(rows, n, 1).view(torch.uint8)  # little-endian fp16
+    scales = sc.scale.reshape(rows, n, -1)
+    if kind == "Q6_K":
+        halves = codes.reshape(rows, n, 2, 128)  # each half: codes 0..63 low nibbles, 64..127 high
+        ql = (halves[..., :64] & 0x0F) | ((halves[..., 64:] & 0x0F) << 4)
+        pieces = (halves.reshape(rows, n, 2, 4, 32) >> 4).to(torch.int32)
+        qh = sum((pieces[..., k, :] & 3) << (2 * k) for k in range(4)).to(torch.uint8)
+        signed = (scales.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        parts = [ql.reshape(rows, n, 128), qh.reshape(rows, n, 64), signed, d]
+        return torch.cat(parts, -1).reshape(rows, -1).contiguous()
+    mins = sc.minimum.reshape(rows, n, 8)
+    dmin = sc.super_min.reshape(rows, n, 1).view(torch.uint8)
+    # 8 six-bit scales and mins in 12 bytes: bytes 0-3 scales 0-3 (high 2 bits: scales 4-7's
+    # bits 4-5), 4-7 mins 0-3 (likewise), 8-11 low nibbles of scales 4-7 | mins 4-7 << 4
+    packed = torch.cat([
+        (scales[..., :4] & 63) | ((scales[..., 4:] >> 4) << 6),
+        (mins[..., :4] & 63) | ((mins[..., 4:] >> 4) << 6),
+        (scales[..., 4:] & 0x0F) | ((mins[..., 4:] & 0x0F) << 4)], -1)
+    chunks = codes.reshape(rows, n, 4, 2, 32)  # per 64 codes: first 32 low nibbles, next high
+    qs = ((chunks[..., 0, :] & 0x0F) | ((chunks[..., 1, :] & 0x0F) << 4)).reshape(rows, n, 128)
+    parts = [d, dmin, packed]
+    if kind == "Q5_K":  # bit i of byte l: the fifth bit of code 32 * i + l
+        fifth = ((codes.reshape(rows, n, 8, 32) >> 4) & 1).to(torch.int32)
+        parts.append(sum(fifth[..., i, :] << i for i in range(8)).to(torch.uint8))
+    parts.append(qs)
+    return torch.cat(parts, -1).reshape(rows, -1).contiguous()
 
 
 def _permute_rotary(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -398,7 +456,8 @@ def write_gguf(model: nn.Module, path: Path,
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14,
+                 "Q5_K": 16, "Q6_K": 18}
     most = max(set(types), key=types.count) if types else None  # informational in GGUF
     writer.add_file_type(file_type[most] if most else 1 if float_dtype == torch.float16 else 0)
     _tokenizer_metadata(writer, Path(source), config.vocab_size)

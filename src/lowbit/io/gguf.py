@@ -21,8 +21,9 @@ lowbit spec            GGUF    value of code q (block of 32 weights, fp16 scale 
 (presets ``q4_0``, ``q8_0``, ``q5_0``, ``q4_1``, ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k`` name these
 specs, with the fp16 scales the blocks store; k-quant blocks hold 256 weights, so their layers'
 input widths must be multiples of 256 (llama.cpp falls back to Q5_0 / Q5_1 / Q8_0 for others:
-give such layers those specs); ``q4_0`` and ``q5_0`` choose scales as llama.cpp does, ``-full``: the block's
-largest-magnitude value on code 0, ``d`` negative where that value is positive). Float tensors
+give such layers those specs); ``q4_0`` and ``q5_0`` choose scales as llama.cpp does,
+``-full``: the block's largest-magnitude value on code 0, ``d`` negative where that value is
+positive). Float tensors
 are written F32 (1-D: norms) or in their stored float16. Architectures: llama and mistral (GGUF
 arch ``llama``; q / k rows and biases permuted to ggml's rotary layout, as llama.cpp's converter
 does; Llama 3's rotary scaling as ``rope_freqs``). The tokenizer comes from the folder the model

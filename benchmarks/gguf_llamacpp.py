@@ -1,19 +1,24 @@
-"""lowbit's GGUF export run by llama.cpp itself: fidelity and speed of Q4_0 / Q8_0 from lowbit's
-GPTQ against llama.cpp's own quantizer, on the fixture LM.
+"""lowbit's GGUF export run by llama.cpp itself: fidelity and speed of Q4_0 / Q8_0 / Q4_K_M from
+lowbit's RTN and GPTQ against llama.cpp's own quantizer, on the fixture LM.
 
 Needs ``llama-cpp-python`` (llama.cpp compiled for this CPU), best in a separate venv with numpy
 (``--llama-python``; this script re-runs itself there for the llama.cpp half). Steps:
 
-1. lowbit (this venv): from /work/shared/models/llama-19m-shakespeare-mix, write GGUFs with
-   ``lowbit.save(format="gguf")``: the float model (F32), RTN and GPTQ ``q4_0``, RTN ``q8_0``
-   (GPTQ calibration: 128 x 512 tokens of the val split; ``--quick``: 32 x 256).
-2. llama.cpp: quantize the F32 GGUF to Q4_0 / Q8_0 with its own ``llama_model_quantize`` (its
-   RTN, no importance matrix), then for every GGUF: the test split's perplexity and mean
+1. lowbit (this venv): from /work/shared/models/llama-19m-shakespeare-mix, write the float
+   model as an F32 GGUF with ``lowbit.save(format="gguf")``; llama.cpp quantizes it to Q4_0,
+   Q8_0 (every tensor that type) and Q4_K_M (its own per-tensor mix: Q4_K where a row holds
+   whole 256-weight super-blocks, Q6_K / Q8_0 for some attn_v / ffn_down, its fallbacks for
+   the rest) with its own ``llama_model_quantize`` (its RTN, no importance matrix).
+2. lowbit: RTN and GPTQ ``q4_0``, RTN ``q8_0``, and RTN and GPTQ with the very per-tensor
+   types of llama.cpp's Q4_K_M file (read from it; lowbit's presets q4_k, q6_k, q5_0, q8_0),
+   written with ``lowbit.save(format="gguf")`` (GPTQ calibration: 128 x 512 tokens of the val
+   split; ``--quick``: 32 x 256).
+3. llama.cpp: for every GGUF, the test split's perplexity and mean
    KL(F32 || model) (llama.cpp's logits, non-overlapping windows of ``--context`` tokens, the
    token ids of the HF tokenizer fed as they are), whether llama.cpp's tokenizer (read from the
    GGUF) gives the HF ids, and greedy decode tokens/s at batch 1 (32-token prompt,
    ``--new-tokens``, median of ``--rounds``).
-3. lowbit: the same Q4_0 / Q8_0 models in lowbit's Decoder (tokens/s, same prompt).
+4. lowbit: the same models in lowbit's Decoder (tokens/s, same prompt).
 
     .venv/bin/python benchmarks/gguf_llamacpp.py --llama-python /tmp/llama-venv/bin/python
 
@@ -29,11 +34,27 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "gguf_llamacpp.md"
 PROMPT = 32
+
+
+# (row name, llama.cpp's llama_ftype, pure) of llama.cpp's own quantizations
+LLAMA_CPP_TYPES = (("llama.cpp RTN q4_0", 2, True), ("llama.cpp RTN q8_0", 7, True),
+                   ("llama.cpp RTN Q4_K_M", 15, False))
+# GGUF block type -> the lowbit preset that writes it
+PRESETS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0",
+           "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+
+
+def tensor_types(path: str) -> dict[str, str]:
+    """GGUF tensor name -> block type name of a file (gguf's reader, lowbit's venv)."""
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
 def llama_side(job: dict) -> dict:
@@ -44,18 +65,21 @@ def llama_side(job: dict) -> dict:
     import numpy as np
 
     work = Path(job["work"])
-    for name, ftype in (("llama.cpp RTN q4_0", 2), ("llama.cpp RTN q8_0", 7)):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = job["threads"]
-        params.pure = True  # every tensor this type: no k-quant mix, as lowbit's file
-        params.quantize_output_tensor = False  # output.weight stays F32, as lowbit's
-        out = work / f"{name.split()[-1]}-llamacpp.gguf"
-        rc = llama_cpp.llama_model_quantize(str(work / "f32.gguf").encode(), str(out).encode(),
-                                            ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({name}) returned {rc}")
-        job["files"][name] = str(out)
+    if job["phase"] == "quantize":
+        files = {}
+        for name, ftype, pure in LLAMA_CPP_TYPES:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.nthread = job["threads"]
+            params.pure = pure  # True: every tensor this type, as lowbit's file
+            params.quantize_output_tensor = False  # output.weight stays F32, as lowbit's
+            out = work / f"{name.split()[-1]}-llamacpp.gguf"
+            rc = llama_cpp.llama_model_quantize(str(work / "f32.gguf").encode(),
+                                                str(out).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize({name}) returned {rc}")
+            files[name] = str(out)
+        return {"files": files}
     test = np.array(job["test_ids"], dtype=np.int64)
     ctx = job["context"]
     windows = [test[i : i + ctx] for i in range(0, len(test) - ctx + 1, ctx)]
@@ -140,20 +164,39 @@ def main() -> None:
     lowbit.save(base, work / "f32", format="gguf", float_dtype=torch.float32)
     files["F32 (lowbit export)"] = str(work / "f32" / "model.gguf")
     (work / "f32.gguf").symlink_to(work / "f32" / "model.gguf")
+    theirs = run_llama_job(args.llama_python, __file__, work,
+                           {"phase": "quantize", "work": str(work), "threads": threads})["files"]
+    # llama.cpp's Q4_K_M mix, tensor by tensor, as lowbit specs
+    import gguf
+
+    kinds = tensor_types(theirs["llama.cpp RTN Q4_K_M"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, base.config.num_hidden_layers)
+    mix = {}
+    for module_name, module in base.named_modules():
+        target = names.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and target in kinds \
+                and kinds[target] in PRESETS:
+            mix[module_name] = PRESETS[kinds[target]]
     quantized = {}
-    for label, spec, alg in (("lowbit RTN q4_0", "q4_0", "rtn"),
-                             ("lowbit GPTQ q4_0", "q4_0", "gptq"),
-                             ("lowbit RTN q8_0", "q8_0", "rtn")):
+    for label, spec, alg, folder in (("lowbit RTN q4_0", "q4_0", "rtn", "q4_0/rtn"),
+                                     ("lowbit GPTQ q4_0", "q4_0", "gptq", "q4_0/gptq"),
+                                     ("lowbit RTN q8_0", "q8_0", "rtn", "q8_0/rtn"),
+                                     ("lowbit RTN Q4_K_M mix", mix, "rtn", "q4km/rtn"),
+                                     ("lowbit GPTQ Q4_K_M mix", mix, "gptq", "q4km/gptq")):
         q = lowbit.quantize(copy.deepcopy(base), spec, algorithm=alg,
                             calib=calib if alg == "gptq" else None, exclude=["lm_head"])
-        lowbit.save(q, work / spec / alg, format="gguf", float_dtype=torch.float32)
-        files[label] = str(work / spec / alg / "model.gguf")
+        lowbit.save(q, work / folder, format="gguf", float_dtype=torch.float32)
+        files[label] = str(work / folder / "model.gguf")
         quantized[label] = q
+        if isinstance(spec, dict) and tensor_types(files[label]) != kinds:
+            raise SystemExit(f"{label}: lowbit's tensor types differ from llama.cpp's Q4_K_M")
+    files.update(theirs)
     prompt = ids[VAL][10_000 : 10_000 + PROMPT]
     text = VAL.read_text(encoding="utf-8")[:20_000]
-    job = {"work": str(work), "files": files, "test_ids": test.tolist(), "context": args.context,
-           "threads": threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
-           "prompt": prompt.tolist(), "text": text, "text_ids": tokenizer(text)["input_ids"]}
+    job = {"phase": "score", "work": str(work), "files": files, "test_ids": test.tolist(),
+           "context": args.context, "threads": threads, "rounds": args.rounds,
+           "new_tokens": args.new_tokens, "prompt": prompt.tolist(), "text": text,
+           "text_ids": tokenizer(text)["input_ids"]}
     result = run_llama_job(args.llama_python, __file__, work, job)
 
     lowbit_tok_s = {}
@@ -182,6 +225,11 @@ def main() -> None:
         f"quantizer keeps them too). GPTQ calibration: {samples} x {seq_len} tokens of "
         f"{VAL.name}. Decode: greedy, batch 1, {PROMPT}-token prompt, {args.new_tokens} new "
         f"tokens, median of {args.rounds}; lowbit's Decoder runs the same quantized weights.", "",
+        "Q4_K_M mix: the tensor types llama.cpp's quantizer chose for this model (rows of 384 "
+        "weights cannot hold a 256-weight super-block, so most tensors fall back to Q5_0): "
+        + ", ".join(f"{n} {k}" for k, n in sorted(Counter(kinds[t] for t in kinds
+                                                           if kinds[t] in PRESETS).items()))
+        + "; the lowbit rows write the same type for every tensor.", "",
         "| GGUF | file MB | ppl | KL vs F32 | llama.cpp tokenizer = HF | llama.cpp tok/s | "
         "lowbit Decoder tok/s |",
         "|---|---:|---:|---:|---|---:|---:|",

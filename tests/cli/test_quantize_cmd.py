@@ -395,6 +395,21 @@ def test_gguf_format(llama_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.gguf"]
 
 
+def test_gguf_k_quants_take_llama_cpps_fallback_where_rows_are_short(llama_dir, tmp_path):
+    """q4_k on the 3M fixture (rows of 128 and 384 weights, no whole 256-weight super-block):
+    every such layer takes Q5_0, as llama.cpp's quantizer does, and the run says so."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["quantize", str(llama_dir), "-s", "q4_k", "-a", "gptq", "--calib",
+                            str(VAL_TEXT), "--calib-samples", "4", "--calib-seq-len", "512",
+                            "--exclude", "lm_head", "--format", "gguf", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "take q5_0 (llama.cpp's fallback for uint4-g32-asym-fz-dq6x8)" in r.output
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors
+             if t.name != "output.weight" and len(t.shape) > 1}
+    assert types == {"Q5_0"}
+
+
 @pytest.mark.parametrize(("scheme", "model", "expected"), [
     ("w4g128", "llama", "spec uint4-g128-asym has no GGUF block type"),
     ("q4_0", "gpt2", "model_type 'gpt2': the GGUF export writes llama"),

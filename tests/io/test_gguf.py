@@ -222,6 +222,17 @@ def test_k_quant_rows_must_hold_whole_super_blocks(tmp_path):
     with pytest.raises(ValueError, match="has 64 inputs: Q4_K blocks hold 256 .* with q5_0"):
         lowbit.save(q, tmp_path / "g", format="gguf")
     assert not (tmp_path / "g").exists()
+    from lowbit.io.gguf import k_quant_fallbacks
+
+    model = _load(tmp_path / "tiny")
+    specs = k_quant_fallbacks(model, "q6_k")  # llama.cpp's fallback for Q6_K: Q8_0
+    assert specs["*"] == lowbit.preset("q6_k") and set(list(specs.values())[:-1]) == {"q8_0"}
+    q = lowbit.quantize(model, specs, include=["*layers*"])
+    lowbit.save(q, tmp_path / "g", format="gguf")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+             .tensors if t.name.startswith("blk") and len(t.shape) > 1}
+    assert types == {"Q8_0"}
+    assert k_quant_fallbacks(model, "q4_0") == {"*": lowbit.preset("q4_0")}
 
 
 def test_biases_and_head_dim(tmp_path):

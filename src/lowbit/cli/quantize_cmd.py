@@ -260,6 +260,16 @@ def quantize_command(
             err_console.print(f"compressed-tensors: {len(kept)} Embedding / Conv layers stay "
                               "float (its runtimes quantize Linear layers)")
         exclude_list += kept
+    if save_format == "gguf" and candidates is None:
+        from lowbit.io import gguf
+
+        float_model = model if model is not None else _meta_model(Path(model_dir))
+        spec = gguf.k_quant_fallbacks(float_model, spec)
+        if len(spec) > 1:
+            fallback = next(iter(spec.values()))
+            err_console.print(f"gguf: {len(spec) - 1} layers whose rows are not a multiple of "
+                              f"{gguf.K_BLOCK} weights take {fallback} (llama.cpp's fallback "
+                              f"for {spec['*']})")
     if candidates is not None:
         try:
             plan = _mixed_plan(model, candidates, bits, texts, tokenizer, include_list,

@@ -83,6 +83,33 @@ def check_spec(spec: QuantSpec, layer: str | None = None) -> None:
                          "(asymmetric), or the k-quants q4_k, q5_k, q6_k")
 
 
+# llama.cpp's type for a k-quant tensor whose rows do not hold whole super-blocks
+K_FALLBACKS = {"Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}
+
+
+def k_quant_fallbacks(model: nn.Module, spec: str | QuantSpec) -> dict[str, str | QuantSpec]:
+    """``{layer: fallback, ..., "*": spec}`` for :func:`lowbit.quantize`: a k-quant ``spec``
+    (q4_k, q5_k, q6_k) with llama.cpp's fallback (q5_0, q5_1, q8_0) for each Linear /
+    Embedding whose rows are not a multiple of 256 weights, as llama.cpp's quantizer does;
+    ``{"*": spec}`` for other specs."""
+    import re
+
+    from lowbit.spec import as_spec
+
+    spec = as_spec(spec)
+    kind = gguf_type(spec)
+    out: dict[str, str | QuantSpec] = {}
+    if kind in K_FALLBACKS:
+        for name, module in model.named_modules():
+            width = (module.in_features if isinstance(module, (nn.Linear, QuantLinear)) else
+                     module.embedding_dim if isinstance(module, (nn.Embedding, QuantEmbedding))
+                     else None)
+            if width is not None and width % K_BLOCK:
+                out[f"re:^{re.escape(name)}$"] = K_FALLBACKS[kind]
+    out["*"] = spec
+    return out
+
+
 def check_model_type(model_type: str | None) -> str:
     """GGUF's architecture name for a transformers ``model_type`` (ValueError if none)."""
     if model_type not in _ARCHS:
@@ -102,10 +129,10 @@ def _blocks(module: nn.Module, name: str) -> tuple[torch.Tensor, str]:
     rows, cols = qt.shape
     if kind.endswith("_K"):
         if cols % K_BLOCK:
-            fallback = {"Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}[kind]
             raise ValueError(f"layer {name!r} has {cols} inputs: {kind} blocks hold {K_BLOCK} "
-                             f"weights of a row; quantize this layer with {fallback} "
-                             "(llama.cpp's fallback) or another type of groups of 32")
+                             f"weights of a row; quantize this layer with {K_FALLBACKS[kind]} "
+                             "(llama.cpp's fallback; lowbit.io.gguf.k_quant_fallbacks) or "
+                             "another type of groups of 32")
         return _k_blocks(qt, kind), kind
     codes = qt.codes().reshape(rows, cols // 32, 32)  # q - qmin, unsigned
     scale = qt.scale.reshape(rows, cols // 32, 1).to(torch.float16)

@@ -69,7 +69,8 @@ def test_every_fast_kernel_has_a_case() -> None:
     cpu_kernels = {k for k, _ in CASES}
     assert "reference" in cpu_kernels
     if cpu_avx2.extension() is not None:
-        for name in ("cpu_int2", "cpu_int3", "cpu_int4", "cpu_int8", "cpu_lut", "cpu_fp8"):
+        for name in ("cpu_int2", "cpu_int3", "cpu_int4", "cpu_int5", "cpu_int6", "cpu_int8",
+                     "cpu_lut", "cpu_fp8"):
             assert name in cpu_kernels, f"{name} supports no preset here: {CASES}"
 
 

@@ -25,6 +25,9 @@ SPECS = {
         "cpu_int3": ["w3g128", QuantSpec("int3", "group", group_size=64, symmetric=True)],
         "cpu_int2": ["w2g64", QuantSpec("int2", "channel", symmetric=True)],
         "cpu_int1": [QuantSpec("uint1", "group", group_size=32)],
+        "cpu_int5": ["q5_0", "q5_1", QuantSpec("uint5", "channel")],
+        "cpu_int6": [QuantSpec("int6", "group", group_size=64, symmetric=True, full_range=True),
+                     QuantSpec("uint6", "channel")],
         "cpu_lut": ["nf4g64", "fp4g32", "km4", "km3",
                     QuantSpec("kmeans2", "group", group_size=64)],
         "cpu_fp8": ["fp8", QuantSpec("fp8_e5m2", "group", group_size=32, symmetric=True)],
@@ -353,7 +356,8 @@ def test_kmeans_group_index_matches_the_reference() -> None:
     check_close(cpu_avx2.cpu_linear(x, qt, None, {}), reference_linear(x, qt, None, {}), x, qt)
 
 
-_FUZZ_FORMATS = ["uint1", "uint2", "int2", "uint3", "int3", "uint4", "int4", "uint8", "int8",
+_FUZZ_FORMATS = ["uint1", "uint2", "int2", "uint3", "int3", "uint4", "int4", "uint5", "int5",
+                 "uint6", "int6", "uint8", "int8",
                  "nf4", "fp4_e2m1", "kmeans2", "kmeans4", "fp8_e4m3fn", "fp8_e5m2"]
 
 
@@ -391,6 +395,7 @@ def test_any_weight_only_spec_matches_the_reference(fmt, group, groups, symmetri
 
 
 @pytest.mark.parametrize("name", ["w4g128", "w3g128", "w2g64", "w8", "nf4g64", "fp8", "km4",
+                                  "q5_1", QuantSpec("int6", "channel", symmetric=True),
                                   QuantSpec("uint1", "group", group_size=32),
                                   QuantSpec("fp8_e5m2", "group", group_size=32, symmetric=True)],
                          ids=str)

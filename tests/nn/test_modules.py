@@ -48,7 +48,8 @@ def test_conv2d_and_embedding():
     assert torch.equal(qe(ids), full[ids])
 
 
-@pytest.mark.parametrize("spec", ["w4g64", "w3g128", "w2g64", "nf4g64", "fp8", "km4", "w8"])
+@pytest.mark.parametrize("spec", ["w4g64", "w3g128", "w2g64", "nf4g64", "fp8", "km4", "w8",
+                                  "q5_0", "q5_1", "int6-g32-sym"])
 def test_embedding_lookup_equals_the_dequantized_table(spec: str) -> None:
     """CPU float32 tables are looked up by the kernel library (cpu_avx2.embedding_rows), bit for
     bit the rows of the dequantized table; the torch path answers the rest."""

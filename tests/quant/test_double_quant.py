@@ -187,6 +187,30 @@ def test_float_refining_algorithms_end_double_quantized(layer, algorithm) -> Non
     assert err < 1.05 * float((x @ (w - rtn.dequantize()).t()).norm())
 
 
+@pytest.mark.parametrize(("name", "kernel"), [("q4_k", "cpu_int4"), ("q5_k", "cpu_int5"),
+                                             ("q6_k", "reference")])  # (groups of 16)
+def test_embeddings_and_linears_run_on_the_decoded_scales(name: str, kernel: str) -> None:
+    """QuantEmbedding's row lookup (the CPU kernel library's, or torch's) and QuantLinear's
+    kernel (the plain spec's) give the dequantized weight's rows and products."""
+    from torch import nn
+
+    from lowbit.kernels import dispatch
+    from lowbit.nn.modules import QuantEmbedding, QuantLinear
+
+    torch.manual_seed(3)
+    emb = QuantEmbedding(nn.Embedding(50, 512), name)
+    ids = torch.tensor([[3, 7, 49], [0, 3, 1]])
+    assert torch.equal(emb(ids), emb.qweight.dequantize()[ids])
+    lin = QuantLinear.from_float(nn.Linear(512, 24), name)
+    x = torch.randn(5, 512)
+    ref = x @ lin.qweight.dequantize().t() + lin.bias
+    assert torch.allclose(lin(x), ref, atol=1e-4)
+    from lowbit.kernels import cpu_avx2
+
+    if cpu_avx2.extension() is not None:
+        assert dispatch.select_kernel(lin.qweight, x).name == kernel
+
+
 def test_qat_refuses_double_quantized_specs() -> None:
     from torch import nn
 

@@ -114,7 +114,10 @@ template <int BITS> constexpr int64_t CHUNK_BYTES = 4 * BITS;
 //   1 bit: the chunk's 32-bit word in every lane, shifted right by 4l;
 //   2, 4 bits: the chunk's bytes (16-bit pairs) widened to 32-bit lanes;
 //   3 bits: 12-bit fields at byte offsets 0, 1.5, 3, ..: bytes floor(1.5 l), +1 gathered into
-//   lane l by a shuffle, odd lanes shifted right by 4.
+//   lane l by a shuffle, odd lanes shifted right by 4;
+//   5 bits: 20-bit fields at byte offsets 2.5 l: bytes floor(2.5 l) .. +2 gathered (lanes 4-7
+//   from the chunk's last 16 bytes, so no read passes the chunk), odd lanes shifted by 4;
+//   6 bits: 24-bit fields at byte offsets 3 l, gathered alike.
 template <int BITS>
 static inline __m256i code_word(const uint8_t* p) {
   __m256i w;
@@ -136,6 +139,21 @@ static inline __m256i code_word(const uint8_t* p) {
         6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
     w = _mm256_srlv_epi32(_mm256_shuffle_epi8(both, gather),
                           _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+  } else if constexpr (BITS == 5) {
+    const __m256i bytes = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 4),
+                                              reinterpret_cast<const __m128i*>(p));
+    const __m256i gather = _mm256_setr_epi8(
+        0, 1, 2, -1, 2, 3, 4, -1, 5, 6, 7, -1, 7, 8, 9, -1,
+        6, 7, 8, -1, 8, 9, 10, -1, 11, 12, 13, -1, 13, 14, 15, -1);
+    w = _mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, gather),
+                          _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+  } else if constexpr (BITS == 6) {
+    const __m256i bytes = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 8),
+                                              reinterpret_cast<const __m128i*>(p));
+    const __m256i gather = _mm256_setr_epi8(
+        0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+        4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    w = _mm256_shuffle_epi8(bytes, gather);
   } else {
     w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -156,7 +174,7 @@ static inline void codes(const uint8_t* p, __m256i c[4]) {
   c[2] = _mm256_and_si256(_mm256_srli_epi32(w, 2 * BITS), mask);
   // 2 and 4 bits: lanes hold 4 * BITS bits, nothing above the last code to mask off
   c[3] = _mm256_srli_epi32(w, 3 * BITS);
-  if constexpr (BITS == 1 || BITS == 3) c[3] = _mm256_and_si256(c[3], mask);
+  if constexpr (BITS == 1 || BITS == 3 || BITS == 5) c[3] = _mm256_and_si256(c[3], mask);
 }
 
 // Affine codes of at most 4 bits are decoded where they sit: field j of a lane masked in place
@@ -184,7 +202,7 @@ template <int BITS, int KIND> constexpr bool BYTE_PLANES = is_table(KIND) && BIT
 template <int BITS, int KIND>
 constexpr int code_at(int j, int l) {
   if constexpr (BYTE_PLANES<BITS, KIND>) return 8 * j + (l < 4 ? 2 * l : 2 * (l - 4) + 1);
-  if constexpr (BITS <= 4) return 4 * l + j;
+  if constexpr (BITS < 8) return 4 * l + j;
   return 8 * j + l;
 }
 
@@ -277,7 +295,8 @@ static inline void decode(const uint8_t* p, const Table& tab, __m256 w[4]) {
 // two channels' chunks decoded whole would take 8 registers). ``word`` is chunk_word(p).
 template <int BITS, int KIND>
 static inline __m256i chunk_word(const uint8_t* p) {
-  if constexpr (IN_PLACE_CODES<BITS, KIND>) return code_word<BITS>(p);
+  if constexpr (IN_PLACE_CODES<BITS, KIND> || (KIND == AFFINE && BITS < 8))
+    return code_word<BITS>(p);
   return _mm256_setzero_si256();
 }
 
@@ -287,8 +306,10 @@ static inline __m256 decode_vector(const uint8_t* p, __m256i word, int q) {
   if constexpr (IN_PLACE_CODES<BITS, KIND>) {
     return _mm256_cvtepi32_ps(
         _mm256_and_si256(word, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * q))));
+  } else if constexpr (KIND == AFFINE && BITS < 8) {  // 5, 6 bits: field q of each lane
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(word, BITS * q),
+                                               _mm256_set1_epi32((1 << BITS) - 1)));
   } else if constexpr (KIND == AFFINE) {
-    static_assert(BITS == 8, "affine codes above 4 bits are bytes");
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(
         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)),
         _mm_set1_epi8(static_cast<char>(0x80)))));
@@ -517,7 +538,7 @@ static int gemv(const float* X, const Weight& W, const float* B, float* OUT, int
       }
   }
   float* XP = nullptr;  // X with each 32-chunk in decode's order (code_at), times code_scale
-  if constexpr (BITS <= 4) {
+  if constexpr (BITS < 8) {
     XP = static_cast<float*>(malloc(sizeof(float) * M * K));
     if (!XP) { free(XS); return 1; }
     for (int64_t i = 0; i < M * K; i += 32)
@@ -602,13 +623,13 @@ static inline void dequant_row(const Weight& W, int64_t n, float* OUT, int64_t K
       if constexpr (BYTE_PLANES<BITS, KIND>) {
         const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (int q = 0; q < 4; ++q) v[q] = _mm256_permutevar8x32_ps(c[q], interleave);
-      } else if constexpr (BITS <= 4) {
+      } else if constexpr (BITS < 8) {
         if constexpr (IN_PLACE_CODES<BITS, KIND>)
           for (int q = 0; q < 4; ++q)
             c[q] = _mm256_mul_ps(c[q], _mm256_set1_ps(code_scale<BITS, KIND>(q)));
         natural_order(c, v);
       }
-      const __m256* w = BITS <= 4 ? v : c;
+      const __m256* w = BITS < 8 ? v : c;
       float* o = OUT + g * group + i * CODES;
       for (int q = 0; q < 4; ++q)
         _mm256_storeu_ps(o + 8 * q, _mm256_fmsub_ps(to_value<KIND>(w[q]), sv, zv));
@@ -658,6 +679,8 @@ struct GemvArgs {
 EXPORT(int1, 1, AFFINE)
 EXPORT(int2, 2, AFFINE)
 EXPORT(int3, 3, AFFINE)
+EXPORT(int5, 5, AFFINE)
+EXPORT(int6, 6, AFFINE)
 EXPORT(int4, 4, AFFINE)
 EXPORT(int8, 8, AFFINE)
 EXPORT(lut1, 1, TABLE)
@@ -670,7 +693,7 @@ EXPORT(e5m2, 8, E5M2)
 """
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
-AFFINE_BITS = (1, 2, 3, 4, 8)  # cpu_int{bits}: affine codes
+AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)  # cpu_int{bits}: affine codes
 TABLE_BITS = (1, 2, 3, 4)  # cpu_lut: codebook, float-grid and k-means codes (a 16-entry table)
 TABLE_KINDS = ("codebook", "float", "kmeans")
 FP8_FORMATS = {"fp8_e4m3fn": "e4m3", "fp8_e5m2": "e5m2"}  # cpu_fp8: decoded from the bits
@@ -709,15 +732,15 @@ def family(qt: QuantizedTensor) -> str | None:
     """The C kernel family that runs ``qt`` (``"int3"``, ``"lut4"``, ...), or None.
 
     Weight-only 2-D specs with group-wise or per-output-channel parameters and groups (or rows)
-    a multiple of 32 wide: affine codes of 1, 2, 3, 4 or 8 bits; codebook (nf4), float-grid
+    a multiple of 32 wide: affine codes of 1 to 6 or 8 bits; codebook (nf4), float-grid
     (fp4) and k-means codes of at most 4 bits (looked up in a table per row, group or spec);
     fp8 (e4m3fn, e5m2) codes. A group index (GPTQ act-order's ``g_idx``) is taken when every
     group has ``group_size`` columns: the kernel then keeps a copy of the codes with each
     group's columns together.
     """
     spec = qt.spec
-    if spec.act is not None or len(qt.shape) != 2:
-        return None
+    if spec.act is not None or len(qt.shape) != 2 or spec.double_quantized:
+        return None  # (double-quantized weights run as their float view, with_float_scales)
     if qt.scale is None and spec.kind != "kmeans":  # (a hand-built weight: the reference refuses)
         return None
     if spec.granularity == "group":
@@ -1029,7 +1052,8 @@ def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, cache: dict) -> torch
     ``cache`` (a decode step's single-token lookup: ~70 -> ~26 us, one-off)."""
     entry = cache.get("embedding_rows")
     if entry is None or entry[0] is not qt:
-        entry = cache["embedding_rows"] = (qt, bind_embedding_rows(qt, cache))
+        bound = bind_embedding_rows(qt.with_float_scales(), cache)
+        entry = cache["embedding_rows"] = (qt, bound)
     return None if entry[1] is None else entry[1](ids)
 
 
@@ -1043,8 +1067,11 @@ def bind_embedding_rows(
     if (qt.dtype != torch.float32 or qt.qdata.device.type != "cpu" or qt.g_idx is not None
             or family(qt) is None or extension() is None):
         return None
-    if spec.kind == "affine" and spec.signed and spec.zero_point == "float" and spec.bits < 8:
-        return None  # s * (z - qmin) may round: the rows would differ from Q^-1 by an ulp
+    if spec.kind == "affine" and spec.has_zero_point and spec.zero_point == "float" and (
+            spec.signed or spec.scale_dtype == "float32" or spec.zero_dtype == "float32"):
+        # s * (z - qmin) may round (exact only for half-precision s and z of an unsigned
+        # grid): the rows would differ from Q^-1 by an ulp (a k-quant's decoded float view)
+        return None
     rows_of = getattr(extension(), f"{family(qt)}_rows")
     n_rows, k = qt.shape
     n_groups = _groups(qt)

@@ -20,10 +20,11 @@ K, N = 256, 40
 # beyond the presets: full-range symmetric weights (negative scales, the code -2**(b-1) used)
 FULL_RANGE = ("int4-g128-sym-full", "uint4-g128-sym-full", "int8-ch-sym-full", "int3-g128-sym-full",
               "int2-g64-sym-full", "int8-g32-sym-full", "int8-ch-sym-full+a:int8-token-sym-dyn",
-              "int4-g128-sym-full+a:int8-token-sym-dyn")
+              "int4-g128-sym-full+a:int8-token-sym-dyn", "int6-g64-sym-full")
 # double-quantized scales (k-quants): kernels run their plain spec with decoded float32 scales
 DOUBLE_QUANTIZED = ("int4-g32-sym-dq6x8", "uint4-g64-asym-fz-dq4x2", "int3-g32-sym-full-dq6x16",
-                    "uint2-g32-asym-fz-dq4x16", "int8-g32-sym-full-dq8x8")
+                    "uint2-g32-asym-fz-dq4x16", "int8-g32-sym-full-dq8x8",
+                    "uint6-g32-asym-fz-dq6x8")
 NAMES = (*PRESETS, *FULL_RANGE, *DOUBLE_QUANTIZED)
 
 

@@ -70,12 +70,16 @@ class HQQ(Algorithm):
     def refine(self, weight: torch.Tensor, spec: QuantSpec) -> QParams:
         """HQQ-refined qparams for ``weight`` (same shapes and dtypes as ``choose_qparams``;
         a double-quantized spec's are refined as float, then double-quantized)."""
-        if spec.double_quantized:
-            return to_double_quantized(self.refine(weight, spec.plain_scales()), spec)
+        start = choose_qparams(weight, spec)
+        if spec.double_quantized:  # from the k-quant's own (searched) scales, refined as float
+            plain = QParams(scale=start.scale, zero_point=start.zero_point)
+            return to_double_quantized(self._refine(weight, spec.plain_scales(), plain), spec)
+        return self._refine(weight, spec, start)
+
+    def _refine(self, weight: torch.Tensor, spec: QuantSpec, start: QParams) -> QParams:
         layout = layout_for(weight.shape, spec)
         wb = layout.blocked(layout.to_2d(weight.detach()).float())  # [nr, nc, n]
         qmin, _ = qrange(spec)
-        start = choose_qparams(weight, spec)
         scale_dtype = torch_dtype(spec.scale_dtype)
         zero_dtype = torch_dtype(spec.zero_dtype)
 

@@ -10,6 +10,7 @@ Double-quantized weights (k-quants) run as their plain spec with the decoded flo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,13 @@ def registry_version() -> int:
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
+    """Register ``kernel`` (by name). Its ``supports`` refuses a double-quantized weight itself:
+    kernels read float scales, and selection hands them the float view
+    (:meth:`QuantizedTensor.with_float_scales`)."""
     global _registry_version
+    check = kernel.supports
+    kernel = dataclasses.replace(kernel, supports=lambda qt, x: (
+        not qt.spec.double_quantized and check(qt, x)))
     KERNELS[kernel.name] = kernel
     _registry_version += 1
     return kernel

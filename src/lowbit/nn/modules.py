@@ -145,8 +145,10 @@ class _QuantWeightMixin(nn.Module):
         """``qweight`` for forward: built once (~20 us) and reused while the module holds the
         same buffer objects, at the same addresses, and dtype (``.to()``, ``set_weight`` and
         ``load_state_dict`` give new objects or clear it; a ``.data`` swap moves one; in-place
-        changes are seen through the shared tensors). The check is ~1 us: C-level maps over
-        the buffers, whose objects the view keeps alive (so equal ids are the same objects)."""
+        changes are seen through the shared tensors, except a double-quantized weight's scale
+        codes once a kernel is bound: kernels run its decoded float view). The check is ~1 us:
+        C-level maps over the buffers, whose objects the view keeps alive (so equal ids are the
+        same objects)."""
         ids = tuple(map(id, self._buffers.values()))
         view = self._view
         if (view is None or view[0] != ids or view[3] is not self.weight_dtype

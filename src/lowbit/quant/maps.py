@@ -94,9 +94,10 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
 
 
-def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast a scale to its stored dtype, rounding up (the grid must still span the range) and
-    never producing 0 or inf; a zero range gets scale 1."""
+def _store_scale(scale: torch.Tensor, dtype: torch.dtype,
+                 field_name: str = "scale_dtype") -> torch.Tensor:
+    """Cast a scale to its stored dtype (the spec's ``field_name``), rounding up (the grid must
+    still span the range) and never producing 0 or inf; a zero range gets scale 1."""
     zero = torch.zeros((), dtype=dtype)
     smallest = float(torch.nextafter(zero, torch.ones((), dtype=dtype)))  # a subnormal
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -104,8 +105,8 @@ def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bool((scale > largest).any()):  # clamping would clip the block's values
         raise ValueError(
             f"a block needs scale {float(scale.max()):.4g}, beyond {dtype}'s largest value "
-            f"{largest:.4g} (scale_dtype): its values are too large; quantize with "
-            "scale_dtype='float32' (spec.replace(scale_dtype='float32'))"
+            f"{largest:.4g} ({field_name}): its values are too large; quantize with "
+            f"{field_name}='float32' (spec.replace({field_name}='float32'))"
         )
     scale = scale.clamp(min=smallest)
     stored = scale.to(dtype)
@@ -195,7 +196,8 @@ def _double_quantized_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec)
 
 
 def _code_groups(values: torch.Tensor, bits: int, signed: bool, nonzero: bool,
-                 super_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 super_group: int, dtype: torch.dtype,
+                 field_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``values [..., G]`` as stored codes uint8 ``[..., G]`` and one scale per ``super_group``
     consecutive entries ``[..., ceil(G / super_group)]`` (``dtype``; absmax / top code,
     rounded up). Codes round to nearest; ``nonzero`` keeps them off 0 (a scale must not
@@ -205,7 +207,7 @@ def _code_groups(values: torch.Tensor, bits: int, signed: bool, nonzero: bool,
     padded = torch.nn.functional.pad(values, (0, n_super * super_group - n))
     padded = padded.reshape(*values.shape[:-1], n_super, super_group)
     top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-    sup = _store_scale(padded.abs().amax(-1) / top, dtype)
+    sup = _store_scale(padded.abs().amax(-1) / top, dtype, field_name)
     codes = (padded / sup.float().unsqueeze(-1)).round_().clamp_(-top if signed else 0, top)
     if nonzero:
         codes = torch.where(codes == 0, torch.where(padded < 0, -1.0, 1.0), codes)
@@ -221,22 +223,28 @@ def double_quantize(scale: torch.Tensor, minimum: torch.Tensor | None,
     llama.cpp's k-quants; returns the effective qparams with their :class:`ScaleCodes`."""
     bits, group = spec.scale_bits, spec.super_group
     codes, sup = _code_groups(scale.float(), bits, spec.full_range, True, group,
-                              torch_dtype(spec.scale_dtype))
+                              torch_dtype(spec.scale_dtype), "scale_dtype")
     min_codes = super_min = None
     if minimum is not None:
         min_codes, super_min = _code_groups(minimum.float().clamp(min=0), bits, False, False,
-                                            group, torch_dtype(spec.zero_dtype))
+                                            group, torch_dtype(spec.zero_dtype), "zero_dtype")
     return decode_scales(ScaleCodes(codes, sup, min_codes, super_min), spec)
 
 
 def to_double_quantized(qparams: QParams, spec: QuantSpec) -> QParams:
     """Plain float qparams (scale, code-unit zero-point) of ``spec`` without its double
-    quantization, double-quantized: the minimum ``s * (z - qmin)`` is coded in value units
-    (clamped at 0). How algorithms that refine float qparams (HQQ, AWQ's clip search) end."""
-    minimum = None
-    if spec.has_zero_point:
-        minimum = qparams.scale.float() * (qparams.zero_point.float() - qrange(spec)[0])
-    return double_quantize(qparams.scale.float(), minimum, spec)
+    quantization, double-quantized. Asymmetric: the grid's range ``[s (qmin - z), s (qmax -
+    z)]`` is widened to include 0 where it does not (a k-quant's minimum is >= 0), the scale
+    with it, and the minimum coded in value units. How algorithms that refine float qparams
+    (HQQ, AWQ's clip search) end."""
+    scale = qparams.scale.float()
+    if not spec.has_zero_point:
+        return double_quantize(scale, None, spec)
+    qmin, qmax = qrange(spec)
+    zero = qparams.zero_point.float()
+    lo = (scale * (qmin - zero)).clamp(max=0)
+    hi = (scale * (qmax - zero)).clamp(min=0)
+    return double_quantize((hi - lo) / (qmax - qmin), -lo, spec)
 
 
 def decode_scales(codes: ScaleCodes, spec: QuantSpec) -> QParams:
@@ -281,7 +289,68 @@ def choose_qparams(
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         check_finite(x)
         _check_float32_range(x, xb)
+    if spec.double_quantized and spec.clip_ratio == 1.0 and (
+            not spec.symmetric or spec.full_range):
+        return double_quantize(*_searched_scales(xb, spec), spec)
     return qparams_from_range(lo, hi, spec)
+
+
+def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
+                     steps: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float group scales (and minimums) of a k-quant spec as llama.cpp's own quantizer chooses
+    them before coding them (``make_qkx2_quants`` / ``make_qx_quants``): for ``steps + 1``
+    candidate step sizes around the min-max one, round, then refit the scale (and minimum) by
+    least squares weighted as ggml weights (``|x| + rms`` asymmetric, ``x**2`` symmetric);
+    keep the fit of least weighted error. ``xb``: ``[R, G, n]``; returns ``[R, G]`` each."""
+    qmin, qmax = qrange(spec)
+    levels = qmax - qmin
+    if spec.symmetric:  # full range: the extreme value v on the lowest level, s = v / qmin
+        top = -qmin - symmetric_zero(spec)  # 2**(b-1)
+        extreme = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+        w = xb * xb
+        best_s = best_score = None
+        for i in range(-(steps // 2), steps // 2 + 1):
+            inv = -(top + 0.1 * i) / torch.where(extreme == 0, 1.0, extreme)
+            q = (xb * inv).round_().clamp_(qmin, qmax)
+            sumlx, suml2 = (w * xb * q).sum(-1), (w * q * q).sum(-1)
+            s = sumlx / suml2.clamp(min=1e-30)
+            score = s * sumlx  # sum w x^2 minus the weighted error of the fit
+            if best_s is None:
+                best_s, best_score = s, score
+            else:
+                better = (suml2 > 0) & (score > best_score)
+                best_s = torch.where(better, s, best_s)
+                best_score = torch.where(better, score, best_score)
+        fallback = extreme.squeeze(-1) / qmin
+        return torch.where(best_s == 0, fallback, best_s), None
+    lo, hi = xb.amin(-1, keepdim=True).clamp(max=0), xb.amax(-1, keepdim=True)
+    span = torch.where(hi > lo, hi - lo, 1.0)
+    w = xb.pow(2).mean(-1, keepdim=True).sqrt() + xb.abs()
+    sum_w, sum_x = w.sum(-1), (w * xb).sum(-1)
+
+    def fit(inv: torch.Tensor):
+        u = ((xb - lo) * inv).round_().clamp_(0, levels)
+        sum_l, sum_l2, sum_xl = (w * u).sum(-1), (w * u * u).sum(-1), (w * u * xb).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        safe = torch.where(det > 0, det, 1.0)
+        s = (sum_w * sum_xl - sum_x * sum_l) / safe
+        m = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        # the offset may not exceed 0 (the grid keeps 0 in range): then a scale alone
+        s = torch.where(m > 0, sum_xl / sum_l2.clamp(min=1e-30), s)
+        m = m.clamp(max=0)
+        err = (w * (s.unsqueeze(-1) * u + m.unsqueeze(-1) - xb).pow(2)).sum(-1)
+        return s, m, err, det > 0
+
+    best_s, best_m = (span / levels).squeeze(-1), lo.squeeze(-1)
+    u0 = ((xb - lo) / (span / levels)).round_().clamp_(0, levels)
+    best_err = (w * ((span / levels) * u0 + lo - xb).pow(2)).sum(-1)
+    for i in range(steps + 1):
+        s, m, err, ok = fit((levels - 1 + 0.1 * i) / span)
+        better = ok & (err < best_err) & (s > 0)
+        best_s = torch.where(better, s, best_s)
+        best_m = torch.where(better, m, best_m)
+        best_err = torch.where(better, err, best_err)
+    return best_s, -best_m
 
 
 def _check_float32_range(x: torch.Tensor, as_float32: torch.Tensor) -> None:

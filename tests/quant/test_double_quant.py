@@ -262,3 +262,14 @@ def test_qat_refuses_double_quantized_specs() -> None:
 
     with pytest.raises(ValueError, match="double-quantized scale codes"):
         prepare(nn.Sequential(nn.Linear(256, 8)), "q4_k")
+
+
+def test_unsigned_and_signed_full_range_k_quants_agree() -> None:
+    """An unsigned symmetric grid is the signed one stored offset by 2**(b-1): the searched
+    scales and values are the same."""
+    torch.manual_seed(6)
+    w = torch.randn(8, 256)
+    unsigned, signed = (fake_quantize(w, as_spec(n)) for n in ("uint6-g16-sym-full-dq8x16",
+                                                                "int6-g16-sym-full-dq8x16"))
+    assert torch.equal(unsigned, signed)
+    assert float((signed - w).pow(2).mean()) < 1e-3

@@ -304,14 +304,14 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
     keep the fit of least weighted error. ``xb``: ``[R, G, n]``; returns ``[R, G]`` each."""
     qmin, qmax = qrange(spec)
     levels = qmax - qmin
-    if spec.symmetric:  # full range: the extreme value v on the lowest level, s = v / qmin
-        top = -qmin - symmetric_zero(spec)  # 2**(b-1)
+    if spec.symmetric:  # full range: the extreme value v on the lowest level, s = v / low
+        low, high = qmin - symmetric_zero(spec), qmax - symmetric_zero(spec)  # -2**(b-1), ..
         extreme = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
         w = xb * xb
         best_s = best_score = None
         for i in range(-(steps // 2), steps // 2 + 1):
-            inv = -(top + 0.1 * i) / torch.where(extreme == 0, 1.0, extreme)
-            q = (xb * inv).round_().clamp_(qmin, qmax)
+            inv = (low - 0.1 * i) / torch.where(extreme == 0, 1.0, extreme)
+            q = (xb * inv).round_().clamp_(low, high)
             sumlx, suml2 = (w * xb * q).sum(-1), (w * q * q).sum(-1)
             s = sumlx / suml2.clamp(min=1e-30)
             score = s * sumlx  # sum w x^2 minus the weighted error of the fit
@@ -321,8 +321,7 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
                 better = (suml2 > 0) & (score > best_score)
                 best_s = torch.where(better, s, best_s)
                 best_score = torch.where(better, score, best_score)
-        fallback = extreme.squeeze(-1) / qmin
-        return torch.where(best_s == 0, fallback, best_s), None
+        return torch.where(best_s == 0, extreme.squeeze(-1) / low, best_s), None
     lo, hi = xb.amin(-1, keepdim=True).clamp(max=0), xb.amax(-1, keepdim=True)
     span = torch.where(hi > lo, hi - lo, 1.0)
     w = xb.pow(2).mean(-1, keepdim=True).sqrt() + xb.abs()

@@ -412,6 +412,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spec": {"format": "uint5", "granularity": "group", "group_size": 32,
                  "zero_point": "float", "scale_bits": 6, "super_group": 8},
     },
+    "q2_k": {
+        "doc": "uint2 asymmetric, groups of 16, 4-bit scale and minimum codes, fp16 per 256 "
+               "(GGUF Q2_K, 2.625 bits per weight)",
+        "spec": {"format": "uint2", "granularity": "group", "group_size": 16,
+                 "zero_point": "float", "scale_bits": 4, "super_group": 16},
+    },
+    "q3_k": {
+        "doc": "int3 symmetric full range, groups of 16, signed 6-bit scale codes, fp16 per 256 "
+               "(GGUF Q3_K, 3.4375 bits per weight)",
+        "spec": {"format": "int3", "granularity": "group", "group_size": 16, "symmetric": True,
+                 "full_range": True, "scale_bits": 6, "super_group": 16},
+    },
     "q6_k": {
         "doc": "int6 symmetric full range, groups of 16, signed 8-bit scale codes, fp16 per 256 "
                "(GGUF Q6_K, 6.5625 bits per weight)",

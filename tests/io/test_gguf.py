@@ -187,7 +187,8 @@ def test_tied_model_keeps_a_head_quantized_apart(tmp_path):
     assert torch.equal(_transformers_logits(tmp_path / "g", ids), _logits(q, ids))
 
 
-@pytest.mark.parametrize(("spec", "block"), [("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("q6_k", "Q6_K")])
+@pytest.mark.parametrize(("spec", "block"), [("q2_k", "Q2_K"), ("q3_k", "Q3_K"), ("q4_k", "Q4_K"),
+                                             ("q5_k", "Q5_K"), ("q6_k", "Q6_K")])
 def test_k_quant_blocks_decode_to_lowbit_weights(tmp_path, spec, block):
     """k-quants (double-quantized scales) as ggml's super-blocks: gguf's own dequantization
     gives lowbit's weights (up to float32 rounding of ``d*sc*q - dmin*m``), and transformers'

@@ -37,9 +37,10 @@ def test_presets_print_and_parse_as_their_spec_strings() -> None:
     assert "scale_bits" not in preset("q4_0").to_dict()
 
 
-@pytest.mark.parametrize(("name", "bits"), [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625)])
+@pytest.mark.parametrize(("name", "bits"), [("q2_k", 2.625), ("q3_k", 3.4375), ("q4_k", 4.5),
+                                            ("q5_k", 5.5), ("q6_k", 6.5625)])
 def test_bits_per_weight_are_ggmls(name: str, bits: float) -> None:
-    """Q4_K 144 bytes, Q5_K 176, Q6_K 210 per 256 weights."""
+    """Q2_K 84 bytes, Q3_K 110, Q4_K 144, Q5_K 176, Q6_K 210 per 256 weights."""
     assert stored_nbytes(name, (4096, 4096)) * 8 / 4096**2 == bits
     qt = QuantizedTensor.from_float(torch.randn(16, 512), name)
     assert qt.bits_per_weight == bits

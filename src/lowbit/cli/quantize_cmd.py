@@ -161,7 +161,7 @@ def quantize_command(
             "(read by vLLM, transformers with the compressed-tensors package and lowbit.load; "
             "integer and fp8 specs, Linear layers: Embedding / Conv layers stay float) or gguf "
             "(OUT_DIR/model.gguf for llama.cpp; llama / mistral models, specs q4_0, q8_0, "
-            "q5_0, q4_1, q5_1 and the k-quants q4_k, q5_k, q6_k, whose layers with rows "
+            "q5_0, q4_1, q5_1 and the k-quants q2_k ... q6_k, whose layers with rows "
             "not a multiple of 256 take llama.cpp's fallback type).")),
 ) -> None:
     """Quantize a model and write safetensors + config.json (see docs/format.md)."""

@@ -53,7 +53,8 @@ _ARCHS = {"llama": "llama", "mistral": "llama"}
 _BLOCK_TYPES = {("int4", True): "Q4_0", ("int8", True): "Q8_0", ("int5", True): "Q5_0",
                 ("uint4", False): "Q4_1", ("uint5", False): "Q5_1"}
 # k-quants: (format, group size, scale bits, groups per super-block, full range) -> type
-_K_TYPES = {("uint4", 32, 6, 8, False): "Q4_K", ("uint5", 32, 6, 8, False): "Q5_K",
+_K_TYPES = {("uint2", 16, 4, 16, False): "Q2_K", ("int3", 16, 6, 16, True): "Q3_K",
+            ("uint4", 32, 6, 8, False): "Q4_K", ("uint5", 32, 6, 8, False): "Q5_K",
             ("int6", 16, 8, 16, True): "Q6_K"}
 K_BLOCK = 256  # weights per k-quant super-block (ggml's QK_K)
 
@@ -80,16 +81,18 @@ def check_spec(spec: QuantSpec, layer: str | None = None) -> None:
         where = f"layer {layer!r} ({spec})" if layer is not None else f"spec {spec}"
         raise ValueError(f"{where} has no GGUF block type; GGUF stores groups of 32 with an "
                          "fp16 scale: presets q4_0, q8_0, q5_0 (symmetric), q4_1, q5_1 "
-                         "(asymmetric), or the k-quants q4_k, q5_k, q6_k")
+                         "(asymmetric), or the k-quants q2_k, q3_k, q4_k, q5_k, q6_k")
 
 
-# llama.cpp's type for a k-quant tensor whose rows do not hold whole super-blocks
-K_FALLBACKS = {"Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}
+# llama.cpp's type for a k-quant tensor whose rows do not hold whole super-blocks (for Q2_K
+# and Q3_K it takes IQ4_NL, a 4-bit codebook lowbit does not write: q4_0 instead)
+K_FALLBACKS = {"Q2_K": "q4_0", "Q3_K": "q4_0", "Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}
 
 
 def k_quant_fallbacks(model: nn.Module, spec: str | QuantSpec) -> dict[str, str | QuantSpec]:
     """``{layer: fallback, ..., "*": spec}`` for :func:`lowbit.quantize`: a k-quant ``spec``
-    (q4_k, q5_k, q6_k) with llama.cpp's fallback (q5_0, q5_1, q8_0) for each Linear /
+    (q2_k ... q6_k) with llama.cpp's fallback (q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k;
+    q4_0 for q2_k / q3_k, where llama.cpp takes IQ4_NL) for each Linear /
     Embedding whose rows are not a multiple of 256 weights, as llama.cpp's quantizer does;
     ``{"*": spec}`` for other specs."""
     import re
@@ -157,7 +160,7 @@ def _blocks(module: nn.Module, name: str) -> tuple[torch.Tensor, str]:
 
 
 def _k_blocks(qt: Any, kind: str) -> torch.Tensor:
-    """uint8 ``[rows, bytes per row]`` of Q4_K / Q5_K / Q6_K super-blocks (256 weights each) in
+    """uint8 ``[rows, bytes per row]`` of Q2_K ... Q6_K super-blocks (256 weights each) in
     ggml's layout, from lowbit's codes, scale codes and fp16 super-scales as they are."""
     rows, cols = qt.shape
     n = cols // K_BLOCK
@@ -165,6 +168,27 @@ def _k_blocks(qt: Any, kind: str) -> torch.Tensor:
     sc = qt.qparams.scale_codes
     d = sc.super_scale.reshape(rows, n, 1).view(torch.uint8)  # little-endian fp16
     scales = sc.scale.reshape(rows, n, -1)
+    if kind == "Q2_K":  # per 128 codes: byte l holds codes 32 j + l at bits 2 j
+        pieces = codes.reshape(rows, n, 2, 4, 32).to(torch.int32)
+        qs = sum(pieces[..., j, :] << (2 * j) for j in range(4)).to(torch.uint8)
+        packed = (scales & 0x0F) | (sc.minimum.reshape(rows, n, 16) << 4)
+        dmin = sc.super_min.reshape(rows, n, 1).view(torch.uint8)
+        return torch.cat([packed, qs.reshape(rows, n, 64), d, dmin], -1).reshape(rows, -1) \
+            .contiguous()
+    if kind == "Q3_K":  # codes q + 4: low 2 bits as Q2_K's, the third in hmask
+        pieces = codes.reshape(rows, n, 2, 4, 32).to(torch.int32)
+        qs = sum((pieces[..., j, :] & 3) << (2 * j) for j in range(4)).to(torch.uint8)
+        high = (pieces >> 2) & 1  # bit 4 h + j of hmask byte l: code 128 h + 32 j + l
+        hmask = sum(high[:, :, h, j, :] << (4 * h + j) for h in range(2) for j in range(4))
+        # 16 six-bit codes (ggml's scale + 32, lowbit's offset code as it is) in 12 bytes:
+        # bytes 0-7 low nibbles of codes 0-7 | codes 8-15's << 4; byte 8 + k: the high 2 bits
+        # of codes k, 4 + k, 8 + k, 12 + k at bits 0, 2, 4, 6
+        s = scales.to(torch.int32)
+        low = (s[..., :8] & 0x0F) | ((s[..., 8:] & 0x0F) << 4)
+        top = sum(((s[..., 4 * i:4 * i + 4] >> 4) & 3) << (2 * i) for i in range(4))
+        packed = torch.cat([low, top], -1).to(torch.uint8)
+        return torch.cat([hmask.to(torch.uint8), qs.reshape(rows, n, 64), packed, d], -1) \
+            .reshape(rows, -1).contiguous()
     if kind == "Q6_K":
         halves = codes.reshape(rows, n, 2, 128)  # each half: codes 0..63 low nibbles, 64..127 high
         ql = (halves[..., :64] & 0x0F) | ((halves[..., 64:] & 0x0F) << 4)
@@ -484,8 +508,8 @@ def write_gguf(model: nn.Module, path: Path,
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14,
-                 "Q5_K": 16, "Q6_K": 18}
+    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+                 "Q3_K": 12, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
     most = max(set(types), key=types.count) if types else None  # informational in GGUF
     writer.add_file_type(file_type[most] if most else 1 if float_dtype == torch.float16 else 0)
     _tokenizer_metadata(writer, Path(source), config.vocab_size)

@@ -298,7 +298,7 @@ def save(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
     vLLM, by transformers with the ``compressed-tensors`` package and by ``lowbit.load``;
     integer and fp8 e4m3 Linear specs, see lowbit.io.compressed_tensors) or "gguf"
     (``out_dir/model.gguf`` for llama.cpp; llama / mistral models, the q4_0 ... q8_0 and
-    q4_k ... q6_k specs, see lowbit.io.gguf). What a format cannot carry is refused before
+    q2_k ... q6_k specs, see lowbit.io.gguf). What a format cannot carry is refused before
     anything is written.
     """
     from safetensors.torch import save_file

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _machine import FIXTURE_19M, TEST, VAL, machine_line, protocol_parser  # noqa: E402
 
-SPECS = ["q4_0", "q4_1", "q4_k", "w4g128", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
+SPECS = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "w4g128", "q5_0", "q5_1", "q5_k", "q6_k",
+         "q8_0"]
 ALGORITHMS = ["rtn", "hqq", "gptq"]
 EXCLUDE = ["lm_head", "*embed*"]
 

@@ -60,3 +60,28 @@ def run_llama_job(python: Path, script: str, work: Path, job: dict) -> dict:
         raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
     return json.loads((work / "result.json").read_text())
 
+
+class CachedReference:
+    """The float model's logits per input batch, computed once and reused for every config."""
+
+    def __init__(self, model) -> None:
+        self.model, self.cache = model, {}
+
+    def __call__(self, input_ids):
+        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
+        if key not in self.cache:
+            self.cache[key] = self.model(input_ids=input_ids).logits
+        return self.cache[key]
+
+
+def fixture_eval_data(model: Path, calib_samples: int, seq_len: int = 512):
+    """``(float32 model in eval mode, TEST ids [T], VAL calibration ids [calib_samples,
+    seq_len])`` of a model folder, tokenized whole with its own tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    calib_ids = tok(VAL.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    calib = calib_ids[: calib_samples * seq_len].reshape(calib_samples, seq_len)
+    float_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    return float_model, ids, calib

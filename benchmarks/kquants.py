@@ -19,7 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _machine import FIXTURE_19M, TEST, VAL, machine_line, protocol_parser  # noqa: E402
+from _machine import (  # noqa: E402
+    FIXTURE_19M,
+    TEST,
+    VAL,
+    CachedReference,
+    fixture_eval_data,
+    machine_line,
+    protocol_parser,
+)
 
 SPECS = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "w4g128", "q5_0", "q5_1", "q5_k", "q6_k",
          "q8_0"]
@@ -36,7 +44,6 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit
     from lowbit.eval import compare_logits
@@ -44,18 +51,8 @@ def main() -> None:
 
     max_tokens = args.max_tokens or (4096 if args.quick else None)
     calib_samples = args.calib_samples or (8 if args.quick else 32)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    ids = tok(TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    calib_ids = tok(VAL.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    calib = calib_ids[: calib_samples * 512].reshape(calib_samples, 512)
-    float_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    cache: dict = {}
-
-    def reference(input_ids):
-        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
-        if key not in cache:
-            cache[key] = float_model(input_ids=input_ids).logits
-        return cache[key]
+    float_model, ids, calib = fixture_eval_data(args.model, calib_samples)
+    reference = CachedReference(float_model)
 
     jobs = [(s, a) for s in args.specs.split(",") for a in args.algorithms.split(",")]
     rows = []

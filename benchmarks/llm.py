@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported as a module
 
 from _machine import FIXTURE_19M as DEFAULT_MODEL  # noqa: E402
-from _machine import TEST, VAL  # noqa: E402
+from _machine import TEST, VAL, CachedReference  # noqa: E402
 
 EXCLUDE = ["lm_head", "*embed*"]
 WEIGHT_SPECS = ["w4g128", "w3g128", "w2g64"]
@@ -498,19 +498,6 @@ def run_worker(job: dict) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"ok": False, "error": f"exit {proc.returncode}: {tail[:160]}"}
     return json.loads(lines[-1])
-
-
-class CachedReference:
-    """The float model's logits per input batch, computed once and reused for every config."""
-
-    def __init__(self, model) -> None:
-        self.model, self.cache = model, {}
-
-    def __call__(self, input_ids):
-        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
-        if key not in self.cache:
-            self.cache[key] = self.model(input_ids=input_ids).logits
-        return self.cache[key]
 
 
 def main() -> None:

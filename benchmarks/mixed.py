@@ -72,8 +72,7 @@ def main() -> None:
     budgets = [3.5] if args.quick else BUDGETS
 
     import torch
-    from _machine import machine_line
-    from llm import CachedReference
+    from _machine import CachedReference, machine_line
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit

@@ -72,11 +72,16 @@ def test_embedding_lookup_equals_the_dequantized_table(spec: str) -> None:
         assert torch.equal(qe(ids), qe.qweight.dequantize()[ids])
 
 
-def test_embedding_lookup_of_a_signed_float_zero_point_table_is_exact() -> None:
-    """int4 with a float zero-point: s * (z - qmin) can round, so such tables take the torch
-    path (a kernel row would differ from Q^-1 by an ulp)."""
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int4", "group", group_size=64, zero_point="float"),
+    QuantSpec("uint6", "channel", scale_dtype="float32"),
+    QuantSpec("uint8", "group", group_size=64, zero_point="float"),
+    "q4_k"], ids=str)
+def test_embedding_lookup_of_tables_whose_zero_term_may_round_is_exact(spec) -> None:
+    """Where the kernel's s * (z - qmin) can round and Q^-1's (q - z) * s not (signed or 8-bit
+    float zero-points, float32 scales with zero-points, a k-quant's decoded float view), the
+    table takes the torch path (a kernel row would differ from Q^-1 by an ulp)."""
     torch.manual_seed(1)
-    spec = QuantSpec("int4", "group", group_size=64, zero_point="float")
     qe = QuantEmbedding(nn.Embedding(64, 256), spec)
     assert cpu_avx2.embedding_rows(qe.qweight, torch.tensor([1]), {}) is None
     ids = torch.arange(64)

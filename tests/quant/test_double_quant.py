@@ -274,3 +274,36 @@ def test_unsigned_and_signed_full_range_k_quants_agree() -> None:
                                                                 "int6-g16-sym-full-dq8x16"))
     assert torch.equal(unsigned, signed)
     assert float((signed - w).pow(2).mean()) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q4_k", "q5_k"])
+def test_a_constant_group_leaves_its_super_block_alone(name: str) -> None:
+    """A zero (or constant) group gets scale 0 from the search, as llama.cpp's: it does not
+    raise its super-block's scale, so the other groups keep their resolution."""
+    spec = preset(name)
+    torch.manual_seed(7)
+    w = torch.randn(8, 512) * 0.002
+    zeroed = w.clone()
+    zeroed[:, : spec.group_size] = 0
+    rest = slice(spec.group_size, None)
+    err = [float((fake_quantize(x, spec) - x)[:, rest].pow(2).mean()) for x in (w, zeroed)]
+    assert err[1] < 1.05 * err[0]
+    assert torch.equal(fake_quantize(zeroed, spec)[:, : spec.group_size],
+                       torch.zeros(8, spec.group_size))
+
+
+def test_refined_float_qparams_of_all_negative_groups_are_not_widened() -> None:
+    torch.manual_seed(8)
+    w = torch.randn(16, 256) * 0.01 - 0.1
+    qp = to_double_quantized(choose_qparams(w, Q4K.plain_scales()), Q4K)
+    err = float((fake_quantize(w, Q4K, qp) - w).pow(2).mean())
+    assert err < 1.5 * float((fake_quantize(w, Q4K) - w).pow(2).mean())
+
+
+@pytest.mark.parametrize("magnitude", [1e-20, 1e16])
+def test_the_search_is_scale_invariant_with_float32_scales(magnitude: float) -> None:
+    spec = Q6K.replace(scale_dtype="float32")
+    torch.manual_seed(9)
+    w = torch.randn(4, 512)
+    rel = (fake_quantize(w * magnitude, spec) / magnitude - fake_quantize(w, spec)).abs().max()
+    assert float(rel) < 1e-5

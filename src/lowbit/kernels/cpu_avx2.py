@@ -1,8 +1,9 @@
-"""Fast CPU weight-only kernels (AVX2 + FMA) for every weight format of at most 4 bits and
-for 8-bit integers and floats: ``cpu_int1`` .. ``cpu_int4`` and ``cpu_int8`` run affine codes
-(w4g128, w3g128, w2g64, w8, ...), ``cpu_lut`` runs codes that index a table of at most 16
-values: nf4 and fp4 (one table per spec, times the group's absmax scale) and k-means (one
-table per row or group), ``cpu_fp8`` runs fp8 e4m3fn / e5m2 codes (decoded from their bits).
+"""Fast CPU weight-only kernels (AVX2 + FMA) for every weight format of at most 4 bits, for
+5-, 6- and 8-bit integers and 8-bit floats: ``cpu_int1`` .. ``cpu_int6`` and ``cpu_int8`` run
+affine codes (w4g128, w3g128, w2g64, q5_0, w8, ...), ``cpu_lut`` runs codes that index a
+table of at most 16 values: nf4 and fp4 (one table per spec, times the group's absmax scale)
+and k-means (one table per row or group), ``cpu_fp8`` runs fp8 e4m3fn / e5m2 codes (decoded
+from their bits).
 Groups (or rows, per channel) must be a multiple of 32 wide.
 
 Why a small compiled kernel: on AVX2 CPUs without AVX-512 (this project's machines) torch's own
@@ -19,9 +20,9 @@ F16C) and accumulates against the activations:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} v[n, k] x[m, k]  -  sum_g s[n, g] zc[n, g] xs[m, g]
 
-where ``v`` are the codes as the kernel reads them (int1-4: the stored unsigned codes, ``code -
+where ``v`` are the codes as the kernel reads them (int1-6: the stored unsigned codes, ``code -
 qmin``; int8: the stored byte - 128; tables: the code's entry; fp8: its value, or for e4m3 the
-value / 256 with each group's sum times 256), ``zc`` the zero-point in those units (int1-4:
+value / 256 with each group's sum times 256), ``zc`` the zero-point in those units (int1-6:
 ``z - qmin``, e.g. 8 for signed symmetric int4; int8: ``z - qmin - 128``, 0 for signed
 symmetric; tables, fp8: none) and ``xs[m, g]`` the activation sum of group g. Weights never
 exist as fp32, so M=1 moves 32/bits times fewer weight bytes than fp32. For M >
@@ -1067,10 +1068,13 @@ def bind_embedding_rows(
     if (qt.dtype != torch.float32 or qt.qdata.device.type != "cpu" or qt.g_idx is not None
             or family(qt) is None or extension() is None):
         return None
-    if spec.kind == "affine" and spec.has_zero_point and spec.zero_point == "float" and (
-            spec.signed or spec.scale_dtype == "float32" or spec.zero_dtype == "float32"):
-        # s * (z - qmin) may round (exact only for half-precision s and z of an unsigned
-        # grid): the rows would differ from Q^-1 by an ulp (a k-quant's decoded float view)
+    if spec.kind == "affine" and spec.has_zero_point and (
+            spec.scale_dtype == "float32" or spec.zero_point == "float" and (
+                spec.signed or spec.bits == 8 or spec.zero_dtype == "float32")):
+        # the kernel's s * (z - qmin) may round where Q^-1's (q - z) * s does not (exact for
+        # half-precision scales with integer zero-points, or half-precision float ones of an
+        # unsigned grid below 8 bits): the rows would differ by an ulp (e.g. a k-quant's
+        # decoded float view); the torch path gives Q^-1's rows
         return None
     rows_of = getattr(extension(), f"{family(qt)}_rows")
     n_rows, k = qt.shape

@@ -242,9 +242,11 @@ def to_double_quantized(qparams: QParams, spec: QuantSpec) -> QParams:
         return double_quantize(scale, None, spec)
     qmin, qmax = qrange(spec)
     zero = qparams.zero_point.float()
-    lo = (scale * (qmin - zero)).clamp(max=0)
-    hi = (scale * (qmax - zero)).clamp(min=0)
-    return double_quantize((hi - lo) / (qmax - qmin), -lo, spec)
+    lo, hi = scale * (qmin - zero), scale * (qmax - zero)
+    # the minimum must be >= 0: a grid lying above 0 is widened down to it (its top stays;
+    # a grid below 0 is fine as it is)
+    scale = torch.where(lo > 0, hi / (qmax - qmin), scale)
+    return double_quantize(scale, -lo.clamp(max=0), spec)
 
 
 def decode_scales(codes: ScaleCodes, spec: QuantSpec) -> QParams:
@@ -304,6 +306,12 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
     keep the fit of least weighted error. ``xb``: ``[R, G, n]``; returns ``[R, G]`` each."""
     qmin, qmax = qrange(spec)
     levels = qmax - qmin
+    # the search is scale-invariant: on each group divided by its absmax, float32 sums of
+    # x**3 neither overflow nor underflow whatever the weights' magnitude
+    norm = xb.abs().amax(-1, keepdim=True)
+    norm = torch.where(norm > 0, norm, 1.0)
+    xb = xb / norm
+    norm = norm.squeeze(-1)
     if spec.symmetric:  # full range: the extreme value v on the lowest level, s = v / low
         low, high = qmin - symmetric_zero(spec), qmax - symmetric_zero(spec)  # -2**(b-1), ..
         extreme = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
@@ -321,7 +329,7 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
                 better = (suml2 > 0) & (score > best_score)
                 best_s = torch.where(better, s, best_s)
                 best_score = torch.where(better, score, best_score)
-        return torch.where(best_s == 0, extreme.squeeze(-1) / low, best_s), None
+        return torch.where(best_s == 0, extreme.squeeze(-1) / low, best_s) * norm, None
     lo, hi = xb.amin(-1, keepdim=True).clamp(max=0), xb.amax(-1, keepdim=True)
     span = torch.where(hi > lo, hi - lo, 1.0)
     w = xb.pow(2).mean(-1, keepdim=True).sqrt() + xb.abs()
@@ -340,7 +348,10 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
         err = (w * (s.unsqueeze(-1) * u + m.unsqueeze(-1) - xb).pow(2)).sum(-1)
         return s, m, err, det > 0
 
-    best_s, best_m = (span / levels).squeeze(-1), lo.squeeze(-1)
+    # a constant group (max == min) gets scale 0, as llama.cpp's: its values sit on the
+    # minimum, and it does not inflate its super-block's scale
+    best_s = torch.where(hi > lo, span / levels, 0.0).squeeze(-1)
+    best_m = lo.squeeze(-1)
     u0 = ((xb - lo) / (span / levels)).round_().clamp_(0, levels)
     best_err = (w * ((span / levels) * u0 + lo - xb).pow(2)).sum(-1)
     for i in range(steps + 1):
@@ -349,7 +360,7 @@ def _searched_scales(xb: torch.Tensor, spec: QuantSpec,
         best_s = torch.where(better, s, best_s)
         best_m = torch.where(better, m, best_m)
         best_err = torch.where(better, err, best_err)
-    return best_s, -best_m
+    return best_s * norm, -best_m * norm
 
 
 def _check_float32_range(x: torch.Tensor, as_float32: torch.Tensor) -> None:

@@ -74,6 +74,27 @@ class CachedReference:
         return self.cache[key]
 
 
+def spec_grid_parser(description: str, out: Path, specs: list[str],
+                     algorithms: list[str]) -> argparse.ArgumentParser:
+    """:func:`protocol_parser` on the 19M fixture plus a specs x algorithms grid's options:
+    --specs, --algorithms (comma-separated) and --calib-samples."""
+    parser = protocol_parser(description, FIXTURE_19M, out)
+    parser.add_argument("--calib-samples", type=int, default=None)
+    parser.add_argument("--specs", default=",".join(specs), help="comma-separated specs")
+    parser.add_argument("--algorithms", default=",".join(algorithms))
+    return parser
+
+
+def spec_grid_data(args: argparse.Namespace):
+    """``(max_tokens, calib_samples, float model, TEST ids, calibration ids, reference)`` of a
+    :func:`spec_grid_parser` run: ``--quick`` scores 4,096 tokens with 8 calibration samples,
+    else everything (or ``--max-tokens``) with 32; ``reference`` is a :class:`CachedReference`."""
+    max_tokens = args.max_tokens or (4096 if args.quick else None)
+    calib_samples = args.calib_samples or (8 if args.quick else 32)
+    float_model, ids, calib = fixture_eval_data(args.model, calib_samples)
+    return max_tokens, calib_samples, float_model, ids, calib, CachedReference(float_model)
+
+
 def fixture_eval_data(model: Path, calib_samples: int, seq_len: int = 512):
     """``(float32 model in eval mode, TEST ids [T], VAL calibration ids [calib_samples,
     seq_len])`` of a model folder, tokenized whole with its own tokenizer."""

@@ -19,15 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _machine import (  # noqa: E402
-    FIXTURE_19M,
-    TEST,
-    VAL,
-    CachedReference,
-    fixture_eval_data,
-    machine_line,
-    protocol_parser,
-)
+from _machine import TEST, VAL, machine_line, spec_grid_data, spec_grid_parser  # noqa: E402
 
 SPECS = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "w4g128", "q5_0", "q5_1", "q5_k", "q6_k",
          "q8_0"]
@@ -36,12 +28,9 @@ EXCLUDE = ["lm_head", "*embed*"]
 
 
 def main() -> None:
-    ap = protocol_parser(__doc__.splitlines()[0], FIXTURE_19M,
-                         ROOT / "benchmarks" / "results" / "kquants.md")
-    ap.add_argument("--calib-samples", type=int, default=None)
-    ap.add_argument("--specs", default=",".join(SPECS), help="comma-separated specs / presets")
-    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    args = ap.parse_args()
+    args = spec_grid_parser(__doc__.splitlines()[0],
+                            ROOT / "benchmarks" / "results" / "kquants.md", SPECS,
+                            ALGORITHMS).parse_args()
     import torch
     from tqdm import tqdm
 
@@ -49,10 +38,7 @@ def main() -> None:
     from lowbit.eval import compare_logits
     from lowbit.spec import as_spec
 
-    max_tokens = args.max_tokens or (4096 if args.quick else None)
-    calib_samples = args.calib_samples or (8 if args.quick else 32)
-    float_model, ids, calib = fixture_eval_data(args.model, calib_samples)
-    reference = CachedReference(float_model)
+    max_tokens, calib_samples, float_model, ids, calib, reference = spec_grid_data(args)
 
     jobs = [(s, a) for s in args.specs.split(",") for a in args.algorithms.split(",")]
     rows = []

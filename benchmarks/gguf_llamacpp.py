@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -279,6 +280,7 @@ def main() -> None:
         lines.append(f"| {kind} | {count} | {ours:.3e} | {theirs:.3e} | {ours / theirs:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the GGUF files (hundreds of MB)
     print("\n".join(lines))
 
 
